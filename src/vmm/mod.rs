@@ -1,0 +1,1 @@
+//! A small KVM virtual machine monitor. The only module where `unsafe` is allowed.

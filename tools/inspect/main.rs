@@ -1,0 +1,3 @@
+//! vmsnap-inspect: decode QEMU migration streams and snapshot VM state.
+
+fn main() {}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (QEMU 7.2 tools, matching the fixtures) and runs it:
+# formatting, lints, and every test. KVM and qemu-system tests skip loudly where unavailable.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+need_qemu() {
+  command -v qemu-system-x86_64 >/dev/null && command -v qemu-io >/dev/null \
+    && qemu-img --version | grep -q 'version 7\.2'
+}
+if ! need_qemu; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing qemu-system-x86 and qemu-utils (QEMU 7.2, as the fixtures)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # Both together: the system package alone would remove a newer preinstalled qemu-utils.
+    apt-get install -y -qq --no-install-recommends --allow-downgrades \
+      qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm >/dev/null \
+      || apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
+  else
+    echo "!! cannot install QEMU (not root or no apt-get); QEMU-dependent tests will skip loudly"
+  fi
+fi
+qemu-img --version | head -1 || true
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo test"
+cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"

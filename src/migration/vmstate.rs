@@ -188,6 +188,8 @@ pub enum FieldType {
     },
     /// A nested struct with its own description.
     Struct(Arc<VMStateDescription>),
+    /// `capability`: a string with a one-byte length (the configuration's capability list).
+    Capability,
     /// A field of a type we do not interpret, `size` raw bytes (from vmdesc).
     Opaque {
         /// QEMU's type name.
@@ -214,6 +216,7 @@ impl FieldType {
             FieldType::Unused(_) => "unused_buffer".into(),
             FieldType::Bitmap { .. } => "bitmap".into(),
             FieldType::Struct(_) => "struct".into(),
+            FieldType::Capability => "capability".into(),
             FieldType::Opaque { type_name, .. } => type_name.clone(),
         }
     }
@@ -579,6 +582,10 @@ impl VMStateDescription {
                 Value::Bytes(f.get_vec((u64::from(*bits).div_ceil(64) * 8) as usize)?)
             }
             FieldType::Opaque { size, .. } => Value::Bytes(self.bounded_vec(f, field, *size)?),
+            FieldType::Capability => {
+                let n = f.get_u8()?;
+                Value::Bytes(f.get_vec(usize::from(n))?)
+            }
             FieldType::Struct(d) => d.decode(f, d.version_id)?,
         })
     }
@@ -856,6 +863,10 @@ impl Encoder<'_> {
                 f.put_buffer(b)?
             }
             (FieldType::Opaque { size, .. }, Value::Bytes(b)) if b.len() as u64 == *size => {
+                f.put_buffer(b)?
+            }
+            (FieldType::Capability, Value::Bytes(b)) if b.len() < 256 => {
+                f.put_u8(b.len() as u8)?;
                 f.put_buffer(b)?
             }
             (FieldType::Struct(d), Value::Struct(_)) => Encoder { vmsd: d }.encode(f, v, vmdesc)?,

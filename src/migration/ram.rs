@@ -322,10 +322,12 @@ fn check_page_size(p: u64) -> Result<()> {
     }
 }
 
-/// The page size implied by a block list: the largest power of two (1 KiB ..= 64 KiB) that
-/// divides every block length. Used when the stream does not state it before its RAM.
+/// The page size to assume when the stream does not state it before its RAM (it only does so
+/// in the vmdesc at the very end): 4 KiB, the page size of x86 and most targets, unless some
+/// block length is not a multiple of it; then the largest power of two (≥ 1 KiB) dividing
+/// every block length.
 pub fn infer_page_size(blocks: &[RamBlockInfo]) -> u64 {
-    let mut p = MAX_PAGE_SIZE;
+    let mut p = 4096;
     for b in blocks {
         while p > 1024 && b.used_length % p != 0 {
             p /= 2;
@@ -524,6 +526,12 @@ mod tests {
         rw.write_eos(&mut w).unwrap();
         let bytes = w.into_inner().unwrap();
         assert_eq!(infer_page_size(&blocks()), 4096);
+        let odd = [RamBlockInfo {
+            idstr: "x".into(),
+            used_length: 0x800,
+            mr_addr: None,
+        }];
+        assert_eq!(infer_page_size(&odd), 2048);
 
         let mut r = QemuFileReader::new(&bytes[..]);
         let mut rr = RamReader::new(4096, false).unwrap();

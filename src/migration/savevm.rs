@@ -1,1 +1,524 @@
-//! todo
+//! `save_state` / `load_state`: QEMU's `qemu_savevm_state` and `qemu_loadvm_state` over a
+//! registry of save-state entries.
+//!
+//! Saving: header → configuration → every iterative entry's setup (START) → iterate rounds
+//! (PART) until all are done → completion (END) → every device as a FULL section → EOF →
+//! vmdesc JSON. Each section is followed by its footer. Loading checks the configuration,
+//! that every section is known, versions, and footers.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use serde_json::{Map, Value as Json};
+
+use super::protocol::{SectionType, RAM_VERSION};
+use super::qemu_file::QemuFileWriter;
+use super::ram::{RamBlockInfo, RamRecord, RamWriter};
+use super::stream::{
+    configuration_name, configuration_value, Decoder, ErrorKind, Event, Result, SectionInfo,
+    StreamError, StreamReader, StreamWriter,
+};
+use super::value::Value;
+use super::vmdesc::to_qemu_json;
+use super::vmstate::VMStateDescription;
+
+/// The writer handlers write into.
+pub type Sink<'w> = QemuFileWriter<&'w mut dyn Write>;
+/// The reader handlers read from.
+pub type Source<'r> = StreamReader<&'r mut dyn Read>;
+
+/// State saved in several passes (RAM): QEMU's `SaveVMHandlers`.
+pub trait IterativeState {
+    /// Writes the START section body.
+    fn save_setup(&mut self, f: &mut Sink<'_>) -> std::result::Result<(), String>;
+    /// Writes one PART section body; returns true when nothing is left to send.
+    fn save_iterate(&mut self, f: &mut Sink<'_>) -> std::result::Result<bool, String>;
+    /// Writes the END section body.
+    fn save_complete(&mut self, f: &mut Sink<'_>) -> std::result::Result<(), String>;
+    /// Reads one START/PART/END section body (the reader is positioned after its header).
+    fn load(&mut self, r: &mut Source<'_>) -> Result<()>;
+}
+
+/// A device's state, converted to and from the generic value model.
+pub trait DeviceState {
+    /// The current state.
+    fn save(&self) -> Value;
+    /// Applies a decoded state sent at `version_id`.
+    fn load(&mut self, value: &Value, version_id: u32) -> std::result::Result<(), String>;
+}
+
+/// How an entry's state is saved.
+pub enum Handler<'a> {
+    /// Iterative (RAM-like) state.
+    Iterative(&'a mut dyn IterativeState),
+    /// Device state described by a VMState description.
+    Device {
+        /// The description.
+        vmsd: Arc<VMStateDescription>,
+        /// The device.
+        state: &'a mut dyn DeviceState,
+    },
+}
+
+impl std::fmt::Debug for Handler<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handler::Iterative(_) => f.write_str("Iterative"),
+            Handler::Device { vmsd, .. } => write!(f, "Device({})", vmsd.name),
+        }
+    }
+}
+
+/// QEMU's `SaveStateEntry`.
+#[derive(Debug)]
+pub struct SaveStateEntry<'a> {
+    /// Section idstr.
+    pub idstr: String,
+    /// Instance id.
+    pub instance_id: u32,
+    /// Version written (for devices, the description's version_id).
+    pub version_id: u32,
+    /// Section id in streams we write (registration order).
+    pub section_id: u32,
+    /// The handler.
+    pub handler: Handler<'a>,
+}
+
+/// The entries of one VM, in registration order.
+#[derive(Debug, Default)]
+pub struct Registry<'a> {
+    entries: Vec<SaveStateEntry<'a>>,
+    /// Machine name sent in the configuration section and checked on load.
+    pub machine: String,
+    /// Target page size written to the vmdesc and used for RAM.
+    pub page_size: u64,
+}
+
+impl<'a> Registry<'a> {
+    /// An empty registry for `machine` with 4 KiB pages.
+    pub fn new(machine: &str) -> Self {
+        Registry {
+            entries: Vec::new(),
+            machine: machine.to_string(),
+            page_size: 4096,
+        }
+    }
+
+    fn push(&mut self, idstr: &str, instance_id: u32, version_id: u32, handler: Handler<'a>) {
+        let section_id = self.entries.len() as u32;
+        self.entries.push(SaveStateEntry {
+            idstr: idstr.to_string(),
+            instance_id,
+            version_id,
+            section_id,
+            handler,
+        });
+    }
+
+    /// Registers iterative state (QEMU: `register_savevm_live`).
+    pub fn register_iterative(
+        &mut self,
+        idstr: &str,
+        instance_id: u32,
+        version_id: u32,
+        state: &'a mut dyn IterativeState,
+    ) {
+        self.push(idstr, instance_id, version_id, Handler::Iterative(state));
+    }
+
+    /// Registers a device (QEMU: `vmstate_register`).
+    pub fn register_device(
+        &mut self,
+        idstr: &str,
+        instance_id: u32,
+        vmsd: Arc<VMStateDescription>,
+        state: &'a mut dyn DeviceState,
+    ) {
+        let v = vmsd.version_id;
+        self.push(idstr, instance_id, v, Handler::Device { vmsd, state });
+    }
+
+    /// The entries.
+    pub fn entries(&self) -> &[SaveStateEntry<'a>] {
+        &self.entries
+    }
+}
+
+fn info(e: &SaveStateEntry<'_>) -> SectionInfo {
+    SectionInfo {
+        section_id: e.section_id,
+        idstr: e.idstr.clone(),
+        instance_id: e.instance_id,
+        version_id: e.version_id,
+    }
+}
+
+fn handler_err(at: u64, idstr: &str, message: String) -> StreamError {
+    StreamError {
+        offset: at,
+        section: Some(format!("'{idstr}'")),
+        kind: Box::new(ErrorKind::Handler {
+            idstr: idstr.to_string(),
+            message,
+        }),
+    }
+}
+
+/// Writes the whole VM state as one stream; returns its length in bytes.
+pub fn save_state(reg: &mut Registry<'_>, out: &mut dyn Write) -> Result<u64> {
+    let mut w = StreamWriter::new(out);
+    w.write_header()?;
+    w.write_configuration(&configuration_value(&reg.machine))?;
+    // Setup.
+    for e in reg.entries.iter_mut() {
+        let inf = info(e);
+        if let Handler::Iterative(h) = &mut e.handler {
+            w.write_section_header(SectionType::Start, &inf)?;
+            let at = w.f.position();
+            h.save_setup(&mut w.f)
+                .map_err(|m| handler_err(at, &inf.idstr, m))?;
+            w.write_footer(inf.section_id)?;
+        }
+    }
+    // Iterate until every iterative entry is done.
+    let mut pending: Vec<bool> = reg
+        .entries
+        .iter()
+        .map(|e| matches!(e.handler, Handler::Iterative(_)))
+        .collect();
+    while pending.iter().any(|p| *p) {
+        for (e, p) in reg.entries.iter_mut().zip(pending.iter_mut()) {
+            let inf = info(e);
+            if let (Handler::Iterative(h), true) = (&mut e.handler, *p) {
+                w.write_section_header(SectionType::Part, &inf)?;
+                let at = w.f.position();
+                let done = h
+                    .save_iterate(&mut w.f)
+                    .map_err(|m| handler_err(at, &inf.idstr, m))?;
+                w.write_footer(inf.section_id)?;
+                *p = !done;
+            }
+        }
+    }
+    // Complete iterative entries, then every device.
+    for e in reg.entries.iter_mut() {
+        let inf = info(e);
+        if let Handler::Iterative(h) = &mut e.handler {
+            w.write_section_header(SectionType::End, &inf)?;
+            let at = w.f.position();
+            h.save_complete(&mut w.f)
+                .map_err(|m| handler_err(at, &inf.idstr, m))?;
+            w.write_footer(inf.section_id)?;
+        }
+    }
+    let mut devices = Vec::new();
+    for e in reg.entries.iter_mut() {
+        let inf = info(e);
+        if let Handler::Device { vmsd, state } = &mut e.handler {
+            let mut obj = Map::new();
+            obj.insert("name".into(), Json::from(inf.idstr.clone()));
+            obj.insert("instance_id".into(), Json::from(inf.instance_id));
+            w.write_section_header(SectionType::Full, &inf)?;
+            let at = w.f.position();
+            vmsd.encode(&mut w.f, &state.save(), Some(&mut obj))
+                .map_err(|err| StreamError {
+                    offset: at,
+                    section: Some(inf.label()),
+                    kind: Box::new(err.into()),
+                })?;
+            w.write_footer(inf.section_id)?;
+            devices.push(Json::Object(obj));
+        }
+    }
+    w.write_eof()?;
+    let mut desc = Map::new();
+    desc.insert("page_size".into(), Json::from(reg.page_size));
+    desc.insert("devices".into(), Json::Array(devices));
+    w.write_vmdesc(&to_qemu_json(&Json::Object(desc)))?;
+    let len = w.f.position();
+    w.finish()?;
+    Ok(len)
+}
+
+/// Reads a stream into the registered entries (QEMU's `qemu_loadvm_state`).
+pub fn load_state(reg: &mut Registry<'_>, input: &mut dyn Read) -> Result<()> {
+    let mut r: Source<'_> = StreamReader::new(input);
+    r.set_page_size(reg.page_size)?;
+    for e in &reg.entries {
+        if let Handler::Device { vmsd, .. } = &e.handler {
+            r.add_decoder(
+                &e.idstr,
+                e.instance_id,
+                Decoder {
+                    vmsd: vmsd.clone(),
+                    check_version: true,
+                },
+            );
+        }
+    }
+    loop {
+        let at = r.position();
+        match r.next_event()? {
+            Event::Header { .. } => {}
+            Event::Configuration { value, offset } => {
+                let found = configuration_name(&value);
+                if found != reg.machine {
+                    return Err(StreamError {
+                        offset,
+                        section: None,
+                        kind: Box::new(ErrorKind::ConfigurationMismatch {
+                            expected: reg.machine.clone(),
+                            found,
+                        }),
+                    });
+                }
+            }
+            Event::Section { offset, kind, info } => {
+                let Some(e) = reg
+                    .entries
+                    .iter_mut()
+                    .find(|e| e.idstr == info.idstr && e.instance_id == info.instance_id)
+                else {
+                    return Err(StreamError {
+                        offset,
+                        section: Some(info.label()),
+                        kind: Box::new(ErrorKind::UnknownSection {
+                            idstr: info.idstr.clone(),
+                            instance_id: info.instance_id,
+                        }),
+                    });
+                };
+                if matches!(kind, SectionType::Start | SectionType::Full)
+                    && info.version_id > e.version_id
+                {
+                    return Err(StreamError {
+                        offset,
+                        section: Some(info.label()),
+                        kind: Box::new(ErrorKind::VmState(
+                            super::vmstate::VmStateError::VersionTooNew {
+                                vmsd: info.idstr.clone(),
+                                version: info.version_id,
+                                max: e.version_id,
+                            },
+                        )),
+                    });
+                }
+                match &mut e.handler {
+                    Handler::Iterative(h) => h.load(&mut r)?,
+                    Handler::Device { state, .. } => {
+                        let body_at = r.position();
+                        match r.next_event()? {
+                            Event::Device { value, .. } => state
+                                .load(&value, info.version_id)
+                                .map_err(|m| handler_err(body_at, &info.idstr, m))?,
+                            other => {
+                                return Err(handler_err(
+                                    body_at,
+                                    &info.idstr,
+                                    format!("unexpected record {other:?}"),
+                                ))
+                            }
+                        }
+                    }
+                }
+                let foot_at = r.position();
+                match r.next_event()? {
+                    Event::Footer { .. } => {}
+                    other => {
+                        return Err(StreamError {
+                            offset: foot_at,
+                            section: Some(info.label()),
+                            kind: Box::new(ErrorKind::MissingFooter {
+                                idstr: info.idstr.clone(),
+                                found: other.name(),
+                            }),
+                        })
+                    }
+                }
+            }
+            Event::Footer { offset, .. } => {
+                return Err(StreamError {
+                    offset,
+                    section: None,
+                    kind: Box::new(ErrorKind::UnexpectedRecord("FOOTER")),
+                })
+            }
+            Event::Command { .. } => {}
+            Event::Eof { .. } => {}
+            Event::VmDescription { .. } | Event::End => return Ok(()),
+            Event::Ram { .. } | Event::Device { .. } | Event::RawBody { .. } => {
+                return Err(StreamError {
+                    offset: at,
+                    section: None,
+                    kind: Box::new(ErrorKind::UnexpectedRecord("section body")),
+                })
+            }
+        }
+    }
+}
+
+/// Guest RAM saved or loaded as QEMU's "ram" section (version 4): the VMM passes its
+/// memory as one slice per RAM block, without copies.
+#[derive(Debug)]
+pub struct RamState<'m> {
+    blocks: Vec<(String, RamMem<'m>)>,
+    page_size: u64,
+    next: (usize, u64),
+    writer: Option<RamWriter>,
+    /// Pages to send per iterate round (0 = all at once).
+    pub pages_per_round: u64,
+}
+
+#[derive(Debug)]
+enum RamMem<'m> {
+    Shared(&'m [u8]),
+    Exclusive(&'m mut [u8]),
+}
+
+impl RamMem<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            RamMem::Shared(b) => b,
+            RamMem::Exclusive(b) => b,
+        }
+    }
+}
+
+impl<'m> RamState<'m> {
+    /// RAM to be saved: `(idstr, memory)` per block.
+    pub fn for_save(blocks: Vec<(String, &'m [u8])>, page_size: u64) -> Self {
+        Self::build(
+            blocks
+                .into_iter()
+                .map(|(n, b)| (n, RamMem::Shared(b)))
+                .collect(),
+            page_size,
+        )
+    }
+
+    /// RAM to be loaded into: `(idstr, memory)` per block.
+    pub fn for_load(blocks: Vec<(String, &'m mut [u8])>, page_size: u64) -> Self {
+        Self::build(
+            blocks
+                .into_iter()
+                .map(|(n, b)| (n, RamMem::Exclusive(b)))
+                .collect(),
+            page_size,
+        )
+    }
+
+    fn build(blocks: Vec<(String, RamMem<'m>)>, page_size: u64) -> Self {
+        RamState {
+            blocks,
+            page_size,
+            next: (0, 0),
+            writer: None,
+            pages_per_round: 0,
+        }
+    }
+
+    fn page_mut(&mut self, block: &str, addr: u64) -> std::result::Result<&mut [u8], String> {
+        let ps = self.page_size as usize;
+        let Some((_, RamMem::Exclusive(mem))) = self.blocks.iter_mut().find(|(n, _)| n == block)
+        else {
+            return Err(format!("cannot load into block '{block}'"));
+        };
+        let a = usize::try_from(addr).unwrap_or(usize::MAX);
+        a.checked_add(ps)
+            .and_then(|end| mem.get_mut(a..end))
+            .ok_or_else(|| format!("page {addr:#x} outside '{block}'"))
+    }
+
+    /// The RAM section's idstr and version.
+    pub const IDSTR: &'static str = "ram";
+    /// RAM section version.
+    pub const VERSION: u32 = RAM_VERSION;
+}
+
+impl IterativeState for RamState<'_> {
+    fn save_setup(&mut self, f: &mut Sink<'_>) -> std::result::Result<(), String> {
+        let mut w = RamWriter::new(self.page_size, false).map_err(|e| e.to_string())?;
+        let infos: Vec<RamBlockInfo> = self
+            .blocks
+            .iter()
+            .map(|(n, m)| RamBlockInfo {
+                idstr: n.clone(),
+                used_length: m.bytes().len() as u64,
+                mr_addr: None,
+            })
+            .collect();
+        w.write_mem_size(f, &infos).map_err(|e| e.to_string())?;
+        w.write_eos(f).map_err(|e| e.to_string())?;
+        self.writer = Some(w);
+        self.next = (0, 0);
+        Ok(())
+    }
+
+    fn save_iterate(&mut self, f: &mut Sink<'_>) -> std::result::Result<bool, String> {
+        let w = self.writer.as_mut().ok_or("RAM iterate before setup")?;
+        let mut sent = 0u64;
+        while let Some((name, mem)) = self.blocks.get(self.next.0) {
+            let bytes = mem.bytes();
+            let ps = self.page_size as usize;
+            let off = self.next.1 as usize;
+            if off + ps > bytes.len() {
+                self.next = (self.next.0 + 1, 0);
+                continue;
+            }
+            w.write_page(f, name, off as u64, &bytes[off..off + ps])
+                .map_err(|e| e.to_string())?;
+            self.next.1 += self.page_size;
+            sent += 1;
+            if self.pages_per_round != 0 && sent >= self.pages_per_round {
+                break;
+            }
+        }
+        w.write_eos(f).map_err(|e| e.to_string())?;
+        Ok(self.next.0 >= self.blocks.len())
+    }
+
+    fn save_complete(&mut self, f: &mut Sink<'_>) -> std::result::Result<(), String> {
+        let w = self.writer.as_mut().ok_or("RAM complete before setup")?;
+        w.write_eos(f).map_err(|e| e.to_string())
+    }
+
+    fn load(&mut self, r: &mut Source<'_>) -> Result<()> {
+        loop {
+            let at = r.position();
+            let err = |m: String| handler_err(at, Self::IDSTR, m);
+            match r.next_event()? {
+                Event::Ram { record, .. } => match record {
+                    RamRecord::MemSize { blocks, .. } => {
+                        for b in blocks {
+                            let ours = self.blocks.iter().find(|(n, _)| n == &b.idstr);
+                            match ours {
+                                None => {
+                                    return Err(err(format!("Unknown ramblock \"{}\"", b.idstr)))
+                                }
+                                Some((_, m)) if m.bytes().len() as u64 != b.used_length => {
+                                    return Err(err(format!(
+                                        "Length mismatch: {}: {:#x} in != {:#x}",
+                                        b.idstr,
+                                        b.used_length,
+                                        m.bytes().len()
+                                    )))
+                                }
+                                Some(_) => {}
+                            }
+                        }
+                    }
+                    RamRecord::Page { block, addr, .. } => {
+                        let dst = self.page_mut(&block, addr).map_err(err)?;
+                        r.read_page_into(dst)?;
+                    }
+                    RamRecord::Zero {
+                        block, addr, fill, ..
+                    } => self.page_mut(&block, addr).map_err(err)?.fill(fill),
+                    RamRecord::MultifdFlush => {}
+                    RamRecord::Eos => return Ok(()),
+                },
+                other => return Err(err(format!("unexpected record in RAM section: {other:?}"))),
+            }
+        }
+    }
+}

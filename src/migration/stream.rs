@@ -69,12 +69,12 @@ pub enum ErrorKind {
         found: u32,
     },
     /// A section not followed by its footer (loader).
-    #[error("missing section footer for '{idstr}' (found byte {found:#04x})")]
+    #[error("missing section footer for '{idstr}' (found {found} instead)")]
     MissingFooter {
         /// Section idstr.
         idstr: String,
-        /// The byte found instead of 0x7e.
-        found: u8,
+        /// The record found instead of the footer.
+        found: &'static str,
     },
     /// The RAM section failed to decode.
     #[error(transparent)]
@@ -109,6 +109,14 @@ pub enum ErrorKind {
         expected: String,
         /// The stream's.
         found: String,
+    },
+    /// A save/load handler refused the state or failed.
+    #[error("section '{idstr}': {message}")]
+    Handler {
+        /// Section idstr.
+        idstr: String,
+        /// What the handler reported.
+        message: String,
     },
     /// A device body decoded by vmdesc did not use exactly its bytes.
     #[error("device body decoded to {used:#x} bytes but {len:#x} were captured")]
@@ -244,6 +252,24 @@ pub enum Event {
     },
     /// No more input.
     End,
+}
+
+impl Event {
+    /// A short name of the record kind.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Header { .. } => "header",
+            Event::Configuration { .. } => "CONFIGURATION",
+            Event::Section { kind, .. } => kind.name(),
+            Event::Ram { .. } => "RAM record",
+            Event::Device { .. } | Event::RawBody { .. } => "device body",
+            Event::Footer { .. } => "FOOTER",
+            Event::Command { .. } => "COMMAND",
+            Event::Eof { .. } => "EOF",
+            Event::VmDescription { .. } => "VMDESCRIPTION",
+            Event::End => "end of stream",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

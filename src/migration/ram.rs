@@ -154,6 +154,18 @@ pub struct RamReader {
     last_block: Option<usize>,
 }
 
+impl Default for RamReader {
+    /// 4 KiB pages, no x-ignore-shared.
+    fn default() -> Self {
+        RamReader {
+            page_size: 4096,
+            ignore_shared: false,
+            blocks: Vec::new(),
+            last_block: None,
+        }
+    }
+}
+
 impl RamReader {
     /// A reader for pages of `page_size` bytes. `ignore_shared` is the x-ignore-shared
     /// capability, which adds each block's guest address to the block list.

@@ -319,8 +319,8 @@ impl<R: Read> StreamReader<R> {
             state: State::Header,
             sections: HashMap::new(),
             last_section: None,
-            // 4096 until the stream says otherwise; the value is always valid.
-            ram: RamReader::new(4096, false).unwrap_or_else(|_| unreachable!()),
+            // 4 KiB until the stream says otherwise.
+            ram: RamReader::default(),
             page_size_known: false,
             pending_page: 0,
             page: Vec::new(),
@@ -1012,4 +1012,125 @@ pub fn decode_body(
         });
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u32, idstr: &str) -> SectionInfo {
+        SectionInfo {
+            section_id: id,
+            idstr: idstr.into(),
+            instance_id: 0,
+            version_id: 1,
+        }
+    }
+
+    /// A stream with one device whose body contains a fake footer for its own id.
+    fn sample(body: &[u8], footer_id: u32) -> Vec<u8> {
+        let mut w = StreamWriter::new(Vec::new());
+        w.write_header().unwrap();
+        w.write_configuration(&configuration_value("pc")).unwrap();
+        w.write_command(2, &[0, 0, 0, 9]).unwrap();
+        w.write_section_header(SectionType::Full, &info(3, "dev"))
+            .unwrap();
+        w.f.put_buffer(body).unwrap();
+        w.write_footer(footer_id).unwrap();
+        w.write_eof().unwrap();
+        w.write_vmdesc(br#"{"page_size": 4096, "devices": []}"#)
+            .unwrap();
+        w.finish().unwrap()
+    }
+
+    fn events(bytes: &[u8]) -> Result<Vec<Event>> {
+        let mut r = StreamReader::new(bytes);
+        let mut out = Vec::new();
+        loop {
+            let e = r.next_event()?;
+            if e == Event::End {
+                return Ok(out);
+            }
+            out.push(e);
+        }
+    }
+
+    #[test]
+    fn walks_every_record_kind_and_skips_fake_footers() {
+        // The body holds "7e 00 00 00 03" followed by junk: not a plausible footer.
+        let body = [1u8, 0x7e, 0, 0, 0, 3, 0x99, 2, 3];
+        let ev = events(&sample(&body, 3)).unwrap();
+        assert!(matches!(ev[0], Event::Header { version: 3 }));
+        match &ev[1] {
+            Event::Configuration { value, offset: 8 } => {
+                assert_eq!(configuration_name(value), "pc")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ev[2],
+            Event::Command {
+                cmd: 2,
+                name: Some("PING"),
+                ..
+            }
+        ));
+        assert!(
+            matches!(&ev[3], Event::Section { kind: SectionType::Full, info, .. } if info.idstr == "dev")
+        );
+        assert!(matches!(&ev[4], Event::RawBody { bytes, .. } if bytes == &body));
+        assert!(matches!(ev[5], Event::Footer { section_id: 3, .. }));
+        assert!(matches!(ev[6], Event::Eof { .. }));
+        assert!(matches!(ev[7], Event::VmDescription { .. }));
+    }
+
+    #[test]
+    fn decodes_with_a_known_description_and_checks_footers() {
+        let bytes = sample(&[0, 0, 0, 5], 4);
+        let mut r = StreamReader::new(&bytes[..]);
+        r.add_decoder(
+            "dev",
+            0,
+            Decoder {
+                vmsd: Arc::new(VMStateDescription::new("dev", 1, 1).field(Field::uint("v", 4))),
+                check_version: true,
+            },
+        );
+        let mut got = None;
+        let err = loop {
+            match r.next_event() {
+                Ok(Event::Device { value, .. }) => got = Some(value),
+                Ok(Event::End) => panic!("footer mismatch not detected"),
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got.unwrap().get("v"), Some(&Value::u32(5)));
+        assert!(matches!(
+            *err.kind,
+            ErrorKind::FooterMismatch {
+                expected: 3,
+                found: 4
+            }
+        ));
+        assert!(
+            err.to_string().contains("in section 'dev' (id 0x3)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn part_of_unknown_section_and_bad_bytes() {
+        let mut bytes = b"QEVM\0\0\0\x03".to_vec();
+        bytes.extend_from_slice(&[2, 0, 0, 0, 9]);
+        let e = events(&bytes).unwrap_err();
+        assert!(matches!(*e.kind, ErrorKind::UnknownSectionId(9)));
+        assert_eq!(e.offset, 8);
+        let e = events(b"QEVM\0\0\0\x03\x00\x42").unwrap_err();
+        assert!(matches!(*e.kind, ErrorKind::AfterEof(0x42)));
+        let e = events(b"XEVM\0\0\0\x03").unwrap_err();
+        assert!(matches!(*e.kind, ErrorKind::BadMagic(_)));
+        let e = events(b"QEVM\0\0\0\x03\x05").unwrap_err();
+        assert!(matches!(*e.kind, ErrorKind::UnexpectedRecord("SUBSECTION")));
+    }
 }

@@ -425,10 +425,9 @@ impl VMStateDescription {
         for field in &self.fields {
             let cur = Value::Struct(std::mem::take(&mut out));
             let exists = field_exists(field, &cur, version_id);
-            let Value::Struct(o) = cur else {
-                unreachable!("constructed as a struct above")
-            };
-            out = o;
+            if let Value::Struct(o) = cur {
+                out = o;
+            }
             if !exists {
                 continue;
             }
@@ -802,8 +801,7 @@ impl Encoder<'_> {
     }
 
     fn wrong(&self, field: &str, ty: &str, v: &Value) -> VmStateError {
-        let mut s = format!("{v:?}");
-        s.truncate(60);
+        let s: String = format!("{v:?}").chars().take(60).collect();
         VmStateError::WrongType {
             vmsd: self.vmsd.name.clone(),
             field: field.to_string(),

@@ -150,10 +150,11 @@ fn guest_memory() -> (Vec<u8>, Vec<u8>) {
 
 fn make_stream(rounds: u64) -> Vec<u8> {
     let (ram, rom) = guest_memory();
-    let mut mem = RamState::for_save(
-        vec![("pc.ram".into(), &ram[..]), ("pc.rom".into(), &rom[..])],
-        4096,
-    );
+    stream_for(&ram, &rom, rounds)
+}
+
+fn stream_for(ram: &[u8], rom: &[u8], rounds: u64) -> Vec<u8> {
+    let mut mem = RamState::for_save(vec![("pc.ram".into(), ram), ("pc.rom".into(), rom)], 4096);
     mem.pages_per_round = rounds;
     let mut cpu0 = Dev(cpu_value(0));
     let mut cpu1 = Dev(cpu_value(1));
@@ -372,4 +373,30 @@ fn loader_checks_give_clear_errors() {
         load_err(&v2, "vmsnap-test", true, 5),
         ErrorKind::UnsupportedVersion(9)
     ));
+}
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/stream")
+}
+
+/// A small stream of ours is pinned byte for byte, and what analyze-migration.py printed for
+/// it (recorded in testdata/stream, see its README) is what our inspector prints.
+#[test]
+fn small_stream_matches_golden_bytes_and_recorded_analyze_output() {
+    let (ram, rom) = guest_memory();
+    let bytes = stream_for(&ram[..8 * 4096], &rom[..4096], 3);
+    let golden = testdata().join("own-small.bin");
+    if std::env::var_os("VMSNAP_BLESS").is_some() {
+        std::fs::write(&golden, &bytes).unwrap();
+    }
+    assert!(
+        std::fs::read(&golden).unwrap() == bytes,
+        "writer output changed"
+    );
+    let a = analyze(&bytes[..], &AnalyzeOptions::default()).unwrap();
+    assert!(a.error.is_none());
+    let state = std::fs::read_to_string(testdata().join("own-small.state.json")).unwrap();
+    assert_eq!(to_python_json(&a.state) + "\n", state);
+    let desc = std::fs::read_to_string(testdata().join("own-small.desc.json")).unwrap();
+    assert_eq!(to_python_json(a.desc.as_ref().unwrap()) + "\n", desc);
 }

@@ -299,6 +299,10 @@ fn load_err(bytes: &[u8], machine: &str, with_serial: bool, cpu_version: u32) ->
     );
     let mut cpu_desc = (*cpu_vmsd()).clone();
     cpu_desc.version_id = cpu_version;
+    // A version above 5 stands for a destination that no longer reads version 5.
+    if cpu_version > 5 {
+        cpu_desc.minimum_version_id = cpu_version;
+    }
     let cpu_desc = Arc::new(cpu_desc);
     let (mut c0, mut c1, mut s) = (Dev(Value::Null), Dev(Value::Null), Dev(Value::Null));
     let mut reg = Registry::new(machine);
@@ -328,6 +332,14 @@ fn loader_checks_give_clear_errors() {
     assert!(matches!(
         load_err(&bytes, "vmsnap-test", true, 4),
         ErrorKind::VmState(vmsnap::migration::vmstate::VmStateError::VersionTooNew { .. })
+    ));
+    assert!(matches!(
+        load_err(&bytes, "vmsnap-test", true, 6),
+        ErrorKind::VmState(vmsnap::migration::vmstate::VmStateError::VersionTooOld {
+            version: 5,
+            min: 6,
+            ..
+        })
     ));
     // Corrupt the footer of the first cpu section: it names another section.
     let model = StreamModel::decode(&bytes[..]).unwrap();

@@ -5,9 +5,10 @@
 //!
 //! Run: `cargo bench --bench decode`.
 //!
-//! Measured on the 2-core build machine (2026-11-22), stream of 1 177 068 423 bytes
-//! (1280 MiB RAM, 1 page in 8 zero): encode 372 MiB/s; vmsnap decode 1252 MiB/s (0.90 s);
-//! analyze-migration.py --dump state on the same file 395 MiB/s (2.84 s).
+//! Measured on the shared 2-core build machine (2026-11-22), stream of 1 177 068 423 bytes
+//! (1280 MiB RAM, 1 page in 8 zero), two runs: encode 371–372 MiB/s; vmsnap decode
+//! 548–1252 MiB/s (2.05 / 0.90 s) with a peak RSS of 2.4 MB; analyze-migration.py
+//! --dump state on the same file 238–395 MiB/s (4.71 / 2.84 s). vmsnap is 2.3–3.2× faster.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -142,6 +143,12 @@ fn main() {
     if !full {
         let _ = std::fs::remove_dir_all(&dir);
         return;
+    }
+    // Peak resident memory of this process (encode and decode both stream).
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(l) = status.lines().find(|l| l.starts_with("VmHWM")) {
+            println!("peak RSS: {}", l.trim_start_matches("VmHWM:").trim());
+        }
     }
     let script = std::env::var("VMSNAP_ANALYZE_MIGRATION")
         .unwrap_or_else(|_| "/work/oracle/analyze-migration.py".into());

@@ -6,6 +6,7 @@
 //!   encode, decode and describe (vmdesc JSON) device state.
 //! - [`vmdesc`]: the JSON trailer: QEMU's formatting, and descriptions built from it.
 //! - [`ram`]: the "ram" section (version 4).
+//! - [`configuration`]: the CONFIGURATION section.
 //! - [`stream`]: walking a whole stream record by record; the decoded stream model.
 //! - [`savevm`]: `save_state` / `load_state` over a registry of save-state entries.
 //! - [`snapshot_io`]: `Read`/`Write` adapters over a qcow2 vmstate area.
@@ -13,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod analyze;
+pub mod configuration;
 pub mod protocol;
 pub mod qemu_file;
 pub mod ram;

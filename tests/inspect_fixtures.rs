@@ -334,3 +334,41 @@ fn human_output_and_truncated_stream() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
 }
+
+#[test]
+fn without_vmdesc_sections_and_ram_are_still_decoded() {
+    let bytes = gunzip("mig-pc.bin.gz");
+    // The vmdesc record starts right after the EOF byte; drop it.
+    let model = vmsnap::migration::stream::StreamModel::decode(&bytes[..]).unwrap();
+    let mut records = model.records;
+    assert!(matches!(
+        records.pop(),
+        Some(vmsnap::migration::stream::Record::VmDescription(_))
+    ));
+    let cut = vmsnap::migration::stream::StreamModel { records }
+        .encode(Vec::new())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("novmdesc.bin");
+    std::fs::write(&path, &cut).unwrap();
+    let p = path.to_str().unwrap();
+
+    let out = inspect(&[p]);
+    let human = stdout_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no vmdesc"));
+    assert!(human.contains("0000:00:03.0/e1000"));
+    assert!(human.contains("(not decoded)"));
+    assert!(human.contains("ram0                                0x2000000       7085       1107"));
+
+    let state = stdout_ok(&inspect(&[p, "--output", "json"]));
+    let j: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        j["ram (2)"]["section sizes"]["pc.bios"],
+        "0x0000000000040000"
+    );
+    assert_eq!(j.as_object().unwrap().len(), 1);
+    // --dump desc has nothing to show: a clear error.
+    let out = inspect(&[p, "--dump", "desc"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM description"));
+}

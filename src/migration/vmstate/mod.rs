@@ -1,5 +1,6 @@
 //! VMState descriptions: one declarative description of a device's fields drives encoding,
 //! decoding and the device's entry in the vmdesc JSON, as `migration/vmstate.c` does in QEMU.
+
 mod decode;
 mod encode;
 mod error;

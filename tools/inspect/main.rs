@@ -96,12 +96,15 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
     };
     let mut holder = input::open(&cli.input, cli.snapshot.as_deref())?;
     let analysis = analyze(holder.reader()?, &opts)?;
-    if let Some(dir) = &cli.extract {
+    if cli.extract.is_some() {
+        // The listing analyze-migration.py -x prints (names relative to DIR).
+        let mut list = String::from("desc.json\n");
         for (name, _) in &analysis.ram_blocks {
-            println!("{name}");
+            list.push_str(name);
+            list.push('\n');
         }
-        println!("{}", dir.join("desc.json").display());
-        println!("{}", dir.join("state.json").display());
+        list.push_str("state.json\n");
+        emit(&list)?;
     }
     for w in &analysis.warnings {
         eprintln!("warning: {w}");

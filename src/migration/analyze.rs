@@ -32,6 +32,10 @@ pub enum AnalyzeError {
     UnsafeBlockName(String),
 }
 
+/// Most bytes of device bodies kept while waiting for the vmdesc (QEMU VMs have well under
+/// 1 MiB of device state; RAM is never kept).
+pub const MAX_KEPT: usize = 256 << 20;
+
 /// What to collect besides the state.
 #[derive(Debug, Clone, Default)]
 pub struct AnalyzeOptions {
@@ -182,6 +186,7 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
     });
     let mut vmdesc_bytes: Option<(u64, Vec<u8>)> = None;
     let mut open_row: Option<usize> = None;
+    let mut kept = 0usize;
     let mut current_id: u32 = 0;
     loop {
         let ev = match r.next_event() {
@@ -307,7 +312,15 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
                 }
             }
             Event::Device { .. } => {}
-            Event::RawBody { bytes, .. } => {
+            Event::RawBody { offset, bytes } => {
+                // Device bodies wait for the vmdesc at the end; keep at most MAX_KEPT bytes.
+                kept += bytes.len();
+                if kept > MAX_KEPT {
+                    a.warnings.push(format!(
+                        "device body at {offset:#x} not kept: more than {MAX_KEPT:#x} bytes of device state"
+                    ));
+                    continue;
+                }
                 if let Some((_, _, Pending::Device(slot))) =
                     order.iter_mut().find(|(id, ..)| *id == current_id)
                 {

@@ -8,7 +8,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use vmsnap::migration::analyze::{analyze, AnalyzeOptions};
-use vmsnap::migration::savevm::{load_state, save_state, DeviceState, RamState, Registry};
+use vmsnap::migration::ram_state::RamState;
+use vmsnap::migration::savevm::{load_state, save_state, DeviceState, Registry};
 use vmsnap::migration::stream::{ErrorKind, Record, StreamModel};
 use vmsnap::migration::vmdesc::to_python_json;
 use vmsnap::migration::{Count, Field, FieldType, VMStateDescription, Value};

@@ -30,7 +30,7 @@ pub fn configuration_vmsd() -> VMStateDescription {
         )
         .subsection(
             VMStateDescription::new("configuration/uuid", 1, 1)
-                .field(Field::new("uuid", FieldType::Buffer(16))),
+                .field(Field::uint("uuid.data", 1).count(Count::Fixed(16))),
             None,
         )
 }

@@ -333,6 +333,14 @@ fn human_output_and_truncated_stream() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
+
+    // A qcow2 image without --snapshot: a hint, not a decoding error.
+    let img = unpack(dir.path(), "compat-0.10.qcow2.gz");
+    let out = inspect(&[img.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("add --snapshot TAG"), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
 }
 
 #[test]

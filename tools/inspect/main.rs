@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 
 use vmsnap::migration::analyze::{analyze, AnalyzeError, AnalyzeOptions};
+use vmsnap::migration::stream::ErrorKind;
 use vmsnap::migration::vmdesc::to_python_json;
+
+/// `QFI\xfb`, the first bytes of a qcow2 image.
+const QCOW2_MAGIC: u32 = 0x5146_49fb;
 
 /// What to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,6 +77,8 @@ enum InspectError {
     Stream(String),
     #[error("the stream has no VM description (vmdesc) to dump")]
     NoDesc,
+    #[error("INPUT is a qcow2 image, not a migration stream: add --snapshot TAG to read a snapshot's VM state")]
+    Qcow2WithoutSnapshot,
     #[error("writing to stdout: {0}")]
     Stdout(#[source] std::io::Error),
 }
@@ -105,6 +111,11 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
         }
         list.push_str("state.json\n");
         emit(&list)?;
+    }
+    if let Some(e) = &analysis.error {
+        if matches!(*e.kind, ErrorKind::BadMagic(QCOW2_MAGIC)) && cli.snapshot.is_none() {
+            return Err(InspectError::Qcow2WithoutSnapshot);
+        }
     }
     for w in &analysis.warnings {
         eprintln!("warning: {w}");

@@ -163,80 +163,121 @@ pub(crate) fn handler_err(at: u64, idstr: &str, message: String) -> StreamError 
     }
 }
 
-/// Writes the whole VM state as one stream; returns its length in bytes.
+/// Writes the whole VM state as one stream (setup, iterate until done, complete); returns
+/// its length in bytes. This is what savevm does with the VM stopped.
 pub fn save_state(reg: &mut Registry<'_>, out: &mut dyn Write) -> Result<u64> {
-    let mut w = StreamWriter::new(out);
-    w.write_header()?;
-    w.write_configuration(&configuration_value(&reg.machine))?;
-    // Setup.
-    for e in reg.entries.iter_mut() {
-        let inf = info(e);
-        if let Handler::Iterative(h) = &mut e.handler {
-            w.write_section_header(SectionType::Start, &inf)?;
-            let at = w.f.position();
-            h.save_setup(&mut w.f)
-                .map_err(|m| handler_err(at, &inf.idstr, m))?;
-            w.write_footer(inf.section_id)?;
-        }
+    let mut session = SaveSession::begin(reg, out)?;
+    while !session.iterate()? {}
+    session.complete()
+}
+
+/// The steps of `qemu_savevm_state`, for callers that interleave them with running the guest
+/// (live migration): [`SaveSession::begin`] → [`SaveSession::iterate`] until it returns true
+/// (or the caller decides to stop) → [`SaveSession::complete`].
+pub struct SaveSession<'r, 'a, 'w> {
+    reg: &'r mut Registry<'a>,
+    w: StreamWriter<&'w mut dyn Write>,
+    pending: Vec<bool>,
+}
+
+impl std::fmt::Debug for SaveSession<'_, '_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveSession")
+            .field("position", &self.w.f.position())
+            .field("pending", &self.pending)
+            .finish()
     }
-    // Iterate until every iterative entry is done.
-    let mut pending: Vec<bool> = reg
-        .entries
-        .iter()
-        .map(|e| matches!(e.handler, Handler::Iterative(_)))
-        .collect();
-    while pending.iter().any(|p| *p) {
-        for (e, p) in reg.entries.iter_mut().zip(pending.iter_mut()) {
+}
+
+impl<'r, 'a, 'w> SaveSession<'r, 'a, 'w> {
+    /// Writes the header, the configuration and every iterative entry's setup (START).
+    pub fn begin(reg: &'r mut Registry<'a>, out: &'w mut dyn Write) -> Result<Self> {
+        let mut w = StreamWriter::new(out);
+        w.write_header()?;
+        w.write_configuration(&configuration_value(&reg.machine))?;
+        for e in reg.entries.iter_mut() {
             let inf = info(e);
-            if let (Handler::Iterative(h), true) = (&mut e.handler, *p) {
-                w.write_section_header(SectionType::Part, &inf)?;
+            if let Handler::Iterative(h) = &mut e.handler {
+                w.write_section_header(SectionType::Start, &inf)?;
                 let at = w.f.position();
-                let done = h
-                    .save_iterate(&mut w.f)
+                h.save_setup(&mut w.f)
                     .map_err(|m| handler_err(at, &inf.idstr, m))?;
                 w.write_footer(inf.section_id)?;
+            }
+        }
+        let pending = reg
+            .entries
+            .iter()
+            .map(|e| matches!(e.handler, Handler::Iterative(_)))
+            .collect();
+        Ok(SaveSession { reg, w, pending })
+    }
+
+    /// Bytes written so far.
+    pub fn position(&self) -> u64 {
+        self.w.f.position()
+    }
+
+    /// One round: a PART section for every iterative entry not done yet. Returns true when
+    /// all are done.
+    pub fn iterate(&mut self) -> Result<bool> {
+        for (e, p) in self.reg.entries.iter_mut().zip(self.pending.iter_mut()) {
+            let inf = info(e);
+            if let (Handler::Iterative(h), true) = (&mut e.handler, *p) {
+                self.w.write_section_header(SectionType::Part, &inf)?;
+                let at = self.w.f.position();
+                let done = h
+                    .save_iterate(&mut self.w.f)
+                    .map_err(|m| handler_err(at, &inf.idstr, m))?;
+                self.w.write_footer(inf.section_id)?;
                 *p = !done;
             }
         }
+        Ok(!self.pending.iter().any(|p| *p))
     }
-    // Complete iterative entries, then every device.
-    for e in reg.entries.iter_mut() {
-        let inf = info(e);
-        if let Handler::Iterative(h) = &mut e.handler {
-            w.write_section_header(SectionType::End, &inf)?;
-            let at = w.f.position();
-            h.save_complete(&mut w.f)
-                .map_err(|m| handler_err(at, &inf.idstr, m))?;
-            w.write_footer(inf.section_id)?;
+
+    /// END sections for the iterative entries, every device as FULL, EOF and the vmdesc;
+    /// flushes and returns the stream length.
+    pub fn complete(mut self) -> Result<u64> {
+        let w = &mut self.w;
+        for e in self.reg.entries.iter_mut() {
+            let inf = info(e);
+            if let Handler::Iterative(h) = &mut e.handler {
+                w.write_section_header(SectionType::End, &inf)?;
+                let at = w.f.position();
+                h.save_complete(&mut w.f)
+                    .map_err(|m| handler_err(at, &inf.idstr, m))?;
+                w.write_footer(inf.section_id)?;
+            }
         }
-    }
-    let mut devices = Vec::new();
-    for e in reg.entries.iter_mut() {
-        let inf = info(e);
-        if let Handler::Device { vmsd, state } = &mut e.handler {
-            let mut obj = Map::new();
-            obj.insert("name".into(), Json::from(inf.idstr.clone()));
-            obj.insert("instance_id".into(), Json::from(inf.instance_id));
-            w.write_section_header(SectionType::Full, &inf)?;
-            let at = w.f.position();
-            vmsd.encode(&mut w.f, &state.save(), Some(&mut obj))
-                .map_err(|err| StreamError {
-                    offset: at,
-                    section: Some(inf.label()),
-                    kind: Box::new(err.into()),
-                })?;
-            w.write_footer(inf.section_id)?;
-            devices.push(Json::Object(obj));
+        let mut devices = Vec::new();
+        for e in self.reg.entries.iter_mut() {
+            let inf = info(e);
+            if let Handler::Device { vmsd, state } = &mut e.handler {
+                let mut obj = Map::new();
+                obj.insert("name".into(), Json::from(inf.idstr.clone()));
+                obj.insert("instance_id".into(), Json::from(inf.instance_id));
+                w.write_section_header(SectionType::Full, &inf)?;
+                let at = w.f.position();
+                vmsd.encode(&mut w.f, &state.save(), Some(&mut obj))
+                    .map_err(|err| StreamError {
+                        offset: at,
+                        section: Some(inf.label()),
+                        kind: Box::new(err.into()),
+                    })?;
+                w.write_footer(inf.section_id)?;
+                devices.push(Json::Object(obj));
+            }
         }
+        w.write_eof()?;
+        let mut desc = Map::new();
+        desc.insert("page_size".into(), Json::from(self.reg.page_size));
+        desc.insert("devices".into(), Json::Array(devices));
+        w.write_vmdesc(&to_qemu_json(&Json::Object(desc)))?;
+        let len = w.f.position();
+        self.w.finish()?;
+        Ok(len)
     }
-    w.write_eof()?;
-    let mut desc = Map::new();
-    desc.insert("page_size".into(), Json::from(reg.page_size));
-    desc.insert("devices".into(), Json::Array(devices));
-    w.write_vmdesc(&to_qemu_json(&Json::Object(desc)))?;
-    let len = w.f.position();
-    w.finish()?;
-    Ok(len)
 }
 
 /// Reads a stream into the registered entries (QEMU's `qemu_loadvm_state`).
@@ -414,6 +455,23 @@ mod tests {
         }
         assert_eq!(back, ram);
         assert_eq!(dev.0.get("n"), Some(&Value::u32(41)));
+    }
+
+    #[test]
+    fn session_steps_are_visible_to_the_caller() {
+        let ram = vec![7u8; 3 * 4096];
+        let mut out = Vec::new();
+        let mut mem = RamState::for_save(vec![("r".into(), &ram[..])], 4096);
+        mem.pages_per_round = 2;
+        let mut reg = Registry::new("m");
+        reg.register_iterative("ram", 0, 4, &mut mem);
+        let mut s = SaveSession::begin(&mut reg, &mut out).unwrap();
+        let after_setup = s.position();
+        assert!(!s.iterate().unwrap());
+        assert!(s.position() > after_setup + 2 * 4096);
+        assert!(s.iterate().unwrap());
+        let len = s.complete().unwrap();
+        assert_eq!(len as usize, out.len());
     }
 
     #[test]

@@ -97,6 +97,45 @@ impl Value {
         }
     }
 
+    /// Mutable access to the first field called `name` of a struct.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Value> {
+        match self {
+            Value::Struct(f) => f.iter_mut().find(|(n, _)| n == name).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// Adds a field (or subsection) to a struct; no effect on other values.
+    pub fn push(&mut self, name: impl Into<String>, v: Value) {
+        if let Value::Struct(f) = self {
+            f.push((name.into(), v));
+        }
+    }
+
+    /// Elements of an array.
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// A `bool` field.
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// A `float64` field.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::F64(f) => Some(*f),
+            _ => None,
+        }
+    }
+
     /// Bytes of a `Bytes` value.
     pub fn as_bytes(&self) -> Option<&[u8]> {
         match self {
@@ -175,6 +214,20 @@ mod tests {
         assert_eq!(Value::Bytes(vec![]).to_analyze_json(), "");
         assert_eq!(Value::i32(-5).as_i64(), Some(-5));
         assert_eq!(Value::u16(0xffff).as_u64(), Some(0xffff));
+    }
+
+    #[test]
+    fn accessors() {
+        let mut v = Value::structure([("a", Value::Array(vec![Value::Bool(true)]))]);
+        v.push("f", Value::F64(0.5));
+        assert_eq!(
+            v.get("a").and_then(Value::as_array).map(<[Value]>::len),
+            Some(1)
+        );
+        assert_eq!(v.get("f").and_then(Value::as_f64), Some(0.5));
+        *v.get_mut("f").unwrap() = Value::Bool(false);
+        assert_eq!(v.get("f").and_then(Value::as_bool), Some(false));
+        assert_eq!(Value::u8(1).get("x"), None);
     }
 
     #[test]

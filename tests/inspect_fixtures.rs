@@ -380,3 +380,27 @@ fn without_vmdesc_sections_and_ram_are_still_decoded() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no VM description"));
 }
+
+#[test]
+fn page_size_other_than_4k_is_found_through_the_vmdesc() {
+    use vmsnap::migration::ram_state::RamState;
+    use vmsnap::migration::savevm::{save_state, Registry};
+
+    let ram: Vec<u8> = (0..0x10000u32).map(|i| (i / 8192) as u8 + 1).collect();
+    let mut out = Vec::new();
+    {
+        let mut mem = RamState::for_save(vec![("ram".into(), &ram[..])], 8192);
+        let mut reg = Registry::new("big-pages");
+        reg.page_size = 8192;
+        reg.register_iterative("ram", 0, 4, &mut mem);
+        save_state(&mut reg, &mut out).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("8k.bin");
+    std::fs::write(&path, &out).unwrap();
+    let x = dir.path().join("x");
+    let res = inspect(&[path.to_str().unwrap(), "--extract", x.to_str().unwrap()]);
+    stdout_ok(&res);
+    assert!(String::from_utf8_lossy(&res.stderr).contains("page size 0x2000"));
+    assert!(std::fs::read(x.join("ram")).unwrap() == ram);
+}

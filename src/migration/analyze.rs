@@ -43,6 +43,8 @@ pub struct AnalyzeOptions {
     pub memory: bool,
     /// Write each RAM block as a sparse file under this directory (`-x`).
     pub extract_dir: Option<PathBuf>,
+    /// Target page size to decode RAM with, instead of inferring it.
+    pub page_size: Option<u64>,
 }
 
 /// One row of the section table.
@@ -113,6 +115,21 @@ pub struct Analysis {
     pub bytes: u64,
 }
 
+impl Analysis {
+    /// True if decoding stopped inside the RAM section, where a wrong page size shows.
+    pub fn stopped_in_ram(&self) -> bool {
+        self.error.as_ref().is_some_and(|e| {
+            matches!(*e.kind, super::stream::ErrorKind::Ram(_))
+                || e.section.as_deref().is_some_and(|s| s.starts_with("'ram'"))
+        })
+    }
+
+    /// The page size the vmdesc states, if there is one.
+    pub fn vmdesc_page_size(&self) -> Option<u64> {
+        self.desc.as_ref()?.get("page_size")?.as_u64()
+    }
+}
+
 enum Pending {
     Ram(Map<String, Json>, Option<Map<String, Json>>),
     Device(usize),
@@ -178,6 +195,12 @@ fn filled_with(fill: u8) -> String {
 pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeError> {
     let mut r = StreamReader::new(src);
     let mut a = Analysis::default();
+    if let Some(ps) = opts.page_size {
+        if let Err(e) = r.set_page_size(ps) {
+            a.error = Some(e);
+            return Ok(a);
+        }
+    }
     let mut order: Vec<(u32, String, Pending)> = Vec::new();
     let mut bodies: Vec<Vec<u8>> = Vec::new();
     let mut extractor = opts.extract_dir.as_ref().map(|d| Extractor {

@@ -1,7 +1,7 @@
 //! Where the stream comes from: a file, or a qcow2 snapshot's VM state.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use vmsnap::block::{open_image, BlockDriver, OpenOptions};
@@ -83,10 +83,17 @@ impl Input {
         }
     }
 
-    /// The stream bytes.
+    /// The stream bytes, from the start (callable again to re-read).
     pub fn reader(&mut self) -> Result<Box<dyn Read + '_>, InputError> {
         match self {
-            Input::File(_, f) => Ok(Box::new(f)),
+            Input::File(p, f) => {
+                f.seek(SeekFrom::Start(0))
+                    .map_err(|source| InputError::Open {
+                        path: p.display().to_string(),
+                        source,
+                    })?;
+                Ok(Box::new(f))
+            }
             Input::Snapshot { path, tag, image } => {
                 let format = image.format().to_string();
                 let path = path.display().to_string();

@@ -99,9 +99,26 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
     let opts = AnalyzeOptions {
         memory: cli.memory && dump == Dump::State,
         extract_dir: cli.extract.clone(),
+        page_size: None,
     };
     let mut holder = input::open(&cli.input, cli.snapshot.as_deref())?;
-    let analysis = analyze(holder.reader()?, &opts)?;
+    let mut analysis = analyze(holder.reader()?, &opts)?;
+    if analysis.stopped_in_ram() {
+        // The page size is only stated in the vmdesc at the end: try the other sizes QEMU
+        // targets use and keep the one the vmdesc confirms.
+        for ps in [8192, 16384, 65536, 1024, 2048] {
+            let retry = AnalyzeOptions {
+                page_size: Some(ps),
+                ..opts.clone()
+            };
+            let a = analyze(holder.reader()?, &retry)?;
+            if a.error.is_none() && a.vmdesc_page_size() == Some(ps) {
+                eprintln!("note: RAM decoded with the vmdesc's page size {ps:#x}");
+                analysis = a;
+                break;
+            }
+        }
+    }
     if cli.extract.is_some() {
         // The listing analyze-migration.py -x prints (names relative to DIR).
         let mut list = String::from("desc.json\n");

@@ -31,7 +31,12 @@ fn seg() -> Arc<VMStateDescription> {
         VMStateDescription::new("seg", 1, 1)
             .field(Field::uint("selector", 4))
             .field(Field::uint("base", 8))
-            .field(Field::int("flags", 2)),
+            .field(Field::int("flags", 2))
+            // A subsection inside a nested struct (sent for the ldt only).
+            .subsection(
+                VMStateDescription::new("seg/hidden", 1, 1).field(Field::uint("attr", 2)),
+                None,
+            ),
     )
 }
 
@@ -79,11 +84,15 @@ fn cpu_vmsd() -> Arc<VMStateDescription> {
 }
 
 fn seg_value(i: u64) -> Value {
-    Value::structure([
+    let mut v = Value::structure([
         ("selector", Value::u32(0x10 + i as u32)),
         ("base", Value::u64(i << 32)),
         ("flags", Value::i16(-(i as i16))),
-    ])
+    ]);
+    if i == 9 {
+        v.push("seg/hidden", Value::structure([("attr", Value::u16(0x82))]));
+    }
+    v
 }
 
 fn cpu_value(k: u64) -> Value {

@@ -202,7 +202,7 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
         }
     }
     let mut order: Vec<(u32, String, Pending)> = Vec::new();
-    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    let mut bodies: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut extractor = opts.extract_dir.as_ref().map(|d| Extractor {
         dir: d.clone(),
         files: BTreeMap::new(),
@@ -349,7 +349,7 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
                 {
                     *slot = bodies.len();
                 }
-                bodies.push(bytes);
+                bodies.push((offset, bytes));
             }
             Event::Footer { .. } => {
                 if let Some(i) = open_row.take() {
@@ -429,7 +429,7 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
                 state.insert(key, Json::Object(m));
             }
             Pending::Device(slot) => {
-                let Some(bytes) = bodies.get(slot) else {
+                let Some((at, bytes)) = bodies.get(slot) else {
                     continue;
                 };
                 let idstr = key.rsplit_once(" (").map_or(key.as_str(), |(n, _)| n);
@@ -440,7 +440,7 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
                     .and_then(|r| r.instance_id)
                     .unwrap_or(0);
                 let value = match vmdesc.as_ref().and_then(|d| d.device(idstr, instance)) {
-                    Some(dev) => match decode_body(bytes, &dev.vmsd, 0) {
+                    Some(dev) => match decode_body(bytes, &dev.vmsd, *at) {
                         Ok(v) => Some(v),
                         Err(e) => {
                             a.warnings

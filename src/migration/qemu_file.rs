@@ -68,6 +68,12 @@ impl<R: Read> QemuFileReader<R> {
         self.pos
     }
 
+    /// Declares that the next byte is at stream offset `pos` (for readers over a part of a
+    /// stream, so that offsets in errors stay absolute).
+    pub fn set_position(&mut self, pos: u64) {
+        self.pos = pos;
+    }
+
     /// Gives back the underlying source (buffered bytes are lost).
     pub fn into_inner(self) -> R {
         self.inner

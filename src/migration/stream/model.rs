@@ -141,18 +141,20 @@ impl StreamModel {
     }
 }
 
-/// Decodes one captured device body with a vmdesc description; it must use every byte.
+/// Decodes one captured device body, which started at stream offset `base`, with a vmdesc
+/// description; it must use every byte. Offsets in errors are stream offsets.
 pub fn decode_body(
     bytes: &[u8],
     vmsd: &VMStateDescription,
-    offset: u64,
+    base: u64,
 ) -> std::result::Result<Value, ErrorKind> {
-    let _ = offset;
     let mut f = QemuFileReader::new(bytes);
+    f.set_position(base);
     let value = vmsd.decode(&mut f, vmsd.version_id)?;
-    if f.position() != bytes.len() as u64 {
+    let used = f.position() - base;
+    if used != bytes.len() as u64 {
         return Err(ErrorKind::BodyLength {
-            used: f.position(),
+            used,
             len: bytes.len(),
         });
     }

@@ -1,1 +1,496 @@
 //! A small KVM virtual machine monitor. The only module where `unsafe` is allowed.
+//!
+//! ```text
+//!  Vm ── VmFd (irqchip, PIT, clock: vm.rs)      guest RAM (memory.rs, one mmap, slot 0)
+//!   ├── Vcpu × n, one thread each (vcpu.rs; paused/resumed by run_control.rs)
+//!   ├── Devices on the port-I/O bus (devices/: serial, pvblock per drive, control)
+//!   └── Guest image and long-mode tables written at boot (guest/)
+//! ```
+//!
+//! A VM is created paused: [`Vm::start`] (or [`Vm::resume`]) lets the vCPUs run,
+//! [`Vm::pause`] parks them all at a safe point, [`Vm::save_state`] then captures everything
+//! except RAM (read it through [`Vm::guest_memory`]), and [`Vm::restore_state`] applies such a
+//! state to a freshly created, paused VM built from the same configuration, possibly in
+//! another process. The capture is documented in `formats/vm-state-capture.md`.
+
+pub mod devices;
+pub mod guest;
+pub mod memory;
+pub mod run_control;
+pub mod vcpu;
+pub mod vm;
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::block::BlockDriver;
+use devices::control::ControlShared;
+use devices::{Control, DeviceStates, Devices, DevicesError, PvBlock, Serial, SerialOut};
+pub use guest::Guest;
+use run_control::{Next, RunControl};
+use vcpu::{Vcpu, VcpuError, VcpuState};
+use vm::{VmArchState, VmIoctlError};
+
+/// How long [`Vm::pause`] waits for the vCPUs to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to build.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Disks, in order; drive `i` is the paravirtual block device `i`.
+    pub drives: Vec<Box<dyn BlockDriver>>,
+    /// Where the serial console goes.
+    pub serial: SerialOut,
+    /// The built-in guest to boot.
+    pub guest: Guest,
+}
+
+/// Everything needed to resume a paused VM, except guest RAM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmState {
+    /// One per vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// In-kernel PIC/IOAPIC, PIT and kvmclock.
+    pub arch: VmArchState,
+    /// Emulated devices.
+    pub devices: DeviceStates,
+}
+
+/// Run state as the monitor reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmStatus {
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+    /// A vCPU stopped on an error (the first one is given).
+    Failed(String),
+}
+
+/// Errors of VM operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("opening /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A system-level KVM ioctl failed.
+    #[error("{ioctl} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        ioctl: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A VM-wide ioctl failed.
+    #[error(transparent)]
+    VmIoctl(#[from] VmIoctlError),
+    /// A vCPU ioctl failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// The guest could not be loaded.
+    #[error(transparent)]
+    Guest(#[from] guest::GuestError),
+    /// A device state could not be applied.
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Setting up the serial output or the kick signal failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operation needs the vCPUs parked.
+    #[error("the VM must be paused for {0}")]
+    NotPaused(&'static str),
+    /// The vCPUs did not park in time.
+    #[error("vCPUs did not stop within {0:?}")]
+    PauseTimeout(Duration),
+    /// The saved state does not fit this VM.
+    #[error("saved state has {saved} vCPUs, this VM has {present}")]
+    VcpuCount {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs here.
+        present: usize,
+    },
+    /// A vCPU thread could not be started.
+    #[error("spawning the thread of vCPU {index}: {source}")]
+    Spawn {
+        /// vCPU index.
+        index: usize,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result type of VM operations.
+pub type Result<T> = std::result::Result<T, VmError>;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: usize = guest::long_mode::MAX_VCPUS;
+
+/// A running (or paused) virtual machine.
+#[derive(Debug)]
+pub struct Vm {
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    threads: Vec<JoinHandle<()>>,
+    ctl: Arc<RunControl>,
+    devices: Arc<Mutex<Devices>>,
+    control: Arc<ControlShared>,
+    msr_list: Vec<u32>,
+    // Keeps /dev/kvm open for as long as the VM exists.
+    _kvm: Kvm,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning means a vCPU thread panicked; the data itself is still usable for shutdown.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Vm {
+    /// Builds a VM: KVM objects, RAM, devices, the guest image and boot registers. The vCPU
+    /// threads exist but are parked until [`Vm::start`].
+    pub fn new(config: VmConfig) -> Result<Vm> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::Config(format!(
+                "{} vCPUs requested, 1..={MAX_VCPUS} supported",
+                config.vcpus
+            )));
+        }
+        run_control::install_kick_handler().map_err(|source| VmError::Io {
+            what: "installing the vCPU kick handler",
+            source,
+        })?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(|source| VmError::Kvm {
+            ioctl: "KVM_CREATE_VM",
+            source,
+        })?;
+        vm::create_irqchip_and_pit(&vm)?;
+        let mem = memory::create(config.mem_size)?;
+        memory::register(&vm, &mem)?;
+        config.guest.load(&mem, config.vcpus)?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm {
+                ioctl: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(|source| VmError::Kvm {
+                ioctl: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?
+            .as_slice()
+            .to_vec();
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        for index in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(index as u64)
+                .map_err(|source| VmError::Kvm {
+                    ioctl: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            let vcpu = Vcpu::new(index, fd);
+            vcpu.set_cpuid(&cpuid)?;
+            let sregs = config.guest.initial_sregs(index, &vcpu.sregs()?);
+            vcpu.set_boot_state(&config.guest.initial_regs(index), &sregs)?;
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+
+        let serial = Serial::new(&config.serial).map_err(|source| VmError::Io {
+            what: "opening the serial output",
+            source,
+        })?;
+        let control = Control::new();
+        let control_shared = control.shared();
+        let blocks = config
+            .drives
+            .into_iter()
+            .map(|d| PvBlock::new(d, mem.clone()))
+            .collect();
+        let devices = Arc::new(Mutex::new(Devices {
+            serial,
+            blocks,
+            control,
+        }));
+
+        let ctl = Arc::new(RunControl::new(config.vcpus));
+        let mut vm = Vm {
+            vm,
+            mem,
+            vcpus,
+            threads: Vec::new(),
+            ctl,
+            devices,
+            control: control_shared,
+            msr_list,
+            _kvm: kvm,
+        };
+        vm.spawn_threads()?;
+        Ok(vm)
+    }
+
+    fn spawn_threads(&mut self) -> Result<()> {
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            let ctx = VcpuThread {
+                vcpu: Arc::clone(vcpu),
+                ctl: Arc::clone(&self.ctl),
+                devices: Arc::clone(&self.devices),
+                control: Arc::clone(&self.control),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || ctx.run())
+                .map_err(|source| VmError::Spawn { index, source })?;
+            self.threads.push(handle);
+        }
+        // Threads start parked; wait so that a pause/save right after new() is consistent.
+        if !self.ctl.wait_parked(PAUSE_TIMEOUT) {
+            return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
+        }
+        Ok(())
+    }
+
+    /// Lets the vCPUs run (the VM is created paused).
+    pub fn start(&self) {
+        self.resume();
+    }
+
+    /// Resumes parked vCPUs.
+    pub fn resume(&self) {
+        self.ctl.resume();
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined yet
+            // (joining only happens in `shutdown`, which consumes the handles), so it is
+            // valid; the kick signal's handler is installed process-wide in `new`.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), run_control::kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU at a safe point (pending port I/O completed) and waits until all are
+    /// parked.
+    pub fn pause(&self) -> Result<()> {
+        self.ctl.request_pause();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            self.kick_all();
+            if self.ctl.wait_parked(Duration::from_millis(20)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+        }
+    }
+
+    /// Current run state.
+    pub fn status(&self) -> VmStatus {
+        if let Some(f) = self.ctl.failure() {
+            VmStatus::Failed(f)
+        } else if self.ctl.is_paused() {
+            VmStatus::Paused
+        } else {
+            VmStatus::Running
+        }
+    }
+
+    fn ensure_parked(&self, what: &'static str) -> Result<()> {
+        if !self.ctl.is_paused() || !self.ctl.wait_parked(PAUSE_TIMEOUT) {
+            return Err(VmError::NotPaused(what));
+        }
+        Ok(())
+    }
+
+    /// Captures the state of a paused VM (everything but RAM).
+    pub fn save_state(&self) -> Result<VmState> {
+        self.ensure_parked("save_state")?;
+        let devices = lock(&self.devices).save();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(lock(v).save_state(&self.msr_list)?);
+        }
+        let arch = vm::save(&self.vm)?;
+        Ok(VmState {
+            vcpus,
+            arch,
+            devices,
+        })
+    }
+
+    /// Applies a saved state to this paused VM (built from the same configuration). Guest RAM
+    /// is restored separately through [`Vm::guest_memory`]. Order: irqchip and PIT, devices,
+    /// vCPUs, clock (see [`vm`] and [`vcpu`]).
+    pub fn restore_state(&self, state: &VmState) -> Result<()> {
+        self.ensure_parked("restore_state")?;
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(VmError::VcpuCount {
+                saved: state.vcpus.len(),
+                present: self.vcpus.len(),
+            });
+        }
+        vm::restore_irqchip_and_pit(&self.vm, &state.arch)?;
+        lock(&self.devices).restore(&state.devices)?;
+        for (v, st) in self.vcpus.iter().zip(&state.vcpus) {
+            lock(v).restore_state(st)?;
+        }
+        vm::restore_clock(&self.vm, &state.arch.clock)?;
+        Ok(())
+    }
+
+    /// Guest RAM (shared with the vCPUs; read or write it only while paused for a
+    /// consistent picture).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Asks the guest to check RAM and disk at its next tick (the counter guest prints
+    /// `CHECK OK` or `CHECK FAIL`).
+    pub fn request_check(&self) {
+        self.control.request_check();
+    }
+
+    /// Flushes every drive (for a consistent disk before a snapshot).
+    pub fn flush_drives(&self) -> crate::block::Result<()> {
+        let mut devs = lock(&self.devices);
+        for b in &mut devs.blocks {
+            b.drive_mut().flush()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the vCPU threads and joins them. Also done on drop.
+    pub fn shutdown(&mut self) {
+        self.ctl.request_exit();
+        self.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What one vCPU thread owns.
+struct VcpuThread {
+    vcpu: Arc<Mutex<Vcpu>>,
+    ctl: Arc<RunControl>,
+    devices: Arc<Mutex<Devices>>,
+    control: Arc<ControlShared>,
+}
+
+impl VcpuThread {
+    fn run(self) {
+        let run_ptr = {
+            let mut v = lock(&self.vcpu);
+            std::ptr::from_mut(v.fd.get_kvm_run())
+        };
+        // SAFETY: `run_ptr` is the kvm_run mapping of `self.vcpu`, which this thread keeps
+        // alive (Arc) until after `unregister_kvm_run` below.
+        unsafe { run_control::register_kvm_run(run_ptr) };
+        let failure = self.run_loop().err();
+        run_control::unregister_kvm_run();
+        self.ctl.thread_exited(failure);
+    }
+
+    fn run_loop(&self) -> std::result::Result<(), String> {
+        let mut pending_io = false;
+        loop {
+            match self.ctl.next() {
+                Next::Exit => return Ok(()),
+                Next::Park => {
+                    if pending_io {
+                        self.complete_pending_io()?;
+                        pending_io = false;
+                    }
+                    if !self.ctl.park() {
+                        return Ok(());
+                    }
+                }
+                Next::Run => pending_io = self.run_once()?,
+            }
+        }
+    }
+
+    /// Re-enters KVM_RUN with immediate_exit set: KVM finishes the last port I/O and returns
+    /// EINTR without running guest code.
+    fn complete_pending_io(&self) -> std::result::Result<(), String> {
+        let mut v = lock(&self.vcpu);
+        v.fd.set_kvm_immediate_exit(1);
+        let r = v.fd.run().map(|_| ());
+        v.fd.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e.errno() != libc::EINTR => Err(format!(
+                "vCPU {}: completing I/O before pausing: {e}",
+                v.index
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// One KVM_RUN. Returns whether the exit was port I/O (to be completed on the next entry).
+    fn run_once(&self) -> std::result::Result<bool, String> {
+        let mut v = lock(&self.vcpu);
+        let index = v.index;
+        let unexpected = match v.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                lock(&self.devices).pio_write(port, data);
+                let fault = self.control.fault();
+                if fault != 0 {
+                    format!("guest reported an unexpected exception (marker {fault:#x})")
+                } else {
+                    return Ok(true);
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                lock(&self.devices).pio_read(port, data);
+                return Ok(true);
+            }
+            Ok(VcpuExit::Hlt) => {
+                drop(v);
+                std::thread::sleep(Duration::from_millis(1));
+                return Ok(false);
+            }
+            Ok(VcpuExit::Intr) => return Ok(false),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                v.fd.set_kvm_immediate_exit(0);
+                return Ok(false);
+            }
+            Ok(exit) => format!("unexpected exit {exit:?}"),
+            Err(e) => format!("KVM_RUN failed: {e}"),
+        };
+        let rip = v.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        Err(format!("vCPU {index}: {unexpected} at rip {rip:#x}"))
+    }
+}

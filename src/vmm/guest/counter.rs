@@ -23,6 +23,8 @@ const OTHER_ISR: u64 = LOAD_ADDR + 0x140;
 pub const TIMER_VECTOR: u8 = 0x20;
 /// Address of the tick counter the timer interrupt increments.
 pub const TICKS_ADDR: u64 = LOAD_ADDR + 0xc00;
+/// Address of the last tick the user loop handled (printed).
+pub const LAST_ADDR: u64 = LOAD_ADDR + 0xc08;
 /// Address of the count of unexpected exceptions.
 pub const FAULTS_ADDR: u64 = LOAD_ADDR + 0xc20;
 /// Address of the count of failed checks.

@@ -16,6 +16,7 @@
 pub mod devices;
 pub mod guest;
 pub mod memory;
+pub mod monitor;
 pub mod run_control;
 pub mod vcpu;
 pub mod vm;

@@ -1,0 +1,151 @@
+//! `vmsnap run` end to end: boots the counter guest from the command line and drives the
+//! monitor over stdio and over a Unix socket.
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
+    }
+    ok
+}
+
+fn wait_for_file_text(path: &std::path::Path, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no {needle:?} in serial:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn run_with_stdio_monitor_stops_continues_and_quits() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let serial = dir.path().join("serial.txt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .args(["run", "--drive"])
+        .arg(format!("file={},format=raw", disk.display()))
+        .args([
+            "--guest", "counter", "--memory", "16M", "--smp", "2", "--serial",
+        ])
+        .arg(format!("file:{}", serial.display()))
+        .args(["--monitor", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "info status").unwrap();
+    wait_for_file_text(&serial, "tick 3\n");
+    writeln!(stdin, "stop").unwrap();
+    writeln!(stdin, "info status").unwrap();
+    writeln!(stdin, "bogus").unwrap();
+    writeln!(stdin, "cont").unwrap();
+    writeln!(stdin, "info status").unwrap();
+    writeln!(stdin, "quit").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let statuses: Vec<&str> = stdout.lines().filter(|l| l.contains("VM status")).collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .map(|l| l.trim_start_matches("(vmsnap) "))
+            .collect::<Vec<_>>(),
+        [
+            "VM status: running",
+            "VM status: paused",
+            "VM status: running"
+        ],
+        "{stdout}"
+    );
+    assert!(stdout.contains("unknown command: 'bogus'"), "{stdout}");
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(text.starts_with("tick 1\n"), "{text}");
+    assert!(!text.contains("CHECK FAIL"), "{text}");
+}
+
+#[test]
+fn run_with_unix_monitor() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("mon.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .args(["run", "--drive"])
+        .arg(format!("file={}", disk.display()))
+        .args(["--memory", "16M", "--serial", "none", "--monitor"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("monitor socket never appeared: {e}"),
+        }
+    };
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut w = &stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("monitor"), "{line}");
+    writeln!(w, "stop").unwrap();
+    writeln!(w, "info status").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "VM status: paused");
+    writeln!(w, "quit").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert!(!sock.exists(), "socket removed on quit");
+}
+
+#[test]
+fn run_reports_a_missing_drive() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .args([
+            "run",
+            "--drive",
+            "file=/nonexistent/disk.img",
+            "--serial",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+}

@@ -214,7 +214,20 @@ fn counter_guest_check_detects_corrupted_ram() {
     let vm = Vm::new(config(dir.path(), 1, &cap)).unwrap();
     vm.start();
     let pos = wait(&cap, &vm, "tick 2", 0);
-    vm.pause().unwrap();
+    // Corrupt only between ticks: while a tick is being handled, the guest's own rewrite of
+    // the region could still overwrite the corruption.
+    loop {
+        vm.pause().unwrap();
+        let filled: u64 = vm
+            .guest_memory()
+            .read_obj(GuestAddress(counter::FILLED_ADDR))
+            .unwrap();
+        if filled == handled(&vm) {
+            break;
+        }
+        vm.resume();
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let addr = GuestAddress(counter::REGION_ADDR + 0x800);
     let v: u64 = vm.guest_memory().read_obj(addr).unwrap();
     vm.guest_memory().write_obj(v ^ 1, addr).unwrap();

@@ -1,6 +1,6 @@
 //! Guest RAM: one anonymous mmap (vm-memory) registered as KVM memory slot 0 at GPA 0.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -27,6 +27,15 @@ pub enum MemoryError {
     /// A host address could not be obtained.
     #[error("guest memory region at {0:#x} has no host mapping")]
     HostAddress(u64),
+    /// `KVM_GET_DIRTY_LOG` failed (dirty logging not enabled, or not supported).
+    #[error("KVM_GET_DIRTY_LOG slot {slot}: {source}")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// `KVM_SET_USER_MEMORY_REGION` failed.
     #[error("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}: {source}")]
     SetRegion {
@@ -49,8 +58,10 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Allocate { size, source })
 }
 
-/// Registers every region of `mem` with KVM, slot numbers from 0.
-pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Registers every region of `mem` with KVM, slot numbers from 0. With `log_dirty`, KVM
+/// tracks the pages the vCPUs write (`KVM_MEM_LOG_DIRTY_PAGES`); registering again with the
+/// same slots switches tracking on or off without touching the memory.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let gpa = region.start_addr().0;
         let host = mem
@@ -59,7 +70,11 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
         let slot = slot as u32;
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: gpa,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -74,6 +89,21 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
         })?;
     }
     Ok(())
+}
+
+/// Fetches and clears KVM's dirty bitmap of every slot: one `u64` word per 64 pages, slot after
+/// slot, bit `i` of word `w` set if page `64 * w + i` of that slot was written by a vCPU since
+/// the last call. Writes the VMM makes itself (device DMA) are not in it.
+pub fn dirty_bitmap(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, MemoryError> {
+    let mut out = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let bitmap = vm
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+        out.extend_from_slice(&bitmap);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

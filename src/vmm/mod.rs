@@ -161,6 +161,9 @@ pub struct Vm {
     devices: Arc<Mutex<Devices>>,
     control: Arc<ControlShared>,
     msr_list: Vec<u32>,
+    /// kvmclock read when the vCPUs were last paused; written back on resume so the guest's
+    /// clock does not advance while it is stopped (QEMU's kvmclock vm-state handler).
+    paused_clock: Mutex<Option<kvm_bindings::kvm_clock_data>>,
     // Keeps /dev/kvm open for as long as the VM exists.
     _kvm: Kvm,
 }
@@ -191,7 +194,7 @@ impl Vm {
         })?;
         vm::create_irqchip_and_pit(&vm)?;
         let mem = memory::create(config.mem_size)?;
-        memory::register(&vm, &mem)?;
+        memory::register(&vm, &mem, false)?;
         config.guest.load(&mem, config.vcpus)?;
 
         let cpuid = kvm
@@ -250,6 +253,7 @@ impl Vm {
             devices,
             control: control_shared,
             msr_list,
+            paused_clock: Mutex::new(None),
             _kvm: kvm,
         };
         vm.spawn_threads()?;
@@ -282,8 +286,12 @@ impl Vm {
         self.resume();
     }
 
-    /// Resumes parked vCPUs.
+    /// Resumes parked vCPUs. The kvmclock continues from where it was when they stopped.
     pub fn resume(&self) {
+        if let Some(clock) = lock(&self.paused_clock).take() {
+            // If this fails, the guest clock jumps by the paused time: not fatal.
+            let _ = vm::restore_clock(&self.vm, &clock);
+        }
         self.ctl.resume();
     }
 
@@ -304,6 +312,10 @@ impl Vm {
         loop {
             self.kick_all();
             if self.ctl.wait_parked(Duration::from_millis(20)) {
+                let mut clock = lock(&self.paused_clock);
+                if clock.is_none() {
+                    *clock = Some(vm::get_clock(&self.vm)?);
+                }
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -338,7 +350,10 @@ impl Vm {
         for v in &self.vcpus {
             vcpus.push(lock(v).save_state(&self.msr_list)?);
         }
-        let arch = vm::save(&self.vm)?;
+        let mut arch = vm::save(&self.vm)?;
+        if let Some(clock) = *lock(&self.paused_clock) {
+            arch.clock = clock;
+        }
         Ok(VmState {
             vcpus,
             arch,
@@ -363,6 +378,7 @@ impl Vm {
             lock(v).restore_state(st)?;
         }
         vm::restore_clock(&self.vm, &state.arch.clock)?;
+        *lock(&self.paused_clock) = Some(state.arch.clock);
         Ok(())
     }
 
@@ -370,6 +386,18 @@ impl Vm {
     /// consistent picture).
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Switches KVM's dirty-page tracking of guest RAM on or off (for live migration).
+    pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
+        memory::register(&self.vm, &self.mem, on)?;
+        Ok(())
+    }
+
+    /// Fetches and clears the dirty bitmap (see [`memory::dirty_bitmap`]); dirty logging must
+    /// be on.
+    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
+        Ok(memory::dirty_bitmap(&self.vm, &self.mem)?)
     }
 
     /// Asks the guest to check RAM and disk at its next tick (the counter guest prints

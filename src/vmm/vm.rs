@@ -9,9 +9,10 @@
 //! 1. `KVM_SET_IRQCHIP` for PIC master, PIC slave and IOAPIC, then `KVM_SET_PIT2`: the PIT
 //!    raises IRQ 0 into the PIC, so the PIC must already have its vector base and mask.
 //! 2. The vCPUs ([`super::vcpu`]), whose LAPICs receive what the PIC and IOAPIC deliver.
-//! 3. `KVM_SET_CLOCK` last, just before resuming, so that kvmclock continues from the saved
-//!    value rather than counting the time spent restoring (QEMU sets it on the transition to
-//!    running for the same reason).
+//! 3. `KVM_SET_CLOCK` last, and again on resume, so that kvmclock continues from the saved
+//!    value rather than counting the time spent restoring or paused. As QEMU's kvmclock
+//!    device does, [`super::Vm::pause`] reads the clock once the vCPUs are parked and
+//!    [`super::Vm::resume`] writes it back; `save_state` saves that stopped value.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
@@ -107,6 +108,11 @@ pub fn save(vm: &VmFd) -> Result<VmArchState, VmIoctlError> {
         pit: vm.get_pit2().map_err(err("KVM_GET_PIT2"))?,
         clock: vm.get_clock().map_err(err("KVM_GET_CLOCK"))?,
     })
+}
+
+/// Reads the KVM clock.
+pub fn get_clock(vm: &VmFd) -> Result<kvm_clock_data, VmIoctlError> {
+    vm.get_clock().map_err(err("KVM_GET_CLOCK"))
 }
 
 /// Restores irqchip and PIT (step 1 of the ordering above).

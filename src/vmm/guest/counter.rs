@@ -25,6 +25,9 @@ pub const TIMER_VECTOR: u8 = 0x20;
 pub const TICKS_ADDR: u64 = LOAD_ADDR + 0xc00;
 /// Address of the last tick the user loop handled (printed).
 pub const LAST_ADDR: u64 = LOAD_ADDR + 0xc08;
+/// Address of the tick the RAM region was last filled from (equals the handled tick once
+/// that tick's work is done).
+pub const FILLED_ADDR: u64 = LOAD_ADDR + 0xc10;
 /// Address of the count of unexpected exceptions.
 pub const FAULTS_ADDR: u64 = LOAD_ADDR + 0xc20;
 /// Address of the count of failed checks.

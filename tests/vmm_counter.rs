@@ -240,3 +240,98 @@ fn counter_guest_check_detects_corrupted_ram() {
         .unwrap();
     assert!(fails >= 1);
 }
+
+/// The guest's check also covers the disk: a record changed behind its back makes it fail.
+#[test]
+fn counter_guest_check_detects_corrupted_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cap = SerialCapture::new();
+    let vm = Vm::new(config(dir.path(), 1, &cap)).unwrap();
+    vm.start();
+    // Wait until a record was written (every 4 ticks).
+    let start = std::time::Instant::now();
+    while handled(&vm) < 5 {
+        assert!(start.elapsed() < WAIT, "{}", cap.text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause().unwrap();
+    let pos = cap.len();
+    // Flip a bit of the record's N in sector 1, through a second handle on the image.
+    let path = dir.path().join("disk0.raw");
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[512..520], b"TICKCTNR", "record magic on disk");
+    bytes[520] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    vm.request_check();
+    vm.resume();
+    wait(&cap, &vm, "CHECK FAIL\n", pos);
+}
+
+/// An exception in the guest stops the VM with an error instead of hanging.
+#[test]
+fn guest_exception_is_reported() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cap = SerialCapture::new();
+    let vm = Vm::new(config(dir.path(), 1, &cap)).unwrap();
+    vm.start();
+    wait(&cap, &vm, "tick 1\n", 0);
+    vm.pause().unwrap();
+    // ud2 over the first instruction of the user loop.
+    let user_main = GuestAddress(counter::LOAD_ADDR + 0x200);
+    vm.guest_memory()
+        .write_slice(&[0x0f, 0x0b], user_main)
+        .unwrap();
+    vm.resume();
+    let start = std::time::Instant::now();
+    loop {
+        if let VmStatus::Failed(why) = vm.status() {
+            assert!(why.contains("unexpected exception"), "{why}");
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "guest kept running: {:?}",
+            vm.status()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let faults: u64 = vm
+        .guest_memory()
+        .read_obj(GuestAddress(counter::FAULTS_ADDR))
+        .unwrap();
+    assert_eq!(faults, 1);
+}
+
+/// A state only fits a VM of the same shape.
+#[test]
+fn restore_refuses_a_state_with_another_vcpu_count() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cap = SerialCapture::new();
+    let vm1 = Vm::new(config(dir.path(), 1, &cap)).unwrap();
+    let state = vm1.save_state().unwrap();
+    drop(vm1);
+    let vm2 = Vm::new(config(dir.path(), 2, &cap)).unwrap();
+    let err = vm2.restore_state(&state).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            vmsnap::vmm::VmError::VcpuCount {
+                saved: 1,
+                present: 2
+            }
+        ),
+        "{err}"
+    );
+    vm2.start();
+    let err = vm2.save_state().unwrap_err();
+    assert!(matches!(err, vmsnap::vmm::VmError::NotPaused(_)), "{err}");
+}

@@ -17,16 +17,18 @@ fn kvm_available() -> bool {
     ok
 }
 
-fn wait_for_file_text(path: &std::path::Path, needle: &str) -> String {
+/// Waits until the serial file holds `n` lines starting with `tick ` (tick numbers may skip
+/// when the host is busy).
+fn wait_for_ticks(path: &std::path::Path, n: usize) -> String {
     let start = Instant::now();
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
+        if text.lines().filter(|l| l.starts_with("tick ")).count() >= n {
             return text;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "no {needle:?} in serial:\n{text}"
+            "not {n} ticks in serial:\n{text}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -56,7 +58,7 @@ fn run_with_stdio_monitor_stops_continues_and_quits() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "info status").unwrap();
-    wait_for_file_text(&serial, "tick 3\n");
+    wait_for_ticks(&serial, 3);
     writeln!(stdin, "stop").unwrap();
     writeln!(stdin, "info status").unwrap();
     writeln!(stdin, "bogus").unwrap();
@@ -85,7 +87,7 @@ fn run_with_stdio_monitor_stops_continues_and_quits() {
     );
     assert!(stdout.contains("unknown command: 'bogus'"), "{stdout}");
     let text = std::fs::read_to_string(&serial).unwrap();
-    assert!(text.starts_with("tick 1\n"), "{text}");
+    assert!(text.starts_with("tick "), "{text}");
     assert!(!text.contains("CHECK FAIL"), "{text}");
 }
 

@@ -56,7 +56,7 @@ pub struct VmConfig {
 }
 
 /// Everything needed to resume a paused VM, except guest RAM.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct VmState {
     /// One per vCPU, by index.
     pub vcpus: Vec<VcpuState>,

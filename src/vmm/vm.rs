@@ -62,22 +62,6 @@ impl std::fmt::Debug for VmArchState {
     }
 }
 
-impl PartialEq for VmArchState {
-    fn eq(&self, other: &Self) -> bool {
-        fn bytes<T>(v: &T) -> &[u8] {
-            // SAFETY: `T` is one of the plain-old-data KVM structs above (no padding-sensitive
-            // invariants, no pointers); viewing its bytes for comparison reads initialised
-            // memory of exactly `size_of::<T>()` bytes.
-            unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-        }
-        bytes(&self.pic_master) == bytes(&other.pic_master)
-            && bytes(&self.pic_slave) == bytes(&other.pic_slave)
-            && bytes(&self.ioapic) == bytes(&other.ioapic)
-            && bytes(&self.pit) == bytes(&other.pit)
-            && self.clock.clock == other.clock.clock
-    }
-}
-
 /// Creates the in-kernel irqchip and PIT. Must come before the first vCPU.
 pub fn create_irqchip_and_pit(vm: &VmFd) -> Result<(), VmIoctlError> {
     vm.set_tss_address(KVM_TSS_ADDR)

@@ -50,6 +50,11 @@ kernel_entry:
         out 0x40, al
         mov al, 0x2e
         out 0x40, al
+        # disk 0 present? (an unclaimed port reads all ones)
+        mov dx, BLK + 20
+        in eax, dx
+        inc eax
+        setnz byte ptr [has_disk]
         # iretq frame: SS, RSP, RFLAGS (IF | IOPL 3), CS, RIP
         push USER_SS
         push USTACK_BSP
@@ -119,6 +124,8 @@ user_main:
         # every RECORD_EVERY ticks write the record {magic, N, ~N} to sector 1 of disk 0
         test rbx, RECORD_EVERY - 1
         jnz user_main
+        cmp byte ptr [has_disk], 0
+        je user_main
         mov rdi, DMA_BUF
         mov rax, REC_MAGIC
         mov [rdi], rax
@@ -262,6 +269,7 @@ filled:       .quad 0           # 0xc10 value the RAM region was last filled fro
 disk_n:       .quad 0           # 0xc18 N of the last record written to disk
 faults:       .quad 0           # 0xc20 unexpected exceptions
 check_fails:  .quad 0           # 0xc28 failed checks
+has_disk:     .byte 0           # 0xc30 1 if disk 0 answered at boot
         .org 0xd00
 ap_counters:  .fill 32, 8, 0    # 0xd00 one counter per vCPU
         .org 0x1000

@@ -5,6 +5,18 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills the child process if the test fails before it exits.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn kvm_available() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -57,6 +69,7 @@ fn run_with_stdio_monitor_stops_continues_and_quits() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
+    let mut guard = KillOnDrop(Some(child));
     writeln!(stdin, "info status").unwrap();
     wait_for_ticks(&serial, 3);
     writeln!(stdin, "stop").unwrap();
@@ -65,7 +78,7 @@ fn run_with_stdio_monitor_stops_continues_and_quits() {
     writeln!(stdin, "cont").unwrap();
     writeln!(stdin, "info status").unwrap();
     writeln!(stdin, "quit").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = guard.0.take().unwrap().wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -100,7 +113,7 @@ fn run_with_unix_monitor() {
     let disk = dir.path().join("d.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let sock = dir.path().join("mon.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
         .args(["run", "--drive"])
         .arg(format!("file={}", disk.display()))
         .args(["--memory", "16M", "--serial", "none", "--monitor"])
@@ -109,6 +122,7 @@ fn run_with_unix_monitor() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut guard = KillOnDrop(Some(child));
     let start = Instant::now();
     let stream = loop {
         match UnixStream::connect(&sock) {
@@ -119,6 +133,9 @@ fn run_with_unix_monitor() {
             Err(e) => panic!("monitor socket never appeared: {e}"),
         }
     };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut w = &stream;
     let mut line = String::new();
@@ -130,7 +147,7 @@ fn run_with_unix_monitor() {
     reader.read_line(&mut line).unwrap();
     assert_eq!(line.trim_end(), "VM status: paused");
     writeln!(w, "quit").unwrap();
-    let status = child.wait().unwrap();
+    let status = guard.0.take().unwrap().wait().unwrap();
     assert!(status.success());
     assert!(!sock.exists(), "socket removed on quit");
 }

@@ -502,6 +502,12 @@ impl VcpuThread {
                     return Ok(true);
                 }
             }
+            Ok(VcpuExit::IoIn(port, data)) if port == devices::IDLE_PORT => {
+                data.fill(0);
+                drop(v);
+                std::thread::sleep(devices::control::IDLE);
+                return Ok(true);
+            }
             Ok(VcpuExit::IoIn(port, data)) => {
                 lock(&self.devices).pio_read(port, data);
                 return Ok(true);

@@ -3,12 +3,19 @@
 //!
 //! Ports (from [`super::CONTROL_PORT`]): offset 0 read → 1 if a check was requested since the
 //! last read (the read clears it), else 0; offset 1 write → the guest's fault marker (the value
-//! is kept, and the VMM stops the VM when it is non-zero).
+//! is kept, and the VMM stops the VM when it is non-zero); offset 2 read → 0 after the vCPU
+//! thread idled for [`IDLE`] (the guest's user mode cannot `hlt`, so it waits here instead of
+//! spinning; the vCPU loop does the sleeping, outside the device lock).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::{Persist, PortDevice};
+
+/// Offset of the idle port.
+pub const IDLE_OFFSET: u16 = 2;
+/// How long a read of the idle port keeps the vCPU off the host CPU.
+pub const IDLE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Handles shared between the device and the VMM.
 #[derive(Debug, Default)]

@@ -45,6 +45,8 @@ pub const PVBLOCK_PORT: u16 = 0x500;
 pub const PVBLOCK_PORTS: u16 = 0x20;
 /// Base port of the test-control device.
 pub const CONTROL_PORT: u16 = 0x600;
+/// The control device's idle port (see [`control`]).
+pub const IDLE_PORT: u16 = CONTROL_PORT + control::IDLE_OFFSET;
 
 /// Saved state of all devices of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +105,7 @@ impl Devices {
         if (SERIAL_PORT..SERIAL_PORT + 8).contains(&port) {
             return Some((&mut self.serial, port - SERIAL_PORT));
         }
-        if (CONTROL_PORT..CONTROL_PORT + 2).contains(&port) {
+        if (CONTROL_PORT..CONTROL_PORT + 3).contains(&port) {
             return Some((&mut self.control, port - CONTROL_PORT));
         }
         if port >= PVBLOCK_PORT {

@@ -331,6 +331,11 @@ fn restore_refuses_a_state_with_another_vcpu_count() {
         ),
         "{err}"
     );
+    let mut bad = state.clone();
+    bad.vcpus.push(bad.vcpus[0].clone());
+    bad.vcpus[1].xsave.truncate(10);
+    let err = vm2.restore_state(&bad).unwrap_err();
+    assert!(err.to_string().contains("XSAVE area has 10 words"), "{err}");
     vm2.start();
     let err = vm2.save_state().unwrap_err();
     assert!(matches!(err, vmsnap::vmm::VmError::NotPaused(_)), "{err}");

@@ -363,7 +363,8 @@ impl Vm {
 
     /// Applies a saved state to this paused VM (built from the same configuration). Guest RAM
     /// is restored separately through [`Vm::guest_memory`]. Order: irqchip and PIT, devices,
-    /// vCPUs, clock (see [`vm`] and [`vcpu`]).
+    /// vCPUs, clock (see [`vm`] and [`vcpu`]). On error the VM may be partly restored: discard
+    /// it (QEMU likewise refuses to continue after a failed `loadvm`).
     pub fn restore_state(&self, state: &VmState) -> Result<()> {
         self.ensure_parked("restore_state")?;
         if state.vcpus.len() != self.vcpus.len() {

@@ -161,3 +161,75 @@ impl Devices {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{raw::Raw, OpenOptions};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn devices(drives: usize) -> (Devices, SerialCapture, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let blocks = (0..drives)
+            .map(|i| {
+                let p = dir.path().join(format!("d{i}.raw"));
+                std::fs::write(&p, vec![0u8; 512 * (i + 1)]).unwrap();
+                PvBlock::new(
+                    Box::new(Raw::open(&p, OpenOptions::default()).unwrap()),
+                    mem.clone(),
+                )
+            })
+            .collect();
+        let cap = SerialCapture::new();
+        let serial = Serial::new(&SerialOut::Capture(cap.clone())).unwrap();
+        (
+            Devices {
+                serial,
+                blocks,
+                control: Control::new(),
+            },
+            cap,
+            dir,
+        )
+    }
+
+    #[test]
+    fn ports_route_to_their_devices() {
+        let (mut d, cap, _dir) = devices(2);
+        d.pio_write(SERIAL_PORT, b"A");
+        assert_eq!(cap.text(), "A");
+        // Capacity register (offset 20) of each block device: 1 and 2 sectors.
+        let mut b = [0u8; 4];
+        d.pio_read(PVBLOCK_PORT + 20, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1);
+        d.pio_read(PVBLOCK_PORT + PVBLOCK_PORTS + 20, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2);
+        // No third device, and nothing at all elsewhere: all ones.
+        d.pio_read(PVBLOCK_PORT + 2 * PVBLOCK_PORTS + 20, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        d.pio_read(0x80, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        d.control.shared().request_check();
+        let mut c = [0u8; 1];
+        d.pio_read(CONTROL_PORT, &mut c);
+        assert_eq!(c[0], 1);
+    }
+
+    #[test]
+    fn restore_checks_the_block_device_count() {
+        let (d, _cap, _dir) = devices(2);
+        let st = d.save();
+        let (mut one, _cap1, _dir1) = devices(1);
+        assert!(matches!(
+            one.restore(&st),
+            Err(DevicesError::BlockCount {
+                saved: 2,
+                present: 1
+            })
+        ));
+        let (mut two, _cap2, _dir2) = devices(2);
+        two.restore(&st).unwrap();
+        assert_eq!(two.save(), st);
+    }
+}

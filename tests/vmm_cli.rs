@@ -168,3 +168,16 @@ fn run_reports_a_missing_drive() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/disk.img"), "{err}");
 }
+
+#[test]
+fn run_rejects_a_bad_vcpu_count() {
+    for smp in ["0", "9"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+            .args(["run", "--smp", smp, "--serial", "none"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{smp} vCPUs requested")), "{err}");
+    }
+}

@@ -155,7 +155,7 @@ impl FromStr for MonitorSpec {
 /// Arguments of `vmsnap run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A disk: file=IMAGE[,format=raw|qcow2][,readonly=on]. Repeat for more disks.
+    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on]`. Repeat for more disks.
     #[arg(long = "drive", value_name = "SPEC")]
     pub drives: Vec<DriveSpec>,
     /// Built-in guest to boot.

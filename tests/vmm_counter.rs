@@ -340,3 +340,37 @@ fn restore_refuses_a_state_with_another_vcpu_count() {
     let err = vm2.save_state().unwrap_err();
     assert!(matches!(err, vmsnap::vmm::VmError::NotPaused(_)), "{err}");
 }
+
+/// The drives can be lent out for all-disks snapshot work while paused, and come back.
+#[test]
+fn drives_are_lent_as_a_block_set_and_returned() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cap = SerialCapture::new();
+    let vm = Vm::new(config(dir.path(), 1, &cap)).unwrap();
+    vm.start();
+    let start = std::time::Instant::now();
+    while handled(&vm) < 5 {
+        assert!(start.elapsed() < WAIT, "{}", cap.text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause().unwrap();
+    vm.flush_drives().unwrap();
+    let names = vm.with_block_set(|set| {
+        let mut record = [0u8; 8];
+        set.devices[0].driver.read_at(512, &mut record).unwrap();
+        assert_eq!(&record, b"TICKCTNR");
+        set.devices
+            .iter()
+            .map(|d| d.name.clone())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(names, ["drive0"]);
+    let pos = cap.len();
+    vm.request_check();
+    vm.resume();
+    let p = wait(&cap, &vm, "CHECK OK\n", pos);
+    assert!(!cap.text()[pos..p].contains("DISK ERROR"), "{}", cap.text());
+}

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-use crate::block::BlockDriver;
+use crate::block::{BlockDriver, BlockSet, Device};
 use devices::control::ControlShared;
 use devices::{Control, DeviceStates, Devices, DevicesError, PvBlock, Serial, SerialOut};
 pub use guest::Guest;
@@ -416,6 +416,33 @@ impl Vm {
         Ok(())
     }
 
+    /// Lends every drive to `f` as a [`BlockSet`] (devices named `drive0`, `drive1`, … in
+    /// `--drive` order), for snapshot operations across all disks, and attaches them back to
+    /// their devices afterwards. The VM should be paused: guest requests fail while the drives
+    /// are lent out. A device whose drive `f` removed from the set stays detached.
+    pub fn with_block_set<R>(&self, f: impl FnOnce(&mut BlockSet) -> R) -> R {
+        let mut devs = lock(&self.devices);
+        let mut set = BlockSet {
+            devices: devs
+                .blocks
+                .iter_mut()
+                .enumerate()
+                .map(|(i, b)| Device {
+                    name: drive_name(i),
+                    driver: b.detach(),
+                })
+                .collect(),
+        };
+        let result = f(&mut set);
+        for dev in set.devices {
+            let slot = (0..devs.blocks.len()).find(|&i| drive_name(i) == dev.name);
+            if let Some(b) = slot.and_then(|i| devs.blocks.get_mut(i)) {
+                b.attach(dev.driver);
+            }
+        }
+        result
+    }
+
     /// Stops the vCPU threads and joins them. Also done on drop.
     pub fn shutdown(&mut self) {
         self.ctl.request_exit();
@@ -430,6 +457,11 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Name of drive `i` in [`Vm::with_block_set`].
+pub fn drive_name(i: usize) -> String {
+    format!("drive{i}")
 }
 
 /// What one vCPU thread owns.

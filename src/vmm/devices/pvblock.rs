@@ -92,6 +92,17 @@ impl PvBlock {
         self.drive.as_mut()
     }
 
+    /// Lends the drive out (for snapshot operations across all disks); until
+    /// [`PvBlock::attach`] gives it back, guest requests fail (non-zero status).
+    pub fn detach(&mut self) -> Box<dyn BlockDriver> {
+        std::mem::replace(&mut self.drive, Box::new(Detached))
+    }
+
+    /// Gives the drive back after [`PvBlock::detach`].
+    pub fn attach(&mut self, drive: Box<dyn BlockDriver>) {
+        self.drive = drive;
+    }
+
     fn execute(&mut self, cmd: u32) -> u32 {
         if cmd == CMD_FLUSH {
             return match self.drive.flush() {
@@ -136,6 +147,46 @@ impl PvBlock {
             }
         }
         STATUS_OK
+    }
+}
+
+/// Stands in for a drive that is lent out: every request fails.
+#[derive(Debug)]
+struct Detached;
+
+impl Detached {
+    fn err() -> crate::block::Error {
+        crate::block::Error::io(
+            "drive is detached from the VM",
+            std::io::Error::from(std::io::ErrorKind::NotConnected),
+        )
+    }
+}
+
+impl BlockDriver for Detached {
+    fn format(&self) -> crate::block::Format {
+        crate::block::Format::Raw
+    }
+    fn size(&self) -> u64 {
+        0
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&mut self, _offset: u64, _buf: &mut [u8]) -> crate::block::Result<()> {
+        Err(Self::err())
+    }
+    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> crate::block::Result<()> {
+        Err(Self::err())
+    }
+    fn write_zeroes(&mut self, _offset: u64, _len: u64) -> crate::block::Result<()> {
+        Err(Self::err())
+    }
+    fn discard(&mut self, _offset: u64, _len: u64) -> crate::block::Result<()> {
+        Err(Self::err())
+    }
+    fn flush(&mut self) -> crate::block::Result<()> {
+        Err(Self::err())
     }
 }
 
@@ -240,6 +291,18 @@ mod tests {
         let mut back = [0u8; 512];
         d.mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
         assert_eq!(back, [0xab; 512]);
+    }
+
+    #[test]
+    fn detached_drive_fails_requests_until_attached() {
+        let (mut d, _dir) = device();
+        let drive = d.detach();
+        out(&mut d, 12, 1);
+        out(&mut d, 16, CMD_FLUSH);
+        assert_eq!(status(&mut d), STATUS_IO_ERROR);
+        d.attach(drive);
+        out(&mut d, 16, CMD_FLUSH);
+        assert_eq!(status(&mut d), STATUS_OK);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub const LAST_ADDR: u64 = LOAD_ADDR + 0xc08;
 /// Address of the tick the RAM region was last filled from (equals the handled tick once
 /// that tick's work is done).
 pub const FILLED_ADDR: u64 = LOAD_ADDR + 0xc10;
+/// Address of the N of the last record written to disk 0 (0 before the first).
+pub const DISK_N_ADDR: u64 = LOAD_ADDR + 0xc18;
 /// Address of the count of unexpected exceptions.
 pub const FAULTS_ADDR: u64 = LOAD_ADDR + 0xc20;
 /// Address of the count of failed checks.

@@ -146,6 +146,13 @@ fn run_with_unix_monitor() {
     line.clear();
     reader.read_line(&mut line).unwrap();
     assert_eq!(line.trim_end(), "VM status: paused");
+    writeln!(w, "info registers").unwrap();
+    let mut regs = String::new();
+    for _ in 0..7 {
+        reader.read_line(&mut regs).unwrap();
+    }
+    assert!(regs.starts_with("CPU#0\nRAX="), "{regs}");
+    assert!(regs.contains("CR3=0000000000008000"), "{regs}");
     writeln!(w, "quit").unwrap();
     let status = guard.0.take().unwrap().wait().unwrap();
     assert!(status.success());

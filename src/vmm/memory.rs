@@ -1,5 +1,7 @@
 //! Guest RAM: one anonymous mmap (vm-memory) registered as KVM memory slot 0 at GPA 0.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
@@ -106,9 +108,75 @@ pub fn dirty_bitmap(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, Memory
     Ok(out)
 }
 
+/// Guest pages written by the VMM itself (device DMA), which KVM's dirty log cannot see.
+/// Same layout as [`dirty_bitmap`] for the single slot at GPA 0; only recorded while enabled.
+#[derive(Debug)]
+pub struct DmaDirtyLog {
+    enabled: AtomicBool,
+    words: Vec<AtomicU64>,
+}
+
+impl DmaDirtyLog {
+    /// A log for `mem_size` bytes of guest RAM, disabled.
+    pub fn new(mem_size: u64) -> Self {
+        let pages = mem_size.div_ceil(PAGE_SIZE);
+        DmaDirtyLog {
+            enabled: AtomicBool::new(false),
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Starts or stops recording (stopping also forgets what was recorded).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::SeqCst);
+        if !on {
+            self.take();
+        }
+    }
+
+    /// Records that `[gpa, gpa + len)` was written.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 || !self.enabled.load(Ordering::SeqCst) {
+            return;
+        }
+        let first = gpa / PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / PAGE_SIZE;
+        for page in first..=last {
+            if let Some(w) = self.words.get((page / 64) as usize) {
+                w.fetch_or(1 << (page % 64), Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Returns and clears the recorded pages.
+    pub fn take(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst))
+            .collect()
+    }
+}
+
+const PAGE_SIZE: u64 = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dma_log_records_only_while_enabled() {
+        let log = DmaDirtyLog::new(1 << 20);
+        log.mark(0x1000, 1);
+        assert!(log.take().iter().all(|&w| w == 0));
+        log.set_enabled(true);
+        log.mark(0x1fff, 2); // pages 1 and 2
+        log.mark(64 * 4096, 4096); // page 64, second word
+        log.mark(u64::MAX - 10, 5); // beyond RAM: ignored, no overflow
+        let words = log.take();
+        assert_eq!(words[0], 0b110);
+        assert_eq!(words[1], 1);
+        assert!(log.take().iter().all(|&w| w == 0), "take clears");
+    }
 
     #[test]
     fn sizes_are_checked() {

@@ -164,6 +164,8 @@ pub struct Vm {
     /// kvmclock read when the vCPUs were last paused; written back on resume so the guest's
     /// clock does not advance while it is stopped (QEMU's kvmclock vm-state handler).
     paused_clock: Mutex<Option<kvm_bindings::kvm_clock_data>>,
+    /// Pages the devices wrote by DMA while dirty logging is on.
+    dma_dirty: Arc<memory::DmaDirtyLog>,
     // Keeps /dev/kvm open for as long as the VM exists.
     _kvm: Kvm,
 }
@@ -232,10 +234,11 @@ impl Vm {
         })?;
         let control = Control::new();
         let control_shared = control.shared();
+        let dma_dirty = Arc::new(memory::DmaDirtyLog::new(config.mem_size));
         let blocks = config
             .drives
             .into_iter()
-            .map(|d| PvBlock::new(d, mem.clone()))
+            .map(|d| PvBlock::new(d, mem.clone(), Arc::clone(&dma_dirty)))
             .collect();
         let devices = Arc::new(Mutex::new(Devices {
             serial,
@@ -254,6 +257,7 @@ impl Vm {
             control: control_shared,
             msr_list,
             paused_clock: Mutex::new(None),
+            dma_dirty,
             _kvm: kvm,
         };
         vm.spawn_threads()?;
@@ -392,13 +396,18 @@ impl Vm {
     /// Switches KVM's dirty-page tracking of guest RAM on or off (for live migration).
     pub fn set_dirty_logging(&self, on: bool) -> Result<()> {
         memory::register(&self.vm, &self.mem, on)?;
+        self.dma_dirty.set_enabled(on);
         Ok(())
     }
 
-    /// Fetches and clears the dirty bitmap (see [`memory::dirty_bitmap`]); dirty logging must
-    /// be on.
+    /// Fetches and clears the dirty bitmap (see [`memory::dirty_bitmap`]): pages the vCPUs
+    /// wrote (KVM's log) or the devices wrote by DMA. Dirty logging must be on.
     pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
-        Ok(memory::dirty_bitmap(&self.vm, &self.mem)?)
+        let mut bitmap = memory::dirty_bitmap(&self.vm, &self.mem)?;
+        for (w, d) in bitmap.iter_mut().zip(self.dma_dirty.take()) {
+            *w |= d;
+        }
+        Ok(bitmap)
     }
 
     /// Asks the guest to check RAM and disk at its next tick (the counter guest prints

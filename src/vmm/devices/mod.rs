@@ -175,10 +175,9 @@ mod tests {
             .map(|i| {
                 let p = dir.path().join(format!("d{i}.raw"));
                 std::fs::write(&p, vec![0u8; 512 * (i + 1)]).unwrap();
-                PvBlock::new(
-                    Box::new(Raw::open(&p, OpenOptions::default()).unwrap()),
-                    mem.clone(),
-                )
+                let drive = Raw::open(&p, OpenOptions::default()).unwrap();
+                let dirty = std::sync::Arc::new(crate::vmm::memory::DmaDirtyLog::new(0x10000));
+                PvBlock::new(Box::new(drive), mem.clone(), dirty)
             })
             .collect();
         let cap = SerialCapture::new();

@@ -20,8 +20,11 @@ use std::fmt;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use std::sync::Arc;
+
 use super::{Persist, PortDevice};
 use crate::block::BlockDriver;
+use crate::vmm::memory::DmaDirtyLog;
 
 /// Sector size of the device.
 pub const SECTOR_SIZE: u64 = 512;
@@ -66,6 +69,7 @@ pub struct PvBlock {
     regs: PvBlockState,
     drive: Box<dyn BlockDriver>,
     mem: GuestMemoryMmap,
+    dirty: Arc<DmaDirtyLog>,
 }
 
 impl fmt::Debug for PvBlock {
@@ -78,12 +82,14 @@ impl fmt::Debug for PvBlock {
 }
 
 impl PvBlock {
-    /// A device serving `drive`, doing DMA into `mem`.
-    pub fn new(drive: Box<dyn BlockDriver>, mem: GuestMemoryMmap) -> Self {
+    /// A device serving `drive`, doing DMA into `mem` and recording the pages it writes in
+    /// `dirty`.
+    pub fn new(drive: Box<dyn BlockDriver>, mem: GuestMemoryMmap, dirty: Arc<DmaDirtyLog>) -> Self {
         PvBlock {
             regs: PvBlockState::default(),
             drive,
             mem,
+            dirty,
         }
     }
 
@@ -135,6 +141,7 @@ impl PvBlock {
             if self.mem.write_slice(&buf, gpa).is_err() {
                 return STATUS_BAD_REQUEST;
             }
+            self.dirty.mark(gpa.0, len);
         } else {
             if self.drive.is_read_only() {
                 return STATUS_READ_ONLY;
@@ -261,7 +268,9 @@ mod tests {
         std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
         let drive = Raw::open(&path, OpenOptions::default()).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        (PvBlock::new(Box::new(drive), mem), dir)
+        let dirty = Arc::new(DmaDirtyLog::new(0x10000));
+        dirty.set_enabled(true);
+        (PvBlock::new(Box::new(drive), mem, dirty), dir)
     }
 
     fn out(d: &mut PvBlock, off: u16, v: u32) {
@@ -291,6 +300,11 @@ mod tests {
         let mut back = [0u8; 512];
         d.mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
         assert_eq!(back, [0xab; 512]);
+        assert_eq!(
+            d.dirty.take()[0],
+            1 << 2,
+            "the read's DMA dirtied page 2 only"
+        );
     }
 
     #[test]

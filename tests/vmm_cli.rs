@@ -188,3 +188,52 @@ fn run_rejects_a_bad_vcpu_count() {
         assert!(err.contains(&format!("{smp} vCPUs requested")), "{err}");
     }
 }
+
+#[test]
+fn sigterm_stops_flushes_and_exits_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let serial = dir.path().join("serial.txt");
+    let child = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .args(["run", "--drive"])
+        .arg(format!("file={}", disk.display()))
+        .args(["--memory", "16M", "--serial"])
+        .arg(format!("file:{}", serial.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = KillOnDrop(Some(child));
+    wait_for_ticks(&serial, 10);
+    let pid = guard.0.as_ref().unwrap().id();
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = guard.0.take().unwrap().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("terminating on signal"), "{err}");
+    // Every record the guest finished writing (it writes at ticks divisible by 4, after
+    // printing the tick; a tick followed by another printed tick is finished) is in the file.
+    let text = std::fs::read_to_string(&serial).unwrap();
+    let ticks: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    let finished = &ticks[..ticks.len().saturating_sub(1)];
+    if let Some(&n) = finished.iter().filter(|&&n| n % 4 == 0).max() {
+        let bytes = std::fs::read(&disk).unwrap();
+        assert_eq!(&bytes[512..520], b"TICKCTNR");
+        let on_disk = u64::from_le_bytes(bytes[520..528].try_into().unwrap());
+        assert!(
+            on_disk >= n,
+            "record {on_disk} on disk, tick {n} was finished"
+        );
+    }
+}

@@ -4,11 +4,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::block::{self, Format, OpenOptions};
 use crate::vmm::devices::SerialOut;
 use crate::vmm::monitor::{self, Outcome};
+use crate::vmm::termination;
 use crate::vmm::{Guest, Vm, VmConfig, VmError, VmStatus};
 
 /// Errors of `vmsnap run`.
@@ -35,6 +37,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// Flushing the drives before exiting failed.
+    #[error("flushing the drives: {0}")]
+    Flush(#[source] block::Error),
     /// A vCPU stopped on an error.
     #[error("guest stopped: {0}")]
     GuestFailed(String),
@@ -202,20 +207,57 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         serial,
         guest: args.guest,
     })?;
+    termination::install().map_err(|source| RunError::Monitor {
+        what: "installing the SIGINT/SIGTERM handler",
+        source,
+    })?;
     vm.start();
-    let result = match &args.monitor {
-        None => wait_for_failure(&vm),
-        Some(MonitorSpec::Stdio) => {
-            let stdin = std::io::stdin();
-            serve(&vm, stdin.lock(), std::io::stdout(), true).map(|()| 0)
-        }
-        Some(MonitorSpec::Unix(path)) => serve_unix(&vm, path).map(|()| 0),
-    };
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| watch_termination(&vm, &done));
+        let r = match &args.monitor {
+            None => wait_for_failure(&vm),
+            Some(MonitorSpec::Stdio) => {
+                let stdin = std::io::stdin();
+                serve(&vm, stdin.lock(), std::io::stdout(), true).map(|()| 0)
+            }
+            Some(MonitorSpec::Unix(path)) => serve_unix(&vm, path).map(|()| 0),
+        };
+        done.store(true, Ordering::SeqCst);
+        r
+    });
+    let flushed = stop_and_flush(&vm);
     vm.shutdown();
     if let VmStatus::Failed(why) = vm.status() {
         return Err(RunError::GuestFailed(why));
     }
+    flushed?;
     result
+}
+
+/// Stops the vCPUs and flushes every drive, as QEMU does before exiting.
+fn stop_and_flush(vm: &Vm) -> Result<(), RunError> {
+    // A VM whose vCPUs already failed still gets its disks flushed.
+    let _ = vm.pause();
+    vm.flush_drives().map_err(RunError::Flush)
+}
+
+/// On SIGINT/SIGTERM: stop, flush, exit 0 (QEMU: "terminating on signal").
+fn watch_termination(vm: &Vm, done: &AtomicBool) {
+    while !done.load(Ordering::SeqCst) {
+        if termination::requested() {
+            let code = match stop_and_flush(vm) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vmsnap: {e}");
+                    1
+                }
+            };
+            eprintln!("vmsnap: terminating on signal");
+            std::process::exit(code);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn wait_for_failure(vm: &Vm) -> Result<i32, RunError> {

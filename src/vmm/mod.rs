@@ -18,6 +18,7 @@ pub mod guest;
 pub mod memory;
 pub mod monitor;
 pub mod run_control;
+pub mod termination;
 pub mod vcpu;
 pub mod vm;
 

@@ -175,7 +175,7 @@ pub struct RunArgs {
     /// Serial console backend: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio")]
     pub serial: SerialSpec,
-    /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails.
+    /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
     #[arg(long)]
     pub monitor: Option<MonitorSpec>,
 }

@@ -15,7 +15,10 @@ pub const MAX_MEM_SIZE: u64 = 1 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// Size outside the accepted range or not page aligned.
-    #[error("guest memory size {0:#x} must be page aligned and within [{MIN_MEM_SIZE:#x}, {MAX_MEM_SIZE:#x}]")]
+    #[error(
+        "guest memory size {0:#x} must be page aligned and within \
+         [{MIN_MEM_SIZE:#x}, {MAX_MEM_SIZE:#x}]"
+    )]
     BadSize(u64),
     /// mmap failed.
     #[error("allocating {size:#x} bytes of guest memory: {source}")]

@@ -518,3 +518,58 @@ fn corrupt_image_is_refused_for_writing_but_readable() {
     drop(img);
     assert_eq!(ro.data(), before);
 }
+
+#[test]
+fn unknown_header_fields_and_extensions_survive_snapshot_operations() {
+    let (mem, img) = mem_image(&CreateOptions {
+        size: 4 << 20,
+        ..Default::default()
+    });
+    drop(img);
+    // Grow header_length by 8 bytes of unknown fields and add an unknown extension after the
+    // feature table (which starts at 112 in our images).
+    let mut d = mem.data();
+    let mut rest = d[112..4096].to_vec();
+    d[100..104].copy_from_slice(&120u32.to_be_bytes());
+    d[112..120].copy_from_slice(b"FUTURE!!");
+    let ext_end = {
+        // Walk our extensions to find the end marker.
+        let mut off = 0usize;
+        loop {
+            let kind = u32::from_be_bytes(rest[off..off + 4].try_into().unwrap());
+            let len = u32::from_be_bytes(rest[off + 4..off + 8].try_into().unwrap()) as usize;
+            if kind == 0 {
+                break off;
+            }
+            off += 8 + len.div_ceil(8) * 8;
+        }
+    };
+    rest.truncate(ext_end);
+    rest.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    rest.extend_from_slice(&5u32.to_be_bytes());
+    rest.extend_from_slice(b"hello\0\0\0");
+    rest.extend_from_slice(&[0u8; 8]);
+    d[120..120 + rest.len()].copy_from_slice(&rest);
+    let header_before = d[..120 + rest.len()].to_vec();
+    let mem = MemStorage::from_vec(d);
+    let mut img = Qcow2::open_storage(Box::new(mem.clone()), false).unwrap();
+    assert!(img
+        .header()
+        .extensions
+        .iter()
+        .any(|e| e.kind == 0x1234_5678 && e.data == b"hello"));
+    img.write_at(0, &[3; 100_000]).unwrap();
+    img.snapshot_create(&params("a")).unwrap();
+    img.snapshot_create(&params("b")).unwrap();
+    img.snapshot_goto("a").unwrap();
+    img.snapshot_delete("b").unwrap();
+    assert_clean(&mut img);
+    drop(img);
+    let after = mem.data();
+    // Only the fields vmsnap owns changed: l1 (36..48), snapshots (60..72).
+    for (i, (a, b)) in header_before.iter().zip(&after).enumerate() {
+        if !(36..48).contains(&i) && !(60..72).contains(&i) {
+            assert_eq!(a, b, "header byte {i} changed");
+        }
+    }
+}

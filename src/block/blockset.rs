@@ -173,7 +173,7 @@ impl BlockSet {
             .iter()
             .enumerate()
             .filter(|(_, d)| match &self.include {
-                Some(list) => list.iter().any(|n| *n == d.name),
+                Some(list) => list.contains(&d.name),
                 None => d.writable(),
             })
             .map(|(i, _)| i)

@@ -77,14 +77,22 @@ pub fn lock_image(file: &File, path: &str, writable: bool) -> Result<()> {
         if perms & m != 0 && held_by_other(file, LOCK_BASE_SHARED + i64::from(bit)).map_err(io)? {
             unlock_image(file);
             return Err(Error::Locked {
-                kind: if m == PERM_CONSISTENT_READ { "consistent read" } else { name },
+                kind: if m == PERM_CONSISTENT_READ {
+                    "consistent read"
+                } else {
+                    name
+                },
                 path: path.to_owned(),
             });
         }
         if unshared & m != 0 && held_by_other(file, LOCK_BASE_PERM + i64::from(bit)).map_err(io)? {
             unlock_image(file);
             return Err(Error::Locked {
-                kind: if m == PERM_WRITE { "shared write" } else { "shared resize" },
+                kind: if m == PERM_WRITE {
+                    "shared write"
+                } else {
+                    "shared resize"
+                },
                 path: path.to_owned(),
             });
         }
@@ -116,8 +124,14 @@ mod tests {
         let a = File::options().read(true).write(true).open(&p).unwrap();
         let b = File::options().read(true).write(true).open(&p).unwrap();
         lock_image(&a, "img", true).unwrap();
-        assert!(matches!(lock_image(&b, "img", true), Err(Error::Locked { .. })));
-        assert!(matches!(lock_image(&b, "img", false), Err(Error::Locked { .. })));
+        assert!(matches!(
+            lock_image(&b, "img", true),
+            Err(Error::Locked { .. })
+        ));
+        assert!(matches!(
+            lock_image(&b, "img", false),
+            Err(Error::Locked { .. })
+        ));
         unlock_image(&a);
         lock_image(&b, "img", false).unwrap();
         // Two readers coexist.

@@ -204,8 +204,7 @@ pub trait SnapshotStore {
     /// Reads VM state from the active layer's vmstate area at `pos`.
     fn vmstate_read(&mut self, pos: u64, buf: &mut [u8]) -> Result<()>;
     /// Reads VM state of a snapshot through the snapshot's own L1 table, without goto.
-    fn snapshot_vmstate_read(&mut self, id_or_name: &str, pos: u64, buf: &mut [u8])
-        -> Result<()>;
+    fn snapshot_vmstate_read(&mut self, id_or_name: &str, pos: u64, buf: &mut [u8]) -> Result<()>;
     /// Our own extra data stored after the fields QEMU knows, for a snapshot.
     fn snapshot_extra_tail(&self, id_or_name: &str) -> Result<Vec<u8>>;
 }

@@ -123,7 +123,10 @@ mod tests {
         r.read_at(0, &mut b).unwrap();
         assert!(b[512..].iter().all(|&x| x == 0xab));
         assert!(r.snapshots().is_none());
-        assert!(matches!(r.write_at(4000, &[0; 512]), Err(Error::OutOfRange { .. })));
+        assert!(matches!(
+            r.write_at(4000, &[0; 512]),
+            Err(Error::OutOfRange { .. })
+        ));
         r.write_zeroes(512, 512).unwrap();
         r.read_at(512, &mut b[..512]).unwrap();
         assert!(b[..512].iter().all(|&x| x == 0));

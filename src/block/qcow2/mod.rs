@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use super::storage::Storage;
-use super::{BlockDriver, Format, OpenOptions, Result, SnapshotInfo, SnapshotParams, SnapshotStore};
+use super::{
+    BlockDriver, Format, OpenOptions, Result, SnapshotInfo, SnapshotParams, SnapshotStore,
+};
 
 /// `QFI\xfb`.
 pub const QCOW_MAGIC: u32 = 0x5146_49fb;

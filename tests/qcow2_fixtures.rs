@@ -94,6 +94,10 @@ fn compare_listing(img: &Path, stem: &str) {
         v.as_object_mut().unwrap().remove("actual-size");
     }
     assert_eq!(ours, theirs, "{stem}: info JSON differs");
+    // The text is the same too (same file, so the same "disk size").
+    let ours = vmsnap(&["info", s(img)]).ok().stdout;
+    let theirs = qemu_img(&["info", s(img)]).ok().stdout;
+    assert_eq!(ours, theirs, "{stem}: info text differs");
 }
 
 /// Compares check JSON, text and exit status; returns the exit status.

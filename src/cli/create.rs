@@ -136,6 +136,45 @@ fn flag(b: bool) -> &'static str {
     }
 }
 
+/// Whether `key` was given among the `-o` items.
+fn has_option(items: &[String], key: &str) -> bool {
+    items
+        .iter()
+        .flat_map(|s| s.split(','))
+        .any(|i| i.split_once('=').is_some_and(|(k, _)| k == key))
+}
+
+/// The `Formatting '…', fmt=qcow2 …` line, in `qemu-img create`'s order (compat only when
+/// given).
+pub fn formatting_line(name: &str, o: &CreateOptions, show_compat: bool) -> String {
+    let mut line = format!(
+        "Formatting '{name}', fmt=qcow2 cluster_size={} extended_l2={} compression_type=zlib \
+         size={}",
+        o.cluster_size,
+        flag(o.extended_l2),
+        o.size
+    );
+    if let Some(b) = &o.backing_file {
+        line.push_str(&format!(" backing_file={b}"));
+    }
+    if let Some(b) = &o.backing_format {
+        line.push_str(&format!(" backing_fmt={b}"));
+    }
+    if show_compat {
+        let compat = match o.compat {
+            Compat::V2 => "0.10",
+            Compat::V3 => "1.1",
+        };
+        line.push_str(&format!(" compat={compat}"));
+    }
+    line.push_str(&format!(
+        " lazy_refcounts={} refcount_bits={}",
+        flag(o.lazy_refcounts),
+        o.refcount_bits
+    ));
+    line
+}
+
 /// Runs `create`.
 ///
 /// # Errors
@@ -157,29 +196,10 @@ pub fn create_command(args: &CreateArgs) -> Result<(), CreateError> {
         }
         Format::Qcow2 => {
             let o = qcow2_options(args)?;
-            let compat = match o.compat {
-                Compat::V2 => "0.10",
-                Compat::V3 => "1.1",
-            };
-            let mut line = format!(
-                "Formatting '{name}', fmt=qcow2 cluster_size={} extended_l2={} compat={compat} \
-                 compression_type=zlib size={}",
-                o.cluster_size,
-                flag(o.extended_l2),
-                o.size
+            println!(
+                "{}",
+                formatting_line(&name, &o, has_option(&args.options, "compat"))
             );
-            if let Some(b) = &o.backing_file {
-                line.push_str(&format!(" backing_file={b}"));
-            }
-            if let Some(b) = &o.backing_format {
-                line.push_str(&format!(" backing_fmt={b}"));
-            }
-            line.push_str(&format!(
-                " lazy_refcounts={} refcount_bits={}",
-                flag(o.lazy_refcounts),
-                o.refcount_bits
-            ));
-            println!("{line}");
             Qcow2::create(&args.image, &o).map_err(|e| CreateError::Create(name, e))
         }
     }
@@ -212,6 +232,33 @@ mod tests {
         assert!(o.extended_l2);
         assert_eq!(o.compat, Compat::V3);
         assert_eq!(opts(&["cluster_size=64k"]).unwrap().cluster_size, 65536);
+    }
+
+    #[test]
+    fn formatting_line_as_qemu_img() {
+        // `qemu-img create -f qcow2 -o compat=0.10 v2.qcow2 1M`, QEMU 7.2.
+        let o = CreateOptions {
+            size: 1 << 20,
+            compat: Compat::V2,
+            ..Default::default()
+        };
+        assert_eq!(
+            formatting_line("v2.qcow2", &o, true),
+            "Formatting 'v2.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off \
+             compression_type=zlib size=1048576 compat=0.10 lazy_refcounts=off refcount_bits=16"
+        );
+        let o = CreateOptions {
+            size: 1 << 20,
+            backing_file: Some("a.raw".into()),
+            backing_format: Some("raw".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            formatting_line("bk.qcow2", &o, false),
+            "Formatting 'bk.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off \
+             compression_type=zlib size=1048576 backing_file=a.raw backing_fmt=raw \
+             lazy_refcounts=off refcount_bits=16"
+        );
     }
 
     #[test]

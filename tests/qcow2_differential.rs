@@ -369,10 +369,10 @@ fn extended_l2() {
 }
 
 #[test]
-fn cluster_512_refcount_64_compat_0_10() {
+fn cluster_512_compat_0_10() {
     run(Config {
         compat: Compat::V2,
-        ..cfg("cluster_512_refcount_64_compat_0_10", 512, 64, 0x51264)
+        ..cfg("cluster_512_compat_0_10", 512, 16, 0x51200)
     });
 }
 

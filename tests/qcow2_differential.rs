@@ -159,7 +159,7 @@ fn apply_qemu(twin: &Path, op: &Op) {
         Op::Delete(n) => ("-d", n),
         _ => unreachable!("I/O ops go through qemu-io batches"),
     };
-    qemu_img(&["snapshot", "-f", "qcow2", flag, n, s(twin)]).ok();
+    qemu_img(&["snapshot", flag, n, s(twin)]).ok();
 }
 
 fn flush_qemu_batch(twin: &Path, batch: &mut Vec<String>) {

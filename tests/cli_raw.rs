@@ -150,3 +150,38 @@ fn bad_arguments_fail_without_panic() {
         "no image may be created by a failing command"
     );
 }
+
+#[test]
+fn raw_outputs_match_qemu_img() {
+    if !common::require("raw_outputs_match_qemu_img", &["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.raw");
+    let b = dir.path().join("b.raw");
+    let ours = vmsnap(&["create", "-f", "raw", s(&a), "1M"]).ok().stdout;
+    let theirs = common::qemu_img(&["create", "-f", "raw", s(&b), "1M"])
+        .ok()
+        .stdout;
+    assert_eq!(ours.replace(s(&a), "X"), theirs.replace(s(&b), "X"));
+    vmsnap(&["io", s(&a), "-c", "write -P 0x42 64k 64k"]).ok();
+    let ours = vmsnap(&["info", s(&a)]).ok().stdout;
+    let theirs = common::qemu_img(&["info", s(&a)]).ok().stdout;
+    assert_eq!(ours, theirs);
+    let ours: serde_json::Value =
+        serde_json::from_str(&vmsnap(&["info", "--output", "json", s(&a)]).ok().stdout).unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(
+        &common::qemu_img(&["info", "--output=json", s(&a)])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(ours, theirs);
+    // qemu-io reads what vmsnap wrote.
+    common::qemu_io(
+        "raw",
+        &a,
+        &["read -P 0x42 64k 64k".into(), "read -P 0 0 64k".into()],
+    )
+    .ok();
+}

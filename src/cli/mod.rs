@@ -46,6 +46,7 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Guest I/O on the active layer with qemu-io commands.
     Io(io::IoArgs),
+    // `run` (the VMM, src/cli/run.rs) plugs in here with its own module, error and entry.
 }
 
 /// `--output` of the reporting subcommands.

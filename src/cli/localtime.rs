@@ -225,4 +225,16 @@ mod tests {
         let data = tzif(0, &[(1000, 9)], &[3600]);
         assert_eq!(offset_from_tzif(&data, 5000), None);
     }
+
+    #[test]
+    fn reads_the_system_zone_database() {
+        let Ok(data) = std::fs::read("/usr/share/zoneinfo/Europe/Berlin") else {
+            eprintln!("SKIPPED: reads_the_system_zone_database: no /usr/share/zoneinfo");
+            return;
+        };
+        // 2026-11-22 04:28:50 UTC is winter time (+1 h), 2026-07-01 summer time (+2 h).
+        assert_eq!(offset_from_tzif(&data, 1_795_321_730), Some(3600));
+        assert_eq!(offset_from_tzif(&data, 1_782_864_000), Some(7200));
+        assert_eq!(format_datetime(1_795_321_730, 3600), "2026-11-22 05:28:50");
+    }
 }

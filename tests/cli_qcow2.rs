@@ -220,3 +220,26 @@ fn check_matches_qemu_img_and_repairs_leaks() {
     assert!(after.stdout.contains("No errors were found"), "{after:?}");
     vmsnap(&["check", "-U", "-r", "all", s(&img)]).fails_cleanly();
 }
+
+#[test]
+fn snapshot_dates_in_local_time_like_qemu_img() {
+    if !require("snapshot_dates_in_local_time_like_qemu_img", &["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = common::fixture_copy("snap-basic.qcow2.gz", dir.path());
+    for tz in ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"] {
+        let out = |prog: &str, args: &[&str]| {
+            let o = std::process::Command::new(prog)
+                .args(args)
+                .env("TZ", tz)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{prog} {args:?}: {o:?}");
+            String::from_utf8(o.stdout).unwrap()
+        };
+        let ours = out(common::vmsnap_bin(), &["snapshot", "-l", s(&img)]);
+        let theirs = out("qemu-img", &["snapshot", "-l", s(&img)]);
+        assert_eq!(ours, theirs, "TZ={tz}");
+    }
+}

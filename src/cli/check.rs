@@ -74,36 +74,27 @@ pub fn exit_code(r: &CheckReport) -> i32 {
     }
 }
 
+fn insert_nonzero(m: &mut Map<String, Value>, key: &str, v: u64) {
+    if v != 0 {
+        m.insert(key.into(), json!(v));
+    }
+}
+
 /// `qemu-img check --output=json`'s object: optional counters only when non-zero.
 pub fn report_json(r: &CheckReport, filename: &str) -> Value {
     let mut m = Map::new();
-    let mut opt = |key: &str, v: u64| {
-        if v != 0 {
-            m.insert(key.into(), json!(v));
-        }
-    };
-    opt("image-end-offset", r.image_end_offset);
-    opt("total-clusters", r.total_clusters);
+    insert_nonzero(&mut m, "image-end-offset", r.image_end_offset);
+    insert_nonzero(&mut m, "total-clusters", r.total_clusters);
     m.insert("check-errors".into(), json!(r.check_errors));
-    let mut opt = |key: &str, v: u64| {
-        if v != 0 {
-            m.insert(key.into(), json!(v));
-        }
-    };
-    opt("leaks", r.leaks);
-    opt("corruptions", r.corruptions);
-    opt("leaks-fixed", r.leaks_fixed);
-    opt("corruptions-fixed", r.corruptions_fixed);
-    opt("allocated-clusters", r.allocated_clusters);
+    insert_nonzero(&mut m, "leaks", r.leaks);
+    insert_nonzero(&mut m, "corruptions", r.corruptions);
+    insert_nonzero(&mut m, "leaks-fixed", r.leaks_fixed);
+    insert_nonzero(&mut m, "corruptions-fixed", r.corruptions_fixed);
+    insert_nonzero(&mut m, "allocated-clusters", r.allocated_clusters);
     m.insert("filename".into(), json!(filename));
     m.insert("format".into(), json!("qcow2"));
-    let mut opt = |key: &str, v: u64| {
-        if v != 0 {
-            m.insert(key.into(), json!(v));
-        }
-    };
-    opt("fragmented-clusters", r.fragmented_clusters);
-    opt("compressed-clusters", r.compressed_clusters);
+    insert_nonzero(&mut m, "fragmented-clusters", r.fragmented_clusters);
+    insert_nonzero(&mut m, "compressed-clusters", r.compressed_clusters);
     Value::Object(m)
 }
 

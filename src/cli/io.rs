@@ -209,20 +209,25 @@ fn read_verify(
     offset: u64,
     len: u64,
     pattern: Option<u8>,
-) -> Result<(), Result<IoError, block::Error>> {
-    block::check_range(offset, len, d.size()).map_err(Err)?;
+    text: &str,
+) -> Result<(), IoError> {
+    let drv = |source| IoError::Driver {
+        cmd: text.to_owned(),
+        source,
+    };
+    block::check_range(offset, len, d.size()).map_err(drv)?;
     let mut buf = vec![0u8; len.min(CHUNK) as usize];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK) as usize;
-        d.read_at(offset + done, &mut buf[..n]).map_err(Err)?;
+        d.read_at(offset + done, &mut buf[..n]).map_err(drv)?;
         if let Some(p) = pattern {
             if let Some(i) = buf[..n].iter().position(|&b| b != p) {
-                return Err(Ok(IoError::PatternMismatch {
+                return Err(IoError::PatternMismatch {
                     offset: offset + done + i as u64,
                     expected: p,
                     found: buf[i],
-                }));
+                });
             }
         }
         done += n as u64;
@@ -257,7 +262,7 @@ pub fn execute(d: &mut dyn BlockDriver, cmd: &IoCommand, text: &str) -> Result<S
             len,
             pattern,
         } => {
-            read_verify(d, offset, len, pattern).map_err(|e| e.unwrap_or_else(drv))?;
+            read_verify(d, offset, len, pattern, text)?;
             ("read", offset, len)
         }
         IoCommand::Write {

@@ -210,4 +210,24 @@ mod tests {
         assert_eq!(size_to_str(64 << 20), "64 MiB");
         assert_eq!(size_to_str(1 << 30), "1 GiB");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_size_roundtrips(v in 0u64..(1 << 53), shift in 0usize..4) {
+            let unit = ["", "K", "M", "G"][shift];
+            let text = format!("{v}{unit}");
+            let want = v.checked_mul(1 << (10 * shift)).filter(|&x| x <= i64::MAX as u64);
+            proptest::prop_assert_eq!(parse_size(&text).ok(), want);
+            proptest::prop_assert_eq!(parse_size(&format!("{v:#x}")), Ok(v));
+        }
+
+        #[test]
+        fn size_to_str_keeps_three_digits(v in 0u64..u64::MAX) {
+            let out = size_to_str(v);
+            let (num, unit) = out.split_once(' ').unwrap();
+            proptest::prop_assert!(unit.ends_with('B'));
+            let digits = num.chars().filter(|c| c.is_ascii_digit()).count();
+            proptest::prop_assert!(digits <= 4 || num.contains('e'), "{}", out);
+        }
+    }
 }

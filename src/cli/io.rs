@@ -431,4 +431,20 @@ mod tests {
             Err(IoError::Driver { .. })
         ));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parser_never_panics(cmd in "[ -~]{0,40}") {
+            let _ = parse_command(&cmd);
+        }
+
+        #[test]
+        fn write_commands_roundtrip(off in 0u64..(1 << 40), len in 0u64..(1 << 30), p: u8) {
+            let cmd = format!("write -P {p:#x} {off} {len}");
+            proptest::prop_assert_eq!(
+                parse_command(&cmd).unwrap(),
+                IoCommand::Write { offset: off, len, pattern: p }
+            );
+        }
+    }
 }

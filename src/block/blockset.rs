@@ -58,6 +58,13 @@ pub fn find_snapshot<'a>(list: &'a [SnapshotInfo], tag: &str) -> Option<&'a Snap
 pub struct BlockSet {
     /// The devices, in creation order (QEMU: `-drive` order).
     pub devices: Vec<Device>,
+}
+
+/// The devices of a [`BlockSet`] that an operation includes: every writable device
+/// ([`BlockSet::all`]), or an explicit list ([`BlockSet::select`], QMP's `devices`).
+#[derive(Debug)]
+pub struct Selection<'a> {
+    devices: &'a mut Vec<Device>,
     /// Explicit list of included device names; `None` means every writable device.
     include: Option<Vec<String>>,
 }
@@ -143,19 +150,92 @@ impl BlockSet {
         Ok(())
     }
 
-    /// Restricts snapshot operations to the named devices (QMP `snapshot-save devices`), or
-    /// back to every writable device with `None`.
+    /// The writable devices, which snapshot operations include by default.
+    pub fn all(&mut self) -> Selection<'_> {
+        Selection {
+            devices: &mut self.devices,
+            include: None,
+        }
+    }
+
+    /// Only the named devices (QMP `snapshot-save devices`), read-only ones included.
     ///
     /// # Errors
     /// [`BlockSetError::NoSuchDevice`] naming the first unknown device.
-    pub fn set_included(&mut self, names: Option<Vec<String>>) -> Result<()> {
-        if let Some(list) = &names {
-            if let Some(bad) = list.iter().find(|n| self.index_of(n).is_none()) {
-                return Err(BlockSetError::NoSuchDevice(bad.clone()));
-            }
+    pub fn select(&mut self, names: &[String]) -> Result<Selection<'_>> {
+        if let Some(bad) = names
+            .iter()
+            .find(|n| !self.devices.iter().any(|d| d.name == **n))
+        {
+            return Err(BlockSetError::NoSuchDevice(bad.clone()));
         }
-        self.include = names;
-        Ok(())
+        Ok(Selection {
+            devices: &mut self.devices,
+            include: Some(names.to_vec()),
+        })
+    }
+
+    /// Names of the devices included by default (the writable ones), in creation order.
+    pub fn included(&self) -> Vec<&str> {
+        self.devices
+            .iter()
+            .filter(|d| d.writable())
+            .map(|d| d.name.as_str())
+            .collect()
+    }
+
+    /// [`Selection::can_snapshot`] over the writable devices.
+    ///
+    /// # Errors
+    /// See [`Selection::can_snapshot`].
+    pub fn can_snapshot(&mut self) -> Result<()> {
+        self.all().can_snapshot()
+    }
+
+    /// [`Selection::find_missing`] over the writable devices.
+    pub fn find_missing(&mut self, tag: &str) -> Option<String> {
+        self.all().find_missing(tag).map(str::to_owned)
+    }
+
+    /// [`Selection::has_snapshot`] over the writable devices.
+    pub fn has_snapshot(&mut self, tag: &str) -> bool {
+        self.all().has_snapshot(tag)
+    }
+
+    /// [`Selection::vmstate_device`] over the writable devices.
+    ///
+    /// # Errors
+    /// See [`Selection::vmstate_device`].
+    pub fn vmstate_device(&mut self, name: Option<&str>) -> Result<&mut Device> {
+        self.all().vmstate_device(name)
+    }
+
+    /// [`Selection::create`] over the writable devices.
+    ///
+    /// # Errors
+    /// See [`Selection::create`].
+    pub fn create(
+        &mut self,
+        params: &SnapshotParams,
+        vmstate_device: &str,
+    ) -> Result<Vec<SnapshotInfo>> {
+        self.all().create(params, vmstate_device)
+    }
+
+    /// [`Selection::goto`] over the writable devices.
+    ///
+    /// # Errors
+    /// See [`Selection::goto`].
+    pub fn goto(&mut self, tag: &str) -> Result<()> {
+        self.all().goto(tag)
+    }
+
+    /// [`Selection::delete`] over the writable devices.
+    ///
+    /// # Errors
+    /// See [`Selection::delete`].
+    pub fn delete(&mut self, tag: &str) -> Result<usize> {
+        self.all().delete(tag)
     }
 
     /// Looks a device up by name.
@@ -163,6 +243,19 @@ impl BlockSet {
         self.devices.iter_mut().find(|d| d.name == name)
     }
 
+    /// Flushes every device (included or not), stopping at the first error.
+    ///
+    /// # Errors
+    /// The first driver error.
+    pub fn flush(&mut self) -> super::Result<()> {
+        for dev in &mut self.devices {
+            dev.driver.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl<'a> Selection<'a> {
     fn index_of(&self, name: &str) -> Option<usize> {
         self.devices.iter().position(|d| d.name == name)
     }
@@ -223,7 +316,7 @@ impl BlockSet {
     /// # Errors
     /// [`BlockSetError::NoSuchDevice`], [`BlockSetError::NoVmStateSupport`] for a named device
     /// that cannot hold it, [`BlockSetError::NoCapableDevice`] when none can.
-    pub fn vmstate_device(&mut self, name: Option<&str>) -> Result<&mut Device> {
+    pub fn vmstate_device(self, name: Option<&str>) -> Result<&'a mut Device> {
         let idx = match name {
             Some(n) => {
                 let i = self
@@ -345,17 +438,6 @@ impl BlockSet {
             }
         }
         Ok(count)
-    }
-
-    /// Flushes every device (included or not), stopping at the first error.
-    ///
-    /// # Errors
-    /// The first driver error.
-    pub fn flush(&mut self) -> super::Result<()> {
-        for dev in &mut self.devices {
-            dev.driver.flush()?;
-        }
-        Ok(())
     }
 }
 
@@ -606,16 +688,17 @@ pub(crate) mod tests {
         set.add("drive0", Box::new(MockSnap::default())).unwrap();
         set.add("drive1", Box::new(MockSnap::default())).unwrap();
         set.create(&params("both", 0), "drive0").unwrap();
-        set.set_included(Some(vec!["drive0".into()])).unwrap();
-        set.create(&params("only0", 0), "drive0").unwrap();
-        set.set_included(None).unwrap();
+        set.select(&["drive0".into()])
+            .unwrap()
+            .create(&params("only0", 0), "drive0")
+            .unwrap();
         assert!(set.has_snapshot("both"));
         assert!(set.has_snapshot("1"));
         assert!(!set.has_snapshot("only0"));
-        assert_eq!(set.find_missing("only0"), Some("drive1"));
+        assert_eq!(set.find_missing("only0").as_deref(), Some("drive1"));
         assert_eq!(set.find_missing("both"), None);
         assert!(matches!(
-            set.set_included(Some(vec!["drive9".into()])),
+            set.select(&["drive9".into()]),
             Err(BlockSetError::NoSuchDevice(ref n)) if n == "drive9"
         ));
         assert!(!BlockSet::new().has_snapshot("x"));
@@ -647,12 +730,29 @@ pub(crate) mod tests {
         let mut set = BlockSet::new();
         set.add("drive0", Box::new(MockSnap::default())).unwrap();
         set.add("drive1", Box::new(MockSnap::default())).unwrap();
-        set.set_included(Some(vec!["drive1".into()])).unwrap();
-        set.create(&params("s1", 0), "drive1").unwrap();
-        set.set_included(None).unwrap();
+        set.select(&["drive1".into()])
+            .unwrap()
+            .create(&params("s1", 0), "drive1")
+            .unwrap();
         assert_eq!(set.delete("s1").unwrap(), 1);
         assert!(list_of(&mut set, "drive1").is_empty());
         assert_eq!(set.delete("s1").unwrap(), 0);
+    }
+
+    #[test]
+    fn explicit_list_includes_read_only_devices() {
+        let mut set = BlockSet::new();
+        set.add("drive0", Box::new(MockSnap::default())).unwrap();
+        set.add("cdrom", raw(true)).unwrap();
+        set.can_snapshot().unwrap();
+        let mut sel = set.select(&["drive0".into(), "cdrom".into()]).unwrap();
+        assert_eq!(sel.included(), vec!["drive0", "cdrom"]);
+        assert!(matches!(
+            sel.can_snapshot(),
+            Err(BlockSetError::NotSnapshotCapable(ref n)) if n == "cdrom"
+        ));
+        let sel = set.select(&["drive0".into()]).unwrap();
+        assert_eq!(sel.vmstate_device(None).unwrap().name, "drive0");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use crate::block::{probe_format, BlockDriver, Format, OpenOptions, Result};
 /// An open image of a known format.
 #[derive(Debug)]
 pub enum Image {
-    /// A qcow2 image.
-    Qcow2(Qcow2),
+    /// A qcow2 image (boxed: its caches make it much larger than a raw one).
+    Qcow2(Box<Qcow2>),
     /// A raw image.
     Raw(Raw),
 }
@@ -31,7 +31,7 @@ impl Image {
             ..opts
         };
         Ok(match format {
-            Format::Qcow2 => Image::Qcow2(Qcow2::open(path, opts)?),
+            Format::Qcow2 => Image::Qcow2(Box::new(Qcow2::open(path, opts)?)),
             Format::Raw => Image::Raw(Raw::open(path, opts)?),
         })
     }
@@ -39,7 +39,7 @@ impl Image {
     /// The generic driver interface.
     pub fn driver(&mut self) -> &mut dyn BlockDriver {
         match self {
-            Image::Qcow2(q) => q,
+            Image::Qcow2(q) => q.as_mut(),
             Image::Raw(r) => r,
         }
     }
@@ -47,7 +47,7 @@ impl Image {
     /// Moves the image into a boxed driver (for a `BlockSet`).
     pub fn into_driver(self) -> Box<dyn BlockDriver> {
         match self {
-            Image::Qcow2(q) => Box::new(q),
+            Image::Qcow2(q) => q,
             Image::Raw(r) => Box::new(r),
         }
     }

@@ -6,7 +6,8 @@
 //!                               ├─ info      (info.rs)      qemu-img info
 //!                               ├─ check     (check.rs)     qemu-img check
 //!                               ├─ snapshot  (snapshot.rs)  qemu-img snapshot, over a BlockSet
-//!                               └─ io        (io.rs)        qemu-io -c
+//!                               ├─ io        (io.rs)        qemu-io -c
+//!                               └─ run       (run.rs)       boot a built-in guest under KVM
 //!   helpers: sizes (size.rs), snapshot tables and dates (table.rs, localtime.rs)
 //! ```
 //!
@@ -18,6 +19,7 @@ pub mod image;
 pub mod info;
 pub mod io;
 pub mod localtime;
+pub mod run;
 pub mod size;
 pub mod snapshot;
 pub mod table;
@@ -46,7 +48,8 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Guest I/O on the active layer with qemu-io commands.
     Io(io::IoArgs),
-    // `run` (the VMM, src/cli/run.rs) plugs in here with its own module, error and entry.
+    /// Boot a built-in guest under KVM.
+    Run(run::RunArgs),
 }
 
 /// `--output` of the reporting subcommands.
@@ -77,6 +80,9 @@ pub enum CliError {
     /// `io` failed.
     #[error(transparent)]
     Io(#[from] io::IoError),
+    /// `run` failed.
+    #[error(transparent)]
+    Run(#[from] run::RunError),
 }
 
 /// Runs the command line; returns the process exit code on success (0, or a `check` status).
@@ -92,6 +98,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             .map(|()| 0)
             .map_err(Into::into),
         Command::Io(a) => io::io_command(&a).map(|()| 0).map_err(Into::into),
+        Command::Run(a) => run::run_command(a).map_err(Into::into),
     }
 }
 

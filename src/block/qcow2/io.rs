@@ -1,0 +1,443 @@
+//! Guest reads and writes: L1/L2 lookup, copy-on-write, zero and discard.
+//!
+//! Write ordering for one cluster (crash safety): allocate (refcount 1 on disk) → write the
+//! data → point the L2 entry at it → drop the reference the entry held before. A new or copied
+//! L2 table is written in full before the L1 entry points to it.
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::entry::{
+    subcluster_kind, ClusterKind, L1Entry, L2Entry, BITMAP_ALL_ALLOC, BITMAP_ALL_ZEROES,
+    OFLAG_COPIED, OFLAG_ZERO,
+};
+use super::{corrupt, Qcow2, Qcow2Error};
+use crate::block::Result;
+
+impl Qcow2 {
+    fn load_l2(&mut self, offset: u64) -> Result<&mut Vec<u8>> {
+        if self.l2_cache.get(offset).is_none() {
+            if offset % self.layout.cluster_size() != 0 {
+                return Err(corrupt(format!(
+                    "L2 table offset {offset:#x} is not aligned"
+                )));
+            }
+            let mut buf = vec![0u8; self.layout.cluster_size() as usize];
+            self.sread(offset, &mut buf)?;
+            self.l2_cache.insert(offset, buf);
+        }
+        self.l2_cache
+            .get(offset)
+            .ok_or_else(|| corrupt("L2 cache lost an entry".into()))
+    }
+
+    /// Reads entry `idx` (and its bitmap with extended L2) of the L2 table at `l2`.
+    pub(crate) fn l2_get(&mut self, l2: u64, idx: u64) -> Result<(L2Entry, u64)> {
+        let es = self.layout.l2_entry_size() as usize;
+        let ext = self.layout.extended_l2;
+        let t = self.load_l2(l2)?;
+        let p = idx as usize * es;
+        let e = BigEndian::read_u64(&t[p..]);
+        let bm = if ext {
+            BigEndian::read_u64(&t[p + 8..])
+        } else {
+            0
+        };
+        Ok((L2Entry(e), bm))
+    }
+
+    /// Writes entry `idx` of the L2 table at `l2` through to storage.
+    pub(crate) fn l2_set(&mut self, l2: u64, idx: u64, e: L2Entry, bitmap: u64) -> Result<()> {
+        let es = self.layout.l2_entry_size() as usize;
+        let ext = self.layout.extended_l2;
+        let t = self.load_l2(l2)?;
+        let p = idx as usize * es;
+        BigEndian::write_u64(&mut t[p..], e.0);
+        if ext {
+            BigEndian::write_u64(&mut t[p + 8..], bitmap);
+        }
+        let bytes = t[p..p + es].to_vec();
+        self.swrite(l2 + p as u64, &bytes)
+    }
+
+    /// The L2 entry mapping `guest` through `l1` (None: the active table).
+    fn lookup(&mut self, l1: Option<&[u64]>, guest: u64) -> Result<(L2Entry, u64)> {
+        let i1 = self.layout.l1_index(guest) as usize;
+        let l1e = match l1 {
+            Some(t) => t.get(i1).copied(),
+            None => self.l1.get(i1).copied(),
+        };
+        let l2 = L1Entry(l1e.unwrap_or(0)).l2_offset();
+        if l2 == 0 {
+            return Ok((L2Entry(0), 0));
+        }
+        self.l2_get(l2, self.layout.l2_index(guest))
+    }
+
+    fn read_backing(&mut self, guest: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        if let Some(b) = self.backing.as_mut() {
+            let size = b.size();
+            if guest < size {
+                let n = ((size - guest) as usize).min(buf.len());
+                b.read_at(guest, &mut buf[..n])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompressed contents of a compressed cluster.
+    fn decompress(&mut self, e: L2Entry) -> Result<&[u8]> {
+        let (start, end) = e.compressed_range(self.layout.csize_shift());
+        if !matches!(&self.decompressed, Some((o, _)) if *o == start) {
+            let cs = self.layout.cluster_size() as usize;
+            let file_len = self
+                .storage
+                .len()
+                .map_err(|err| crate::block::Error::io("image size", err))?;
+            let end = end.min(file_len);
+            if start >= end {
+                return Err(Qcow2Error::Decompress {
+                    offset: start,
+                    reason: "compressed data lies beyond the end of the file".into(),
+                }
+                .into());
+            }
+            let mut input = vec![0u8; (end - start) as usize];
+            self.sread(start, &mut input)?;
+            let out = if self.header.compression_type == 1 {
+                decompress_zstd(&input, cs)
+            } else {
+                decompress_deflate(&input, cs)
+            }
+            .map_err(|reason| Qcow2Error::Decompress {
+                offset: start,
+                reason,
+            })?;
+            self.decompressed = Some((start, out));
+        }
+        match &self.decompressed {
+            Some((_, d)) => Ok(d),
+            None => Err(corrupt("decompression cache empty".into())),
+        }
+    }
+
+    /// Reads guest data through `l1` (None: the active L1 table).
+    pub(crate) fn read_guest(
+        &mut self,
+        l1: Option<&[u64]>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let ext = self.layout.extended_l2;
+        let unit = self.layout.subcluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let in_cluster = self.layout.offset_in_cluster(guest);
+            let (e, bm) = self.lookup(l1, guest)?;
+            // Serve up to the end of the cluster (or subcluster with extended L2).
+            let span_end = if ext {
+                (guest / unit + 1) * unit
+            } else {
+                self.layout.cluster_start(guest) + self.layout.cluster_size()
+            };
+            let n = ((span_end - guest) as usize).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            let kind = if ext {
+                subcluster_kind(e, bm, (in_cluster / unit) as u32)
+            } else {
+                e.kind(false)
+            };
+            match kind {
+                ClusterKind::Unallocated => self.read_backing(guest, out)?,
+                ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc => out.fill(0),
+                ClusterKind::Normal => self.sread(e.offset() + in_cluster, out)?,
+                ClusterKind::Compressed => {
+                    let d = self.decompress(e)?;
+                    out.copy_from_slice(&d[in_cluster as usize..in_cluster as usize + n]);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The active L2 table for `guest`, allocated or copied so that it may be written
+    /// (refcount 1, COPIED set in L1). Grows the L1 table as needed.
+    fn writable_l2(&mut self, guest: u64) -> Result<u64> {
+        let i1 = self.layout.l1_index(guest);
+        if i1 >= self.l1.len() as u64 {
+            self.grow_l1(i1 + 1, false)?;
+        }
+        let e = L1Entry(self.l1[i1 as usize]);
+        if e.l2_offset() != 0 && e.copied() {
+            return Ok(e.l2_offset());
+        }
+        let cs = self.layout.cluster_size();
+        let new = self.alloc_clusters(1)?;
+        let content = if e.l2_offset() == 0 {
+            vec![0u8; cs as usize]
+        } else {
+            let old = e.l2_offset();
+            self.load_l2(old)?.clone()
+        };
+        self.swrite(new, &content)?;
+        self.l2_cache.insert(new, content);
+        self.write_l1_entry(i1 as usize, L1Entry::new(new, true).0)?;
+        if e.l2_offset() != 0 {
+            self.free_range(e.l2_offset(), cs)?;
+        }
+        Ok(new)
+    }
+
+    /// Drops the reference an old L2 entry held (after the entry no longer holds it).
+    fn release(&mut self, e: L2Entry) -> Result<()> {
+        match e.kind(self.layout.extended_l2) {
+            ClusterKind::Compressed => {
+                let (s, end) = e.compressed_range(self.layout.csize_shift());
+                self.update_refcount(s & !511, end - (s & !511), -1)
+            }
+            ClusterKind::Normal | ClusterKind::ZeroAlloc => {
+                self.update_refcount(e.offset(), self.layout.cluster_size(), -1)
+            }
+            // Extended L2 entries may keep a host cluster with no allocated subclusters.
+            _ if e.offset() != 0 && !e.compressed() => {
+                self.update_refcount(e.offset(), self.layout.cluster_size(), -1)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes guest data to the active layer.
+    pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let in_cluster = self.layout.offset_in_cluster(guest);
+            let n = ((cs - in_cluster) as usize).min(buf.len() - done);
+            // Whole-cluster runs into fresh clusters go out as one large write.
+            if in_cluster == 0 && buf.len() - done >= 2 * cs as usize {
+                let k = self.write_run(guest, &buf[done..])?;
+                if k > 0 {
+                    done += k;
+                    continue;
+                }
+            }
+            if self.layout.extended_l2 {
+                self.write_cluster_ext(guest, &buf[done..done + n])?;
+            } else {
+                self.write_cluster(guest, &buf[done..done + n])?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes whole clusters starting at `guest` whose entries are unallocated or plain zero,
+    /// within one L2 table, into one freshly allocated run. Returns bytes written (0 if the
+    /// first cluster does not qualify).
+    fn write_run(&mut self, guest: u64, buf: &[u8]) -> Result<usize> {
+        let cs = self.layout.cluster_size();
+        let l2 = self.writable_l2(guest)?;
+        let first = self.layout.l2_index(guest);
+        // Runs stay below half a refcount block's range: every range holds its own block, so
+        // a run as long as a range could never be placed (512-byte clusters, wide refcounts).
+        let max = (self.layout.l2_entries() - first)
+            .min(buf.len() as u64 / cs)
+            .min((self.layout.refblock_entries() / 2).max(1));
+        let mut count = 0;
+        while count < max {
+            let (e, bm) = self.l2_get(l2, first + count)?;
+            let free = if self.layout.extended_l2 {
+                e.0 == 0 && (bm == 0 || bm == BITMAP_ALL_ZEROES)
+            } else {
+                e.0 == 0 || e.0 == OFLAG_ZERO
+            };
+            if !free {
+                break;
+            }
+            count += 1;
+        }
+        if count < 2 {
+            return Ok(0);
+        }
+        let host = self.alloc_clusters(count)?;
+        let bytes = (count * cs) as usize;
+        self.swrite(host, &buf[..bytes])?;
+        let bm = if self.layout.extended_l2 {
+            BITMAP_ALL_ALLOC
+        } else {
+            0
+        };
+        for i in 0..count {
+            self.l2_set(l2, first + i, L2Entry((host + i * cs) | OFLAG_COPIED), bm)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Writes within one cluster (standard L2 entries).
+    fn write_cluster(&mut self, guest: u64, data: &[u8]) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let in_cluster = self.layout.offset_in_cluster(guest) as usize;
+        let l2 = self.writable_l2(guest)?;
+        let idx = self.layout.l2_index(guest);
+        let (e, _) = self.l2_get(l2, idx)?;
+        let kind = e.kind(false);
+        if e.copied() && kind == ClusterKind::Normal {
+            return self.swrite(e.offset() + in_cluster as u64, data);
+        }
+        let whole = data.len() as u64 == cs;
+        let content = if whole {
+            data.to_vec()
+        } else {
+            let start = self.layout.cluster_start(guest);
+            let mut c = vec![0u8; cs as usize];
+            self.read_guest(None, start, &mut c)?;
+            c[in_cluster..in_cluster + data.len()].copy_from_slice(data);
+            c
+        };
+        if e.copied() && kind == ClusterKind::ZeroAlloc {
+            // Reuse the cluster: it is ours alone.
+            self.swrite(e.offset(), &content)?;
+            return self.l2_set(l2, idx, L2Entry(e.offset() | OFLAG_COPIED), 0);
+        }
+        let host = self.alloc_clusters(1)?;
+        self.swrite(host, &content)?;
+        self.l2_set(l2, idx, L2Entry(host | OFLAG_COPIED), 0)?;
+        self.release(e)
+    }
+
+    /// Writes within one cluster (extended L2 entries: per-subcluster allocation).
+    fn write_cluster_ext(&mut self, guest: u64, data: &[u8]) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let sc = self.layout.subcluster_size();
+        let start = self.layout.cluster_start(guest);
+        let in_cluster = guest - start;
+        let first_sc = in_cluster / sc;
+        let last_sc = (in_cluster + data.len() as u64 - 1) / sc;
+        let l2 = self.writable_l2(guest)?;
+        let idx = self.layout.l2_index(guest);
+        let (e, bm) = self.l2_get(l2, idx)?;
+        // Content of the touched subclusters as the guest sees them, with the new data.
+        let span_start = first_sc * sc;
+        let span_len = ((last_sc + 1) * sc - span_start) as usize;
+        let mut span = vec![0u8; span_len];
+        if data.len() != span_len {
+            self.read_guest(None, start + span_start, &mut span)?;
+        }
+        let rel = (in_cluster - span_start) as usize;
+        span[rel..rel + data.len()].copy_from_slice(data);
+        let touched: u64 = ((1u64 << (last_sc + 1)) - 1) & !((1u64 << first_sc) - 1);
+        let in_place = e.copied() && !e.compressed() && e.offset() != 0;
+        let (host, mut new_bm) = if in_place {
+            (e.offset(), bm)
+        } else {
+            let host = self.alloc_clusters(1)?;
+            let bm_out = if e.compressed() {
+                // Copy the whole cluster out; every subcluster becomes allocated.
+                let mut c = vec![0u8; cs as usize];
+                self.read_guest(None, start, &mut c)?;
+                self.swrite(host, &c)?;
+                BITMAP_ALL_ALLOC
+            } else if e.offset() != 0 && bm & BITMAP_ALL_ALLOC != 0 {
+                // Shared cluster: copy the subclusters it has allocated.
+                let mut c = vec![0u8; cs as usize];
+                self.sread(e.offset(), &mut c)?;
+                self.swrite(host, &c)?;
+                bm
+            } else {
+                bm & !BITMAP_ALL_ALLOC
+            };
+            (host, bm_out)
+        };
+        self.swrite(host + span_start, &span)?;
+        new_bm |= touched;
+        new_bm &= !(touched << 32);
+        self.l2_set(l2, idx, L2Entry(host | OFLAG_COPIED), new_bm)?;
+        if !in_place {
+            self.release(e)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes (`discard`: only whole clusters are
+    /// affected, as QEMU ignores partial-cluster discards).
+    pub(crate) fn zero_guest(&mut self, offset: u64, len: u64, discard: bool) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let cstart = self.layout.cluster_start(pos);
+            let n = (cstart + cs).min(end) - pos;
+            if pos == cstart && n == cs {
+                self.zero_cluster(pos, discard)?;
+            } else if !discard {
+                self.write_guest(pos, &vec![0u8; n as usize])?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Zeroes (or discards) one whole cluster.
+    fn zero_cluster(&mut self, guest: u64, discard: bool) -> Result<()> {
+        let v3 = self.header.version >= 3;
+        let ext = self.layout.extended_l2;
+        let has_backing = self.backing.is_some();
+        let (e, bm) = self.lookup(None, guest)?;
+        let allocated = e.offset() != 0 || e.compressed();
+        let (new_e, new_bm) = if ext {
+            if !allocated && !has_backing && bm & BITMAP_ALL_ALLOC == 0 {
+                return Ok(()); // Already reads as zeroes.
+            }
+            (0, BITMAP_ALL_ZEROES)
+        } else if v3 {
+            if !allocated && (e.0 == OFLAG_ZERO || !has_backing) {
+                return Ok(());
+            }
+            (OFLAG_ZERO, 0)
+        } else if has_backing && !discard {
+            // Version 2 has no zero flag: write real zeroes over the backing data.
+            return self.write_guest(guest, &vec![0u8; self.layout.cluster_size() as usize]);
+        } else {
+            if !allocated {
+                return Ok(());
+            }
+            (0, 0)
+        };
+        if new_e == e.0 && new_bm == bm {
+            return Ok(());
+        }
+        let l2 = self.writable_l2(guest)?;
+        let idx = self.layout.l2_index(guest);
+        // Re-read: making the L2 table writable does not change entries.
+        let (e, _) = self.l2_get(l2, idx)?;
+        self.l2_set(l2, idx, L2Entry(new_e), new_bm)?;
+        self.release(e)
+    }
+}
+
+fn decompress_deflate(input: &[u8], out_len: usize) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(out_len);
+    let mut d = flate2::read::DeflateDecoder::new(input).take(out_len as u64);
+    d.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    if out.len() != out_len {
+        return Err(format!("inflated {} bytes, expected {out_len}", out.len()));
+    }
+    Ok(out)
+}
+
+fn decompress_zstd(input: &[u8], out_len: usize) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(out_len);
+    let d = zstd::stream::read::Decoder::new(input).map_err(|e| e.to_string())?;
+    d.take(out_len as u64)
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    if out.len() != out_len {
+        return Err(format!("zstd gave {} bytes, expected {out_len}", out.len()));
+    }
+    Ok(out)
+}

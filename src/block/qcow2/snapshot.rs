@@ -1,0 +1,574 @@
+//! The snapshot table and snapshot create / goto / delete.
+//!
+//! ```text
+//!  entry (big-endian, 8-byte aligned, table at snapshots_offset, nb_snapshots entries)
+//!   0  u64 l1_table_offset     16 u32 date_sec          36 u32 extra_data_size
+//!   8  u32 l1_size             20 u32 date_nsec         40 extra data: u64 vm_state_size_large,
+//!  12  u16 id_str_size         24 u64 vm_clock_nsec        u64 disk_size, u64 icount, unknown…
+//!  14  u16 name_size           32 u32 vm_state_size      then id, name, zero padding to 8
+//! ```
+//!
+//! Create: L1 copy → +1 refcounts (clear COPIED) → new table in fresh clusters → flush → one
+//! 12-byte header write (`nb_snapshots`, `snapshots_offset`) → free the old table → discard
+//! the VM state from the active layer. Goto: grow L1 → +1 on the snapshot's clusters →
+//! overwrite the active L1 (synced) → −1 on the old active clusters → fix COPIED. Delete:
+//! publish the table without the entry → −1 and free the L1 copy → fix COPIED. On-disk counts
+//! never fall below the references, so a crash leaks clusters at worst.
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::entry::{ClusterKind, L1Entry, L2Entry, OFLAG_COPIED};
+use super::header::{Header, OFF_SNAPSHOTS};
+use super::layout::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
+use super::{validate_table, Qcow2, Qcow2Error};
+use crate::block::storage::Storage;
+use crate::block::{Error, Result, SnapshotInfo, SnapshotParams};
+
+/// Size of the extra data fields QEMU knows.
+pub const KNOWN_EXTRA: usize = 24;
+
+/// One snapshot table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Host offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Entries in that table.
+    pub l1_size: u32,
+    /// Unique id.
+    pub id: String,
+    /// Name (tag).
+    pub name: String,
+    /// Creation time, seconds.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// VM state size (from `vm_state_size_large` when present).
+    pub vm_state_size: u64,
+    /// Disk size at creation.
+    pub disk_size: u64,
+    /// Instruction count, `u64::MAX` (-1) when not recorded.
+    pub icount: u64,
+    /// Extra data beyond the 24 bytes QEMU knows, kept verbatim.
+    pub unknown_extra: Vec<u8>,
+    /// Offset of this entry in the table on disk.
+    pub entry_offset: u64,
+    /// Length of this entry on disk.
+    pub entry_len: u64,
+}
+
+impl Snapshot {
+    /// The public view.
+    pub fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            vm_state_size: self.vm_state_size,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            disk_size: Some(self.disk_size),
+            icount: (self.icount != u64::MAX).then_some(self.icount),
+        }
+    }
+
+    /// Extra data of our own (after the fields QEMU knows).
+    pub fn extra_tail(&self) -> &[u8] {
+        &self.unknown_extra
+    }
+
+    /// Serialised length of the entry.
+    fn encoded_len(&self) -> usize {
+        (40 + KNOWN_EXTRA + self.unknown_extra.len() + self.id.len() + self.name.len()).div_ceil(8)
+            * 8
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + self.encoded_len(), 0);
+        let b = &mut out[start..];
+        BigEndian::write_u64(&mut b[0..], self.l1_table_offset);
+        BigEndian::write_u32(&mut b[8..], self.l1_size);
+        BigEndian::write_u16(&mut b[12..], self.id.len() as u16);
+        BigEndian::write_u16(&mut b[14..], self.name.len() as u16);
+        BigEndian::write_u32(&mut b[16..], self.date_sec);
+        BigEndian::write_u32(&mut b[20..], self.date_nsec);
+        BigEndian::write_u64(&mut b[24..], self.vm_clock_nsec);
+        BigEndian::write_u32(&mut b[32..], self.vm_state_size as u32);
+        let extra = (KNOWN_EXTRA + self.unknown_extra.len()) as u32;
+        BigEndian::write_u32(&mut b[36..], extra);
+        BigEndian::write_u64(&mut b[40..], self.vm_state_size);
+        BigEndian::write_u64(&mut b[48..], self.disk_size);
+        BigEndian::write_u64(&mut b[56..], self.icount);
+        let mut p = 64;
+        b[p..p + self.unknown_extra.len()].copy_from_slice(&self.unknown_extra);
+        p += self.unknown_extra.len();
+        b[p..p + self.id.len()].copy_from_slice(self.id.as_bytes());
+        p += self.id.len();
+        b[p..p + self.name.len()].copy_from_slice(self.name.as_bytes());
+    }
+}
+
+fn table_err(offset: u64, reason: String) -> Error {
+    Qcow2Error::InvalidTable {
+        what: "Snapshot table",
+        offset,
+        reason,
+    }
+    .into()
+}
+
+/// Reads and validates the snapshot table. Every length is checked against the table bound
+/// before anything is allocated from it.
+pub(crate) fn read_table(
+    storage: &dyn Storage,
+    h: &Header,
+    file_len: u64,
+) -> Result<Vec<Snapshot>> {
+    if h.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    if h.nb_snapshots > MAX_SNAPSHOTS {
+        return Err(table_err(
+            h.snapshots_offset,
+            format!(
+                "has too many entries ({} > {MAX_SNAPSHOTS})",
+                h.nb_snapshots
+            ),
+        ));
+    }
+    let cs = 1u64 << h.cluster_bits;
+    // Minimal size of the table: 40-byte headers plus 24 bytes of v3 extra data each.
+    let min_entry = if h.version >= 3 { 64 } else { 40 };
+    let min_bytes = u64::from(h.nb_snapshots) * min_entry;
+    validate_table(
+        "Snapshot table",
+        h.snapshots_offset,
+        min_bytes,
+        MAX_SNAPSHOT_TABLE_BYTES,
+        cs,
+        file_len,
+    )?;
+    let max_bytes = (file_len - h.snapshots_offset).min(MAX_SNAPSHOT_TABLE_BYTES);
+    // Read in growing chunks so a lying header cannot make us allocate more than the file has.
+    let mut buf = vec![0u8; max_bytes.min(min_bytes.max(64 * 1024)) as usize];
+    storage
+        .read_at(h.snapshots_offset, &mut buf)
+        .map_err(|e| Error::io("read snapshot table", e))?;
+    let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
+    let mut pos = 0usize;
+    let l1_needed = h.size.div_ceil(
+        cs << (h.cluster_bits
+            - if h.incompatible_features & super::header::INCOMPAT_EXTL2 != 0 {
+                4
+            } else {
+                3
+            }),
+    );
+    let _ = l1_needed;
+    for i in 0..h.nb_snapshots {
+        // `end` is the entry's end without padding: QEMU does not write the last entry's
+        // padding, so a table may end up to 7 bytes short of its padded size.
+        let need = |buf: &mut Vec<u8>, end: usize| -> Result<()> {
+            if end as u64 > max_bytes {
+                return Err(table_err(
+                    h.snapshots_offset,
+                    format!("entry {i} extends beyond the end of the file or the 64 MiB limit"),
+                ));
+            }
+            let end = end.div_ceil(8) * 8;
+            if end > buf.len() {
+                let old = buf.len();
+                let new_len = (end.max(old * 2) as u64).min(max_bytes.div_ceil(8) * 8) as usize;
+                buf.resize(new_len, 0);
+                storage
+                    .read_at(h.snapshots_offset + old as u64, &mut buf[old..])
+                    .map_err(|e| Error::io("read snapshot table", e))?;
+            }
+            Ok(())
+        };
+        need(&mut buf, pos + 40)?;
+        let e = &buf[pos..pos + 40];
+        let l1_table_offset = BigEndian::read_u64(&e[0..]);
+        let l1_size = BigEndian::read_u32(&e[8..]);
+        let id_len = BigEndian::read_u16(&e[12..]) as usize;
+        let name_len = BigEndian::read_u16(&e[14..]) as usize;
+        let date_sec = BigEndian::read_u32(&e[16..]);
+        let date_nsec = BigEndian::read_u32(&e[20..]);
+        let vm_clock_nsec = BigEndian::read_u64(&e[24..]);
+        let vm_state_32 = BigEndian::read_u32(&e[32..]);
+        let extra_size = BigEndian::read_u32(&e[36..]);
+        if extra_size > MAX_SNAPSHOT_EXTRA {
+            return Err(table_err(
+                h.snapshots_offset + pos as u64,
+                format!("entry {i}: Too much extra metadata in snapshot table entry ({extra_size} > {MAX_SNAPSHOT_EXTRA} bytes)"),
+            ));
+        }
+        let extra_size = extra_size as usize;
+        let unpadded = 40 + extra_size + id_len + name_len;
+        let total = unpadded.div_ceil(8) * 8;
+        need(&mut buf, pos + unpadded)?;
+        let extra = &buf[pos + 40..pos + 40 + extra_size];
+        let vm_state_size = if extra_size >= 8 {
+            BigEndian::read_u64(&extra[0..])
+        } else {
+            u64::from(vm_state_32)
+        };
+        let disk_size = if extra_size >= 16 {
+            BigEndian::read_u64(&extra[8..])
+        } else {
+            h.size
+        };
+        let icount = if extra_size >= 24 {
+            BigEndian::read_u64(&extra[16..])
+        } else {
+            u64::MAX
+        };
+        let unknown_extra = extra.get(KNOWN_EXTRA..).unwrap_or(&[]).to_vec();
+        let ids = pos + 40 + extra_size;
+        let id = String::from_utf8_lossy(&buf[ids..ids + id_len]).into_owned();
+        let name =
+            String::from_utf8_lossy(&buf[ids + id_len..ids + id_len + name_len]).into_owned();
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(table_err(
+                h.snapshots_offset + pos as u64,
+                format!("snapshot '{name}': Snapshot L1 table too large ({l1_size} entries)"),
+            ));
+        }
+        out.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id,
+            name,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            disk_size,
+            icount,
+            unknown_extra,
+            entry_offset: h.snapshots_offset + pos as u64,
+            entry_len: total as u64,
+        });
+        pos += total;
+    }
+    Ok(out)
+}
+
+/// How an L1 walk changes counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Add one reference to every cluster reached.
+    Inc,
+    /// Remove one reference.
+    Dec,
+    /// Only make COPIED flags match the counts.
+    FixCopied,
+}
+
+impl Qcow2 {
+    /// Index of the snapshot with this id, else with this name (QEMU's order).
+    pub(crate) fn find_snapshot(&self, id_or_name: &str) -> Result<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.id == id_or_name)
+            .or_else(|| self.snapshots.iter().position(|s| s.name == id_or_name))
+            .ok_or_else(|| Error::SnapshotNotFound(id_or_name.to_owned()))
+    }
+
+    /// Snapshot entries as stored.
+    pub fn snapshot_entries(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// Walks an L1 table (the active one when `l1_offset` is the active table's offset, else
+    /// the table read from disk), changing the counts of every L2 table and data cluster it
+    /// reaches by `walk`, and setting COPIED flags to `refcount == 1` (QEMU
+    /// `qcow2_update_snapshot_refcount`). Per cluster the count changes before the flag, so a
+    /// crash leaves counts at or above the references.
+    fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, walk: Walk) -> Result<()> {
+        let active = l1_offset == self.header.l1_table_offset;
+        let mut l1 = if active {
+            self.l1.clone()
+        } else {
+            super::read_table(&*self.storage, l1_offset, u64::from(l1_size))?
+        };
+        let cs = self.layout.cluster_size();
+        let delta: i64 = match walk {
+            Walk::Inc => 1,
+            Walk::Dec => -1,
+            Walk::FixCopied => 0,
+        };
+        #[allow(clippy::needless_range_loop)] // `l1` is updated inside the loop.
+        for i in 0..l1.len() {
+            let l1e = L1Entry(l1[i]);
+            let l2 = l1e.l2_offset();
+            if l2 == 0 {
+                continue;
+            }
+            for j in 0..self.layout.l2_entries() {
+                let (e, bm) = self.l2_get(l2, j)?;
+                let kind = e.kind(self.layout.extended_l2);
+                let mut new = e;
+                match kind {
+                    ClusterKind::Compressed if delta != 0 => {
+                        let (s, end) = e.compressed_range(self.layout.csize_shift());
+                        self.update_refcount(s & !511, end - (s & !511), delta)?;
+                    }
+                    ClusterKind::Normal | ClusterKind::ZeroAlloc => {
+                        let c = self.layout.cluster_index(e.offset());
+                        if delta != 0 {
+                            self.update_refcount(e.offset(), cs, delta)?;
+                        }
+                        let rc = self.get_refcount(c)?;
+                        new = if rc == 1 {
+                            L2Entry(e.0 | OFLAG_COPIED)
+                        } else {
+                            L2Entry(e.0 & !OFLAG_COPIED)
+                        };
+                    }
+                    _ => {}
+                }
+                if new != e {
+                    self.l2_set(l2, j, new, bm)?;
+                }
+            }
+            if delta != 0 {
+                self.update_refcount(l2, cs, delta)?;
+            }
+            let rc = self.get_refcount(self.layout.cluster_index(l2))?;
+            let new = L1Entry::new(l2, rc == 1).0;
+            // QEMU does not write back a table it is dropping references from.
+            if new != l1[i] && walk != Walk::Dec {
+                l1[i] = new;
+                if active {
+                    self.write_l1_entry(i, new)?;
+                } else {
+                    let mut b = [0u8; 8];
+                    BigEndian::write_u64(&mut b, new);
+                    self.swrite(l1_offset + i as u64 * 8, &b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `list` as the new snapshot table: fresh clusters, flush, one 12-byte header
+    /// write, then the old table is freed (QEMU `qcow2_write_snapshots`).
+    fn publish_table(&mut self, list: Vec<Snapshot>) -> Result<()> {
+        let mut raw = Vec::new();
+        for s in &list {
+            s.encode(&mut raw);
+        }
+        if raw.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Qcow2Error::SnapshotLimit(
+                "Snapshot table too large (exceeds 64 MiB)".into(),
+            )
+            .into());
+        }
+        let new_off = if raw.is_empty() {
+            0
+        } else {
+            let off = self.alloc_clusters(self.layout.clusters_for(raw.len() as u64))?;
+            self.swrite(off, &raw)?;
+            off
+        };
+        self.sflush()?;
+        let mut hdr = [0u8; 12];
+        BigEndian::write_u32(&mut hdr[0..4], list.len() as u32);
+        BigEndian::write_u64(&mut hdr[4..12], new_off);
+        self.swrite(OFF_SNAPSHOTS, &hdr)?;
+        self.sflush()?;
+        let old_off = self.header.snapshots_offset;
+        let old_len: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
+        self.header.nb_snapshots = list.len() as u32;
+        self.header.snapshots_offset = new_off;
+        let mut list = list;
+        let mut p = new_off;
+        for s in &mut list {
+            s.entry_offset = p;
+            s.entry_len = s.encoded_len() as u64;
+            p += s.entry_len;
+        }
+        self.snapshots = list;
+        if old_off != 0 && old_len > 0 {
+            self.free_range(old_off, old_len)?;
+        }
+        Ok(())
+    }
+
+    fn next_snapshot_id(&self) -> String {
+        let max = self
+            .snapshots
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        (max + 1).to_string()
+    }
+
+    /// Creates a snapshot of the active layer (QEMU `qcow2_snapshot_create`).
+    pub(crate) fn create_snapshot(&mut self, p: &SnapshotParams) -> Result<SnapshotInfo> {
+        self.writable()?;
+        self.repair_if_dirty()?;
+        if p.name.is_empty() || p.name.len() > u16::MAX as usize {
+            return Err(Error::Format(format!("Invalid snapshot name '{}'", p.name)));
+        }
+        if self.snapshots.iter().any(|s| s.name == p.name) {
+            return Err(Qcow2Error::SnapshotExists(p.name.clone()).into());
+        }
+        if self.snapshots.len() as u32 >= MAX_SNAPSHOTS {
+            return Err(Qcow2Error::SnapshotLimit(format!(
+                "Too many snapshots (QEMU's limit is {MAX_SNAPSHOTS})"
+            ))
+            .into());
+        }
+        if p.extra_tail.len() > MAX_SNAPSHOT_EXTRA as usize - KNOWN_EXTRA {
+            return Err(Qcow2Error::SnapshotLimit("Too much extra snapshot data".into()).into());
+        }
+        if self.layout.max_refcount() < 2 && self.l1.iter().any(|&e| e != 0) {
+            return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
+        }
+        let id = self.next_snapshot_id();
+        // 1. Copy the active L1 table into fresh clusters.
+        let l1_bytes = self.l1.len() as u64 * 8;
+        let l1_off = if l1_bytes == 0 {
+            0
+        } else {
+            let off = self.alloc_clusters(self.layout.clusters_for(l1_bytes))?;
+            let mut raw = vec![0u8; l1_bytes as usize];
+            for (i, e) in self.l1.iter().enumerate() {
+                BigEndian::write_u64(&mut raw[i * 8..], *e);
+            }
+            self.swrite(off, &raw)?;
+            off
+        };
+        // 2. +1 on everything the active table reaches; COPIED flags cleared.
+        let active_off = self.header.l1_table_offset;
+        let active_size = self.l1.len() as u32;
+        self.walk_l1(active_off, active_size, Walk::Inc)?;
+        // 3. Publish the new table (flush, header commit, free old table).
+        let sn = Snapshot {
+            l1_table_offset: l1_off,
+            l1_size: active_size,
+            id,
+            name: p.name.clone(),
+            date_sec: p.date_sec,
+            date_nsec: p.date_nsec,
+            vm_clock_nsec: p.vm_clock_nsec,
+            vm_state_size: p.vm_state_size,
+            disk_size: self.header.size,
+            icount: p.icount.unwrap_or(u64::MAX),
+            unknown_extra: p.extra_tail.clone(),
+            entry_offset: 0,
+            entry_len: 0,
+        };
+        let mut list = self.snapshots.clone();
+        list.push(sn.clone());
+        self.publish_table(list)?;
+        // 4. The VM state is not needed in the active layer any more.
+        if p.vm_state_size > 0 {
+            let cs = self.layout.cluster_size();
+            let off = self.vm_state_offset();
+            let len = p.vm_state_size.div_ceil(cs) * cs;
+            self.zero_vmstate(off, len)?;
+        }
+        self.sflush()?;
+        Ok(sn.info())
+    }
+
+    /// Discards whole clusters of the VM state area of the active layer.
+    fn zero_vmstate(&mut self, off: u64, len: u64) -> Result<()> {
+        self.zero_guest(off, len, true)
+    }
+
+    /// Reverts the active layer to a snapshot (QEMU `qcow2_snapshot_goto`).
+    pub(crate) fn goto_snapshot(&mut self, id_or_name: &str) -> Result<()> {
+        self.writable()?;
+        self.repair_if_dirty()?;
+        let idx = self.find_snapshot(id_or_name)?;
+        let sn = self.snapshots[idx].clone();
+        if sn.disk_size != self.header.size {
+            return Err(Qcow2Error::DiskSizeMismatch {
+                snapshot: sn.id,
+                snap_size: sn.disk_size,
+                disk_size: self.header.size,
+            }
+            .into());
+        }
+        let cs = self.layout.cluster_size();
+        let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
+        if sn.l1_size > 0 {
+            validate_table(
+                "Snapshot L1 table",
+                sn.l1_table_offset,
+                u64::from(sn.l1_size) * 8,
+                MAX_L1_BYTES,
+                cs,
+                file_len,
+            )?;
+        }
+        if self.layout.max_refcount() < 2 && self.read_snapshot_l1(&sn)?.iter().any(|&e| e != 0) {
+            return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
+        }
+        // 1. The active L1 must hold the whole snapshot table.
+        self.grow_l1(u64::from(sn.l1_size), true)?;
+        let mut new_l1 = self.read_snapshot_l1(&sn)?;
+        // 2. +1 on everything the snapshot reaches (also fixes the snapshot's COPIED flags).
+        if sn.l1_size > 0 {
+            self.walk_l1(sn.l1_table_offset, sn.l1_size, Walk::Inc)?;
+            new_l1 = self.read_snapshot_l1(&sn)?;
+        }
+        new_l1.resize(self.l1.len(), 0);
+        // 3. Overwrite the active L1 table, synced.
+        let mut raw = vec![0u8; self.l1.len() * 8];
+        for (i, e) in new_l1.iter().enumerate() {
+            BigEndian::write_u64(&mut raw[i * 8..], *e);
+        }
+        self.swrite(self.header.l1_table_offset, &raw)?;
+        self.sflush()?;
+        // 4. −1 on what the old active table reached (still in memory).
+        let active_off = self.header.l1_table_offset;
+        let size = self.l1.len() as u32;
+        self.walk_l1(active_off, size, Walk::Dec)?;
+        // 5. Switch the in-memory table and fix COPIED flags.
+        self.l1 = new_l1;
+        self.walk_l1(active_off, size, Walk::FixCopied)?;
+        self.sflush()
+    }
+
+    /// Deletes a snapshot (QEMU `qcow2_snapshot_delete`).
+    pub(crate) fn delete_snapshot(&mut self, id_or_name: &str) -> Result<()> {
+        self.writable()?;
+        self.repair_if_dirty()?;
+        let idx = self.find_snapshot(id_or_name)?;
+        let sn = self.snapshots[idx].clone();
+        let cs = self.layout.cluster_size();
+        let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
+        if sn.l1_size > 0 {
+            validate_table(
+                "Snapshot L1 table",
+                sn.l1_table_offset,
+                u64::from(sn.l1_size) * 8,
+                MAX_L1_BYTES,
+                cs,
+                file_len,
+            )?;
+        }
+        // 1. Publish the table without the entry: from here on only leaks are possible.
+        let mut list = self.snapshots.clone();
+        list.remove(idx);
+        self.publish_table(list)?;
+        // 2. −1 on everything the snapshot reached, then free its L1 table.
+        if sn.l1_size > 0 {
+            self.walk_l1(sn.l1_table_offset, sn.l1_size, Walk::Dec)?;
+            self.free_range(sn.l1_table_offset, u64::from(sn.l1_size) * 8)?;
+        }
+        // 3. Clusters now referenced once get COPIED back in the active tables.
+        let active_off = self.header.l1_table_offset;
+        let size = self.l1.len() as u32;
+        self.walk_l1(active_off, size, Walk::FixCopied)?;
+        self.sflush()
+    }
+}

@@ -1,0 +1,392 @@
+//! `vmsnap run`: boot a built-in guest under KVM with disks, a serial console and a monitor.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::block::{self, Format, OpenOptions};
+use crate::vmm::devices::SerialOut;
+use crate::vmm::monitor::{self, Outcome};
+use crate::vmm::termination;
+use crate::vmm::{Guest, Vm, VmConfig, VmError, VmStatus};
+
+/// Errors of `vmsnap run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A `--drive` could not be opened.
+    #[error("drive '{path}': {source}")]
+    OpenDrive {
+        /// Image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: block::Error,
+    },
+    /// The VM could not be built or started.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The monitor's channel failed.
+    #[error("monitor {what}: {source}")]
+    Monitor {
+        /// The step.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Flushing the drives before exiting failed.
+    #[error("flushing the drives: {0}")]
+    Flush(#[source] block::Error),
+    /// A vCPU stopped on an error.
+    #[error("guest stopped: {0}")]
+    GuestFailed(String),
+}
+
+/// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSpec {
+    /// Image path.
+    pub file: PathBuf,
+    /// Forced format; probed when absent.
+    pub format: Option<Format>,
+    /// Open read-only.
+    pub readonly: bool,
+}
+
+impl FromStr for DriveSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut file = None;
+        let mut format = None;
+        let mut readonly = false;
+        for opt in s.split(',') {
+            let (k, v) = opt
+                .split_once('=')
+                .ok_or_else(|| format!("drive option '{opt}' is not key=value"))?;
+            match k {
+                "file" => file = Some(PathBuf::from(v)),
+                "format" => format = Some(v.parse::<Format>().map_err(|e| e.to_string())?),
+                "readonly" => {
+                    readonly = match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        other => return Err(format!("readonly='{other}': expected on or off")),
+                    }
+                }
+                other => return Err(format!("unknown drive option '{other}'")),
+            }
+        }
+        let file = file.ok_or("drive needs file=IMAGE")?;
+        Ok(DriveSpec {
+            file,
+            format,
+            readonly,
+        })
+    }
+}
+
+/// A memory size: bytes, or with a K, M or G suffix (binary units, like QEMU's `-m`; a bare
+/// number means MiB as in QEMU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSize(pub u64);
+
+impl FromStr for MemSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (digits, shift) = match s.as_bytes().last() {
+            Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+            Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+            Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+            _ => (s, 20),
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid memory size '{s}'"))?;
+        n.checked_mul(1 << shift)
+            .map(MemSize)
+            .ok_or_else(|| format!("memory size '{s}' is too large"))
+    }
+}
+
+/// `--serial stdio|file:PATH|none`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSpec {
+    /// Standard output.
+    Stdio,
+    /// A file (truncated).
+    File(PathBuf),
+    /// Discard.
+    None,
+}
+
+impl FromStr for SerialSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialSpec::Stdio),
+            "none" | "null" => Ok(SerialSpec::None),
+            _ => s
+                .strip_prefix("file:")
+                .map(|p| SerialSpec::File(PathBuf::from(p)))
+                .ok_or_else(|| format!("unknown serial backend '{s}' (stdio, file:PATH, none)")),
+        }
+    }
+}
+
+/// `--monitor stdio|unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorSpec {
+    /// Commands on standard input, replies on standard output.
+    Stdio,
+    /// A Unix socket server; connections are served one after the other.
+    Unix(PathBuf),
+}
+
+impl FromStr for MonitorSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "stdio" {
+            return Ok(MonitorSpec::Stdio);
+        }
+        s.strip_prefix("unix:")
+            .map(|p| MonitorSpec::Unix(PathBuf::from(p.split(',').next().unwrap_or(p))))
+            .ok_or_else(|| format!("unknown monitor backend '{s}' (stdio, unix:PATH)"))
+    }
+}
+
+/// Arguments of `vmsnap run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on]`. Repeat for more disks.
+    #[arg(long = "drive", value_name = "SPEC")]
+    pub drives: Vec<DriveSpec>,
+    /// Built-in guest to boot.
+    #[arg(long, default_value = "counter")]
+    pub guest: Guest,
+    /// Guest RAM (e.g. 64M, 1G; a bare number is MiB).
+    #[arg(long, short = 'm', default_value = "64M")]
+    pub memory: MemSize,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub smp: usize,
+    /// Serial console backend: stdio, file:PATH or none.
+    #[arg(long, default_value = "stdio")]
+    pub serial: SerialSpec,
+    /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
+    #[arg(long)]
+    pub monitor: Option<MonitorSpec>,
+}
+
+/// Runs `vmsnap run`; returns the exit code.
+pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
+    let mut drives = Vec::with_capacity(args.drives.len());
+    for d in &args.drives {
+        let opts = OpenOptions {
+            read_only: d.readonly,
+            format: d.format,
+            force_share: false,
+        };
+        let drive = block::open_image(&d.file, opts).map_err(|source| RunError::OpenDrive {
+            path: d.file.clone(),
+            source,
+        })?;
+        drives.push(drive);
+    }
+    let serial = match &args.serial {
+        SerialSpec::Stdio => SerialOut::Stdout,
+        SerialSpec::File(p) => SerialOut::File(p.clone()),
+        SerialSpec::None => SerialOut::Sink,
+    };
+    let mut vm = Vm::new(VmConfig {
+        mem_size: args.memory.0,
+        vcpus: args.smp,
+        drives,
+        serial,
+        guest: args.guest,
+    })?;
+    termination::install().map_err(|source| RunError::Monitor {
+        what: "installing the SIGINT/SIGTERM handler",
+        source,
+    })?;
+    vm.start();
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| watch_termination(&vm, &done));
+        let r = match &args.monitor {
+            None => wait_for_failure(&vm),
+            Some(MonitorSpec::Stdio) => {
+                let stdin = std::io::stdin();
+                serve(&vm, stdin.lock(), std::io::stdout(), true).map(|()| 0)
+            }
+            Some(MonitorSpec::Unix(path)) => serve_unix(&vm, path).map(|()| 0),
+        };
+        done.store(true, Ordering::SeqCst);
+        r
+    });
+    let flushed = stop_and_flush(&vm);
+    vm.shutdown();
+    if let VmStatus::Failed(why) = vm.status() {
+        return Err(RunError::GuestFailed(why));
+    }
+    flushed?;
+    result
+}
+
+/// Stops the vCPUs and flushes every drive, as QEMU does before exiting.
+fn stop_and_flush(vm: &Vm) -> Result<(), RunError> {
+    // A VM whose vCPUs already failed still gets its disks flushed.
+    let _ = vm.pause();
+    vm.flush_drives().map_err(RunError::Flush)
+}
+
+/// On SIGINT/SIGTERM: stop, flush, exit 0 (QEMU: "terminating on signal").
+fn watch_termination(vm: &Vm, done: &AtomicBool) {
+    while !done.load(Ordering::SeqCst) {
+        if termination::requested() {
+            let code = match stop_and_flush(vm) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vmsnap: {e}");
+                    1
+                }
+            };
+            eprintln!("vmsnap: terminating on signal");
+            std::process::exit(code);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_failure(vm: &Vm) -> Result<i32, RunError> {
+    loop {
+        if let VmStatus::Failed(why) = vm.status() {
+            return Err(RunError::GuestFailed(why));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Serves monitor commands from `input` until `quit` or end of input (which also quits).
+fn serve(vm: &Vm, input: impl BufRead, mut out: impl Write, prompt: bool) -> Result<(), RunError> {
+    let io = |what| move |source| RunError::Monitor { what, source };
+    writeln!(out, "vmsnap monitor - type 'help' for more information").map_err(io("write"))?;
+    let mut lines = input.lines();
+    loop {
+        if prompt {
+            write!(out, "(vmsnap) ").map_err(io("write"))?;
+        }
+        out.flush().map_err(io("flush"))?;
+        let Some(line) = lines.next() else {
+            return Ok(());
+        };
+        let line = line.map_err(io("read"))?;
+        let (reply, quit) = match monitor::execute(vm, &line) {
+            Outcome::Continue(r) => (r, false),
+            Outcome::Quit(r) => (r, true),
+        };
+        if !reply.is_empty() {
+            writeln!(out, "{reply}").map_err(io("write"))?;
+        }
+        if quit {
+            out.flush().map_err(io("flush"))?;
+            return Ok(());
+        }
+    }
+}
+
+fn serve_unix(vm: &Vm, path: &std::path::Path) -> Result<(), RunError> {
+    let io = |what| move |source| RunError::Monitor { what, source };
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(io("bind"))?;
+    let result = loop {
+        let (stream, _) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => break Err(io("accept")(e)),
+        };
+        let reader = match stream.try_clone() {
+            Ok(r) => BufReader::new(r),
+            Err(e) => break Err(io("accept")(e)),
+        };
+        // A client that merely disconnects leaves the VM running for the next one.
+        let mut quit = false;
+        let mut lines = reader.lines();
+        let mut w = &stream;
+        let _ = writeln!(w, "vmsnap monitor - type 'help' for more information");
+        while let Some(Ok(line)) = lines.next() {
+            let (reply, q) = match monitor::execute(vm, &line) {
+                Outcome::Continue(r) => (r, false),
+                Outcome::Quit(r) => (r, true),
+            };
+            if !reply.is_empty() {
+                let _ = writeln!(w, "{reply}");
+            }
+            if q {
+                quit = true;
+                break;
+            }
+        }
+        if quit {
+            break Ok(());
+        }
+    };
+    let _ = std::fs::remove_file(path);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_specs_parse() {
+        let d: DriveSpec = "file=/tmp/a.qcow2,format=qcow2,readonly=on"
+            .parse()
+            .unwrap();
+        assert_eq!(d.file, PathBuf::from("/tmp/a.qcow2"));
+        assert_eq!(d.format, Some(Format::Qcow2));
+        assert!(d.readonly);
+        let d: DriveSpec = "file=x".parse().unwrap();
+        assert_eq!((d.format, d.readonly), (None, false));
+        assert!("format=raw"
+            .parse::<DriveSpec>()
+            .unwrap_err()
+            .contains("file=IMAGE"));
+        assert!("file=x,cache=none"
+            .parse::<DriveSpec>()
+            .unwrap_err()
+            .contains("cache"));
+        assert!("file=x,readonly=maybe"
+            .parse::<DriveSpec>()
+            .unwrap_err()
+            .contains("maybe"));
+        assert!("file=x,format=vmdk".parse::<DriveSpec>().is_err());
+    }
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!("64M".parse::<MemSize>().unwrap(), MemSize(64 << 20));
+        assert_eq!("1G".parse::<MemSize>().unwrap(), MemSize(1 << 30));
+        assert_eq!("512k".parse::<MemSize>().unwrap(), MemSize(512 << 10));
+        assert_eq!("16".parse::<MemSize>().unwrap(), MemSize(16 << 20));
+        assert!("lots".parse::<MemSize>().unwrap_err().contains("lots"));
+        assert!("99999999999999G".parse::<MemSize>().is_err());
+    }
+
+    #[test]
+    fn serial_and_monitor_specs_parse() {
+        assert_eq!("stdio".parse::<SerialSpec>().unwrap(), SerialSpec::Stdio);
+        assert_eq!(
+            "file:/tmp/s".parse::<SerialSpec>().unwrap(),
+            SerialSpec::File("/tmp/s".into())
+        );
+        assert!("pty".parse::<SerialSpec>().is_err());
+        assert_eq!(
+            "unix:/tmp/m,server,nowait".parse::<MonitorSpec>().unwrap(),
+            MonitorSpec::Unix("/tmp/m".into())
+        );
+        assert!("tcp:1".parse::<MonitorSpec>().is_err());
+    }
+}

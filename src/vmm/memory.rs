@@ -1,0 +1,194 @@
+//! Guest RAM: one anonymous mmap (vm-memory) registered as KVM memory slot 0 at GPA 0.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Smallest guest RAM accepted.
+pub const MIN_MEM_SIZE: u64 = 2 << 20;
+/// Largest guest RAM accepted (the guests map only the first GiB).
+pub const MAX_MEM_SIZE: u64 = 1 << 30;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Size outside the accepted range or not page aligned.
+    #[error(
+        "guest memory size {0:#x} must be page aligned and within \
+         [{MIN_MEM_SIZE:#x}, {MAX_MEM_SIZE:#x}]"
+    )]
+    BadSize(u64),
+    /// mmap failed.
+    #[error("allocating {size:#x} bytes of guest memory: {source}")]
+    Allocate {
+        /// Requested size.
+        size: u64,
+        /// The cause.
+        #[source]
+        source: vm_memory::mmap::Error,
+    },
+    /// A host address could not be obtained.
+    #[error("guest memory region at {0:#x} has no host mapping")]
+    HostAddress(u64),
+    /// `KVM_GET_DIRTY_LOG` failed (dirty logging not enabled, or not supported).
+    #[error("KVM_GET_DIRTY_LOG slot {slot}: {source}")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_USER_MEMORY_REGION` failed.
+    #[error("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}: {source}")]
+    SetRegion {
+        /// Slot number.
+        slot: u32,
+        /// Guest-physical base.
+        gpa: u64,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Allocates guest RAM of `size` bytes.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&size) || size % 4096 != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+        .map_err(|source| MemoryError::Allocate { size, source })
+}
+
+/// Registers every region of `mem` with KVM, slot numbers from 0. With `log_dirty`, KVM
+/// tracks the pages the vCPUs write (`KVM_MEM_LOG_DIRTY_PAGES`); registering again with the
+/// same slots switches tracking on or off without touching the memory.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let gpa = region.start_addr().0;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::HostAddress(gpa))?;
+        let slot = slot as u32;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: gpa,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`; the VM keeps a clone of `mem` (an
+        // Arc to the same mappings) for as long as the VM fd exists, so KVM never sees the
+        // memory unmapped while the slot is registered.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::SetRegion {
+            slot,
+            gpa,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Fetches and clears KVM's dirty bitmap of every slot: one `u64` word per 64 pages, slot after
+/// slot, bit `i` of word `w` set if page `64 * w + i` of that slot was written by a vCPU since
+/// the last call. Writes the VMM makes itself (device DMA) are not in it.
+pub fn dirty_bitmap(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, MemoryError> {
+    let mut out = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let bitmap = vm
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+        out.extend_from_slice(&bitmap);
+    }
+    Ok(out)
+}
+
+/// Guest pages written by the VMM itself (device DMA), which KVM's dirty log cannot see.
+/// Same layout as [`dirty_bitmap`] for the single slot at GPA 0; only recorded while enabled.
+#[derive(Debug)]
+pub struct DmaDirtyLog {
+    enabled: AtomicBool,
+    words: Vec<AtomicU64>,
+}
+
+impl DmaDirtyLog {
+    /// A log for `mem_size` bytes of guest RAM, disabled.
+    pub fn new(mem_size: u64) -> Self {
+        let pages = mem_size.div_ceil(PAGE_SIZE);
+        DmaDirtyLog {
+            enabled: AtomicBool::new(false),
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Starts or stops recording (stopping also forgets what was recorded).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::SeqCst);
+        if !on {
+            self.take();
+        }
+    }
+
+    /// Records that `[gpa, gpa + len)` was written.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 || !self.enabled.load(Ordering::SeqCst) {
+            return;
+        }
+        let first = gpa / PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / PAGE_SIZE;
+        for page in first..=last {
+            if let Some(w) = self.words.get((page / 64) as usize) {
+                w.fetch_or(1 << (page % 64), Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Returns and clears the recorded pages.
+    pub fn take(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst))
+            .collect()
+    }
+}
+
+const PAGE_SIZE: u64 = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dma_log_records_only_while_enabled() {
+        let log = DmaDirtyLog::new(1 << 20);
+        log.mark(0x1000, 1);
+        assert!(log.take().iter().all(|&w| w == 0));
+        log.set_enabled(true);
+        log.mark(0x1fff, 2); // pages 1 and 2
+        log.mark(64 * 4096, 4096); // page 64, second word
+        log.mark(u64::MAX - 10, 5); // beyond RAM: ignored, no overflow
+        let words = log.take();
+        assert_eq!(words[0], 0b110);
+        assert_eq!(words[1], 1);
+        assert!(log.take().iter().all(|&w| w == 0), "take clears");
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(matches!(create(4096), Err(MemoryError::BadSize(4096))));
+        assert!(matches!(
+            create((4 << 20) + 1),
+            Err(MemoryError::BadSize(_))
+        ));
+        let m = create(4 << 20).unwrap();
+        assert_eq!(m.iter().map(|r| r.len()).sum::<u64>(), 4 << 20);
+    }
+}

@@ -241,7 +241,8 @@ fn cases() -> Vec<(&'static str, Expect, Patch)> {
         }),
         ("L2 table offset unaligned", Expect::CheckAndRead, |d, b| {
             let l2 = be64(d, b.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
-            put64(d, b.l1_table_offset, (1 << 63) | (l2 + 0x100))
+            // 0x200: bit 9 is the lowest offset bit of an L1 entry (bits 0-8 are reserved).
+            put64(d, b.l1_table_offset, (1 << 63) | (l2 + 0x200))
         }),
     ]
 }

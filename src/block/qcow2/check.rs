@@ -216,7 +216,6 @@ impl Qcow2 {
         what: &str,
     ) -> Result<()> {
         let cs = self.layout.cluster_size();
-        let ext = self.layout.extended_l2;
         for (i, &raw) in l1.iter().enumerate() {
             let e = L1Entry(raw);
             let l2 = e.l2_offset();
@@ -254,7 +253,6 @@ impl Qcow2 {
                 self.check_l2_entry(le, bm, refs, r, frag.as_deref_mut())?;
             }
         }
-        let _ = ext;
         Ok(())
     }
 

@@ -128,11 +128,11 @@ fn bad(msg: String) -> Qcow2Error {
 
 impl Header {
     /// Parses and validates the header from the first cluster of the image (or the first
-    /// `min(file length, 2 MiB)` bytes). `file_len` bounds every offset.
+    /// `min(file length, 2 MiB)` bytes).
     ///
     /// # Errors
     /// [`Qcow2Error::InvalidHeader`] or [`Qcow2Error::UnsupportedFeature`] naming the value.
-    pub fn parse(buf: &[u8], file_len: u64) -> Result<Self, Qcow2Error> {
+    pub fn parse(buf: &[u8]) -> Result<Self, Qcow2Error> {
         if buf.len() < V2_HEADER_LEN as usize {
             return Err(bad(format!(
                 "qcow2 header too short: {} < {V2_HEADER_LEN} bytes",
@@ -254,7 +254,6 @@ impl Header {
             let name = &buf[start as usize..(start + len) as usize];
             h.backing_file = Some(String::from_utf8_lossy(name).into_owned());
         }
-        let _ = file_len;
         Ok(h)
     }
 
@@ -445,7 +444,7 @@ mod tests {
     fn roundtrip() {
         let h = sample();
         let b = h.to_bytes(65536);
-        assert_eq!(Header::parse(&b, 1 << 20).unwrap(), h);
+        assert_eq!(Header::parse(&b).unwrap(), h);
     }
 
     #[test]
@@ -453,20 +452,17 @@ mod tests {
         let mut h = sample();
         h.incompatible_features = 1 << 9;
         let b = h.to_bytes(65536);
-        let e = Header::parse(&b, 1 << 20).unwrap_err().to_string();
+        let e = Header::parse(&b).unwrap_err().to_string();
         assert!(e.contains("bit 9"), "{e}");
     }
 
     #[test]
     fn rejects_bad_magic_short_and_cluster_bits() {
         let mut b = sample().to_bytes(65536);
-        assert!(Header::parse(&b[..50], 50).is_err());
+        assert!(Header::parse(&b[..50]).is_err());
         BigEndian::write_u32(&mut b[20..], 30);
-        assert!(Header::parse(&b, 1 << 20)
-            .unwrap_err()
-            .to_string()
-            .contains("2^30"));
+        assert!(Header::parse(&b).unwrap_err().to_string().contains("2^30"));
         b[0] = 0;
-        assert!(Header::parse(&b, 1 << 20).is_err());
+        assert!(Header::parse(&b).is_err());
     }
 }

@@ -8,7 +8,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::entry::{
     subcluster_kind, ClusterKind, L1Entry, L2Entry, BITMAP_ALL_ALLOC, BITMAP_ALL_ZEROES,
-    OFLAG_COPIED, OFLAG_ZERO,
+    L1_RESERVED, OFLAG_COPIED, OFLAG_ZERO,
 };
 use super::{corrupt, Qcow2, Qcow2Error};
 use crate::block::Result;
@@ -66,7 +66,13 @@ impl Qcow2 {
             Some(t) => t.get(i1).copied(),
             None => self.l1.get(i1).copied(),
         };
-        let l2 = L1Entry(l1e.unwrap_or(0)).l2_offset();
+        let raw = l1e.unwrap_or(0);
+        if raw & L1_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "L1 entry {i1} has reserved bits set ({raw:#x})"
+            )));
+        }
+        let l2 = L1Entry(raw).l2_offset();
         if l2 == 0 {
             return Ok((L2Entry(0), 0));
         }
@@ -170,6 +176,12 @@ impl Qcow2 {
             self.grow_l1(i1 + 1, false)?;
         }
         let e = L1Entry(self.l1[i1 as usize]);
+        if e.0 & L1_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "L1 entry {i1} has reserved bits set ({:#x})",
+                e.0
+            )));
+        }
         if e.l2_offset() != 0 && e.copied() {
             return Ok(e.l2_offset());
         }

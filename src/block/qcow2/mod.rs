@@ -417,7 +417,7 @@ impl Qcow2 {
         storage
             .read_at(0, &mut buf)
             .map_err(|e| Error::io("Could not read qcow2 header", e))?;
-        let header = Header::parse(&buf, file_len)?;
+        let header = Header::parse(&buf)?;
         let layout = header.layout();
         let cs = layout.cluster_size();
         if header.incompatible_features & INCOMPAT_DATA_FILE != 0 {

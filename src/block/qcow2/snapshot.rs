@@ -158,15 +158,6 @@ pub(crate) fn read_table(
         .map_err(|e| Error::io("read snapshot table", e))?;
     let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
     let mut pos = 0usize;
-    let l1_needed = h.size.div_ceil(
-        cs << (h.cluster_bits
-            - if h.incompatible_features & super::header::INCOMPAT_EXTL2 != 0 {
-                4
-            } else {
-                3
-            }),
-    );
-    let _ = l1_needed;
     for i in 0..h.nb_snapshots {
         // `end` is the entry's end without padding: QEMU does not write the last entry's
         // padding, so a table may end up to 7 bytes short of its padded size.

@@ -369,3 +369,207 @@ fn sha256_hex(data: &[u8]) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+#[test]
+fn backing_file_reads_through_and_partial_writes_copy_from_it() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    assert_eq!(run("qemu-img", &["create", "-f", "qcow2", b, "4M"]).0, 0);
+    assert_eq!(run("qemu-io", &["-c", "write -P 0xba 0 1M", b]).0, 0);
+    let (c, out) = run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            t,
+        ],
+    );
+    assert_eq!(c, 0, "{out}");
+    {
+        let mut img = Qcow2::open(&top, OpenOptions::default()).unwrap();
+        assert_eq!(img.info().backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(read(&mut img, 4096, 10), vec![0xba; 10]);
+        // A partial-cluster write copies the rest of the cluster from the backing file.
+        img.write_at(100, &[0x70; 50]).unwrap();
+        img.snapshot_create(&params("s")).unwrap();
+        img.write_zeroes(65536, 65536).unwrap();
+        img.flush().unwrap();
+    }
+    // Remove the backing data from under the top image's written cluster: QEMU must still read
+    // the copied bytes from the top image.
+    let (_, io) = run(
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 0xba 0 100",
+            "-c",
+            "read -P 0x70 100 50",
+            "-c",
+            "read -P 0xba 150 65386",
+            "-c",
+            "read -P 0 65536 65536",
+            "-c",
+            "read -P 0xba 131072 4096",
+            t,
+        ],
+    );
+    assert!(!io.contains("verification failed"), "{io}");
+    let (c, out) = run("qemu-img", &["check", t]);
+    assert_eq!(c, 0, "{out}");
+}
+
+#[test]
+fn compressed_clusters_deflate_and_zstd_made_by_qemu() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for ctype in ["zlib", "zstd"] {
+        let src = dir.path().join("src.raw");
+        let dst = dir.path().join(format!("{ctype}.qcow2"));
+        let mut data = vec![0u8; 1 << 20];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 1000) as u8 ^ (i % 7) as u8;
+        }
+        std::fs::write(&src, &data).unwrap();
+        let (c, out) = run(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ctype}"),
+                src.to_str().unwrap(),
+                dst.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(c, 0, "{out}");
+        let mut img = Qcow2::open(&dst, OpenOptions::default()).unwrap();
+        assert_eq!(img.info().compression_type, ctype);
+        assert_eq!(read(&mut img, 0, data.len()), data, "{ctype}");
+        let r = img.check(None).unwrap();
+        assert!(r.compressed_clusters > 0, "{ctype}: {r:?}");
+        // A write into a compressed cluster copies it out.
+        img.write_at(70_000, &[0xee; 10]).unwrap();
+        let mut want = data.clone();
+        want[70_000..70_010].fill(0xee);
+        assert_eq!(read(&mut img, 0, data.len()), want);
+        assert_clean(&mut img);
+        img.flush().unwrap();
+        drop(img);
+        assert_eq!(run("qemu-img", &["check", dst.to_str().unwrap()]).0, 0);
+    }
+}
+
+#[test]
+fn dirty_image_is_repaired_before_snapshots_and_autoclear_is_cleared() {
+    let (mem, mut img) = mem_image(&CreateOptions {
+        size: 4 << 20,
+        lazy_refcounts: true,
+        ..Default::default()
+    });
+    img.write_at(0, &[1; 65536]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    // Simulate QEMU with lazy refcounts: dirty bit set, a refcount lost, unknown autoclear bit.
+    let mut d = mem.data();
+    d[79] |= 1; // incompatible_features bit 0 (dirty)
+    d[95] |= 0x80; // autoclear bit 7
+    let mem = MemStorage::from_vec(d);
+    let mut img = Qcow2::open_storage(Box::new(mem.clone()), false).unwrap();
+    assert_eq!(img.header().autoclear_features, 0);
+    assert!(img.info().dirty);
+    img.snapshot_create(&params("after-repair")).unwrap();
+    assert!(!img.info().dirty);
+    assert_clean(&mut img);
+    let d = mem.data();
+    assert_eq!(d[79] & 1, 0);
+    assert_eq!(d[95], 0);
+}
+
+#[test]
+fn corrupt_image_is_refused_for_writing_but_readable() {
+    let (mem, img) = mem_image(&CreateOptions {
+        size: 1 << 20,
+        ..Default::default()
+    });
+    drop(img);
+    let mut d = mem.data();
+    d[79] |= 2; // corrupt bit
+    let before = d.clone();
+    let e = Qcow2::open_storage(Box::new(MemStorage::from_vec(d.clone())), false).unwrap_err();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+    let ro = MemStorage::from_vec(d);
+    let mut img = Qcow2::open_storage(Box::new(ro.clone()), true).unwrap();
+    assert!(img.info().corrupt);
+    assert!(img.write_at(0, &[1]).is_err());
+    drop(img);
+    assert_eq!(ro.data(), before);
+}
+
+#[test]
+fn unknown_header_fields_and_extensions_survive_snapshot_operations() {
+    let (mem, img) = mem_image(&CreateOptions {
+        size: 4 << 20,
+        ..Default::default()
+    });
+    drop(img);
+    // Grow header_length by 8 bytes of unknown fields and add an unknown extension after the
+    // feature table (which starts at 112 in our images).
+    let mut d = mem.data();
+    let mut rest = d[112..4096].to_vec();
+    d[100..104].copy_from_slice(&120u32.to_be_bytes());
+    d[112..120].copy_from_slice(b"FUTURE!!");
+    let ext_end = {
+        // Walk our extensions to find the end marker.
+        let mut off = 0usize;
+        loop {
+            let kind = u32::from_be_bytes(rest[off..off + 4].try_into().unwrap());
+            let len = u32::from_be_bytes(rest[off + 4..off + 8].try_into().unwrap()) as usize;
+            if kind == 0 {
+                break off;
+            }
+            off += 8 + len.div_ceil(8) * 8;
+        }
+    };
+    rest.truncate(ext_end);
+    rest.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    rest.extend_from_slice(&5u32.to_be_bytes());
+    rest.extend_from_slice(b"hello\0\0\0");
+    rest.extend_from_slice(&[0u8; 8]);
+    d[120..120 + rest.len()].copy_from_slice(&rest);
+    let header_before = d[..120 + rest.len()].to_vec();
+    let mem = MemStorage::from_vec(d);
+    let mut img = Qcow2::open_storage(Box::new(mem.clone()), false).unwrap();
+    assert!(img
+        .header()
+        .extensions
+        .iter()
+        .any(|e| e.kind == 0x1234_5678 && e.data == b"hello"));
+    img.write_at(0, &[3; 100_000]).unwrap();
+    img.snapshot_create(&params("a")).unwrap();
+    img.snapshot_create(&params("b")).unwrap();
+    img.snapshot_goto("a").unwrap();
+    img.snapshot_delete("b").unwrap();
+    assert_clean(&mut img);
+    drop(img);
+    let after = mem.data();
+    // Only the fields vmsnap owns changed: l1 (36..48), snapshots (60..72).
+    for (i, (a, b)) in header_before.iter().zip(&after).enumerate() {
+        if !(36..48).contains(&i) && !(60..72).contains(&i) {
+            assert_eq!(a, b, "header byte {i} changed");
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! savevm / loadvm / delvm of the counter guest through `vmsnap run`'s monitor, checked with
+//! the guest's own tick counter and checks, `qemu-img` and the inspector.
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The tests boot guests whose timing matters: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const REC_MAGIC: u64 = 0x524e_5443_4b43_4954;
+
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tools_available() -> bool {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm {
+        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
+        return false;
+    }
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: qemu-img is not installed");
+        return false;
+    }
+    true
+}
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img").args(args).output().unwrap()
+}
+
+fn create_qcow2(path: &Path) {
+    let out = qemu_img(&["create", "-f", "qcow2", path.to_str().unwrap(), "16M"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A running `vmsnap run` with a Unix-socket monitor.
+struct Vmm {
+    child: KillOnDrop,
+    reader: BufReader<UnixStream>,
+    stream: UnixStream,
+    serial: PathBuf,
+}
+
+impl Vmm {
+    fn start(dir: &Path, drives: &[String], smp: u32, loadvm: Option<&str>, run: u32) -> Vmm {
+        let sock = dir.join(format!("mon{run}.sock"));
+        let serial = dir.join(format!("serial{run}.txt"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
+        cmd.arg("run");
+        for d in drives {
+            cmd.args(["--drive", d]);
+        }
+        cmd.args(["--guest", "counter", "--memory", "16M", "--smp"])
+            .arg(smp.to_string())
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--monitor")
+            .arg(format!("unix:{}", sock.display()));
+        if let Some(tag) = loadvm {
+            cmd.args(["--loadvm", tag]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = KillOnDrop(Some(child));
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                    if let Some(Ok(Some(st))) = child.0.as_mut().map(|c| c.try_wait()) {
+                        let out = child.0.take().unwrap().wait_with_output().unwrap();
+                        let err = String::from_utf8_lossy(&out.stderr);
+                        panic!("vmsnap run exited with {st}: {err}");
+                    }
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("monitor socket never appeared: {e}"),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut banner = String::new();
+        reader.read_line(&mut banner).unwrap();
+        assert!(banner.contains("monitor"), "{banner}");
+        Vmm {
+            child,
+            reader,
+            stream,
+            serial,
+        }
+    }
+
+    /// Sends a command and returns its reply (everything printed before the status line of
+    /// an `info status` sent right after it) and that status.
+    fn cmd(&mut self, line: &str) -> (String, String) {
+        writeln!(self.stream, "{line}").unwrap();
+        writeln!(self.stream, "info status").unwrap();
+        let mut reply = String::new();
+        loop {
+            let mut l = String::new();
+            let n = self.reader.read_line(&mut l).unwrap();
+            assert!(n > 0, "monitor closed after '{line}'; got: {reply}");
+            if let Some(st) = l.trim_end().strip_prefix("VM status: ") {
+                return (reply, st.to_string());
+            }
+            reply.push_str(&l);
+        }
+    }
+
+    fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn ticks(&self) -> Vec<u64> {
+        ticks_of(&self.serial_text())
+    }
+
+    /// Waits until a tick above `n` has been printed.
+    fn wait_past(&self, n: u64) {
+        let start = Instant::now();
+        while !self.ticks().last().is_some_and(|&t| t > n) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no tick past {n}:\n{}",
+                self.serial_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the serial output has a `CHECK` line; returns the text.
+    fn wait_check(&self) -> String {
+        let start = Instant::now();
+        loop {
+            let t = self.serial_text();
+            if t.contains("CHECK ") {
+                return t;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "no CHECK:\n{t}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the guest; returns the last tick printed.
+    fn stop(&mut self) -> u64 {
+        let (r, st) = self.cmd("stop");
+        assert_eq!((r.as_str(), st.as_str()), ("", "paused"));
+        *self.ticks().last().expect("no tick before stop")
+    }
+
+    fn ok(&mut self, line: &str) -> String {
+        let (r, _) = self.cmd(line);
+        assert!(!r.contains("Error"), "'{line}' failed: {r}");
+        r
+    }
+
+    fn quit(mut self) {
+        writeln!(self.stream, "quit").unwrap();
+        let child = self.child.0.take().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn ticks_of(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+fn assert_check(path: &Path) {
+    let out = qemu_img(&["check", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The disk record `{magic, N, !N}` in sector 1 of `tag` (qemu-img convert of the snapshot).
+fn disk_record(dir: &Path, image: &Path, tag: &str) -> Option<u64> {
+    let raw = dir.join(format!("{tag}.raw"));
+    let out = qemu_img(&[
+        "convert",
+        "-l",
+        &format!("snapshot.name={tag}"),
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let data = std::fs::read(&raw).unwrap();
+    let word = |i: usize| u64::from_le_bytes(data[512 + i * 8..520 + i * 8].try_into().unwrap());
+    (word(0) == REC_MAGIC && word(2) == !word(1)).then(|| word(1))
+}
+
+fn continuity(smp: u32) {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let drives = [format!("file={}", img.display())];
+    let mut vm = Vmm::start(dir.path(), &drives, smp, None, 1);
+    vm.wait_past(10);
+    let n = vm.stop();
+    vm.ok("savevm s1");
+    vm.ok("cont");
+    vm.wait_past(n + 20);
+    vm.quit();
+    assert_check(&img);
+    // The disk of the snapshot holds the record of the last multiple of 4 up to N.
+    assert_eq!(disk_record(dir.path(), &img, "s1"), Some(n / 4 * 4));
+
+    let vm = Vmm::start(dir.path(), &drives, smp, Some("s1"), 2);
+    vm.wait_past(n + 1);
+    let text = vm.wait_check();
+    let ticks = ticks_of(&text);
+    assert_eq!(ticks.first(), Some(&(n + 1)), "{text}");
+    assert!(
+        text.contains("CHECK OK") && !text.contains("CHECK FAIL"),
+        "{text}"
+    );
+    vm.quit();
+    assert_check(&img);
+}
+
+#[test]
+fn savevm_then_loadvm_in_a_new_process_continues_at_the_next_tick_1_vcpu() {
+    continuity(1);
+}
+
+#[test]
+fn savevm_then_loadvm_in_a_new_process_continues_at_the_next_tick_2_vcpus() {
+    continuity(2);
+}

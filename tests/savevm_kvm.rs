@@ -264,3 +264,93 @@ fn savevm_then_loadvm_in_a_new_process_continues_at_the_next_tick_1_vcpu() {
 fn savevm_then_loadvm_in_a_new_process_continues_at_the_next_tick_2_vcpus() {
     continuity(2);
 }
+
+/// Ticks printed after byte `from` of the serial output.
+fn ticks_after(vm: &Vmm, from: usize) -> Vec<u64> {
+    ticks_of(vm.serial_text().get(from..).unwrap_or(""))
+}
+
+/// Waits for a tick printed after byte `from`; returns the first one.
+fn first_tick_after(vm: &Vmm, from: usize) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some(&t) = ticks_after(vm, from).first() {
+            return t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no tick");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn loadvm_in_the_running_process_goes_back_and_forth_between_two_snapshots() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let drives = [format!("file={}", img.display())];
+    let mut vm = Vmm::start(dir.path(), &drives, 2, None, 1);
+    vm.wait_past(5);
+    let na = vm.stop();
+    vm.ok("savevm a");
+    vm.ok("cont");
+    vm.wait_past(na + 30);
+    let nb = vm.stop();
+    vm.ok("savevm b");
+    vm.ok("cont");
+    vm.wait_past(nb + 10);
+    for round in 0..3 {
+        for (tag, n) in [("a", na), ("b", nb)] {
+            vm.stop();
+            let from = vm.serial_text().len();
+            vm.ok(&format!("loadvm {tag}"));
+            let (_, st) = vm.cmd("cont");
+            assert_eq!(st, "running");
+            assert_eq!(
+                first_tick_after(&vm, from),
+                n + 1,
+                "round {round}, loadvm {tag}"
+            );
+            vm.wait_past(n + 5);
+        }
+    }
+    // A check runs every 64 ticks: let one happen after the last loadvm.
+    vm.stop();
+    let from = vm.serial_text().len();
+    vm.ok("loadvm a");
+    vm.ok("cont");
+    let start = Instant::now();
+    while !vm.serial_text()[from..].contains("CHECK") {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = vm.serial_text();
+    assert!(!text.contains("CHECK FAIL"), "{text}");
+    let (list, _) = vm.cmd("info snapshots");
+    assert!(
+        list.starts_with("List of snapshots present on all disks:"),
+        "{list}"
+    );
+    assert_eq!(
+        list.lines().filter(|l| l.starts_with("-- ")).count(),
+        2,
+        "{list}"
+    );
+    vm.ok("delvm a");
+    let (list, _) = vm.cmd("info snapshots");
+    assert!(!list.contains(" a ") && list.contains(" b "), "{list}");
+    vm.quit();
+    assert_check(&img);
+    let out = qemu_img(&["snapshot", "-l", img.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains(" b "))
+        .expect("snapshot b");
+    // VM SIZE is not zero, and the VM CLOCK has advanced past the start.
+    assert!(!row.contains(" 0 B "), "{text}");
+    assert!(!row.contains("00:00:00.000"), "{text}");
+}

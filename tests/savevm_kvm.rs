@@ -354,3 +354,85 @@ fn loadvm_in_the_running_process_goes_back_and_forth_between_two_snapshots() {
     assert!(!row.contains(" 0 B "), "{text}");
     assert!(!row.contains("00:00:00.000"), "{text}");
 }
+
+/// Copies snapshot `tag`'s VM state out of `image` into a stream file.
+fn extract_stream(image: &Path, tag: &str, out: &Path) {
+    use vmsnap::block::{open_image, OpenOptions};
+    use vmsnap::migration::snapshot_io::VmstateReader;
+    let opts = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let mut drv = open_image(image, opts).unwrap();
+    let store = drv.snapshots().unwrap();
+    let mut r = VmstateReader::for_snapshot(store, tag).unwrap();
+    let mut f = std::fs::File::create(out).unwrap();
+    std::io::copy(&mut r, &mut f).unwrap();
+}
+
+#[test]
+fn snapshots_decode_with_the_inspector_and_analyze_migration() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let drives = [format!("file={}", img.display())];
+    let mut vm = Vmm::start(dir.path(), &drives, 2, None, 1);
+    vm.wait_past(3);
+    vm.ok("savevm s1");
+    vm.quit();
+    assert_check(&img);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap-inspect"))
+        .arg(&img)
+        .args(["--snapshot", "s1", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ours = String::from_utf8(out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    for section in [
+        "cpu (1)",
+        "cpu (2)",
+        "i8259 (3)",
+        "i8259 (4)",
+        "ioapic (5)",
+        "i8254 (6)",
+        "kvmclock (7)",
+        "serial (8)",
+        "vmsnap-pvblock (9)",
+        "vmsnap-control (10)",
+    ] {
+        assert!(json.get(section).is_some(), "{section} missing: {ours}");
+    }
+    assert!(json["cpu (1)"]["rip"].as_str().unwrap().starts_with("0x"));
+    assert_eq!(
+        json["cpu (2)"]["msrs"].as_array().map(|a| a.is_empty()),
+        Some(false)
+    );
+    assert!(json["serial (8)"].get("divider").is_some());
+
+    let oracle = Path::new("/work/oracle/analyze-migration.py");
+    if !oracle.exists() {
+        eprintln!("SKIPPED: {} is missing", oracle.display());
+        return;
+    }
+    let stream = dir.path().join("s1.mig");
+    extract_stream(&img, "s1", &stream);
+    let out = Command::new("python3")
+        .arg(oracle)
+        .arg("-f")
+        .arg(&stream)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(ours.trim_end(), theirs.trim_end());
+}

@@ -436,3 +436,92 @@ fn snapshots_decode_with_the_inspector_and_analyze_migration() {
     let theirs = String::from_utf8(out.stdout).unwrap();
     assert_eq!(ours.trim_end(), theirs.trim_end());
 }
+
+fn snapshot_list(img: &Path) -> String {
+    let out = qemu_img(&["snapshot", "-l", img.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn two_qcow2_disks_get_the_snapshot_with_the_vm_state_on_the_first() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d1) = (dir.path().join("d0.qcow2"), dir.path().join("d1.qcow2"));
+    create_qcow2(&d0);
+    create_qcow2(&d1);
+    let drives = [
+        format!("file={}", d0.display()),
+        format!("file={},format=qcow2", d1.display()),
+    ];
+    let mut vm = Vmm::start(dir.path(), &drives, 1, None, 1);
+    vm.wait_past(3);
+    let n = vm.stop();
+    vm.ok("savevm both");
+    vm.ok("cont");
+    vm.wait_past(n + 10);
+    vm.quit();
+    for d in [&d0, &d1] {
+        assert_check(d);
+    }
+    let l0 = snapshot_list(&d0);
+    let l1 = snapshot_list(&d1);
+    let row0 = l0.lines().find(|l| l.contains(" both ")).expect("on d0");
+    let row1 = l1.lines().find(|l| l.contains(" both ")).expect("on d1");
+    assert!(!row0.contains(" 0 B "), "{l0}");
+    assert!(row1.contains(" 0 B "), "{l1}");
+
+    let vm = Vmm::start(dir.path(), &drives, 1, Some("both"), 2);
+    assert_eq!(first_tick_after(&vm, 0), n + 1);
+    vm.quit();
+}
+
+#[test]
+fn a_writable_raw_disk_refuses_savevm_and_a_read_only_one_is_skipped() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d0 = dir.path().join("d0.qcow2");
+    let raw = dir.path().join("r.raw");
+    create_qcow2(&d0);
+    std::fs::write(&raw, vec![0x5au8; 1 << 20]).unwrap();
+    let before = std::fs::read(&d0).unwrap();
+    let drives = [
+        format!("file={}", d0.display()),
+        format!("file={},format=raw", raw.display()),
+    ];
+    let mut vm = Vmm::start(dir.path(), &drives, 1, None, 1);
+    vm.wait_past(3);
+    let (reply, status) = vm.cmd("savevm s1");
+    assert_eq!(
+        reply.trim_end(),
+        "Error: Device 'drive1' is writable but does not support snapshots"
+    );
+    assert_eq!(status, "running");
+    let (list, _) = vm.cmd("info snapshots");
+    assert!(list.contains("drive1"), "{list}");
+    let t = *vm.ticks().last().unwrap();
+    vm.wait_past(t + 3);
+    vm.quit();
+    // No snapshot anywhere; the raw disk (the guest only writes disk 0) is untouched.
+    assert!(!snapshot_list(&d0).contains("s1"));
+    assert_check(&d0);
+    assert!(std::fs::read(&d0).unwrap().len() <= before.len() + (256 << 10));
+    assert!(std::fs::read(&raw).unwrap().iter().all(|&b| b == 0x5a));
+
+    let drives = [
+        format!("file={}", d0.display()),
+        format!("file={},format=raw,readonly=on", raw.display()),
+    ];
+    let mut vm = Vmm::start(dir.path(), &drives, 1, None, 2);
+    vm.wait_past(3);
+    vm.ok("savevm s1");
+    vm.quit();
+    assert!(snapshot_list(&d0).contains(" s1 "));
+    assert_check(&d0);
+}

@@ -525,3 +525,125 @@ fn a_writable_raw_disk_refuses_savevm_and_a_read_only_one_is_skipped() {
     assert!(snapshot_list(&d0).contains(" s1 "));
     assert_check(&d0);
 }
+
+/// Sends a bad request and checks the exact error, that the VM still runs, and that it goes
+/// on counting from where it was (no jump back).
+fn refused(vm: &mut Vmm, line: &str, expected: &str) {
+    let before = *vm.ticks().last().expect("ticks before the request");
+    let (reply, status) = vm.cmd(line);
+    assert_eq!(reply.trim_end(), expected, "{line}");
+    assert_eq!(status, "running", "{line}");
+    let from = vm.serial_text().len();
+    let next = first_tick_after(vm, from);
+    assert!(next > before, "{line}: tick {next} after {before}");
+}
+
+#[test]
+fn bad_loadvm_requests_are_refused_and_the_vm_runs_on() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d1) = (dir.path().join("d0.qcow2"), dir.path().join("d1.qcow2"));
+    create_qcow2(&d0);
+    create_qcow2(&d1);
+    let one = [format!("file={}", d0.display())];
+    let two = [
+        format!("file={}", d0.display()),
+        format!("file={}", d1.display()),
+    ];
+    // A snapshot of a 1-vCPU, 1-disk VM, a disk-only one, and one only on d0.
+    let mut vm = Vmm::start(dir.path(), &one, 1, None, 1);
+    vm.wait_past(3);
+    vm.ok("savevm onecpu");
+    vm.quit();
+    for (img, tag) in [(&d0, "diskonly"), (&d1, "diskonly"), (&d0, "only0")] {
+        let out = qemu_img(&["snapshot", "-c", tag, img.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    let mut vm = Vmm::start(dir.path(), &two, 1, None, 2);
+    vm.wait_past(3);
+    refused(
+        &mut vm,
+        "loadvm nosuch",
+        "Error: Snapshot 'nosuch' does not exist in one or more devices",
+    );
+    refused(
+        &mut vm,
+        "loadvm diskonly",
+        "Error: This is a disk-only snapshot. Revert to it offline using qemu-img",
+    );
+    refused(
+        &mut vm,
+        "loadvm only0",
+        "Error: Snapshot 'only0' does not exist in one or more devices",
+    );
+    vm.quit();
+
+    // The same disk, but a VM with 2 vCPUs: the stream lacks cpu 1.
+    let mut vm = Vmm::start(dir.path(), &one, 2, None, 3);
+    vm.wait_past(3);
+    refused(
+        &mut vm,
+        "loadvm onecpu",
+        "Error: Error -22 while loading VM state: section 'cpu' instance 1 is missing from the \
+         VM state",
+    );
+    vm.quit();
+    for d in [&d0, &d1] {
+        assert_check(d);
+    }
+}
+
+#[test]
+fn a_corrupted_vm_state_is_refused_and_the_vm_runs_on() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d0 = dir.path().join("d0.qcow2");
+    create_qcow2(&d0);
+    let one = [format!("file={}", d0.display())];
+    let mut vm = Vmm::start(dir.path(), &one, 1, None, 1);
+    vm.wait_past(3);
+    vm.ok("savevm s1");
+    vm.quit();
+    // Rename the control device's section wherever its name is stored in the image.
+    let mut bytes = std::fs::read(&d0).unwrap();
+    let needle = b"vmsnap-control";
+    let mut hits = 0;
+    for i in 0..bytes.len() - needle.len() {
+        if &bytes[i..i + needle.len()] == needle {
+            bytes[i + 7] = b'X';
+            hits += 1;
+        }
+    }
+    assert!(hits > 0, "section name not found in the image");
+    std::fs::write(&d0, &bytes).unwrap();
+
+    let mut vm = Vmm::start(dir.path(), &one, 1, None, 2);
+    vm.wait_past(3);
+    let before = *vm.ticks().last().unwrap();
+    let (reply, status) = vm.cmd("loadvm s1");
+    assert!(
+        reply.starts_with("Error: Error -22 while loading VM state: ") && reply.contains("Xontrol"),
+        "{reply}"
+    );
+    assert_eq!(status, "running");
+    vm.wait_past(before + 3);
+    vm.quit();
+    // --loadvm with the same snapshot: refused at start-up, exit status 1.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .args([
+            "run", "--drive", &one[0], "--memory", "16M", "--serial", "none",
+        ])
+        .args(["--loadvm", "s1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Error -22 while loading VM state"), "{err}");
+}

@@ -219,7 +219,8 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         source,
     })?;
     if let Some(tag) = &args.loadvm {
-        snapshot::loadvm(&vm, tag).map_err(RunError::Loadvm)?;
+        timed("loadvm", |p| snapshot::loadvm_with_progress(&vm, tag, p))
+            .map_err(RunError::Loadvm)?;
     }
     vm.start();
     let done = AtomicBool::new(false);
@@ -318,14 +319,14 @@ info snapshots -- show the currently saved VM snapshots";
 pub fn execute(vm: &Vm, line: &str) -> Outcome {
     let words: Vec<&str> = line.split_whitespace().collect();
     let result = match words.as_slice() {
-        ["savevm"] => timed("savevm", || {
-            snapshot::savevm(vm, None).map(|_| String::new())
+        ["savevm"] => timed("savevm", |p| {
+            snapshot::savevm_with_progress(vm, None, p).map(|_| String::new())
         }),
-        ["savevm", tag] => timed("savevm", || {
-            snapshot::savevm(vm, Some(tag)).map(|_| String::new())
+        ["savevm", tag] => timed("savevm", |p| {
+            snapshot::savevm_with_progress(vm, Some(tag), p).map(|_| String::new())
         }),
-        ["loadvm", tag] => timed("loadvm", || {
-            snapshot::loadvm(vm, tag).map(|()| String::new())
+        ["loadvm", tag] => timed("loadvm", |p| {
+            snapshot::loadvm_with_progress(vm, tag, p).map(|()| String::new())
         }),
         ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
         ["info", "snapshots"] => snapshot::info_snapshots(vm),
@@ -345,14 +346,28 @@ pub fn execute(vm: &Vm, line: &str) -> Outcome {
     })
 }
 
-/// Runs a long snapshot operation, telling standard error how long it took when it was not
-/// quick (the monitor itself only answers once it is done, as QEMU's HMP does).
-fn timed<T>(what: &str, f: impl FnOnce() -> snapshot::Result<T>) -> snapshot::Result<T> {
+/// Runs a long snapshot operation, showing its progress on standard error once it has taken
+/// more than a second (the monitor itself answers when it is done, as QEMU's HMP does).
+fn timed<T>(
+    what: &str,
+    f: impl FnOnce(snapshot::ProgressFn<'_>) -> snapshot::Result<T>,
+) -> snapshot::Result<T> {
     let start = std::time::Instant::now();
-    let r = f();
-    let took = start.elapsed();
-    if took > Duration::from_secs(1) {
-        eprintln!("vmsnap: {what} took {:.1} s", took.as_secs_f64());
+    let mut shown = false;
+    let mut report = |p: snapshot::Progress| {
+        if start.elapsed() > Duration::from_secs(1) {
+            shown = true;
+            let pct = p.done.saturating_mul(100) / p.total.max(1);
+            eprint!(
+                "\r{what}: {} MiB of {} MiB ({pct}%)",
+                p.done >> 20,
+                p.total >> 20
+            );
+        }
+    };
+    let r = f(&mut report);
+    if shown {
+        eprintln!("\r{what}: done in {:.1} s", start.elapsed().as_secs_f64());
     }
     r
 }

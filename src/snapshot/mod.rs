@@ -17,6 +17,7 @@
 
 pub mod disks;
 pub mod list;
+pub mod progress;
 pub mod state_io;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,6 +25,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::block::{self, SnapshotInfo, SnapshotParams};
 use crate::migration::snapshot_io::{VmstateReader, VmstateWriter};
 use crate::vmm::{Vm, VmError, VmStatus};
+use progress::Counting;
+pub use progress::{Progress, ProgressFn};
 use state_io::StateIoError;
 
 /// Errors of savevm / loadvm / delvm; the texts are QEMU's where it has one.
@@ -138,6 +141,15 @@ pub fn default_name(now_secs: u64) -> String {
 /// `savevm [TAG]`: saves the VM state and a snapshot of every disk under `tag` (replacing
 /// one of the same name). Returns the entry created on the VM-state disk.
 pub fn savevm(vm: &Vm, tag: Option<&str>) -> Result<SnapshotInfo> {
+    savevm_with_progress(vm, tag, &mut |_| {})
+}
+
+/// [`savevm`], reporting the bytes written to `progress` every few MiB.
+pub fn savevm_with_progress(
+    vm: &Vm,
+    tag: Option<&str>,
+    progress: ProgressFn<'_>,
+) -> Result<SnapshotInfo> {
     stopped(vm, || {
         vm.flush_drives().map_err(SnapshotError::Flush)?;
         let state = vm.save_state()?;
@@ -152,7 +164,8 @@ pub fn savevm(vm: &Vm, tag: Option<&str>) -> Result<SnapshotInfo> {
             disks::delete(set, &inc, &name)?;
             let size = {
                 let (_, store) = disks::store(set, inc[0])?;
-                let mut w = VmstateWriter::new(store);
+                let total = vm.ram().len() as u64;
+                let mut w = Counting::new(VmstateWriter::new(store), total, progress);
                 let n =
                     state_io::write_state(&state, vm.ram(), &mut w).map_err(SnapshotError::Save)?;
                 std::io::Write::flush(&mut w)
@@ -177,6 +190,11 @@ pub fn savevm(vm: &Vm, tag: Option<&str>) -> Result<SnapshotInfo> {
 /// (unknown tag, disk-only snapshot, unreadable or foreign VM state) leave everything as it
 /// was.
 pub fn loadvm(vm: &Vm, tag: &str) -> Result<()> {
+    loadvm_with_progress(vm, tag, &mut |_| {})
+}
+
+/// [`loadvm`], reporting the bytes read to `progress` every few MiB.
+pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Result<()> {
     stopped(vm, || {
         let mut ram = vec![0u8; vm.ram().len()];
         let (vcpus, drives) = (vm.vcpu_count(), vm.drive_count());
@@ -191,12 +209,13 @@ pub fn loadvm(vm: &Vm, tag: &str) -> Result<()> {
             if info.vm_state_size == 0 {
                 return Err(SnapshotError::DiskOnly);
             }
-            let mut r = VmstateReader::for_snapshot(store, &info.id).map_err(|source| {
+            let r = VmstateReader::for_snapshot(store, &info.id).map_err(|source| {
                 SnapshotError::Read {
                     tag: tag.to_string(),
                     source,
                 }
             })?;
+            let mut r = Counting::new(r, info.vm_state_size, progress);
             let state = state_io::read_state(vcpus, drives, &mut ram, &mut r)
                 .map_err(SnapshotError::Load)?;
             disks::goto(set, &inc, tag)?;

@@ -237,6 +237,9 @@ fn continuity(smp: u32) {
     vm.ok("savevm s1");
     vm.ok("cont");
     vm.wait_past(n + 20);
+    // A second snapshot taken while the guest runs.
+    vm.ok("savevm live");
+    vm.wait_past(n + 30);
     vm.quit();
     assert_check(&img);
     // The disk of the snapshot holds the record of the last multiple of 4 up to N.

@@ -377,6 +377,10 @@ fn loadvm_in_the_running_process_goes_back_and_forth_between_two_snapshots() {
         2,
         "{list}"
     );
+    // savevm of an existing tag replaces it (HMP semantics).
+    vm.ok("savevm b");
+    let (list, _) = vm.cmd("info snapshots");
+    assert_eq!(list.matches(" b ").count(), 1, "{list}");
     vm.ok("delvm a");
     let (list, _) = vm.cmd("info snapshots");
     assert!(!list.contains(" a ") && list.contains(" b "), "{list}");
@@ -629,6 +633,20 @@ fn bad_loadvm_requests_are_refused_and_the_vm_runs_on() {
          VM state",
     );
     vm.quit();
+    // Other RAM size: refused at start-up with the RAM block's length, exit status 1.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .args([
+            "run", "--drive", &one[0], "--memory", "32M", "--serial", "none",
+        ])
+        .args(["--loadvm", "onecpu"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Error -22 while loading VM state") && err.contains("Length mismatch"),
+        "{err}"
+    );
     for d in [&d0, &d1] {
         assert_check(d);
     }

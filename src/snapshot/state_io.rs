@@ -91,3 +91,110 @@ pub fn read_state(
     };
     Ok(vmstate::from_sections(vcpus, drives, found)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::devices::{ControlState, DeviceStates, PvBlockState, SerialState};
+    use crate::vmm::vcpu::VcpuState;
+    use crate::vmm::vm::VmArchState;
+    use kvm_bindings::kvm_msr_entry;
+
+    fn state(vcpus: usize, drives: usize) -> VmState {
+        let vcpu = |i: usize| {
+            let mut v = VcpuState {
+                regs: Default::default(),
+                sregs: Default::default(),
+                fpu: Default::default(),
+                xsave: (0..1024u32).collect(),
+                xcrs: Default::default(),
+                msrs: vec![kvm_msr_entry {
+                    index: 0x10,
+                    data: 0x1234_5678_9abc + i as u64,
+                    ..Default::default()
+                }],
+                lapic: Default::default(),
+                events: Default::default(),
+                mp_state: Default::default(),
+                debug_regs: Default::default(),
+                tsc_khz: 2_250_000,
+            };
+            v.regs.rip = 0x10217 + i as u64;
+            v.regs.r15 = 0xfeed;
+            v.sregs.cr3 = 0x8000;
+            v.sregs.efer = 0x500;
+            v.lapic.regs[0x20] = i as _;
+            v
+        };
+        let mut arch = VmArchState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        };
+        arch.clock.clock = 1_234_567_890;
+        arch.pit.channels[0].count = 11932;
+        VmState {
+            vcpus: (0..vcpus).map(vcpu).collect(),
+            arch,
+            devices: DeviceStates {
+                serial: SerialState {
+                    scr: 0x5a,
+                    ..Default::default()
+                },
+                blocks: (0..drives)
+                    .map(|i| PvBlockState {
+                        sector: i as u64 + 1,
+                        ..Default::default()
+                    })
+                    .collect(),
+                control: ControlState {
+                    check_requested: true,
+                    fault: 0,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn state_and_ram_round_trip() {
+        let st = state(2, 1);
+        let mut ram = vec![0u8; 1 << 20];
+        ram[0x10000..0x10004].copy_from_slice(b"tick");
+        ram[0xfffff] = 7;
+        let mut stream = Vec::new();
+        let len = write_state(&st, &ram, &mut stream).unwrap();
+        assert_eq!(len, stream.len() as u64);
+        let mut back_ram = vec![0u8; 1 << 20];
+        let back = read_state(2, 1, &mut back_ram, &mut stream.as_slice()).unwrap();
+        assert!(back_ram == ram);
+        assert_eq!(back.vcpus, st.vcpus);
+        assert_eq!(back.devices, st.devices);
+        assert_eq!(back.arch.clock.clock, 1_234_567_890);
+        assert_eq!({ back.arch.pit.channels[0].count }, 11932);
+    }
+
+    #[test]
+    fn another_configuration_is_refused() {
+        let mut stream = Vec::new();
+        write_state(&state(1, 1), &vec![0u8; 1 << 20], &mut stream).unwrap();
+        let mut ram = vec![0u8; 1 << 20];
+        let err = read_state(2, 1, &mut ram, &mut stream.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("'cpu' instance 1"), "{err}");
+        let err = read_state(1, 0, &mut ram, &mut stream.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("vmsnap-pvblock"), "{err}");
+        let mut small = vec![0u8; 1 << 19];
+        let err = read_state(1, 1, &mut small, &mut stream.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("Length mismatch"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_stream_is_refused() {
+        let mut stream = Vec::new();
+        write_state(&state(1, 1), &vec![0u8; 1 << 20], &mut stream).unwrap();
+        stream.truncate(stream.len() / 2);
+        let mut ram = vec![0u8; 1 << 20];
+        assert!(read_state(1, 1, &mut ram, &mut stream.as_slice()).is_err());
+    }
+}

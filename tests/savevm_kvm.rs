@@ -451,6 +451,9 @@ fn snapshots_decode_with_the_inspector_and_analyze_migration() {
         assert!(json.get(section).is_some(), "{section} missing: {ours}");
     }
     assert!(json["cpu (1)"]["rip"].as_str().unwrap().starts_with("0x"));
+    // The counter guest's page tables are at 0x8000; its user code runs with CS 0x23.
+    assert_eq!(json["cpu (1)"]["cr3"], "0x0000000000008000", "{ours}");
+    assert!(json["cpu (1)"]["cs"]["selector"].is_string(), "{ours}");
     assert_eq!(
         json["cpu (2)"]["msrs"].as_array().map(|a| a.is_empty()),
         Some(false)

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  section            instance      fields
-//!  cpu                vCPU index    GPRs by name, rip, rflags, sregs, fpu, xsave, xcrs,
+//!  cpu                vCPU index    GPRs by name, rip, rflags, segments (cs … ldt), gdt, idt,
+//!                                   cr0 … cr8, efer, apic_base, interrupt_bitmap, fpu, xsave, xcrs,
 //!                                   nr_msrs + msrs[{index, data}], lapic, events, mp_state,
 //!                                   debugregs, tsc_khz
 //!  i8259              0 / 1         chip (KVM_GET_IRQCHIP image)
@@ -22,8 +23,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_clock_data, kvm_debugregs, kvm_dtable, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 
 use super::devices::control::ControlState;
@@ -150,9 +151,25 @@ pub fn cpu_vmsd() -> VMStateDescription {
     for name in GPRS {
         d = d.field(Field::uint(name, 8));
     }
-    d.field(Field::uint("rip", 8))
-        .field(Field::uint("rflags", 8))
-        .field(buffer::<kvm_sregs>("sregs"))
+    d = d
+        .field(Field::uint("rip", 8))
+        .field(Field::uint("rflags", 8));
+    let seg = Arc::new(segment_vmsd());
+    for name in SEGMENTS {
+        d = d.field(Field::structure(name, Arc::clone(&seg)));
+    }
+    let dt = Arc::new(
+        VMStateDescription::new("cpu/dtable", 1, 1)
+            .field(Field::uint("base", 8))
+            .field(Field::uint("limit", 2)),
+    );
+    d = d
+        .field(Field::structure("gdt", Arc::clone(&dt)))
+        .field(Field::structure("idt", dt));
+    for name in CONTROL_REGS {
+        d = d.field(Field::uint(name, 8));
+    }
+    d.field(Field::uint("interrupt_bitmap", 8).count(Count::Fixed(4)))
         .field(buffer::<kvm_fpu>("fpu"))
         .field(Field::new(
             "xsave",
@@ -166,6 +183,128 @@ pub fn cpu_vmsd() -> VMStateDescription {
         .field(Field::uint("mp_state", 4))
         .field(buffer::<kvm_debugregs>("debugregs"))
         .field(Field::uint("tsc_khz", 4))
+}
+
+const SEGMENTS: [&str; 8] = ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"];
+const CONTROL_REGS: [&str; 7] = ["cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"];
+const SEGMENT_U8: [&str; 9] = [
+    "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable",
+];
+
+fn segment_vmsd() -> VMStateDescription {
+    let mut d = VMStateDescription::new("cpu/segment", 1, 1)
+        .field(Field::uint("base", 8))
+        .field(Field::uint("limit", 4))
+        .field(Field::uint("selector", 2));
+    for name in SEGMENT_U8 {
+        d = d.field(Field::uint(name, 1));
+    }
+    d
+}
+
+fn segments(s: &kvm_sregs) -> [&kvm_segment; 8] {
+    [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt]
+}
+
+fn segment_value(g: &kvm_segment) -> Value {
+    let mut f = vec![
+        ("base".to_string(), Value::u64(g.base)),
+        ("limit".into(), Value::u32(g.limit)),
+        ("selector".into(), Value::u16(g.selector)),
+    ];
+    let bytes = [
+        g.type_, g.present, g.dpl, g.db, g.s, g.l, g.g, g.avl, g.unusable,
+    ];
+    for (n, b) in SEGMENT_U8.iter().zip(bytes) {
+        f.push((n.to_string(), Value::u8(b)));
+    }
+    Value::Struct(f)
+}
+
+fn dtable_value(t: &kvm_dtable) -> Value {
+    Value::structure([("base", Value::u64(t.base)), ("limit", Value::u16(t.limit))])
+}
+
+fn sregs_fields(s: &kvm_sregs) -> Vec<(String, Value)> {
+    let mut f: Vec<(String, Value)> = SEGMENTS
+        .iter()
+        .zip(segments(s))
+        .map(|(n, g)| (n.to_string(), segment_value(g)))
+        .collect();
+    f.push(("gdt".into(), dtable_value(&s.gdt)));
+    f.push(("idt".into(), dtable_value(&s.idt)));
+    let crs = [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base];
+    for (n, v) in CONTROL_REGS.iter().zip(crs) {
+        f.push((n.to_string(), Value::u64(v)));
+    }
+    f.push((
+        "interrupt_bitmap".into(),
+        Value::Array(s.interrupt_bitmap.iter().map(|&w| Value::u64(w)).collect()),
+    ));
+    f
+}
+
+fn segment_from(r: &Reader<'_>, name: &str) -> Result<kvm_segment, VmStateMapError> {
+    let v = r.v.get(name).ok_or_else(|| r.bad(name))?;
+    let g = Reader { idstr: r.idstr, v };
+    let b = |n: &str| g.u8(n);
+    Ok(kvm_segment {
+        base: g.uint("base")?,
+        limit: g.u32("limit")?,
+        selector: u16::try_from(g.uint("selector")?).map_err(|_| r.bad(name))?,
+        type_: b("type")?,
+        present: b("present")?,
+        dpl: b("dpl")?,
+        db: b("db")?,
+        s: b("s")?,
+        l: b("l")?,
+        g: b("g")?,
+        avl: b("avl")?,
+        unusable: b("unusable")?,
+        padding: 0,
+    })
+}
+
+fn dtable_from(r: &Reader<'_>, name: &str) -> Result<kvm_dtable, VmStateMapError> {
+    let v = r.v.get(name).ok_or_else(|| r.bad(name))?;
+    let t = Reader { idstr: r.idstr, v };
+    Ok(kvm_dtable {
+        base: t.uint("base")?,
+        limit: u16::try_from(t.uint("limit")?).map_err(|_| r.bad(name))?,
+        padding: [0; 3],
+    })
+}
+
+fn sregs_from(r: &Reader<'_>) -> Result<kvm_sregs, VmStateMapError> {
+    let bitmap =
+        r.v.get("interrupt_bitmap")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 4)
+            .ok_or_else(|| r.bad("interrupt_bitmap"))?;
+    let mut interrupt_bitmap = [0u64; 4];
+    for (w, v) in interrupt_bitmap.iter_mut().zip(bitmap) {
+        *w = v.as_u64().ok_or_else(|| r.bad("interrupt_bitmap"))?;
+    }
+    Ok(kvm_sregs {
+        cs: segment_from(r, "cs")?,
+        ds: segment_from(r, "ds")?,
+        es: segment_from(r, "es")?,
+        fs: segment_from(r, "fs")?,
+        gs: segment_from(r, "gs")?,
+        ss: segment_from(r, "ss")?,
+        tr: segment_from(r, "tr")?,
+        ldt: segment_from(r, "ldt")?,
+        gdt: dtable_from(r, "gdt")?,
+        idt: dtable_from(r, "idt")?,
+        cr0: r.uint("cr0")?,
+        cr2: r.uint("cr2")?,
+        cr3: r.uint("cr3")?,
+        cr4: r.uint("cr4")?,
+        cr8: r.uint("cr8")?,
+        efer: r.uint("efer")?,
+        apic_base: r.uint("apic_base")?,
+        interrupt_bitmap,
+    })
 }
 
 fn chip_vmsd(name: &str) -> VMStateDescription {
@@ -242,11 +381,11 @@ fn cpu_value(v: &VcpuState) -> Value {
         .map(|m| Value::structure([("index", Value::u32(m.index)), ("data", Value::u64(m.data))]))
         .collect();
     let xsave: Vec<u8> = v.xsave.iter().flat_map(|w| w.to_le_bytes()).collect();
+    fields.push(("rip".to_string(), Value::u64(v.regs.rip)));
+    fields.push(("rflags".to_string(), Value::u64(v.regs.rflags)));
+    fields.extend(sregs_fields(&v.sregs));
     fields.extend([
-        ("rip".to_string(), Value::u64(v.regs.rip)),
-        ("rflags".into(), Value::u64(v.regs.rflags)),
-        ("sregs".into(), Value::Bytes(pod_bytes(&v.sregs))),
-        ("fpu".into(), Value::Bytes(pod_bytes(&v.fpu))),
+        ("fpu".to_string(), Value::Bytes(pod_bytes(&v.fpu))),
         ("xsave".into(), Value::Bytes(xsave)),
         ("xcrs".into(), Value::Bytes(pod_bytes(&v.xcrs))),
         ("nr_msrs".into(), Value::u32(v.msrs.len() as u32)),
@@ -412,7 +551,7 @@ fn cpu_from(r: &Reader<'_>) -> Result<VcpuState, VmStateMapError> {
     }
     Ok(VcpuState {
         regs,
-        sregs: r.pod("sregs")?,
+        sregs: sregs_from(r)?,
         fpu: r.pod("fpu")?,
         xsave,
         xcrs: r.pod("xcrs")?,

@@ -273,11 +273,12 @@ fn continuity(smp: u32) {
         if tag == "s1" {
             assert_eq!(first, Some(n + 1), "{tag}: {text}");
         } else {
-            // Saved while running: a timer interrupt can be latched in the PIC during the
-            // save, and with a second one arriving before the guest's user loop looks at the
-            // counter (busy host) the loop prints N+2 (it prints the counter, not each tick).
+            // Saved while running: ticks can be latched in the PIC/PIT during the save, and
+            // on a busy host more arrive before the guest's user loop looks at the counter
+            // (it prints the counter, not each tick), so the first print may be a little
+            // past N+1 (seen: N+3 with the host's load average at 5 on 2 CPUs).
             assert!(
-                first == Some(n + 1) || first == Some(n + 2),
+                first.is_some_and(|f| f > n && f <= n + 3),
                 "{tag}: N {n}: {text}"
             );
         }

@@ -709,3 +709,30 @@ fn a_corrupted_vm_state_is_refused_and_the_vm_runs_on() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Error -22 while loading VM state"), "{err}");
 }
+
+#[test]
+fn monitor_answers_malformed_snapshot_commands_like_qemu() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let mut vm = Vmm::start(dir.path(), &[format!("file={}", img.display())], 1, None, 1);
+    let (r, _) = vm.cmd("loadvm");
+    assert_eq!(r.trim_end(), "Parameter 'name' is missing");
+    let (r, _) = vm.cmd("savevm a b");
+    assert_eq!(
+        r.trim_end(),
+        "savevm: extraneous characters at the end of line"
+    );
+    let (r, _) = vm.cmd("info snapshots");
+    assert_eq!(r.trim_end(), "There is no snapshot available.");
+    // Without a tag, savevm names the snapshot from the date, as QEMU does.
+    vm.ok("savevm");
+    let (r, _) = vm.cmd("info snapshots");
+    assert!(r.contains("\n--        vm-20"), "{r}");
+    vm.quit();
+    assert_check(&img);
+}

@@ -330,8 +330,11 @@ pub fn execute(vm: &Vm, line: &str) -> Outcome {
         }),
         ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
         ["info", "snapshots"] => snapshot::info_snapshots(vm),
-        ["loadvm" | "delvm"] => Ok(format!("{}: missing argument 'tag'", words[0])),
-        ["savevm" | "loadvm" | "delvm", ..] => Ok(format!("{}: too many arguments", words[0])),
+        ["loadvm" | "delvm"] => Ok("Parameter 'name' is missing".to_string()),
+        ["savevm" | "loadvm" | "delvm", ..] => Ok(format!(
+            "{}: extraneous characters at the end of line",
+            words[0]
+        )),
         ["help" | "?"] => {
             let Outcome::Continue(base) = monitor::execute(vm, line) else {
                 return Outcome::Continue(String::new());

@@ -369,7 +369,7 @@ fn timed<T>(
         }
     };
     let r = f(&mut report);
-    if shown {
+    if shown || start.elapsed() > Duration::from_secs(1) {
         eprintln!("\r{what}: done in {:.1} s", start.elapsed().as_secs_f64());
     }
     r

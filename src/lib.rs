@@ -20,4 +20,5 @@
 pub mod block;
 pub mod cli;
 pub mod migration;
+pub mod snapshot;
 pub mod vmm;

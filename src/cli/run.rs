@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::block::{self, Format, OpenOptions};
+use crate::snapshot;
 use crate::vmm::devices::SerialOut;
 use crate::vmm::monitor::{self, Outcome};
 use crate::vmm::termination;
@@ -43,6 +44,9 @@ pub enum RunError {
     /// A vCPU stopped on an error.
     #[error("guest stopped: {0}")]
     GuestFailed(String),
+    /// `--loadvm` failed.
+    #[error("{0}")]
+    Loadvm(#[source] snapshot::SnapshotError),
 }
 
 /// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on]`.
@@ -166,6 +170,9 @@ pub struct RunArgs {
     /// Built-in guest to boot.
     #[arg(long, default_value = "counter")]
     pub guest: Guest,
+    /// Resume from this snapshot (of every disk) instead of booting.
+    #[arg(long, value_name = "TAG")]
+    pub loadvm: Option<String>,
     /// Guest RAM (e.g. 64M, 1G; a bare number is MiB).
     #[arg(long, short = 'm', default_value = "64M")]
     pub memory: MemSize,
@@ -211,6 +218,10 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         what: "installing the SIGINT/SIGTERM handler",
         source,
     })?;
+    if let Some(tag) = &args.loadvm {
+        timed("loadvm", |p| snapshot::loadvm_with_progress(&vm, tag, p))
+            .map_err(RunError::Loadvm)?;
+    }
     vm.start();
     let done = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
@@ -283,7 +294,7 @@ fn serve(vm: &Vm, input: impl BufRead, mut out: impl Write, prompt: bool) -> Res
             return Ok(());
         };
         let line = line.map_err(io("read"))?;
-        let (reply, quit) = match monitor::execute(vm, &line) {
+        let (reply, quit) = match execute(vm, &line) {
             Outcome::Continue(r) => (r, false),
             Outcome::Quit(r) => (r, true),
         };
@@ -295,6 +306,73 @@ fn serve(vm: &Vm, input: impl BufRead, mut out: impl Write, prompt: bool) -> Res
             return Ok(());
         }
     }
+}
+
+/// Monitor commands of the snapshot layer, then the VMM's own.
+const SNAPSHOT_HELP: &str = "\
+savevm [tag] -- save a VM snapshot; without a tag, a name is made from the date
+loadvm tag  -- restore a VM snapshot from its tag
+delvm tag   -- delete a VM snapshot from its tag
+info snapshots -- show the currently saved VM snapshots";
+
+/// Runs one monitor line: snapshot commands here, the rest in [`monitor::execute`].
+pub fn execute(vm: &Vm, line: &str) -> Outcome {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let result = match words.as_slice() {
+        ["savevm"] => timed("savevm", |p| {
+            snapshot::savevm_with_progress(vm, None, p).map(|_| String::new())
+        }),
+        ["savevm", tag] => timed("savevm", |p| {
+            snapshot::savevm_with_progress(vm, Some(tag), p).map(|_| String::new())
+        }),
+        ["loadvm", tag] => timed("loadvm", |p| {
+            snapshot::loadvm_with_progress(vm, tag, p).map(|()| String::new())
+        }),
+        ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
+        ["info", "snapshots"] => snapshot::info_snapshots(vm),
+        ["loadvm" | "delvm"] => Ok("Parameter 'name' is missing".to_string()),
+        ["savevm" | "loadvm" | "delvm", ..] => Ok(format!(
+            "{}: extraneous characters at the end of line",
+            words[0]
+        )),
+        ["help" | "?"] => {
+            let Outcome::Continue(base) = monitor::execute(vm, line) else {
+                return Outcome::Continue(String::new());
+            };
+            Ok(format!("{base}\n{SNAPSHOT_HELP}"))
+        }
+        _ => return monitor::execute(vm, line),
+    };
+    Outcome::Continue(match result {
+        Ok(reply) => reply,
+        Err(e) => format!("Error: {e}"),
+    })
+}
+
+/// Runs a long snapshot operation, showing its progress on standard error once it has taken
+/// more than a second (the monitor itself answers when it is done, as QEMU's HMP does).
+fn timed<T>(
+    what: &str,
+    f: impl FnOnce(snapshot::ProgressFn<'_>) -> snapshot::Result<T>,
+) -> snapshot::Result<T> {
+    let start = std::time::Instant::now();
+    let mut shown = false;
+    let mut report = |p: snapshot::Progress| {
+        if start.elapsed() > Duration::from_secs(1) {
+            shown = true;
+            let pct = p.done.saturating_mul(100) / p.total.max(1);
+            eprint!(
+                "\r{what}: {} MiB of {} MiB ({pct}%)",
+                p.done >> 20,
+                p.total >> 20
+            );
+        }
+    };
+    let r = f(&mut report);
+    if shown || start.elapsed() > Duration::from_secs(1) {
+        eprintln!("\r{what}: done in {:.1} s", start.elapsed().as_secs_f64());
+    }
+    r
 }
 
 fn serve_unix(vm: &Vm, path: &std::path::Path) -> Result<(), RunError> {
@@ -316,7 +394,7 @@ fn serve_unix(vm: &Vm, path: &std::path::Path) -> Result<(), RunError> {
         let mut w = &stream;
         let _ = writeln!(w, "vmsnap monitor - type 'help' for more information");
         while let Some(Ok(line)) = lines.next() {
-            let (reply, q) = match monitor::execute(vm, &line) {
+            let (reply, q) = match execute(vm, &line) {
                 Outcome::Continue(r) => (r, false),
                 Outcome::Quit(r) => (r, true),
             };

@@ -22,6 +22,7 @@ pub mod termination;
 pub mod vcpu;
 mod vcpu_thread;
 pub mod vm;
+pub mod vmstate;
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,7 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::block::{BlockDriver, BlockSet, Device};
 use devices::control::ControlShared;
@@ -393,6 +394,46 @@ impl Vm {
     /// consistent picture).
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Number of drives (paravirtual block devices).
+    pub fn drive_count(&self) -> usize {
+        lock(&self.devices).blocks.len()
+    }
+
+    /// Guest RAM as one byte slice (GPA 0 up), for saving it without a copy. Read it only
+    /// while the VM is paused for a consistent picture.
+    pub fn ram(&self) -> &[u8] {
+        let region = self.mem.iter().next();
+        match region {
+            // SAFETY: the region is one anonymous mapping of `len()` bytes owned by `self.mem`,
+            // which lives as long as the returned borrow of `self`. The vCPUs may write it
+            // concurrently while running (callers read it while paused, when they cannot);
+            // the bytes are plain data, every value is valid.
+            Some(r) => unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) },
+            None => &[],
+        }
+    }
+
+    /// Lends guest RAM as a mutable byte slice to `f`, for loading it. The vCPUs must be
+    /// parked (they are the only other users of guest RAM; devices only touch it from a
+    /// vCPU's port I/O).
+    pub fn with_ram_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        self.ensure_parked("writing guest RAM")?;
+        let Some(r) = self.mem.iter().next() else {
+            return Ok(f(&mut []));
+        };
+        // SAFETY: the region is one anonymous mapping of `len()` bytes owned by `self.mem`,
+        // alive for the whole call. Every vCPU is parked (checked above) and the device
+        // models only access RAM from inside a vCPU's exit, so nothing else touches the
+        // memory while `f` holds the slice; the slice does not escape `f`.
+        let mem = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) };
+        Ok(f(mem))
     }
 
     /// Switches KVM's dirty-page tracking of guest RAM on or off (for live migration).

@@ -2,8 +2,9 @@
 //!
 //! Supported now: `info status`, `info registers`, `stop`, `cont` (alias `c`), `quit` (alias
 //! `q`), `help`.
-//! `savevm`/`loadvm`/`delvm`/`info snapshots`/`migrate` arrive with the snapshot layer; they
-//! are recognised and answered with a clear "not available yet" so scripts fail visibly.
+//! `savevm`/`loadvm`/`delvm`/`info snapshots` belong to the snapshot layer, above the VMM:
+//! `vmsnap run` handles them (`cli::run::execute`) before passing other lines here; called
+//! directly, this module answers them, and `migrate`, with a clear "not available".
 
 use super::vcpu::VcpuState;
 use super::{Vm, VmStatus};
@@ -45,7 +46,7 @@ pub fn execute(vm: &Vm, line: &str) -> Outcome {
         [] => String::new(),
         ["info", "status"] => status_line(&vm.status()),
         ["info", "registers"] => registers(vm),
-        ["info", "snapshots"] => "info snapshots is not available yet".to_string(),
+        ["info", "snapshots"] => "info snapshots is not available here".to_string(),
         ["info", what] => format!("info: unknown item '{what}' (try: info status)"),
         ["stop"] => match vm.pause() {
             Ok(()) => String::new(),
@@ -61,7 +62,7 @@ pub fn execute(vm: &Vm, line: &str) -> Outcome {
         }
         ["quit"] | ["q"] => return Outcome::Quit(String::new()),
         ["help"] | ["?"] => HELP.trim_end().to_string(),
-        [cmd, ..] if LATER.contains(cmd) => format!("{cmd} is not available yet"),
+        [cmd, ..] if LATER.contains(cmd) => format!("{cmd} is not available here"),
         [cmd, ..] => format!("unknown command: '{cmd}'"),
     };
     Outcome::Continue(reply)

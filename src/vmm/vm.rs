@@ -71,7 +71,38 @@ pub fn create_irqchip_and_pit(vm: &VmFd) -> Result<(), VmIoctlError> {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))
+    vm.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))?;
+    discard_lost_ticks(vm)
+}
+
+/// `KVM_REINJECT_CONTROL` (`_IO(KVMIO, 0x71)`).
+const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
+
+/// Makes the PIT drop ticks the guest could not take in time instead of re-injecting them
+/// back to back later (QEMU's `lost_tick_policy=discard`). A guest stopped for a savevm, or
+/// restored and not yet scheduled on a busy host, then sees one tick, not a burst, when it
+/// runs again.
+fn discard_lost_ticks(vm: &VmFd) -> Result<(), VmIoctlError> {
+    let ctl = kvm_bindings::kvm_reinject_control {
+        pit_reinject: 0,
+        ..Default::default()
+    };
+    // SAFETY: KVM_REINJECT_CONTROL reads one `struct kvm_reinject_control` from the pointer,
+    // which points to a live, initialised value of that type; the fd is our VM's.
+    let ret = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(vm),
+            KVM_REINJECT_CONTROL as _,
+            &ctl as *const kvm_bindings::kvm_reinject_control,
+        )
+    };
+    if ret < 0 {
+        return Err(VmIoctlError {
+            ioctl: "KVM_REINJECT_CONTROL",
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(())
 }
 
 fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, VmIoctlError> {

@@ -1,0 +1,279 @@
+//! savevm / loadvm / delvm of a running [`Vm`] into its disk images, with QEMU's steps and
+//! messages.
+//!
+//! ```text
+//!  savevm TAG: stop → flush disks → capture → [disks] check all can snapshot → delete TAG
+//!              everywhere → stream into the vmstate area of the first disk → create TAG on
+//!              every disk (VM state size on the first, 0 elsewhere; rolled back on failure;
+//!              the qcow2 driver discards the vmstate from the active layer) → resume
+//!  loadvm TAG: stop → [disks] check all can snapshot → TAG on every disk → VM state on the
+//!              first (else disk-only) → read and check the whole stream from the snapshot
+//!              (RAM into a scratch buffer) → goto on every disk → RAM → device states →
+//!              resume
+//! ```
+//!
+//! Reading the stream before the goto means that a bad request (unknown tag, corrupted or
+//! foreign VM state) changes nothing and the VM goes on as it was.
+
+pub mod disks;
+pub mod list;
+pub mod progress;
+pub mod state_io;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::block::{self, SnapshotInfo, SnapshotParams};
+use crate::migration::snapshot_io::{VmstateReader, VmstateWriter};
+use crate::vmm::{Vm, VmError, VmStatus};
+use progress::Counting;
+pub use progress::{Progress, ProgressFn};
+use state_io::StateIoError;
+
+/// Errors of savevm / loadvm / delvm; the texts are QEMU's where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A writable disk's format keeps no snapshots.
+    #[error("Device '{0}' is writable but does not support snapshots")]
+    NotCapable(String),
+    /// No disk can hold the snapshot.
+    #[error("No block device can accept snapshots")]
+    NoDevice,
+    /// loadvm of a tag some disk lacks.
+    #[error("Snapshot '{0}' does not exist in one or more devices")]
+    Missing(String),
+    /// loadvm of a snapshot without VM state.
+    #[error("This is a disk-only snapshot. Revert to it offline using qemu-img")]
+    DiskOnly,
+    /// The VM state could not be written.
+    #[error("Error while writing VM state: {0}")]
+    Save(#[source] StateIoError),
+    /// The VM state could not be read or does not fit this VM.
+    #[error("Error -22 while loading VM state: {0}")]
+    Load(#[source] StateIoError),
+    /// Creating the snapshot on a disk failed (the others were rolled back).
+    #[error("Error while creating snapshot on '{device}': {source}")]
+    Create {
+        /// The disk.
+        device: String,
+        /// The cause.
+        #[source]
+        source: block::Error,
+    },
+    /// Deleting a snapshot failed.
+    #[error("Could not delete snapshot '{tag}' on '{device}': {source}")]
+    Delete {
+        /// The tag.
+        tag: String,
+        /// The disk.
+        device: String,
+        /// The cause.
+        #[source]
+        source: block::Error,
+    },
+    /// Reverting a disk failed.
+    #[error("Could not load snapshot '{tag}' on '{device}': {source}")]
+    Goto {
+        /// The tag.
+        tag: String,
+        /// The disk.
+        device: String,
+        /// The cause.
+        #[source]
+        source: block::Error,
+    },
+    /// Flushing the disks failed.
+    #[error("Error flushing the disks: {0}")]
+    Flush(#[source] block::Error),
+    /// Reading the snapshot's VM state failed at the block layer.
+    #[error("Could not read the VM state of snapshot '{tag}': {source}")]
+    Read {
+        /// The tag.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: block::Error,
+    },
+    /// The VMM refused.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The VM is stopped on a vCPU error.
+    #[error("the VM stopped on an error ({0}); no snapshot operation is possible")]
+    Failed(String),
+}
+
+/// Result of snapshot operations.
+pub type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// Pauses the VM if it runs; returns whether it did.
+fn stop(vm: &Vm) -> Result<bool> {
+    match vm.status() {
+        VmStatus::Failed(why) => Err(SnapshotError::Failed(why)),
+        VmStatus::Running => {
+            vm.pause()?;
+            Ok(true)
+        }
+        VmStatus::Paused => {
+            // Parks any vCPU still on its way (pause is idempotent).
+            vm.pause()?;
+            Ok(false)
+        }
+    }
+}
+
+/// Runs `f` with the VM stopped, resuming it afterwards if it was running, whatever `f`
+/// returned.
+fn stopped<T>(vm: &Vm, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let was_running = stop(vm)?;
+    let r = f();
+    if was_running {
+        vm.resume();
+    }
+    r
+}
+
+/// QEMU's default savevm name: `vm-YYYYMMDDHHMMSS` (UTC here).
+pub fn default_name(now_secs: u64) -> String {
+    let d = list::date(now_secs);
+    let digits: String = d.chars().filter(char::is_ascii_digit).collect();
+    format!("vm-{digits}")
+}
+
+/// `savevm [TAG]`: saves the VM state and a snapshot of every disk under `tag` (replacing
+/// one of the same name). Returns the entry created on the VM-state disk.
+pub fn savevm(vm: &Vm, tag: Option<&str>) -> Result<SnapshotInfo> {
+    savevm_with_progress(vm, tag, &mut |_| {})
+}
+
+/// [`savevm`], reporting the bytes written to `progress` every few MiB.
+pub fn savevm_with_progress(
+    vm: &Vm,
+    tag: Option<&str>,
+    progress: ProgressFn<'_>,
+) -> Result<SnapshotInfo> {
+    stopped(vm, || {
+        vm.flush_drives().map_err(SnapshotError::Flush)?;
+        let state = vm.save_state()?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let name = tag
+            .map(str::to_string)
+            .unwrap_or_else(|| default_name(now.as_secs()));
+        vm.with_block_set(|set| {
+            let inc = disks::included(set)?;
+            disks::delete(set, &inc, &name)?;
+            let size = {
+                let (_, store) = disks::store(set, inc[0])?;
+                let total = vm.ram().len() as u64;
+                let mut w = Counting::new(VmstateWriter::new(store), total, progress);
+                let n =
+                    state_io::write_state(&state, vm.ram(), &mut w).map_err(SnapshotError::Save)?;
+                std::io::Write::flush(&mut w)
+                    .map_err(|e| SnapshotError::Save(StateIoError::Io(e)))?;
+                n
+            };
+            let params = SnapshotParams {
+                name: name.clone(),
+                vm_state_size: size,
+                date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+                date_nsec: now.subsec_nanos(),
+                vm_clock_nsec: state.arch.clock.clock,
+                icount: None,
+                extra_tail: Vec::new(),
+            };
+            disks::create(set, &inc, &params)
+        })
+    })
+}
+
+/// `loadvm TAG`: reverts every disk to `tag` and the VM to its saved state. Bad requests
+/// (unknown tag, disk-only snapshot, unreadable or foreign VM state) leave everything as it
+/// was.
+pub fn loadvm(vm: &Vm, tag: &str) -> Result<()> {
+    loadvm_with_progress(vm, tag, &mut |_| {})
+}
+
+/// [`loadvm`], reporting the bytes read to `progress` every few MiB.
+pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Result<()> {
+    stopped(vm, || {
+        let mut ram = vec![0u8; vm.ram().len()];
+        let (vcpus, drives) = (vm.vcpu_count(), vm.drive_count());
+        let state = vm.with_block_set(|set| {
+            let inc = disks::included(set)?;
+            if !disks::has_snapshot(set, &inc, tag)? {
+                return Err(SnapshotError::Missing(tag.to_string()));
+            }
+            let (_, store) = disks::store(set, inc[0])?;
+            let info = disks::find(&store.snapshot_list(), tag)
+                .ok_or_else(|| SnapshotError::Missing(tag.to_string()))?;
+            if info.vm_state_size == 0 {
+                return Err(SnapshotError::DiskOnly);
+            }
+            let r = VmstateReader::for_snapshot(store, &info.id).map_err(|source| {
+                SnapshotError::Read {
+                    tag: tag.to_string(),
+                    source,
+                }
+            })?;
+            let mut r = Counting::new(r, info.vm_state_size, progress);
+            let state = state_io::read_state(vcpus, drives, &mut ram, &mut r)
+                .map_err(SnapshotError::Load)?;
+            disks::goto(set, &inc, tag)?;
+            Ok(state)
+        })?;
+        vm.with_ram_mut(|mem| mem.copy_from_slice(&ram))?;
+        vm.restore_state(&state)?;
+        Ok(())
+    })
+}
+
+/// `delvm TAG`: deletes `tag` from every disk that has it.
+pub fn delvm(vm: &Vm, tag: &str) -> Result<()> {
+    stopped(vm, || {
+        vm.with_block_set(|set| {
+            let inc = disks::included(set)?;
+            disks::delete(set, &inc, tag)
+        })
+    })
+}
+
+/// `info snapshots`: QEMU's listing of the snapshots on the VM's disks.
+pub fn info_snapshots(vm: &Vm) -> Result<String> {
+    stopped(vm, || {
+        vm.with_block_set(|set| {
+            let inc = disks::included(set)?;
+            let mut all = Vec::with_capacity(inc.len());
+            for &i in &inc {
+                let (name, store) = disks::store(set, i)?;
+                all.push((name.to_string(), store.snapshot_list()));
+            }
+            Ok(list::info_snapshots(&all))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_look_like_qemu() {
+        assert_eq!(default_name(1_700_000_000), "vm-20231114221320");
+    }
+
+    #[test]
+    fn messages_are_qemu_s() {
+        assert_eq!(
+            SnapshotError::NotCapable("drive1".into()).to_string(),
+            "Device 'drive1' is writable but does not support snapshots"
+        );
+        assert_eq!(
+            SnapshotError::Missing("t".into()).to_string(),
+            "Snapshot 't' does not exist in one or more devices"
+        );
+        assert_eq!(
+            SnapshotError::DiskOnly.to_string(),
+            "This is a disk-only snapshot. Revert to it offline using qemu-img"
+        );
+    }
+}

@@ -23,12 +23,7 @@ img=$work/disk.qcow2
 run() { echo "\$ $*"; "$@"; }
 last_tick() { grep '^tick ' "$1" | tail -n 1 | cut -d' ' -f2; }
 
-# Offline commands of the vmsnap CLI when present, QEMU's tools otherwise.
-if $B/vmsnap create --help >/dev/null 2>&1; then
-    run $B/vmsnap create -f qcow2 "$img" 64M
-else
-    run qemu-img create -f qcow2 "$img" 64M
-fi
+run $B/vmsnap create -f qcow2 "$img" 64M
 
 echo
 echo "== 1. boot the counter guest (2 vCPUs), savevm 'demo' while it runs, go on, quit"
@@ -56,12 +51,7 @@ grep -m 1 '^CHECK' "$work/serial2.txt" || echo "(no check ran yet)"
 
 echo
 echo "== 3. list, check and inspect the snapshot"
-if $B/vmsnap snapshot --help >/dev/null 2>&1; then
-    run $B/vmsnap snapshot -l "$img"
-    run $B/vmsnap check "$img"
-else
-    run qemu-img snapshot -l "$img"
-    run qemu-img check "$img"
-fi
+run $B/vmsnap snapshot -l "$img"
+run $B/vmsnap check "$img"
 run $B/vmsnap-inspect "$img" --snapshot demo | head -n 40
 echo "..."

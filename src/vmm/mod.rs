@@ -169,6 +169,8 @@ pub struct Vm {
     paused_clock: Mutex<Option<kvm_bindings::kvm_clock_data>>,
     /// Pages the devices wrote by DMA while dirty logging is on.
     dma_dirty: Arc<memory::DmaDirtyLog>,
+    /// Indexes of the drives whose contents savevm keeps in the VM state (`capture=on`).
+    captured: Mutex<Vec<usize>>,
     // Keeps /dev/kvm open for as long as the VM exists.
     _kvm: Kvm,
 }
@@ -261,6 +263,7 @@ impl Vm {
             msr_list,
             paused_clock: Mutex::new(None),
             dma_dirty,
+            captured: Mutex::new(Vec::new()),
             _kvm: kvm,
         };
         vm.spawn_threads()?;
@@ -457,6 +460,18 @@ impl Vm {
     /// `CHECK OK` or `CHECK FAIL`).
     pub fn request_check(&self) {
         self.control.request_check();
+    }
+
+    /// Marks the drives (by index) whose contents savevm keeps in the VM state and loadvm
+    /// writes back (`capture=on`); replaces any earlier list. The snapshot layer checks
+    /// that they are raw and small enough.
+    pub fn set_captured_drives(&self, drives: Vec<usize>) {
+        *lock(&self.captured) = drives;
+    }
+
+    /// Indexes of the drives marked with [`Vm::set_captured_drives`], in the order given.
+    pub fn captured_drives(&self) -> Vec<usize> {
+        lock(&self.captured).clone()
     }
 
     /// Flushes every drive (for a consistent disk before a snapshot).

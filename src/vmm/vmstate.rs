@@ -640,6 +640,78 @@ pub fn from_sections<'v>(
     })
 }
 
+/// Section idstr of a `capture=on` raw drive's contents (instance id = drive index).
+pub const CAPTURE_IDSTR: &str = "vmsnap-capture";
+
+/// Largest drive whose contents may travel in the VM state (`capture=on`).
+pub const MAX_CAPTURE_BYTES: u64 = 64 << 20;
+
+/// The `vmsnap-capture` description for a drive of `size` bytes (at most
+/// [`MAX_CAPTURE_BYTES`]): `name_len` (uint8), `name` (buffer of `name_len`), `size` (uint64,
+/// must equal the drive's on load), `data` (buffer of `size`).
+pub fn capture_vmsd(size: u64) -> VMStateDescription {
+    let len = u32::try_from(size.min(MAX_CAPTURE_BYTES)).unwrap_or(0);
+    VMStateDescription::new(CAPTURE_IDSTR, 1, 1)
+        .field(Field::uint("name_len", 1))
+        .field(Field::new(
+            "name",
+            FieldType::VBuffer {
+                len_field: "name_len".into(),
+            },
+        ))
+        .field(Field::new(
+            "size",
+            FieldType::Equal {
+                size: 8,
+                signed: false,
+                expected: Some(size),
+            },
+        ))
+        .field(Field::new("data", FieldType::Buffer(len)))
+}
+
+/// The `vmsnap-capture` value of drive `name` holding `data` (names longer than 255 bytes
+/// are cut; ours are `driveN`).
+pub fn capture_value(name: &str, data: &[u8]) -> Value {
+    let name = &name.as_bytes()[..name.len().min(255)];
+    Value::structure([
+        ("name_len", Value::u8(name.len() as u8)),
+        ("name", Value::Bytes(name.to_vec())),
+        ("size", Value::u64(data.len() as u64)),
+        ("data", Value::Bytes(data.to_vec())),
+    ])
+}
+
+/// Checks a decoded `vmsnap-capture` section against the drive it is for (name and size)
+/// and returns its contents.
+pub fn capture_from(v: &Value, name: &str, size: u64) -> Result<Vec<u8>, VmStateMapError> {
+    let r = Reader {
+        idstr: CAPTURE_IDSTR,
+        v,
+    };
+    let saved_name = r.bytes("name")?;
+    if saved_name != name.as_bytes() {
+        return Err(VmStateMapError::BadValue {
+            idstr: CAPTURE_IDSTR.to_string(),
+            what: format!(
+                "saved for drive '{}', not '{name}'",
+                String::from_utf8_lossy(saved_name)
+            ),
+        });
+    }
+    let saved_size = r.uint("size")?;
+    let data = r.bytes("data")?;
+    if saved_size != size || data.len() as u64 != size {
+        return Err(VmStateMapError::BadValue {
+            idstr: CAPTURE_IDSTR.to_string(),
+            what: format!(
+                "drive '{name}' holds {saved_size:#x} bytes in the VM state but is {size:#x} bytes"
+            ),
+        });
+    }
+    Ok(data.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,5 +761,16 @@ mod tests {
             err.to_string(),
             "section 'cpu' instance 0 is missing from the VM state"
         );
+    }
+
+    #[test]
+    fn capture_sections_check_name_and_size() {
+        let v = capture_value("drive1", &[1, 2, 3, 4]);
+        assert_eq!(capture_from(&v, "drive1", 4).unwrap(), [1, 2, 3, 4]);
+        let err = capture_from(&v, "drive2", 4).unwrap_err();
+        assert!(err.to_string().contains("'drive1', not 'drive2'"), "{err}");
+        let err = capture_from(&v, "drive1", 8).unwrap_err();
+        assert!(err.to_string().contains("0x4 bytes"), "{err}");
+        assert_eq!(capture_vmsd(4).fields.len(), 4);
     }
 }

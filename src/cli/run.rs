@@ -17,6 +17,15 @@ use crate::vmm::{Guest, Vm, VmConfig, VmError, VmStatus};
 /// Errors of `vmsnap run`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A `capture=on` drive is not raw, too large or read-only.
+    #[error("drive '{path}': {source}")]
+    Capture {
+        /// Image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: snapshot::capture::CaptureError,
+    },
     /// A `--drive` could not be opened.
     #[error("drive '{path}': {source}")]
     OpenDrive {
@@ -49,7 +58,7 @@ pub enum RunError {
     Loadvm(#[source] snapshot::SnapshotError),
 }
 
-/// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on]`.
+/// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveSpec {
     /// Image path.
@@ -58,6 +67,17 @@ pub struct DriveSpec {
     pub format: Option<Format>,
     /// Open read-only.
     pub readonly: bool,
+    /// Keep the whole contents in the VM state on savevm, write them back on loadvm (raw
+    /// drives of at most 64 MiB; beyond QEMU).
+    pub capture: bool,
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        other => Err(format!("{key}='{other}': expected on or off")),
+    }
 }
 
 impl FromStr for DriveSpec {
@@ -66,6 +86,7 @@ impl FromStr for DriveSpec {
         let mut file = None;
         let mut format = None;
         let mut readonly = false;
+        let mut capture = false;
         for opt in s.split(',') {
             let (k, v) = opt
                 .split_once('=')
@@ -73,21 +94,20 @@ impl FromStr for DriveSpec {
             match k {
                 "file" => file = Some(PathBuf::from(v)),
                 "format" => format = Some(v.parse::<Format>().map_err(|e| e.to_string())?),
-                "readonly" => {
-                    readonly = match v {
-                        "on" | "true" | "yes" => true,
-                        "off" | "false" | "no" => false,
-                        other => return Err(format!("readonly='{other}': expected on or off")),
-                    }
-                }
+                "readonly" => readonly = on_off(k, v)?,
+                "capture" => capture = on_off(k, v)?,
                 other => return Err(format!("unknown drive option '{other}'")),
             }
         }
         let file = file.ok_or("drive needs file=IMAGE")?;
+        if capture && format.is_some_and(|f| f != Format::Raw) {
+            return Err("capture=on needs format=raw".to_string());
+        }
         Ok(DriveSpec {
             file,
             format,
             readonly,
+            capture,
         })
     }
 }
@@ -164,7 +184,9 @@ impl FromStr for MonitorSpec {
 /// Arguments of `vmsnap run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on]`. Repeat for more disks.
+    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`. Repeat for more
+    /// disks. `capture=on` (raw, at most 64 MiB): savevm keeps the drive's contents in the VM
+    /// state and loadvm writes them back.
     #[arg(long = "drive", value_name = "SPEC")]
     pub drives: Vec<DriveSpec>,
     /// Built-in guest to boot.
@@ -190,7 +212,8 @@ pub struct RunArgs {
 /// Runs `vmsnap run`; returns the exit code.
 pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     let mut drives = Vec::with_capacity(args.drives.len());
-    for d in &args.drives {
+    let mut captured = Vec::new();
+    for (i, d) in args.drives.iter().enumerate() {
         let opts = OpenOptions {
             read_only: d.readonly,
             format: d.format,
@@ -200,6 +223,15 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
             path: d.file.clone(),
             source,
         })?;
+        if d.capture {
+            snapshot::capture::check(drive.as_ref(), &crate::vmm::drive_name(i)).map_err(
+                |source| RunError::Capture {
+                    path: d.file.clone(),
+                    source,
+                },
+            )?;
+            captured.push(i);
+        }
         drives.push(drive);
     }
     let serial = match &args.serial {
@@ -214,6 +246,7 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         serial,
         guest: args.guest,
     })?;
+    vm.set_captured_drives(captured);
     termination::install().map_err(|source| RunError::Monitor {
         what: "installing the SIGINT/SIGTERM handler",
         source,
@@ -427,7 +460,13 @@ mod tests {
         assert_eq!(d.format, Some(Format::Qcow2));
         assert!(d.readonly);
         let d: DriveSpec = "file=x".parse().unwrap();
-        assert_eq!((d.format, d.readonly), (None, false));
+        assert_eq!((d.format, d.readonly, d.capture), (None, false, false));
+        let d: DriveSpec = "file=v.raw,format=raw,capture=on".parse().unwrap();
+        assert!(d.capture);
+        assert!("file=x,format=qcow2,capture=on"
+            .parse::<DriveSpec>()
+            .unwrap_err()
+            .contains("capture=on needs format=raw"));
         assert!("format=raw"
             .parse::<DriveSpec>()
             .unwrap_err()

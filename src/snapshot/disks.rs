@@ -1,20 +1,22 @@
 //! QEMU's `bdrv_all_*` over the disks of one VM: which disks take part, all-or-nothing
 //! create, goto and delete.
 //!
-//! Included disks are the writable ones (QEMU skips read-only and empty drives). A writable
-//! disk whose format keeps no snapshots makes every operation fail, naming it. The VM state
-//! goes to the first included disk.
+//! Included disks are the writable ones (QEMU skips read-only and empty drives), except
+//! `capture=on` drives, whose contents travel in the VM state instead. A writable disk whose
+//! format keeps no snapshots makes every operation fail, naming it. The VM state goes to the
+//! first included disk.
 
 use crate::block::{BlockSet, SnapshotInfo, SnapshotParams, SnapshotStore};
 
 use super::SnapshotError;
 
 /// Indexes into `set.devices` of the included disks, after checking that each can keep
-/// snapshots (QEMU's `bdrv_all_can_snapshot`). Fails if there is none.
-pub fn included(set: &mut BlockSet) -> Result<Vec<usize>, SnapshotError> {
+/// snapshots (QEMU's `bdrv_all_can_snapshot`); the `captured` ones are left out. Fails if
+/// there is none.
+pub fn included(set: &mut BlockSet, captured: &[usize]) -> Result<Vec<usize>, SnapshotError> {
     let mut out = Vec::new();
     for (i, d) in set.devices.iter_mut().enumerate() {
-        if d.driver.is_read_only() {
+        if d.driver.is_read_only() || captured.contains(&i) {
             continue;
         }
         if d.driver.snapshots().is_none() {

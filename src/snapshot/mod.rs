@@ -8,13 +8,17 @@
 //!              the qcow2 driver discards the vmstate from the active layer) → resume
 //!  loadvm TAG: stop → [disks] check all can snapshot → TAG on every disk → VM state on the
 //!              first (else disk-only) → read and check the whole stream from the snapshot
-//!              (RAM into a scratch buffer) → goto on every disk → RAM → device states →
-//!              resume
+//!              (RAM into a scratch buffer) → goto on every disk → captured drives' contents
+//!              written back → RAM → device states → resume
+//!
+//! `capture=on` raw drives (see [`capture`]) are left out of the disk steps; savevm reads
+//! their contents into `vmsnap-capture` sections of the stream.
 //! ```
 //!
 //! Reading the stream before the goto means that a bad request (unknown tag, corrupted or
 //! foreign VM state) changes nothing and the VM goes on as it was.
 
+pub mod capture;
 pub mod disks;
 pub mod list;
 pub mod progress;
@@ -93,6 +97,9 @@ pub enum SnapshotError {
         #[source]
         source: block::Error,
     },
+    /// A `capture=on` drive could not be saved or written back.
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
     /// The VMM refused.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -159,15 +166,17 @@ pub fn savevm_with_progress(
         let name = tag
             .map(str::to_string)
             .unwrap_or_else(|| default_name(now.as_secs()));
+        let captured = vm.captured_drives();
         vm.with_block_set(|set| {
-            let inc = disks::included(set)?;
+            let inc = disks::included(set, &captured)?;
+            let contents = capture::read_all(set, &captured)?;
             disks::delete(set, &inc, &name)?;
             let size = {
                 let (_, store) = disks::store(set, inc[0])?;
                 let total = vm.ram().len() as u64;
                 let mut w = Counting::new(VmstateWriter::new(store), total, progress);
-                let n =
-                    state_io::write_state(&state, vm.ram(), &mut w).map_err(SnapshotError::Save)?;
+                let n = state_io::write_state_with(&state, vm.ram(), &contents, &mut w)
+                    .map_err(SnapshotError::Save)?;
                 std::io::Write::flush(&mut w)
                     .map_err(|e| SnapshotError::Save(StateIoError::Io(e)))?;
                 n
@@ -198,8 +207,10 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
     stopped(vm, || {
         let mut ram = vec![0u8; vm.ram().len()];
         let (vcpus, drives) = (vm.vcpu_count(), vm.drive_count());
+        let captured = vm.captured_drives();
         let state = vm.with_block_set(|set| {
-            let inc = disks::included(set)?;
+            let inc = disks::included(set, &captured)?;
+            let specs = capture::specs(set, &captured)?;
             if !disks::has_snapshot(set, &inc, tag)? {
                 return Err(SnapshotError::Missing(tag.to_string()));
             }
@@ -216,9 +227,11 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
                 }
             })?;
             let mut r = Counting::new(r, info.vm_state_size, progress);
-            let state = state_io::read_state(vcpus, drives, &mut ram, &mut r)
-                .map_err(SnapshotError::Load)?;
+            let (state, contents) =
+                state_io::read_state_with(vcpus, drives, &specs, &mut ram, &mut r)
+                    .map_err(SnapshotError::Load)?;
             disks::goto(set, &inc, tag)?;
+            capture::write_back(set, &specs, &contents)?;
             Ok(state)
         })?;
         vm.with_ram_mut(|mem| mem.copy_from_slice(&ram))?;
@@ -229,9 +242,10 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
 
 /// `delvm TAG`: deletes `tag` from every disk that has it.
 pub fn delvm(vm: &Vm, tag: &str) -> Result<()> {
+    let captured = vm.captured_drives();
     stopped(vm, || {
         vm.with_block_set(|set| {
-            let inc = disks::included(set)?;
+            let inc = disks::included(set, &captured)?;
             disks::delete(set, &inc, tag)
         })
     })
@@ -239,9 +253,10 @@ pub fn delvm(vm: &Vm, tag: &str) -> Result<()> {
 
 /// `info snapshots`: QEMU's listing of the snapshots on the VM's disks.
 pub fn info_snapshots(vm: &Vm) -> Result<String> {
+    let captured = vm.captured_drives();
     stopped(vm, || {
         vm.with_block_set(|set| {
-            let inc = disks::included(set)?;
+            let inc = disks::included(set, &captured)?;
             let mut all = Vec::with_capacity(inc.len());
             for &i in &inc {
                 let (name, store) = disks::store(set, i)?;

@@ -45,8 +45,7 @@ impl DeviceState for Slot {
     }
 }
 
-/// A `capture=on` drive as the VM state sees it: its index and name, and on save its
-/// contents (on load, only `data.len()` matters: the size the section must have).
+/// A `capture=on` drive's contents, as savevm puts them into the VM state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapturedDrive {
     /// Drive index (the section's instance id).
@@ -55,6 +54,17 @@ pub struct CapturedDrive {
     pub name: String,
     /// The drive's contents.
     pub data: Vec<u8>,
+}
+
+/// A `capture=on` drive as loadvm expects it in the VM state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureSpec {
+    /// Drive index (the section's instance id).
+    pub index: usize,
+    /// Drive name (`driveN`).
+    pub name: String,
+    /// Drive size in bytes: the section's `size` must be this.
+    pub size: u64,
 }
 
 /// Writes `state` and `ram` as a stream to `out`; returns its length.
@@ -108,14 +118,13 @@ pub fn read_state(
     Ok(read_state_with(vcpus, drives, &[], ram, input)?.0)
 }
 
-/// [`read_state`] for a VM with captured drives: `captured` gives each one's index, name and
-/// size (`data.len()`; the contents are ignored). Returns the state and each captured
+/// [`read_state`] for a VM with captured drives. Returns the state and each captured
 /// drive's saved contents, in the order of `captured`; a missing section or one of another
 /// name or size is refused.
 pub fn read_state_with(
     vcpus: usize,
     drives: usize,
-    captured: &[CapturedDrive],
+    captured: &[CaptureSpec],
     ram: &mut [u8],
     input: &mut dyn Read,
 ) -> Result<(VmState, Vec<Vec<u8>>), StateIoError> {
@@ -131,7 +140,7 @@ pub fn read_state_with(
             reg.register_device(idstr, *inst, vmsd.clone(), slot);
         }
         for (c, slot) in captured.iter().zip(capture_slots.iter_mut()) {
-            let vmsd = Arc::new(vmstate::capture_vmsd(c.data.len() as u64));
+            let vmsd = Arc::new(vmstate::capture_vmsd(c.size));
             reg.register_device(vmstate::CAPTURE_IDSTR, instance(c.index), vmsd, slot);
         }
         load_state(&mut reg, input)?;
@@ -153,7 +162,7 @@ pub fn read_state_with(
                 idstr: vmstate::CAPTURE_IDSTR.to_string(),
                 instance_id: instance(c.index),
             })?;
-        contents.push(vmstate::capture_from(v, &c.name, c.data.len() as u64)?);
+        contents.push(vmstate::capture_from(v, &c.name, c.size)?);
     }
     Ok((state, contents))
 }
@@ -281,18 +290,17 @@ mod tests {
         )
         .unwrap();
         let mut ram = vec![0u8; 1 << 20];
-        let want = [cap(1, vec![0; 8192])];
+        let spec = |size| CaptureSpec {
+            index: 1,
+            name: "drive1".into(),
+            size,
+        };
+        let want = [spec(8192)];
         let (_, back) = read_state_with(1, 2, &want, &mut ram, &mut stream.as_slice()).unwrap();
         assert_eq!(back, [pattern]);
         // Another size: refused by the codec's `size` check before the data is read.
-        let err = read_state_with(
-            1,
-            2,
-            &[cap(1, vec![0; 4096])],
-            &mut ram,
-            &mut stream.as_slice(),
-        )
-        .unwrap_err();
+        let err =
+            read_state_with(1, 2, &[spec(4096)], &mut ram, &mut stream.as_slice()).unwrap_err();
         assert!(err.to_string().contains("size"), "{err}");
         // Not captured here: an unknown section.
         let err = read_state(1, 2, &mut ram, &mut stream.as_slice()).unwrap_err();

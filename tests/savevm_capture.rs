@@ -241,6 +241,45 @@ fn captured_raw_contents_return_on_loadvm() {
     assert!(has(b"vmsnap-capture"));
     assert!(has(b"\"name\": \"data\"") || has(b"\"name\":\"data\""));
     assert!(has(&saved[..4096]));
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap-inspect"))
+        .arg(&d0)
+        .args(["--snapshot", "s1", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ours = String::from_utf8(out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    let section = &json["vmsnap-capture (11)"];
+    assert!(section.get("data").is_some(), "{:.2000}", ours);
+    assert!(
+        section["size"].as_str().unwrap().ends_with("100000"),
+        "{section:.200}"
+    );
+    let oracle = Path::new("/work/oracle/analyze-migration.py");
+    if oracle.exists() {
+        let mig = dir.path().join("s1.mig");
+        std::fs::write(&mig, &stream).unwrap();
+        let out = Command::new("python3")
+            .arg(oracle)
+            .arg("-f")
+            .arg(&mig)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            ours.trim_end(),
+            String::from_utf8_lossy(&out.stdout).trim_end()
+        );
+    } else {
+        eprintln!(
+            "SKIPPED (analyze-migration part): {} is missing",
+            oracle.display()
+        );
+    }
 
     // --loadvm in a new process writes them back before the guest runs.
     assert_eq!(std::fs::read(&raw).unwrap(), changed);

@@ -2,7 +2,8 @@
 //! messages.
 //!
 //! ```text
-//!  savevm TAG: stop → flush disks → capture → [disks] check all can snapshot → delete TAG
+//!  savevm TAG: stop → flush disks → capture → [disks] check all can snapshot → read the
+//!              capture=on drives → delete TAG
 //!              everywhere → stream into the vmstate area of the first disk → create TAG on
 //!              every disk (VM state size on the first, 0 elsewhere; rolled back on failure;
 //!              the qcow2 driver discards the vmstate from the active layer) → resume

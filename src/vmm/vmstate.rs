@@ -14,6 +14,7 @@
 //!  serial             0             divider, rbr, ier, iir, lcr, mcr, lsr, msr, scr, fcr
 //!  vmsnap-pvblock     drive index   sector, addr, count, status
 //!  vmsnap-control     0             check_requested, fault
+//!  vmsnap-capture     drive index   name_len, name, size, data (capture=on drives only)
 //! ```
 //!
 //! KVM structures without an obvious field-by-field QEMU equivalent travel as fixed-size

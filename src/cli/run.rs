@@ -18,14 +18,8 @@ use crate::vmm::{Guest, Vm, VmConfig, VmError, VmStatus};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// A `capture=on` drive is not raw, too large or read-only.
-    #[error("drive '{path}': {source}")]
-    Capture {
-        /// Image path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: snapshot::capture::CaptureError,
-    },
+    #[error(transparent)]
+    Capture(snapshot::capture::CaptureError),
     /// A `--drive` could not be opened.
     #[error("drive '{path}': {source}")]
     OpenDrive {
@@ -224,12 +218,8 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
             source,
         })?;
         if d.capture {
-            snapshot::capture::check(drive.as_ref(), &crate::vmm::drive_name(i)).map_err(
-                |source| RunError::Capture {
-                    path: d.file.clone(),
-                    source,
-                },
-            )?;
+            snapshot::capture::check(drive.as_ref(), &d.file.display().to_string())
+                .map_err(RunError::Capture)?;
             captured.push(i);
         }
         drives.push(drive);

@@ -18,7 +18,7 @@ use super::state_io::{CaptureSpec, CapturedDrive};
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     /// capture=on on a format other than raw.
-    #[error("drive '{name}': capture=on needs a raw drive, this one is {format:?}")]
+    #[error("drive '{name}': capture=on needs a raw drive, this one is {format}")]
     NotRaw {
         /// Drive name or path.
         name: String,
@@ -169,6 +169,16 @@ mod tests {
         let err = check(open(&big, Format::Raw).as_ref(), "big").unwrap_err();
         assert!(err.to_string().contains("0x4000000"), "{err}");
         assert!(err.to_string().contains("0x4001000"), "{err}");
+        let ro = OpenOptions {
+            read_only: true,
+            format: Some(Format::Raw),
+            force_share: false,
+        };
+        let err = check(block::open_image(&small, ro).unwrap().as_ref(), "small").unwrap_err();
+        assert!(
+            matches!(err, CaptureError::ReadOnly(ref n) if n == "small"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,0 +1,120 @@
+//! Where the stream comes from: a file, or a qcow2 snapshot's VM state.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use vmsnap::block::{open_image, BlockDriver, OpenOptions};
+use vmsnap::migration::snapshot_io::VmstateReader;
+
+/// Failures opening the input.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// The stream file cannot be opened.
+    #[error("cannot open '{path}': {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image cannot be opened or read.
+    #[error("image '{path}': {source}")]
+    Image {
+        path: String,
+        #[source]
+        source: vmsnap::block::Error,
+    },
+    /// The image format keeps no snapshots.
+    #[error("image '{path}' ({format}) has no internal snapshots")]
+    NoSnapshots { path: String, format: String },
+    /// The snapshot was taken without VM state.
+    #[error("snapshot '{tag}' of '{path}' has no VM state (disk-only snapshot)")]
+    DiskOnly { path: String, tag: String },
+}
+
+/// An opened input.
+pub enum Input {
+    File(PathBuf, File),
+    Snapshot {
+        path: PathBuf,
+        tag: String,
+        image: Box<dyn BlockDriver>,
+    },
+}
+
+/// Opens a stream file, or an image read-only for `--snapshot`.
+pub fn open(path: &Path, snapshot: Option<&str>) -> Result<Input, InputError> {
+    match snapshot {
+        None => {
+            let f = File::open(path).map_err(|source| InputError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(Input::File(path.to_path_buf(), f))
+        }
+        Some(tag) => {
+            let image = open_image(
+                path,
+                OpenOptions {
+                    read_only: true,
+                    force_share: true,
+                    ..Default::default()
+                },
+            )
+            .map_err(|source| InputError::Image {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(Input::Snapshot {
+                path: path.to_path_buf(),
+                tag: tag.to_string(),
+                image,
+            })
+        }
+    }
+}
+
+impl Input {
+    /// What is being read, for headings.
+    pub fn label(&self) -> String {
+        match self {
+            Input::File(p, _) => p.display().to_string(),
+            Input::Snapshot { path, tag, .. } => format!("{} snapshot '{tag}'", path.display()),
+        }
+    }
+
+    /// The stream bytes, from the start (callable again to re-read).
+    pub fn reader(&mut self) -> Result<Box<dyn Read + '_>, InputError> {
+        match self {
+            Input::File(p, f) => {
+                f.seek(SeekFrom::Start(0))
+                    .map_err(|source| InputError::Open {
+                        path: p.display().to_string(),
+                        source,
+                    })?;
+                Ok(Box::new(f))
+            }
+            Input::Snapshot { path, tag, image } => {
+                let format = image.format().to_string();
+                let path = path.display().to_string();
+                let store = image.snapshots().ok_or_else(|| InputError::NoSnapshots {
+                    path: path.clone(),
+                    format,
+                })?;
+                let r = VmstateReader::for_snapshot(store, tag).map_err(|source| {
+                    InputError::Image {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                if r.size() == 0 {
+                    return Err(InputError::DiskOnly {
+                        path,
+                        tag: tag.clone(),
+                    });
+                }
+                Ok(Box::new(r))
+            }
+        }
+    }
+}

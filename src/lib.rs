@@ -19,5 +19,6 @@
 
 pub mod block;
 pub mod cli;
+pub mod interop;
 pub mod migration;
 pub mod vmm;

@@ -14,8 +14,9 @@ use crate::migration::stream::{configuration_name, Event, StreamError, StreamRea
 #[derive(Debug, thiserror::Error)]
 pub enum ValidateError {
     /// The stream codec refused a record (bad magic, version, section, truncation, ...).
-    #[error("not a valid migration stream")]
-    Stream(#[from] StreamError),
+    /// Its message already carries the cause, so it is not chained as a source.
+    #[error("{0}")]
+    Stream(StreamError),
     /// The stream has no device or RAM sections at all.
     #[error("migration stream has no sections")]
     NoSections,
@@ -41,6 +42,12 @@ pub enum ValidateError {
     /// Reading the rest of the source failed.
     #[error("reading the stream failed")]
     Io(#[source] std::io::Error),
+}
+
+impl From<StreamError> for ValidateError {
+    fn from(e: StreamError) -> Self {
+        ValidateError::Stream(e)
+    }
 }
 
 /// What a valid stream contains.

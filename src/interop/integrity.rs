@@ -232,7 +232,8 @@ pub fn verify(
 /// What [`verify_snapshot`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verification {
-    /// The snapshot has no checksum record (made by QEMU, or disk-only).
+    /// The snapshot has no checksum record (made by QEMU), or no VM state (disk-only; a
+    /// record there is ignored).
     NoRecord,
     /// The VM state matches its record.
     Verified(StateChecksum),
@@ -249,6 +250,11 @@ pub fn verify_snapshot(store: &mut dyn SnapshotStore, id_or_name: &str) -> Resul
     let info = crate::block::blockset::find_snapshot(&list, id_or_name)
         .ok_or_else(|| crate::block::Error::SnapshotNotFound(id_or_name.to_owned()))?
         .clone();
+    if info.vm_state_size == 0 {
+        // A disk-only entry (or a non-vmstate disk of a multi-disk snapshot, which may carry
+        // a copy of the record): nothing to verify.
+        return Ok(Verification::NoRecord);
+    }
     let tail = store.snapshot_extra_tail(&info.id)?;
     let Some(record) = parse_tail(&tail)? else {
         return Ok(Verification::NoRecord);

@@ -41,17 +41,18 @@ pub fn verify(img: &Path, tag: &str) -> Result<Verification, integrity::Integrit
     integrity::verify_snapshot(d.snapshots().unwrap(), tag)
 }
 
-/// Flips one bit of the stored VM state in the image file: finds the 64 bytes after the first
-/// "random" pattern page marker (`RND!`) at or after stream offset `at` (unique in the image)
-/// and flips bit 0 of their first byte.
-pub fn flip_state_bit(img: &Path, state: &[u8], at: usize) {
+/// Host offset in the image file of the 64 bytes after the first "random" pattern page
+/// marker (`RND!`) at or after stream offset `at` of `state`; they must be unique in the image.
+/// A snapshot's VM state clusters never move, so the offset stays valid while QEMU works on
+/// other snapshots.
+pub fn find_state_bytes(img: &Path, state: &[u8], at: usize) -> usize {
     let marker = state[at..]
         .windows(4)
         .position(|w| w == b"RND!")
         .expect("a random pattern page after the offset");
     let start = at + marker + 4;
     let needle = &state[start..start + 64];
-    let mut data = std::fs::read(img).unwrap();
+    let data = std::fs::read(img).unwrap();
     let pos = data
         .windows(64)
         .position(|w| w == needle)
@@ -60,6 +61,18 @@ pub fn flip_state_bit(img: &Path, state: &[u8], at: usize) {
         data[pos + 1..].windows(64).all(|w| w != needle),
         "state bytes are not unique in the image"
     );
+    pos
+}
+
+/// Flips bit 0 of the byte at `pos` of the image file.
+pub fn flip_bit_at(img: &Path, pos: usize) {
+    let mut data = std::fs::read(img).unwrap();
     data[pos] ^= 1;
     std::fs::write(img, data).unwrap();
+}
+
+/// Flips one bit of the stored VM state (see [`find_state_bytes`]).
+pub fn flip_state_bit(img: &Path, state: &[u8], at: usize) {
+    let pos = find_state_bytes(img, state, at);
+    flip_bit_at(img, pos);
 }

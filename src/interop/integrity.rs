@@ -268,6 +268,40 @@ pub fn verify_snapshot(store: &mut dyn SnapshotStore, id_or_name: &str) -> Resul
     Ok(Verification::Verified(record))
 }
 
+/// One snapshot's outcome in [`verify_all`].
+#[derive(Debug)]
+pub struct SnapshotIntegrity {
+    /// Snapshot id.
+    pub id: String,
+    /// Snapshot name.
+    pub name: String,
+    /// What verification found.
+    pub result: Result<Verification>,
+}
+
+/// Verifies every snapshot of an image that has VM state, in table order (for `check` and
+/// the inspector). Snapshots without a record come back as [`Verification::NoRecord`].
+pub fn verify_all(store: &mut dyn SnapshotStore) -> Vec<SnapshotIntegrity> {
+    store
+        .snapshot_list()
+        .into_iter()
+        .filter(|s| s.vm_state_size > 0)
+        .map(|s| SnapshotIntegrity {
+            result: verify_snapshot(store, &s.id),
+            id: s.id,
+            name: s.name,
+        })
+        .collect()
+}
+
+/// The damaged snapshots of [`verify_all`]'s outcome, as messages naming each one.
+pub fn damaged(outcome: &[SnapshotIntegrity]) -> Vec<String> {
+    outcome
+        .iter()
+        .filter_map(|s| s.result.as_ref().err().map(|e| e.to_string()))
+        .collect()
+}
+
 /// Length and CRC32 of everything `r` yields.
 ///
 /// # Errors

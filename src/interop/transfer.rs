@@ -221,12 +221,12 @@ pub fn import_state<F: Read + Seek>(
         icount: None,
         extra_tail: integrity::tail_for(summary.crc, summary.len),
     };
-    let created = set.create(&params, &vm_name)?;
+    set.create(&params, &vm_name)?;
     read_back(set, &vm_name, &opts.tag)?;
     Ok(ImportReport {
         summary,
         vmstate_device: vm_name,
-        devices: created.iter().map(|i| i.name.clone()).collect(),
+        devices: set.included().into_iter().map(str::to_owned).collect(),
     })
 }
 
@@ -293,5 +293,132 @@ fn read_back(set: &mut BlockSet, vm_name: &str, tag: &str) -> Result<(), ImportE
         integrity::Verification::NoRecord => Err(ImportError::ReadBack(IntegrityError::Block(
             crate::block::Error::Format(format!("snapshot '{tag}' lost its integrity record")),
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+    use crate::block::qcow2::{CreateOptions, Qcow2};
+    use crate::block::MemStorage;
+    use crate::interop::integrity::{damaged, verify_all, Verification};
+
+    /// A tiny valid stream: one FULL section with an empty body, EOF, an empty vmdesc.
+    fn stream() -> Vec<u8> {
+        let mut s =
+            b"QEVM\0\0\0\x03\x04\0\0\0\x01\x03dev\0\0\0\0\0\0\0\x01\x7e\0\0\0\x01\x00".to_vec();
+        s.extend([0x06, 0, 0, 0, 2]);
+        s.extend(b"{}");
+        s
+    }
+
+    fn set_with(n: usize) -> BlockSet {
+        let mut set = BlockSet::new();
+        for i in 0..n {
+            let mem = MemStorage::new();
+            let opts = CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            };
+            Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+            let img = Qcow2::open_storage(Box::new(mem), false).unwrap();
+            set.add(format!("d{i}"), Box::new(img)).unwrap();
+        }
+        set
+    }
+
+    fn opts(tag: &str) -> ImportOptions {
+        ImportOptions {
+            tag: tag.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn import_export_round_trip_with_record() {
+        let mut set = set_with(2);
+        let data = stream();
+        let mut calls = 0;
+        let rep = import_state(&mut set, &mut Cursor::new(&data), &opts("t"), &mut |_| {
+            calls += 1
+        })
+        .unwrap();
+        assert!(calls > 0);
+        assert_eq!(rep.vmstate_device, "d0");
+        assert_eq!(rep.devices, ["d0", "d1"]);
+        assert_eq!(rep.summary.len, data.len() as u64);
+        let store = set.devices[0].driver.snapshots().unwrap();
+        let all = verify_all(store);
+        assert_eq!(all.len(), 1);
+        assert!(matches!(all[0].result, Ok(Verification::Verified(_))));
+        assert!(damaged(&all).is_empty());
+        let mut out = Vec::new();
+        let r = export_state(store, "t", &mut out, &mut |_| {}).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(r.crc, crc32fast::hash(&data));
+        assert!(r.verified.is_some());
+        // The second disk holds no state.
+        let other = set.devices[1].driver.snapshots().unwrap();
+        assert!(verify_all(other).is_empty());
+        let e = export_state(other, "t", &mut Vec::new(), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, ExportError::DiskOnly(_)));
+    }
+
+    #[test]
+    fn damaged_state_is_named() {
+        let mut set = set_with(1);
+        let data = stream();
+        import_state(&mut set, &mut Cursor::new(&data), &opts("t"), &mut |_| {}).unwrap();
+        // Re-create the entry with a wrong checksum over the same stored state.
+        let store = set.devices[0].driver.snapshots().unwrap();
+        let mut w = VmstateWriter::new(store);
+        w.write_all(&data).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        let params = SnapshotParams {
+            name: "bad".into(),
+            vm_state_size: data.len() as u64,
+            extra_tail: integrity::tail_for(crc32fast::hash(&data) ^ 4, data.len() as u64),
+            ..Default::default()
+        };
+        store.snapshot_create(&params).unwrap();
+        let all = verify_all(store);
+        assert_eq!(
+            damaged(&all),
+            [format!(
+                "snapshot 'bad': VM state is damaged: CRC32 is {:#010x}, stored {:#010x}",
+                crc32fast::hash(&data),
+                crc32fast::hash(&data) ^ 4
+            )]
+        );
+        let e = export_state(store, "bad", &mut Vec::new(), &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("'bad'"), "{e}");
+    }
+
+    #[test]
+    fn refused_import_writes_nothing() {
+        let mut set = set_with(1);
+        let e =
+            import_state(&mut set, &mut Cursor::new(b"junk"), &opts("t"), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, ImportError::Invalid(_)));
+        assert!(set.devices[0]
+            .driver
+            .snapshots()
+            .unwrap()
+            .snapshot_list()
+            .is_empty());
+        let e = import_state(
+            &mut set,
+            &mut Cursor::new(stream()),
+            &ImportOptions {
+                vmstate_device: Some("nope".into()),
+                ..opts("t")
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
     }
 }

@@ -361,6 +361,49 @@ impl<R: std::io::Read> std::io::Read for CrcReader<R> {
     }
 }
 
+/// A writer that checksums what passes through it (for savevm: wrap the vmstate writer, then
+/// pass [`CrcWriter::finish`]'s values to [`tail_for`]).
+#[derive(Debug)]
+pub struct CrcWriter<W> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W> CrcWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        CrcWriter {
+            inner,
+            hasher: crc32fast::Hasher::new(),
+            len: 0,
+        }
+    }
+
+    /// Bytes accepted so far and their CRC32.
+    pub fn finish(&self) -> (u64, u32) {
+        (self.len, self.hasher.clone().finalize())
+    }
+
+    /// The wrapped writer.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +516,12 @@ mod tests {
         r.read_to_end(&mut sink).unwrap();
         assert_eq!(r.finish(), (data.len() as u64, crc32fast::hash(&data)));
         assert_eq!(crc_of(&data[..]).unwrap(), r.finish());
+        use std::io::Write;
+        let mut w = CrcWriter::new(Vec::new());
+        for c in data.chunks(333) {
+            w.write_all(c).unwrap();
+        }
+        assert_eq!(w.finish(), r.finish());
+        assert_eq!(w.into_inner(), data);
     }
 }

@@ -215,3 +215,23 @@ fn qemu_made_snapshot_exports_as_its_stream() {
         r.stderr
     );
 }
+
+#[test]
+fn a_writable_raw_disk_refuses_the_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let mig = fixture_copy("mig-pc.bin.gz", dir.path());
+    let q = new_image(dir.path(), "a.qcow2", "16M");
+    let raw = dir.path().join("b.raw");
+    vmsnap(&["create", "-f", "raw", s(&raw), "1M"]).ok();
+    let before = file_hash(&q);
+    let r = vmsnap(&["vmstate", "import", s(&q), s(&raw), "t", s(&mig)]).fails_cleanly();
+    assert!(
+        r.stderr.contains(&format!(
+            "Device '{}' is writable but does not support snapshots",
+            s(&raw)
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(file_hash(&q), before);
+}

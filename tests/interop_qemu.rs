@@ -1,7 +1,8 @@
 //! Real QEMU 7.2 round trips through `vmsnap vmstate` (TCG, 32 MiB pattern RAM, SeaBIOS with
 //! nothing to boot, a qcow2 disk, virtio-blk + e1000 + isa-serial, HMP over a unix socket):
 //!
-//! 1. QEMU → `migrate exec:cat > FILE` → `vmstate import` → QEMU `-loadvm TAG` (pc and q35).
+//! 1. QEMU → `migrate exec:cat > FILE` → `vmstate import` → QEMU `-loadvm TAG` (pc with one
+//!    disk, q35 with two: the state on the first, the snapshot on both).
 //! 2. QEMU `savevm` → `vmstate export` → QEMU `-incoming "exec:cat FILE"`.
 //! 3. QEMU keeps our integrity record through `qemu-img snapshot -c/-d` and `savevm`/`delvm`
 //!    of other snapshots; a flipped bit is then reported.
@@ -268,9 +269,9 @@ impl Setup {
 }
 
 /// Boots SeaBIOS for a moment, stops, saves RAM with pmemsave and migrates to a file.
-fn run_and_migrate(st: &Setup, machine: &str, img: &Path, mig: &Path) -> Vec<u8> {
+fn run_and_migrate(st: &Setup, machine: &str, img: &Path, extra: &[&str], mig: &Path) -> Vec<u8> {
     let sock = st.path("src.sock");
-    let mut q = Qemu::start(machine, img, &st.pat, &sock, &[]);
+    let mut q = Qemu::start(machine, img, &st.pat, &sock, extra);
     std::thread::sleep(Duration::from_millis(700));
     q.hmp("stop");
     let mem = q.pmemsave(&st.path("src.mem"));
@@ -279,23 +280,47 @@ fn run_and_migrate(st: &Setup, machine: &str, img: &Path, mig: &Path) -> Vec<u8>
     mem
 }
 
-fn import_then_loadvm(machine: &str) {
+/// `-drive`/`-device` arguments of a second virtio-blk disk.
+fn second_disk(img: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("if=none,id=drive1,file={},format=qcow2", img.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=drive1".into(),
+    ]
+}
+
+/// QEMU → migration file → `vmstate import` on `disks` images → QEMU `-loadvm`.
+fn import_then_loadvm(machine: &str, disks: usize) {
     let st = setup();
     let img = st.disk("disk.qcow2");
+    let img2 = st.disk("disk2.qcow2");
+    let extra_owned = if disks == 2 {
+        second_disk(&img2)
+    } else {
+        Vec::new()
+    };
+    let extra: Vec<&str> = extra_owned.iter().map(String::as_str).collect();
     let mig = st.path("mig.bin");
-    let mem1 = run_and_migrate(&st, machine, &img, &mig);
+    let mem1 = run_and_migrate(&st, machine, &img, &extra, &mig);
     assert_pattern(&mem1, &st.pattern, "source");
-    vmsnap(&["vmstate", "import", s(&img), "imported", s(&mig)]).ok();
+    let mut args = vec!["vmstate", "import", s(&img)];
+    if disks == 2 {
+        args.push(s(&img2));
+    }
+    args.extend(["imported", s(&mig)]);
+    vmsnap(&args).ok();
     qemu_img(&["check", s(&img)]).ok();
+    if disks == 2 {
+        qemu_img(&["check", s(&img2)]).ok();
+        let l = qemu_img(&["snapshot", "-l", s(&img2)]).ok().stdout;
+        assert!(l.contains("imported") && l.contains(" 0 B "), "{l}");
+    }
     // Paused after loading (-S): RAM as saved.
     let sock = st.path("dst.sock");
-    let mut q = Qemu::start(
-        machine,
-        &img,
-        &st.pat,
-        &sock,
-        &["-loadvm", "imported", "-S"],
-    );
+    let mut paused = extra.clone();
+    paused.extend(["-loadvm", "imported", "-S"]);
+    let mut q = Qemu::start(machine, &img, &st.pat, &sock, &paused);
     let status = q.status();
     assert!(status.contains("paused"), "{machine}: {status}");
     let mem2 = q.pmemsave(&st.path("dst.mem"));
@@ -307,7 +332,9 @@ fn import_then_loadvm(machine: &str) {
     assert_eq!(q.status(), "VM status: running", "{machine}");
     q.quit();
     // And without -S it simply runs.
-    let mut q = Qemu::start(machine, &img, &st.pat, &sock, &["-loadvm", "imported"]);
+    let mut running = extra.clone();
+    running.extend(["-loadvm", "imported"]);
+    let mut q = Qemu::start(machine, &img, &st.pat, &sock, &running);
     assert_eq!(q.status(), "VM status: running", "{machine}");
     let info = q.hmp("info snapshots");
     assert!(info.contains("imported"), "{info}");
@@ -318,14 +345,14 @@ fn import_then_loadvm(machine: &str) {
 #[test]
 fn qemu_migration_file_imports_and_loadvm_resumes_pc() {
     if have_qemu("qemu_migration_file_imports_and_loadvm_resumes_pc") {
-        import_then_loadvm("pc-i440fx-7.2");
+        import_then_loadvm("pc-i440fx-7.2", 1);
     }
 }
 
 #[test]
-fn qemu_migration_file_imports_and_loadvm_resumes_q35() {
-    if have_qemu("qemu_migration_file_imports_and_loadvm_resumes_q35") {
-        import_then_loadvm("pc-q35-7.2");
+fn qemu_migration_file_imports_and_loadvm_resumes_q35_two_disks() {
+    if have_qemu("qemu_migration_file_imports_and_loadvm_resumes_q35_two_disks") {
+        import_then_loadvm("pc-q35-7.2", 2);
     }
 }
 

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::image::{parse_format, Image};
 use crate::block::{self, BlockSet, BlockSetError, OpenOptions};
 use crate::interop::transfer::{
-    export_state, import_state, ExportError, ImportError, ImportOptions,
+    export_state, import_state, ExportError, ImportError, ImportOptions, Phase,
 };
 use crate::interop::validate::{validate_stream, ValidateError};
 
@@ -173,7 +173,7 @@ fn export(
     let file_err = |e| VmstateError::File(tmp.display().to_string(), e);
     let mut out = BufWriter::new(File::create(&tmp).map_err(file_err)?);
     let bar = progress_bar(size, "export");
-    let result = export_state(store, tag, &mut out, &mut |n| bar.set_position(n));
+    let result = export_state(store, tag, &mut out, &mut |_, n| bar.set_position(n));
     bar.finish_and_clear();
     drop(out);
     let finished = result.map_err(VmstateError::from).and_then(|_| {
@@ -214,8 +214,21 @@ fn import(
     let file_err = |e| VmstateError::File(file.display().to_string(), e);
     let mut f = File::open(file).map_err(file_err)?;
     let len = f.metadata().map_err(file_err)?.len();
-    let bar = progress_bar(len, "import");
-    let result = import_state(&mut set, &mut f, opts, &mut |n| bar.set_position(n));
+    let bar = progress_bar(len, "validate");
+    let mut phase = Phase::Validate;
+    let result = import_state(&mut set, &mut f, opts, &mut |p, n| {
+        if p != phase {
+            phase = p;
+            bar.set_message(match p {
+                Phase::Validate => "validate",
+                Phase::Write => "write",
+                Phase::Verify => "verify",
+                Phase::Export => "export",
+            });
+            bar.reset();
+        }
+        bar.set_position(n);
+    });
     bar.finish_and_clear();
     let flushed = set.flush().map_err(VmstateError::Flush);
     result?;

@@ -246,6 +246,18 @@ pub enum Verification {
 /// damaged state, [`IntegrityError::Read`] when it cannot be read, a malformed record, or a
 /// missing snapshot.
 pub fn verify_snapshot(store: &mut dyn SnapshotStore, id_or_name: &str) -> Result<Verification> {
+    verify_snapshot_with_progress(store, id_or_name, &mut |_| {})
+}
+
+/// [`verify_snapshot`], reporting the bytes of VM state read so far.
+///
+/// # Errors
+/// As [`verify_snapshot`].
+pub fn verify_snapshot_with_progress(
+    store: &mut dyn SnapshotStore,
+    id_or_name: &str,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Verification> {
     let list = store.snapshot_list();
     let info = crate::block::blockset::find_snapshot(&list, id_or_name)
         .ok_or_else(|| crate::block::Error::SnapshotNotFound(id_or_name.to_owned()))?
@@ -260,10 +272,11 @@ pub fn verify_snapshot(store: &mut dyn SnapshotStore, id_or_name: &str) -> Resul
         return Ok(Verification::NoRecord);
     };
     let reader = VmstateReader::for_snapshot(store, &info.id)?;
-    let (len, crc) = crc_of(reader).map_err(|source| IntegrityError::Read {
-        snapshot: info.name.clone(),
-        source,
-    })?;
+    let (len, crc) =
+        crc_of_with_progress(reader, progress).map_err(|source| IntegrityError::Read {
+            snapshot: info.name.clone(),
+            source,
+        })?;
     verify(&info.name, &record, len, crc)?;
     Ok(Verification::Verified(record))
 }
@@ -306,7 +319,18 @@ pub fn damaged(outcome: &[SnapshotIntegrity]) -> Vec<String> {
 ///
 /// # Errors
 /// The reader's error.
-pub fn crc_of<R: std::io::Read>(mut r: R) -> std::io::Result<(u64, u32)> {
+pub fn crc_of<R: std::io::Read>(r: R) -> std::io::Result<(u64, u32)> {
+    crc_of_with_progress(r, &mut |_| {})
+}
+
+/// [`crc_of`], reporting the running byte count.
+///
+/// # Errors
+/// The reader's error.
+pub fn crc_of_with_progress<R: std::io::Read>(
+    mut r: R,
+    progress: &mut dyn FnMut(u64),
+) -> std::io::Result<(u64, u32)> {
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut len = 0u64;
@@ -319,6 +343,7 @@ pub fn crc_of<R: std::io::Read>(mut r: R) -> std::io::Result<(u64, u32)> {
         };
         h.update(&buf[..n]);
         len += n as u64;
+        progress(len);
     }
     Ok((len, h.finalize()))
 }

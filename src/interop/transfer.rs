@@ -15,6 +15,39 @@ use crate::block::blockset::find_snapshot;
 use crate::block::{BlockSet, BlockSetError, SnapshotParams, SnapshotStore};
 use crate::migration::snapshot_io::{VmstateReader, VmstateWriter, CHUNK};
 
+/// The pass a progress report belongs to; each counts bytes from 0 up to the state's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Import: walking the file as a migration stream.
+    Validate,
+    /// Import: copying the file into the vmstate area.
+    Write,
+    /// Import: reading the new snapshot's state back and checking its CRC32.
+    Verify,
+    /// Export: copying the snapshot's state out.
+    Export,
+}
+
+/// Progress callback: the phase and the bytes done in it.
+pub type ProgressFn<'a> = &'a mut dyn FnMut(Phase, u64);
+
+/// A reader that reports the running byte count.
+struct ProgressReader<'a, 'b, R> {
+    inner: R,
+    done: u64,
+    phase: Phase,
+    progress: &'a mut ProgressFn<'b>,
+}
+
+impl<R: Read> Read for ProgressReader<'_, '_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        (self.progress)(self.phase, self.done);
+        Ok(n)
+    }
+}
+
 /// Errors of [`export_state`].
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -128,7 +161,8 @@ pub struct ExportReport {
 fn copy_with_progress<R: Read, W: Write + ?Sized>(
     mut r: R,
     w: &mut W,
-    progress: &mut dyn FnMut(u64),
+    phase: Phase,
+    progress: ProgressFn<'_>,
 ) -> io::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
@@ -141,7 +175,7 @@ fn copy_with_progress<R: Read, W: Write + ?Sized>(
         };
         w.write_all(&buf[..n])?;
         total += n as u64;
-        progress(total);
+        progress(phase, total);
     }
     w.flush()?;
     Ok(total)
@@ -158,7 +192,7 @@ pub fn export_state(
     store: &mut dyn SnapshotStore,
     tag: &str,
     out: &mut dyn Write,
-    progress: &mut dyn FnMut(u64),
+    progress: ProgressFn<'_>,
 ) -> Result<ExportReport, ExportError> {
     let list = store.snapshot_list();
     let info = find_snapshot(&list, tag)
@@ -175,9 +209,11 @@ pub fn export_state(
     let reader = VmstateReader::for_snapshot(store, &info.id)
         .map_err(|e| ExportError::Integrity(IntegrityError::Block(e)))?;
     let mut crc = CrcReader::new(reader);
-    copy_with_progress(&mut crc, out, progress).map_err(|source| ExportError::Copy {
-        snapshot: info.name.clone(),
-        source,
+    copy_with_progress(&mut crc, out, Phase::Export, progress).map_err(|source| {
+        ExportError::Copy {
+            snapshot: info.name.clone(),
+            source,
+        }
     })?;
     let (len, c) = crc.finish();
     if let Some(rec) = &record {
@@ -201,11 +237,16 @@ pub fn import_state<F: Read + Seek>(
     set: &mut BlockSet,
     file: &mut F,
     opts: &ImportOptions,
-    progress: &mut dyn FnMut(u64),
+    mut progress: ProgressFn<'_>,
 ) -> Result<ImportReport, ImportError> {
     set.can_snapshot()?;
     refuse_existing(set, &opts.tag)?;
-    let summary = validate_stream(io::BufReader::new(&mut *file))?;
+    let summary = validate_stream(io::BufReader::new(ProgressReader {
+        inner: &mut *file,
+        done: 0,
+        phase: Phase::Validate,
+        progress: &mut progress,
+    }))?;
     file.seek(SeekFrom::Start(0)).map_err(ImportError::Read)?;
     let vm_name = set
         .vmstate_device(opts.vmstate_device.as_deref())?
@@ -222,7 +263,7 @@ pub fn import_state<F: Read + Seek>(
         extra_tail: integrity::tail_for(summary.crc, summary.len),
     };
     set.create(&params, &vm_name)?;
-    read_back(set, &vm_name, &opts.tag)?;
+    read_back(set, &vm_name, &opts.tag, progress)?;
     Ok(ImportReport {
         summary,
         vmstate_device: vm_name,
@@ -252,7 +293,7 @@ fn write_vmstate<F: Read>(
     vm_name: &str,
     file: &mut F,
     summary: &StreamSummary,
-    progress: &mut dyn FnMut(u64),
+    progress: ProgressFn<'_>,
 ) -> Result<(), ImportError> {
     let dev = set
         .device_mut(vm_name)
@@ -263,9 +304,11 @@ fn write_vmstate<F: Read>(
         .ok_or_else(|| BlockSetError::NoVmStateSupport(vm_name.to_owned()))?;
     let mut w = VmstateWriter::new(store);
     let mut crc = CrcReader::new(file);
-    copy_with_progress(&mut crc, &mut w, progress).map_err(|source| ImportError::Write {
-        device: vm_name.to_owned(),
-        source,
+    copy_with_progress(&mut crc, &mut w, Phase::Write, progress).map_err(|source| {
+        ImportError::Write {
+            device: vm_name.to_owned(),
+            source,
+        }
     })?;
     let (copied_len, copied_crc) = crc.finish();
     if (copied_len, copied_crc) != (summary.len, summary.crc) {
@@ -280,7 +323,12 @@ fn write_vmstate<F: Read>(
 }
 
 /// Verifies the new snapshot's state through its own L1 table.
-fn read_back(set: &mut BlockSet, vm_name: &str, tag: &str) -> Result<(), ImportError> {
+fn read_back(
+    set: &mut BlockSet,
+    vm_name: &str,
+    tag: &str,
+    progress: ProgressFn<'_>,
+) -> Result<(), ImportError> {
     let dev = set
         .device_mut(vm_name)
         .ok_or_else(|| BlockSetError::NoSuchDevice(vm_name.to_owned()))?;
@@ -288,7 +336,10 @@ fn read_back(set: &mut BlockSet, vm_name: &str, tag: &str) -> Result<(), ImportE
         .driver
         .snapshots()
         .ok_or_else(|| BlockSetError::NoVmStateSupport(vm_name.to_owned()))?;
-    match integrity::verify_snapshot(store, tag).map_err(ImportError::ReadBack)? {
+    let mut report = |n| progress(Phase::Verify, n);
+    match integrity::verify_snapshot_with_progress(store, tag, &mut report)
+        .map_err(ImportError::ReadBack)?
+    {
         integrity::Verification::Verified(_) => Ok(()),
         integrity::Verification::NoRecord => Err(ImportError::ReadBack(IntegrityError::Block(
             crate::block::Error::Format(format!("snapshot '{tag}' lost its integrity record")),
@@ -340,12 +391,21 @@ mod tests {
     fn import_export_round_trip_with_record() {
         let mut set = set_with(2);
         let data = stream();
-        let mut calls = 0;
-        let rep = import_state(&mut set, &mut Cursor::new(&data), &opts("t"), &mut |_| {
-            calls += 1
-        })
+        let mut seen = Vec::new();
+        let rep = import_state(
+            &mut set,
+            &mut Cursor::new(&data),
+            &opts("t"),
+            &mut |p, n| seen.push((p, n)),
+        )
         .unwrap();
-        assert!(calls > 0);
+        let len = data.len() as u64;
+        for phase in [Phase::Validate, Phase::Write, Phase::Verify] {
+            assert!(
+                seen.contains(&(phase, len)),
+                "{phase:?} did not reach {len}: {seen:?}"
+            );
+        }
         assert_eq!(rep.vmstate_device, "d0");
         assert_eq!(rep.devices, ["d0", "d1"]);
         assert_eq!(rep.summary.len, data.len() as u64);
@@ -355,14 +415,14 @@ mod tests {
         assert!(matches!(all[0].result, Ok(Verification::Verified(_))));
         assert!(damaged(&all).is_empty());
         let mut out = Vec::new();
-        let r = export_state(store, "t", &mut out, &mut |_| {}).unwrap();
+        let r = export_state(store, "t", &mut out, &mut |_, _| {}).unwrap();
         assert_eq!(out, data);
         assert_eq!(r.crc, crc32fast::hash(&data));
         assert!(r.verified.is_some());
         // The second disk holds no state.
         let other = set.devices[1].driver.snapshots().unwrap();
         assert!(verify_all(other).is_empty());
-        let e = export_state(other, "t", &mut Vec::new(), &mut |_| {}).unwrap_err();
+        let e = export_state(other, "t", &mut Vec::new(), &mut |_, _| {}).unwrap_err();
         assert!(matches!(e, ExportError::DiskOnly(_)));
     }
 
@@ -370,7 +430,13 @@ mod tests {
     fn damaged_state_is_named() {
         let mut set = set_with(1);
         let data = stream();
-        import_state(&mut set, &mut Cursor::new(&data), &opts("t"), &mut |_| {}).unwrap();
+        import_state(
+            &mut set,
+            &mut Cursor::new(&data),
+            &opts("t"),
+            &mut |_, _| {},
+        )
+        .unwrap();
         // Re-create the entry with a wrong checksum over the same stored state.
         let store = set.devices[0].driver.snapshots().unwrap();
         let mut w = VmstateWriter::new(store);
@@ -393,15 +459,20 @@ mod tests {
                 crc32fast::hash(&data) ^ 4
             )]
         );
-        let e = export_state(store, "bad", &mut Vec::new(), &mut |_| {}).unwrap_err();
+        let e = export_state(store, "bad", &mut Vec::new(), &mut |_, _| {}).unwrap_err();
         assert!(e.to_string().contains("'bad'"), "{e}");
     }
 
     #[test]
     fn refused_import_writes_nothing() {
         let mut set = set_with(1);
-        let e =
-            import_state(&mut set, &mut Cursor::new(b"junk"), &opts("t"), &mut |_| {}).unwrap_err();
+        let e = import_state(
+            &mut set,
+            &mut Cursor::new(b"junk"),
+            &opts("t"),
+            &mut |_, _| {},
+        )
+        .unwrap_err();
         assert!(matches!(e, ImportError::Invalid(_)));
         assert!(set.devices[0]
             .driver
@@ -416,7 +487,7 @@ mod tests {
                 vmstate_device: Some("nope".into()),
                 ..opts("t")
             },
-            &mut |_| {},
+            &mut |_, _| {},
         )
         .unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");

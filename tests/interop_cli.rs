@@ -261,3 +261,21 @@ fn import_round_trips_on_every_image_layout() {
         assert!(std::fs::read(&out).unwrap() == state, "{o}: export differs");
     }
 }
+
+#[test]
+fn our_reader_sees_the_same_stream_in_the_file_and_in_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mig = fixture_copy("mig-q35.bin.gz", dir.path());
+    let img = new_image(dir.path(), "d.qcow2", "16M");
+    vmsnap(&["vmstate", "import", s(&img), "t", s(&mig)]).ok();
+    let inspect = env!("CARGO_BIN_EXE_vmsnap-inspect");
+    let from_file = run(inspect, &[s(&mig), "--output", "json"]).ok().stdout;
+    let from_snap = run(inspect, &[s(&img), "--snapshot", "t", "--output", "json"])
+        .ok()
+        .stdout;
+    assert!(from_file.len() > 1000 && from_file.contains("\"ram (2)\""));
+    assert!(
+        from_file == from_snap,
+        "state differs between file and snapshot"
+    );
+}

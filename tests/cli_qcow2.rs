@@ -243,3 +243,30 @@ fn snapshot_dates_in_local_time_like_qemu_img() {
         assert_eq!(ours, theirs, "TZ={tz}");
     }
 }
+
+#[test]
+fn failed_multi_image_snapshot_rolls_back() {
+    if !require("failed_multi_image_snapshot_rolls_back", &["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("fresh.qcow2");
+    vmsnap(&["create", "-f", "qcow2", s(&fresh), "16M"]).ok();
+    vmsnap(&["io", s(&fresh), "-c", "write -P 0x5 0 128k"]).ok();
+    // The second image has data and 1-bit refcounts: it cannot take a snapshot (QEMU fails
+    // the same way), so the snapshot already made on the first image must be removed again.
+    let rb1 = common::fixture_copy("refcount-bits-1-failed-snapshot.qcow2", dir.path());
+    let rb1_before = common::file_hash(&rb1);
+    let r = vmsnap(&["snapshot", "-c", "s1", s(&fresh), s(&rb1)]).fails_cleanly();
+    assert!(
+        r.stderr
+            .contains(&format!("Error while creating snapshot on '{}'", s(&rb1))),
+        "{r:?}"
+    );
+    assert_eq!(qemu_img(&["snapshot", "-l", s(&fresh)]).ok().stdout, "");
+    let c = qemu_img(&["check", "--output=json", s(&fresh)]).ok();
+    let v: Value = serde_json::from_str(&c.stdout).unwrap();
+    assert!(v.get("leaks").is_none(), "rollback leaked clusters: {v}");
+    assert_eq!(common::file_hash(&rb1), rb1_before);
+    qemu_io("qcow2", &fresh, &["read -P 0x5 0 128k".into()]).ok();
+}

@@ -177,6 +177,12 @@ fn raw_outputs_match_qemu_img() {
     )
     .unwrap();
     assert_eq!(ours, theirs);
+    // Byte for byte, indentation and key order included.
+    let ours = vmsnap(&["info", "--output", "json", s(&a)]).ok().stdout;
+    let theirs = common::qemu_img(&["info", "--output=json", s(&a)])
+        .ok()
+        .stdout;
+    assert_eq!(ours, theirs);
     // qemu-io reads what vmsnap wrote.
     common::qemu_io(
         "raw",

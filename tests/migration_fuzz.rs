@@ -110,7 +110,7 @@ fn bit_flips_in_a_real_stream_never_panic() {
     let s = compact_real_stream();
     let mut x: u64 = 0x1234_5678_9abc_def1;
     let mut errors = 0;
-    for _ in 0..3000 {
+    for _ in 0..1200 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -125,7 +125,7 @@ fn bit_flips_in_a_real_stream_never_panic() {
         let _ = StreamModel::decode(&t[..]);
     }
     // Most flips land in device payloads, which any bytes decode; some must be caught.
-    assert!(errors > 30, "only {errors} flips detected");
+    assert!(errors > 12, "only {errors} flips detected");
 }
 
 #[test]
@@ -183,7 +183,7 @@ fn lying_lengths_are_refused_without_allocating() {
 proptest! {
     // No regression files: a failure prints its input, and the repository stays as it is.
     #![proptest_config(ProptestConfig {
-        cases: 512,
+        cases: 256,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

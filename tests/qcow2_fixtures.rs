@@ -94,6 +94,10 @@ fn compare_listing(img: &Path, stem: &str) {
         v.as_object_mut().unwrap().remove("actual-size");
     }
     assert_eq!(ours, theirs, "{stem}: info JSON differs");
+    // Byte for byte, key order and indentation included (same file, same actual size).
+    let ours = vmsnap(&["info", "--output", "json", s(img)]).ok().stdout;
+    let theirs = qemu_img(&["info", "--output=json", s(img)]).ok().stdout;
+    assert_eq!(ours, theirs, "{stem}: info JSON text differs");
     // The text is the same too (same file, so the same "disk size").
     let ours = vmsnap(&["info", s(img)]).ok().stdout;
     let theirs = qemu_img(&["info", s(img)]).ok().stdout;
@@ -109,6 +113,10 @@ fn compare_check(img: &Path, stem: &str) -> Option<i32> {
         "{stem}: check exit status: {ours:#?} {theirs:#?}"
     );
     assert_eq!(json(&ours), json(&theirs), "{stem}: check JSON differs");
+    assert_eq!(
+        ours.stdout, theirs.stdout,
+        "{stem}: check JSON text differs"
+    );
     let ours = vmsnap(&["check", s(img)]);
     let theirs = qemu_img(&["check", s(img)]);
     assert_eq!(ours.stdout, theirs.stdout, "{stem}: check text differs");

@@ -80,10 +80,12 @@ fn insert_nonzero(m: &mut Map<String, Value>, key: &str, v: u64) {
     }
 }
 
-/// `qemu-img check --output=json`'s object: optional counters only when non-zero.
+/// `qemu-img check --output=json`'s object: optional counters only when non-zero, keys in
+/// the order QEMU 7.2 prints them (where the fixtures show it).
 pub fn report_json(r: &CheckReport, filename: &str) -> Value {
     let mut m = Map::new();
     insert_nonzero(&mut m, "image-end-offset", r.image_end_offset);
+    insert_nonzero(&mut m, "compressed-clusters", r.compressed_clusters);
     insert_nonzero(&mut m, "total-clusters", r.total_clusters);
     m.insert("check-errors".into(), json!(r.check_errors));
     insert_nonzero(&mut m, "leaks", r.leaks);
@@ -94,7 +96,6 @@ pub fn report_json(r: &CheckReport, filename: &str) -> Value {
     m.insert("filename".into(), json!(filename));
     m.insert("format".into(), json!("qcow2"));
     insert_nonzero(&mut m, "fragmented-clusters", r.fragmented_clusters);
-    insert_nonzero(&mut m, "compressed-clusters", r.compressed_clusters);
     Value::Object(m)
 }
 
@@ -203,10 +204,7 @@ pub fn check_command(args: &CheckArgs) -> Result<i32, CheckError> {
         eprintln!("{m}");
     }
     match args.output {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report_json(&report, &name)).unwrap_or_default()
-        ),
+        OutputFormat::Json => println!("{}", super::json_text(&report_json(&report, &name))),
         OutputFormat::Human => print!("{}", report_human(&report)),
     }
     Ok(exit_code(&report))

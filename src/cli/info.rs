@@ -172,10 +172,7 @@ pub fn gather(args: &InfoArgs) -> Result<InfoReport, InfoError> {
 pub fn info_command(args: &InfoArgs) -> Result<(), InfoError> {
     let report = gather(args)?;
     match args.output {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report.to_json()).unwrap_or_default()
-        ),
+        OutputFormat::Json => println!("{}", super::json_text(&report.to_json())),
         OutputFormat::Human => print!("{}", report.to_human()),
     }
     Ok(())

@@ -109,6 +109,18 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     }
 }
 
+/// JSON text indented by four spaces, as `qemu-img --output=json` prints it.
+pub fn json_text(v: &serde_json::Value) -> String {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    match v.serialize(&mut ser) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => v.to_string(),
+    }
+}
+
 /// Formats an error and its causes as one line: `outer: cause: root cause`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
@@ -132,6 +144,15 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("outer")]
     struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn json_is_indented_like_qemu_img() {
+        let v = serde_json::json!({"a": [1], "b": {"c": true}});
+        assert_eq!(
+            json_text(&v),
+            "{\n    \"a\": [\n        1\n    ],\n    \"b\": {\n        \"c\": true\n    }\n}"
+        );
+    }
 
     #[test]
     fn error_chain_joins_causes() {

@@ -121,7 +121,7 @@ fn list(args: &SnapshotArgs) -> Result<(), SnapshotError> {
                     .map(|(_, l)| table::snapshots_json(l))
                     .unwrap_or_else(|| json!([]))
             };
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            println!("{}", super::json_text(&v));
         }
         OutputFormat::Human => {
             for (name, l) in &lists {

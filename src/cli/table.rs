@@ -57,21 +57,27 @@ pub fn snapshot_table(list: &[SnapshotInfo]) -> String {
     out
 }
 
-/// One snapshot as an element of `qemu-img info --output=json`'s `snapshots`.
+/// One snapshot as an element of `qemu-img info --output=json`'s `snapshots`, keys in the
+/// order QEMU 7.2 prints them.
 pub fn snapshot_json(s: &SnapshotInfo) -> Value {
-    let mut v = json!({
-        "id": s.id,
-        "name": s.name,
-        "vm-state-size": s.vm_state_size,
-        "date-sec": s.date_sec,
-        "date-nsec": s.date_nsec,
-        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-    });
-    if let (Some(i), Value::Object(m)) = (s.icount, &mut v) {
+    let mut m = serde_json::Map::new();
+    if let Some(i) = s.icount {
         m.insert("icount".into(), json!(i));
     }
-    v
+    m.insert(
+        "vm-clock-nsec".into(),
+        json!(s.vm_clock_nsec % 1_000_000_000),
+    );
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert(
+        "vm-clock-sec".into(),
+        json!(s.vm_clock_nsec / 1_000_000_000),
+    );
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    Value::Object(m)
 }
 
 /// The `snapshots` array.

@@ -5,6 +5,45 @@
 //! (PART) until all are done → completion (END) → every device as a FULL section → EOF →
 //! vmdesc JSON. Each section is followed by its footer. Loading checks the configuration,
 //! that every section is known, versions, and footers.
+//!
+//! A device registers its description and converts its state to and from [`Value`]:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmsnap::migration::ram_state::RamState;
+//! use vmsnap::migration::savevm::{load_state, save_state, DeviceState, Registry};
+//! use vmsnap::migration::{Field, VMStateDescription, Value};
+//!
+//! struct Uart { lcr: u8 }
+//! impl DeviceState for Uart {
+//!     fn save(&self) -> Value {
+//!         Value::structure([("lcr", Value::u8(self.lcr))])
+//!     }
+//!     fn load(&mut self, v: &Value, _version: u32) -> Result<(), String> {
+//!         self.lcr = v.get("lcr").and_then(Value::as_u64).ok_or("no lcr")? as u8;
+//!         Ok(())
+//!     }
+//! }
+//! let vmsd = Arc::new(VMStateDescription::new("serial", 3, 2).field(Field::uint("lcr", 1)));
+//! let memory = vec![1u8; 2 * 4096];
+//!
+//! let mut stream = Vec::new();
+//! let (mut uart, mut ram) = (Uart { lcr: 3 }, RamState::for_save(vec![("pc.ram".into(), &memory[..])], 4096));
+//! let mut reg = Registry::new("my-machine");
+//! reg.register_iterative("ram", 0, 4, &mut ram);
+//! reg.register_device("serial", 0, vmsd.clone(), &mut uart);
+//! save_state(&mut reg, &mut stream).unwrap();
+//!
+//! let mut restored = vec![0u8; 2 * 4096];
+//! let mut uart2 = Uart { lcr: 0 };
+//! let mut ram = RamState::for_load(vec![("pc.ram".into(), &mut restored[..])], 4096);
+//! let mut reg = Registry::new("my-machine");
+//! reg.register_iterative("ram", 0, 4, &mut ram);
+//! reg.register_device("serial", 0, vmsd, &mut uart2);
+//! load_state(&mut reg, &mut &stream[..]).unwrap();
+//! drop(reg);
+//! assert_eq!((uart2.lcr, restored), (3, memory));
+//! ```
 
 use std::io::{Read, Write};
 use std::sync::Arc;

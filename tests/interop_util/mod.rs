@@ -76,3 +76,32 @@ pub fn flip_state_bit(img: &Path, state: &[u8], at: usize) {
     let pos = find_state_bytes(img, state, at);
     flip_bit_at(img, pos);
 }
+
+/// Like [`find_state_bytes`], for an image that already held copies of the same pattern
+/// pages before the import: the occurrence that is new since `before` (the image's bytes then).
+pub fn find_new_state_bytes(img: &Path, before: &[u8], state: &[u8], at: usize) -> usize {
+    let marker = state[at..]
+        .windows(4)
+        .position(|w| w == b"RND!")
+        .expect("a random pattern page after the offset");
+    let start = at + marker + 4;
+    let needle = &state[start..start + 64];
+    let find_all = |data: &[u8]| -> Vec<usize> {
+        data.windows(64)
+            .enumerate()
+            .filter(|(_, w)| *w == needle)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let old = find_all(before);
+    let new: Vec<usize> = find_all(&std::fs::read(img).unwrap())
+        .into_iter()
+        .filter(|p| !old.contains(p) || before[*p..*p + 64] != *needle)
+        .collect();
+    assert_eq!(
+        new.len(),
+        1,
+        "expected one new copy of the state bytes: {new:?}"
+    );
+    new[0]
+}

@@ -315,6 +315,15 @@ pub fn damaged(outcome: &[SnapshotIntegrity]) -> Vec<String> {
         .collect()
 }
 
+/// `(name, message)` of every snapshot of the image whose VM state fails its record (for
+/// `vmsnap check`).
+pub fn damaged_snapshots(store: &mut dyn SnapshotStore) -> Vec<(String, String)> {
+    verify_all(store)
+        .into_iter()
+        .filter_map(|s| s.result.err().map(|e| (s.name, e.to_string())))
+        .collect()
+}
+
 /// Length and CRC32 of everything `r` yields.
 ///
 /// # Errors

@@ -459,6 +459,9 @@ mod tests {
                 crc32fast::hash(&data) ^ 4
             )]
         );
+        let named = integrity::damaged_snapshots(store);
+        assert_eq!(named.len(), 1);
+        assert_eq!(named[0].0, "bad");
         let e = export_state(store, "bad", &mut Vec::new(), &mut |_, _| {}).unwrap_err();
         assert!(e.to_string().contains("'bad'"), "{e}");
     }

@@ -466,6 +466,50 @@ mod tests {
         assert!(e.to_string().contains("'bad'"), "{e}");
     }
 
+    /// A file whose contents change when it is rewound.
+    struct Changing {
+        first: Cursor<Vec<u8>>,
+        second: Cursor<Vec<u8>>,
+        rewound: bool,
+    }
+
+    impl Read for Changing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.rewound {
+                self.second.read(buf)
+            } else {
+                self.first.read(buf)
+            }
+        }
+    }
+
+    impl Seek for Changing {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.rewound = true;
+            self.second.seek(pos)
+        }
+    }
+
+    #[test]
+    fn a_file_that_changes_between_passes_is_refused() {
+        let mut set = set_with(1);
+        let mut other = stream();
+        other[9] ^= 1;
+        let mut f = Changing {
+            first: Cursor::new(stream()),
+            second: Cursor::new(other),
+            rewound: false,
+        };
+        let e = import_state(&mut set, &mut f, &opts("t"), &mut |_, _| {}).unwrap_err();
+        assert!(matches!(e, ImportError::Changed { .. }), "{e}");
+        assert!(set.devices[0]
+            .driver
+            .snapshots()
+            .unwrap()
+            .snapshot_list()
+            .is_empty());
+    }
+
     #[test]
     fn refused_import_writes_nothing() {
         let mut set = set_with(1);

@@ -19,6 +19,7 @@
 
 pub mod block;
 pub mod cli;
+pub mod interop;
 pub mod migration;
 pub mod snapshot;
 pub mod vmm;

@@ -23,6 +23,7 @@ pub mod run;
 pub mod size;
 pub mod snapshot;
 pub mod table;
+pub mod vmstate;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -50,6 +51,8 @@ pub enum Command {
     Io(io::IoArgs),
     /// Boot a built-in guest under KVM.
     Run(run::RunArgs),
+    /// Export a snapshot's VM state as a migration file, or import one as a snapshot.
+    Vmstate(vmstate::VmstateArgs),
 }
 
 /// `--output` of the reporting subcommands.
@@ -83,6 +86,9 @@ pub enum CliError {
     /// `run` failed.
     #[error(transparent)]
     Run(#[from] run::RunError),
+    /// `vmstate` failed.
+    #[error(transparent)]
+    Vmstate(#[from] vmstate::VmstateError),
 }
 
 /// Runs the command line; returns the process exit code on success (0, or a `check` status).
@@ -99,6 +105,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             .map_err(Into::into),
         Command::Io(a) => io::io_command(&a).map(|()| 0).map_err(Into::into),
         Command::Run(a) => run::run_command(a).map_err(Into::into),
+        Command::Vmstate(a) => vmstate::vmstate_command(&a).map(|()| 0).map_err(Into::into),
     }
 }
 

@@ -1,0 +1,469 @@
+//! Real QEMU 7.2 round trips through `vmsnap vmstate` (TCG, 32 MiB pattern RAM, SeaBIOS with
+//! nothing to boot, a qcow2 disk, virtio-blk + e1000 + isa-serial, HMP over a unix socket):
+//!
+//! 1. QEMU → `migrate exec:cat > FILE` → `vmstate import` → QEMU `-loadvm TAG` (pc with one
+//!    disk, q35 with two: the state on the first, the snapshot on both).
+//! 2. QEMU `savevm` → `vmstate export` → QEMU `-incoming "exec:cat FILE"`.
+//! 3. QEMU keeps our integrity record through `qemu-img snapshot -c/-d` and `savevm`/`delvm`
+//!    of other snapshots; a flipped bit is then reported.
+//!
+//! Guest RAM is compared with `pmemsave` before and after, and against the pattern file.
+
+mod common;
+mod interop_util;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use interop_util::*;
+
+const RAM: usize = 32 << 20;
+const SEED: u64 = 0x5EED_5EED_5EED_5EED;
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The fixtures' RAM pattern (see shared/fixtures/README.md).
+fn pattern() -> Vec<u8> {
+    let mut ram = vec![0u8; RAM];
+    for (n, page) in ram.chunks_mut(4096).enumerate() {
+        if n % 8 == 7 {
+            continue;
+        }
+        let gpa = (n * 4096) as u64;
+        let mut st = SEED ^ gpa;
+        page[..4].copy_from_slice(b"PAGE");
+        page[4..12].copy_from_slice(&gpa.to_le_bytes());
+        if n % 64 == 1 {
+            page[12..16].copy_from_slice(b"RND!");
+            for i in 0..510 {
+                let v = splitmix(&mut st);
+                page[16 + i * 8..24 + i * 8].copy_from_slice(&v.to_le_bytes());
+            }
+        } else {
+            page[12..16].copy_from_slice(b"REP!");
+            let mut unit = [0u8; 16];
+            unit[..8].copy_from_slice(&splitmix(&mut st).to_le_bytes());
+            unit[8..].copy_from_slice(&splitmix(&mut st).to_le_bytes());
+            for c in page[16..].chunks_mut(16) {
+                c.copy_from_slice(&unit);
+            }
+        }
+    }
+    ram
+}
+
+/// Ranges SeaBIOS leaves alone in every run (README: "pages that equal the pattern").
+/// (Under TCG, SeaBIOS also clears most of 0x8000-0x5dfff and uses more below the top of RAM,
+/// so those ranges are left out.)
+const UNTOUCHED: &[(usize, usize)] = &[(0x1000, 0x6000), (0x100000, 0x1e00000)];
+
+fn assert_pattern(mem: &[u8], pat: &[u8], what: &str) {
+    for &(a, b) in UNTOUCHED {
+        let bad: Vec<String> = (a..b)
+            .step_by(4096)
+            .filter(|&p| mem[p..p + 4096] != pat[p..p + 4096])
+            .map(|p| format!("{p:#x}"))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{what}: pages differ from the pattern: {bad:?}"
+        );
+    }
+}
+
+/// A running QEMU with its HMP monitor.
+struct Qemu {
+    child: Child,
+    mon: UnixStream,
+}
+
+impl Qemu {
+    fn start(machine: &str, img: &Path, pat: &Path, sock: &Path, extra: &[&str]) -> Qemu {
+        let _ = std::fs::remove_file(sock);
+        let mut args: Vec<String> = [
+            "-accel",
+            "tcg",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-user-config",
+            "-machine",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("{machine},memory-backend=ram0"));
+        args.extend(["-m".into(), "32M".into(), "-object".into()]);
+        args.push(format!(
+            "memory-backend-file,id=ram0,size=32M,mem-path={},share=off",
+            pat.display()
+        ));
+        args.push("-drive".into());
+        args.push(format!(
+            "if=none,id=drive0,file={},format=qcow2",
+            img.display()
+        ));
+        for a in [
+            "-device",
+            "virtio-blk-pci,drive=drive0",
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "e1000,netdev=net0",
+            "-chardev",
+            "null,id=ser0",
+            "-device",
+            "isa-serial,chardev=ser0",
+            "-monitor",
+        ] {
+            args.push(a.into());
+        }
+        args.push(format!("unix:{},server=on,wait=off", sock.display()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qemu");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mon = loop {
+            if let Ok(s) = UnixStream::connect(sock) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "QEMU monitor never came up");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        mon.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q = Qemu { child, mon };
+        q.read_prompt();
+        q
+    }
+
+    fn read_prompt(&mut self) -> String {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.ends_with(b"(qemu) ") {
+            let n = self.mon.read(&mut buf).expect("monitor read");
+            assert!(n > 0, "monitor closed: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Runs an HMP command and returns its output (echo and prompt stripped).
+    fn hmp(&mut self, cmd: &str) -> String {
+        self.mon.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        let raw = self.read_prompt();
+        let text: String = raw.replace('\r', "");
+        let body = text.strip_suffix("(qemu) ").unwrap_or(&text);
+        // The echo of the command line (with readline escapes) ends at the first newline.
+        body.split_once('\n')
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap_or_default()
+    }
+
+    fn status(&mut self) -> String {
+        self.hmp("info status").trim().to_owned()
+    }
+
+    /// Waits until the incoming migration is over and returns the status then.
+    fn wait_incoming(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.status();
+            if !s.contains("inmigrate") || Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn migrate_to(&mut self, file: &Path) {
+        let out = self.hmp(&format!("migrate \"exec:cat > {}\"", file.display()));
+        assert!(!out.contains("rror"), "migrate: {out}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = self.hmp("info migrate");
+            if info.contains("Migration status: completed") {
+                break;
+            }
+            assert!(!info.contains("failed"), "migration failed: {info}");
+            assert!(
+                Instant::now() < deadline,
+                "migration never completed: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pmemsave(&mut self, file: &Path) -> Vec<u8> {
+        let out = self.hmp(&format!("pmemsave 0 {RAM} \"{}\"", file.display()));
+        assert!(out.trim().is_empty(), "pmemsave: {out}");
+        std::fs::read(file).unwrap()
+    }
+
+    fn quit(mut self) {
+        let _ = self.mon.write_all(b"quit\n");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn have_qemu(test: &str) -> bool {
+    require(test, &["qemu-system-x86_64", "qemu-img"])
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    pat: PathBuf,
+    pattern: Vec<u8>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = pattern();
+    let pat = dir.path().join("pattern.bin");
+    std::fs::write(&pat, &pattern).unwrap();
+    Setup { dir, pat, pattern }
+}
+
+impl Setup {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn disk(&self, name: &str) -> PathBuf {
+        let img = self.path(name);
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "16M"]).ok();
+        qemu_io("qcow2", &img, &["write -P 0x11 0 64k".into()]).ok();
+        img
+    }
+}
+
+/// Boots SeaBIOS for a moment, stops, saves RAM with pmemsave and migrates to a file.
+fn run_and_migrate(st: &Setup, machine: &str, img: &Path, extra: &[&str], mig: &Path) -> Vec<u8> {
+    let sock = st.path("src.sock");
+    let mut q = Qemu::start(machine, img, &st.pat, &sock, extra);
+    std::thread::sleep(Duration::from_millis(700));
+    q.hmp("stop");
+    let mem = q.pmemsave(&st.path("src.mem"));
+    q.migrate_to(mig);
+    q.quit();
+    mem
+}
+
+/// `-drive`/`-device` arguments of a second virtio-blk disk.
+fn second_disk(img: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("if=none,id=drive1,file={},format=qcow2", img.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=drive1".into(),
+    ]
+}
+
+/// QEMU → migration file → `vmstate import` on `disks` images → QEMU `-loadvm`.
+fn import_then_loadvm(machine: &str, disks: usize) {
+    let st = setup();
+    let img = st.disk("disk.qcow2");
+    let img2 = st.disk("disk2.qcow2");
+    let extra_owned = if disks == 2 {
+        second_disk(&img2)
+    } else {
+        Vec::new()
+    };
+    let extra: Vec<&str> = extra_owned.iter().map(String::as_str).collect();
+    let mig = st.path("mig.bin");
+    let mem1 = run_and_migrate(&st, machine, &img, &extra, &mig);
+    assert_pattern(&mem1, &st.pattern, "source");
+    let mut args = vec!["vmstate", "import", s(&img)];
+    if disks == 2 {
+        args.push(s(&img2));
+    }
+    args.extend(["imported", s(&mig)]);
+    vmsnap(&args).ok();
+    qemu_img(&["check", s(&img)]).ok();
+    if disks == 2 {
+        qemu_img(&["check", s(&img2)]).ok();
+        let l = qemu_img(&["snapshot", "-l", s(&img2)]).ok().stdout;
+        assert!(l.contains("imported") && l.contains(" 0 B "), "{l}");
+    }
+    // Paused after loading (-S): RAM as saved.
+    let sock = st.path("dst.sock");
+    let mut paused = extra.clone();
+    paused.extend(["-loadvm", "imported", "-S"]);
+    let mut q = Qemu::start(machine, &img, &st.pat, &sock, &paused);
+    let status = q.status();
+    assert!(status.contains("paused"), "{machine}: {status}");
+    let mem2 = q.pmemsave(&st.path("dst.mem"));
+    assert!(
+        mem1 == mem2,
+        "{machine}: RAM after -loadvm differs from the source"
+    );
+    q.hmp("cont");
+    assert_eq!(q.status(), "VM status: running", "{machine}");
+    q.quit();
+    // And without -S it simply runs.
+    let mut running = extra.clone();
+    running.extend(["-loadvm", "imported"]);
+    let mut q = Qemu::start(machine, &img, &st.pat, &sock, &running);
+    assert_eq!(q.status(), "VM status: running", "{machine}");
+    let info = q.hmp("info snapshots");
+    assert!(info.contains("imported"), "{info}");
+    q.quit();
+    qemu_img(&["check", s(&img)]).ok();
+}
+
+#[test]
+fn qemu_migration_file_imports_and_loadvm_resumes_pc() {
+    if have_qemu("qemu_migration_file_imports_and_loadvm_resumes_pc") {
+        import_then_loadvm("pc-i440fx-7.2", 1);
+    }
+}
+
+#[test]
+fn qemu_migration_file_imports_and_loadvm_resumes_q35_two_disks() {
+    if have_qemu("qemu_migration_file_imports_and_loadvm_resumes_q35_two_disks") {
+        import_then_loadvm("pc-q35-7.2", 2);
+    }
+}
+
+#[test]
+fn qemu_savevm_exports_and_incoming_resumes_pc() {
+    if have_qemu("qemu_savevm_exports_and_incoming_resumes_pc") {
+        savevm_then_incoming("pc-i440fx-7.2");
+    }
+}
+
+#[test]
+fn qemu_savevm_exports_and_incoming_resumes_q35() {
+    if have_qemu("qemu_savevm_exports_and_incoming_resumes_q35") {
+        savevm_then_incoming("pc-q35-7.2");
+    }
+}
+
+fn savevm_then_incoming(machine: &str) {
+    let st = setup();
+    let img = st.disk("disk.qcow2");
+    let sock = st.path("src.sock");
+    let mut q = Qemu::start(machine, &img, &st.pat, &sock, &[]);
+    std::thread::sleep(Duration::from_millis(700));
+    q.hmp("stop");
+    let mem1 = q.pmemsave(&st.path("src.mem"));
+    let out = q.hmp("savevm saved");
+    assert!(out.trim().is_empty(), "savevm: {out}");
+    q.hmp("qemu-io drive0 \"write -P 0x77 0 4k\"");
+    q.quit();
+    assert_pattern(&mem1, &st.pattern, "source");
+    let mig = st.path("exported.bin");
+    vmsnap(&["vmstate", "export", s(&img), "saved", "-o", s(&mig)]).ok();
+    // The disk goes back to the snapshot, as loadvm would do.
+    vmsnap(&["snapshot", "-a", "saved", s(&img)]).ok();
+    let incoming = format!("exec:cat {}", mig.display());
+    let mut q = Qemu::start(
+        machine,
+        &img,
+        &st.pat,
+        &st.path("dst.sock"),
+        &["-incoming", &incoming],
+    );
+    // The source was stopped, so the destination stays paused after loading.
+    let status = q.wait_incoming();
+    assert_eq!(status, "VM status: paused", "{machine}: {status}");
+    let mem2 = q.pmemsave(&st.path("dst.mem"));
+    assert!(
+        mem1 == mem2,
+        "{machine}: RAM after -incoming differs from the source"
+    );
+    q.hmp("cont");
+    assert_eq!(q.status(), "VM status: running", "{machine}");
+    q.quit();
+    qemu_img(&["check", s(&img)]).ok();
+    // The disk is the snapshot's: the write made after savevm is gone.
+    let r = qemu_io("qcow2", &img, &["read -P 0x11 0 64k".into()]).ok();
+    assert!(!r.stdout.contains("verification failed"), "{}", r.stdout);
+}
+
+#[test]
+fn qemu_keeps_our_integrity_record() {
+    if !have_qemu("qemu_keeps_our_integrity_record") {
+        return;
+    }
+    let st = setup();
+    let img = st.disk("disk.qcow2");
+    let mig = fixture_copy("mig-pc.bin.gz", st.dir.path());
+    let state = std::fs::read(&mig).unwrap();
+    vmsnap(&["vmstate", "import", s(&img), "ours", s(&mig)]).ok();
+    let rec = record_of(&img, "ours").expect("record after import");
+    let victim = find_state_bytes(&img, &state, 0x10_0000);
+    // qemu-img rewrites the snapshot table twice.
+    qemu_img(&["snapshot", "-c", "other", s(&img)]).ok();
+    qemu_img(&["snapshot", "-d", "other", s(&img)]).ok();
+    // QEMU savevm/delvm of other snapshots rewrites it again.
+    let mut q = Qemu::start("pc-i440fx-7.2", &img, &st.pat, &st.path("q.sock"), &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    q.hmp("stop");
+    assert!(q.hmp("savevm q1").trim().is_empty());
+    assert!(q.hmp("savevm q2").trim().is_empty());
+    assert!(q.hmp("delvm q1").trim().is_empty());
+    q.quit();
+    qemu_img(&["check", s(&img)]).ok();
+    let names: Vec<String> = qemu_snapshot_ids(&img)
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(names, ["ours", "q2"]);
+    assert_eq!(
+        record_of(&img, "ours"),
+        Some(rec),
+        "QEMU changed our record"
+    );
+    assert!(matches!(
+        verify(&img, "ours").unwrap(),
+        vmsnap::interop::integrity::Verification::Verified(_)
+    ));
+    assert!(record_of(&img, "q2").is_none());
+    let out = st.path("out.bin");
+    vmsnap(&["vmstate", "export", s(&img), "ours", "-o", s(&out)]).ok();
+    assert!(std::fs::read(&out).unwrap() == state);
+    // A flipped bit in the stored state is reported by name.
+    flip_bit_at(&img, victim);
+    std::fs::remove_file(&out).unwrap();
+    let r = vmsnap(&["vmstate", "export", s(&img), "ours", "-o", s(&out)]).fails_cleanly();
+    assert!(
+        r.stderr.contains("snapshot 'ours': VM state is damaged"),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.exists());
+    // QEMU's own snapshot is unaffected.
+    vmsnap(&["vmstate", "export", s(&img), "q2", "-o", s(&out)]).ok();
+}

@@ -160,6 +160,25 @@ fn sigkill_during_savevm_leaves_a_consistent_image_and_older_snapshots_load() {
     writeln!(vm.stream, "quit").unwrap();
     assert!(vm.child.wait().unwrap().success());
     drop(vm);
+    // savevm stored a checksum of the state, and it verifies.
+    {
+        use vmsnap::block::{open_image, OpenOptions};
+        use vmsnap::interop::integrity::{verify_snapshot, Verification};
+        let mut d = open_image(
+            &img,
+            OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let store = d.snapshots().unwrap();
+        assert!(!store.snapshot_extra_tail("base").unwrap().is_empty());
+        assert!(matches!(
+            verify_snapshot(store, "base").unwrap(),
+            Verification::Verified(_)
+        ));
+    }
 
     // Kill savevm at spread-out moments from its start to a bit past its usual end.
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;

@@ -28,6 +28,7 @@ pub mod state_io;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::block::{self, SnapshotInfo, SnapshotParams};
+use crate::interop::integrity::{self, CrcWriter};
 use crate::migration::snapshot_io::{VmstateReader, VmstateWriter};
 use crate::vmm::{Vm, VmError, VmStatus};
 use progress::Counting;
@@ -37,6 +38,15 @@ use state_io::StateIoError;
 /// Errors of savevm / loadvm / delvm; the texts are QEMU's where it has one.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// The snapshot's VM state does not match the checksum vmsnap stored with it.
+    #[error("Refusing to load snapshot '{tag}': {source}")]
+    Damaged {
+        /// The tag.
+        tag: String,
+        /// What the verification found.
+        #[source]
+        source: crate::interop::integrity::IntegrityError,
+    },
     /// A writable disk's format keeps no snapshots.
     #[error("Device '{0}' is writable but does not support snapshots")]
     NotCapable(String),
@@ -172,15 +182,20 @@ pub fn savevm_with_progress(
             let inc = disks::included(set, &captured)?;
             let contents = capture::read_all(set, &captured)?;
             disks::delete(set, &inc, &name)?;
-            let size = {
+            // The state is checksummed as it streams; the record goes into the snapshot
+            // entry's extra data (formats/snapshot-integrity.md).
+            let (size, crc) = {
                 let (_, store) = disks::store(set, inc[0])?;
                 let total = vm.ram().len() as u64;
-                let mut w = Counting::new(VmstateWriter::new(store), total, progress);
+                let mut w =
+                    CrcWriter::new(Counting::new(VmstateWriter::new(store), total, progress));
                 let n = state_io::write_state_with(&state, vm.ram(), &contents, &mut w)
                     .map_err(SnapshotError::Save)?;
                 std::io::Write::flush(&mut w)
                     .map_err(|e| SnapshotError::Save(StateIoError::Io(e)))?;
-                n
+                let (len, crc) = w.finish();
+                debug_assert_eq!(len, n);
+                (n, crc)
             };
             let params = SnapshotParams {
                 name: name.clone(),
@@ -189,7 +204,7 @@ pub fn savevm_with_progress(
                 date_nsec: now.subsec_nanos(),
                 vm_clock_nsec: state.arch.clock.clock,
                 icount: None,
-                extra_tail: Vec::new(),
+                extra_tail: integrity::tail_for(crc, size),
             };
             disks::create(set, &inc, &params)
         })
@@ -221,6 +236,13 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
             if info.vm_state_size == 0 {
                 return Err(SnapshotError::DiskOnly);
             }
+            // A checksum stored by vmsnap must match before anything is changed.
+            integrity::verify_snapshot(store, &info.id).map_err(|source| {
+                SnapshotError::Damaged {
+                    tag: tag.to_string(),
+                    source,
+                }
+            })?;
             let r = VmstateReader::for_snapshot(store, &info.id).map_err(|source| {
                 SnapshotError::Read {
                     tag: tag.to_string(),

@@ -203,11 +203,41 @@ pub fn check_command(args: &CheckArgs) -> Result<i32, CheckError> {
     for m in &report.messages {
         eprintln!("{m}");
     }
+    let damaged = vmstate_integrity(q.as_mut());
     match args.output {
-        OutputFormat::Json => println!("{}", super::json_text(&report_json(&report, &name))),
+        OutputFormat::Json => {
+            let mut v = report_json(&report, &name);
+            if let (Value::Object(m), false) = (&mut v, damaged.is_empty()) {
+                m.insert("vmstate-damaged".into(), json!(damaged));
+            }
+            println!("{}", super::json_text(&v))
+        }
         OutputFormat::Human => print!("{}", report_human(&report)),
     }
-    Ok(exit_code(&report))
+    Ok(exit_code_with_vmstate(exit_code(&report), &damaged))
+}
+
+// ---- vmsnap integrity records (src/interop, formats/snapshot-integrity.md) ----
+
+/// Verifies every snapshot's VM state against its CRC32 record; prints one line per damaged
+/// snapshot on stderr and returns their names. QEMU-made snapshots have no record and pass.
+fn vmstate_integrity(store: &mut dyn crate::block::SnapshotStore) -> Vec<String> {
+    crate::interop::integrity::damaged_snapshots(store)
+        .into_iter()
+        .map(|(name, msg)| {
+            eprintln!("ERROR {msg}");
+            name
+        })
+        .collect()
+}
+
+/// A damaged VM state counts as a corruption (exit 2) unless the check itself failed.
+fn exit_code_with_vmstate(code: i32, damaged: &[String]) -> i32 {
+    if damaged.is_empty() || code == EXIT_CHECK_FAILED {
+        code
+    } else {
+        EXIT_CORRUPTIONS
+    }
 }
 
 #[cfg(test)]
@@ -263,6 +293,18 @@ mod tests {
             ..report()
         };
         assert_eq!(exit_code(&r), 1);
+    }
+
+    #[test]
+    fn damaged_vmstate_is_a_corruption() {
+        let d = ["s".to_string()];
+        assert_eq!(exit_code_with_vmstate(0, &d), EXIT_CORRUPTIONS);
+        assert_eq!(exit_code_with_vmstate(EXIT_LEAKS, &d), EXIT_CORRUPTIONS);
+        assert_eq!(
+            exit_code_with_vmstate(EXIT_CHECK_FAILED, &d),
+            EXIT_CHECK_FAILED
+        );
+        assert_eq!(exit_code_with_vmstate(EXIT_LEAKS, &[]), EXIT_LEAKS);
     }
 
     #[test]

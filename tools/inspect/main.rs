@@ -6,6 +6,7 @@
 
 mod human;
 mod input;
+mod integrity;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -168,7 +169,16 @@ fn emit(text: &str) -> Result<(), InspectError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // vmsnap's CRC32 record of a snapshot's VM state: warn before decoding, fail after.
+    let damaged = cli
+        .snapshot
+        .as_deref()
+        .and_then(|tag| integrity::damaged_state(&cli.input, tag));
+    if let Some(msg) = &damaged {
+        eprintln!("warning: {msg}");
+    }
     match run(&cli) {
+        Ok(()) if damaged.is_some() => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmsnap-inspect: {e}");

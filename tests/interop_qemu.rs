@@ -464,6 +464,32 @@ fn qemu_keeps_our_integrity_record() {
         r.stderr
     );
     assert!(!out.exists());
+    let want = "snapshot 'ours': VM state is damaged";
+    let r = vmsnap(&["check", s(&img)]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains(want), "check: {}", r.stderr);
+    let r = run(
+        env!("CARGO_BIN_EXE_vmsnap-inspect"),
+        &[s(&img), "--snapshot", "ours", "--dump", "desc"],
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains(want), "inspect: {}", r.stderr);
+    // vmsnap's loadvm refuses it before touching anything (needs KVM to start the VM).
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        let drive = format!("file={}", s(&img));
+        let r = vmsnap(&[
+            "run", "--drive", &drive, "--memory", "32M", "--serial", "none", "--loadvm", "ours",
+        ]);
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        assert!(r.stderr.contains(want), "loadvm: {}", r.stderr);
+    } else {
+        eprintln!("SKIPPED: vmsnap loadvm part: /dev/kvm is missing or not accessible");
+    }
     // QEMU's own snapshot is unaffected.
     vmsnap(&["vmstate", "export", s(&img), "q2", "-o", s(&out)]).ok();
 }

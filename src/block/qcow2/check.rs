@@ -162,7 +162,15 @@ impl Qcow2 {
                 ));
                 continue;
             }
-            let l1 = self.read_snapshot_l1(&sn)?;
+            let l1 = match self.read_snapshot_l1(&sn) {
+                Ok(l1) => l1,
+                Err(e) => {
+                    r.corruptions += 1;
+                    r.messages
+                        .push(format!("ERROR snapshot {} ({}): {e}", sn.id, sn.name));
+                    continue;
+                }
+            };
             self.check_l1(&l1, refs, r, None, &sn.name)?;
         }
         // Snapshot table.

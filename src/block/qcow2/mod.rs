@@ -693,8 +693,15 @@ impl Qcow2 {
         let idx = self.find_snapshot(id_or_name)?;
         let sn = self.snapshots[idx].clone();
         super::check_range(offset, buf.len() as u64, sn.disk_size)?;
-        let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
+        let l1 = self.read_snapshot_l1(&sn)?;
+        self.read_guest(Some(&l1), offset, buf)
+    }
+
+    /// Reads a snapshot's L1 table from storage after checking that it is cluster aligned,
+    /// inside the file and within QEMU's size limit.
+    pub(crate) fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         if sn.l1_size > 0 {
+            let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
             validate_table(
                 "Snapshot L1 table",
                 sn.l1_table_offset,
@@ -704,12 +711,6 @@ impl Qcow2 {
                 file_len,
             )?;
         }
-        let l1 = self.read_snapshot_l1(&sn)?;
-        self.read_guest(Some(&l1), offset, buf)
-    }
-
-    /// Reads a snapshot's L1 table from storage, validated.
-    pub(crate) fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         read_table(&*self.storage, sn.l1_table_offset, u64::from(sn.l1_size))
     }
 }
@@ -819,17 +820,6 @@ impl SnapshotStore for Qcow2 {
     fn snapshot_vmstate_read(&mut self, id_or_name: &str, pos: u64, buf: &mut [u8]) -> Result<()> {
         let idx = self.find_snapshot(id_or_name)?;
         let sn = self.snapshots[idx].clone();
-        let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
-        if sn.l1_size > 0 {
-            validate_table(
-                "Snapshot L1 table",
-                sn.l1_table_offset,
-                u64::from(sn.l1_size) * 8,
-                MAX_L1_BYTES,
-                self.layout.cluster_size(),
-                file_len,
-            )?;
-        }
         let l1 = self.read_snapshot_l1(&sn)?;
         let off = self.vm_state_offset() + pos;
         self.read_guest(Some(&l1), off, buf)

@@ -488,19 +488,9 @@ impl Qcow2 {
             }
             .into());
         }
-        let cs = self.layout.cluster_size();
-        let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
-        if sn.l1_size > 0 {
-            validate_table(
-                "Snapshot L1 table",
-                sn.l1_table_offset,
-                u64::from(sn.l1_size) * 8,
-                MAX_L1_BYTES,
-                cs,
-                file_len,
-            )?;
-        }
-        if self.layout.max_refcount() < 2 && self.read_snapshot_l1(&sn)?.iter().any(|&e| e != 0) {
+        // Validate the snapshot's L1 table before anything is changed.
+        let sn_l1 = self.read_snapshot_l1(&sn)?;
+        if self.layout.max_refcount() < 2 && sn_l1.iter().any(|&e| e != 0) {
             return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
         }
         // 1. The active L1 must hold the whole snapshot table.
@@ -535,18 +525,8 @@ impl Qcow2 {
         self.repair_if_dirty()?;
         let idx = self.find_snapshot(id_or_name)?;
         let sn = self.snapshots[idx].clone();
-        let cs = self.layout.cluster_size();
-        let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
-        if sn.l1_size > 0 {
-            validate_table(
-                "Snapshot L1 table",
-                sn.l1_table_offset,
-                u64::from(sn.l1_size) * 8,
-                MAX_L1_BYTES,
-                cs,
-                file_len,
-            )?;
-        }
+        // Validate the snapshot's L1 table before the entry is dropped.
+        self.read_snapshot_l1(&sn)?;
         // 1. Publish the table without the entry: from here on only leaks are possible.
         let mut list = self.snapshots.clone();
         list.remove(idx);

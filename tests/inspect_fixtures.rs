@@ -9,23 +9,9 @@ use std::process::{Command, Output};
 use vmsnap::migration::ram::RamRecord;
 use vmsnap::migration::stream::{Event, StreamReader};
 
-fn fixtures() -> PathBuf {
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qemu-7.2");
-    if local.exists() {
-        local
-    } else {
-        PathBuf::from("/work/shared/fixtures/qemu-7.2")
-    }
-}
+mod common;
 
-fn gunzip(name: &str) -> Vec<u8> {
-    let f = std::fs::File::open(fixtures().join(name)).unwrap();
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(f)
-        .read_to_end(&mut out)
-        .unwrap();
-    out
-}
+use common::{fixtures, gunzip};
 
 fn read_fixture(name: &str) -> Vec<u8> {
     if name.ends_with(".gz") {

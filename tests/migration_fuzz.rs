@@ -2,32 +2,15 @@
 //! bit flips, garbage and lying lengths. It must never panic, must not allocate what the input
 //! does not hold, and must name the offset where it stopped.
 
-use std::io::Read;
-use std::path::PathBuf;
-
 use proptest::prelude::*;
 use vmsnap::migration::analyze::{analyze, AnalyzeOptions};
 use vmsnap::migration::ram::RamRecord;
 use vmsnap::migration::stream::{ErrorKind, Record, StreamModel};
 use vmsnap::migration::vmdesc::to_qemu_json;
 
-fn fixtures() -> PathBuf {
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qemu-7.2");
-    if local.exists() {
-        local
-    } else {
-        PathBuf::from("/work/shared/fixtures/qemu-7.2")
-    }
-}
+mod common;
 
-fn gunzip(name: &str) -> Vec<u8> {
-    let f = std::fs::File::open(fixtures().join(name)).unwrap();
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(f)
-        .read_to_end(&mut out)
-        .unwrap();
-    out
-}
+use common::gunzip;
 
 /// mig-pc.bin without its RAM pages and its three largest devices (the vmdesc trimmed to
 /// match): every record kind of the real stream, small enough to cut at every offset.

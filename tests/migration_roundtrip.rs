@@ -1,28 +1,11 @@
 //! Round trip: every QEMU-made stream, decoded with its own vmdesc into the codec's model and
 //! re-encoded by our writer, is byte-identical to the original.
 
-use std::io::Read;
-use std::path::PathBuf;
-
 use vmsnap::migration::stream::{Record, StreamModel};
 
-fn fixtures() -> PathBuf {
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qemu-7.2");
-    if local.exists() {
-        local
-    } else {
-        PathBuf::from("/work/shared/fixtures/qemu-7.2")
-    }
-}
+mod common;
 
-fn gunzip(name: &str) -> Vec<u8> {
-    let f = std::fs::File::open(fixtures().join(name)).unwrap();
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(f)
-        .read_to_end(&mut out)
-        .unwrap();
-    out
-}
+use common::gunzip;
 
 fn round_trip(name: &str) {
     let original = gunzip(name);

@@ -17,6 +17,16 @@ pub fn fixtures() -> PathBuf {
     }
 }
 
+/// The bytes of a gzipped fixture file, e.g. `mig-pc.bin.gz`.
+pub fn gunzip(name: &str) -> Vec<u8> {
+    let f = std::fs::File::open(fixtures().join(name)).unwrap();
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
 /// Whether `tool` runs (`tool --version` succeeds).
 pub fn have(tool: &str) -> bool {
     Command::new(tool)

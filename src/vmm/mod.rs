@@ -456,6 +456,17 @@ impl Vm {
         Ok(bitmap)
     }
 
+    /// Throttles the vCPUs like QEMU's `cpu_throttle_set`: they sleep `percent` % of the
+    /// time (0 = off, at most 99). Used by live migration's auto-converge.
+    pub fn set_throttle(&self, percent: u32) {
+        self.ctl.set_throttle(percent);
+    }
+
+    /// The current throttle percentage (0 = not throttled).
+    pub fn throttle(&self) -> u32 {
+        self.ctl.throttle()
+    }
+
     /// Asks the guest to check RAM and disk at its next tick (the counter guest prints
     /// `CHECK OK` or `CHECK FAIL`).
     pub fn request_check(&self) {

@@ -97,6 +97,8 @@ struct Flags {
 pub struct RunControl {
     flags: Mutex<Flags>,
     cond: Condvar,
+    /// Percentage of time the vCPUs should sleep (auto-converge); 0 = not throttled.
+    throttle: std::sync::atomic::AtomicU32,
 }
 
 impl RunControl {
@@ -109,7 +111,19 @@ impl RunControl {
                 ..Default::default()
             }),
             cond: Condvar::new(),
+            throttle: Default::default(),
         }
+    }
+
+    /// Sets the throttle percentage (clamped to 0..=99).
+    pub fn set_throttle(&self, percent: u32) {
+        self.throttle
+            .store(percent.min(99), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The throttle percentage.
+    pub fn throttle(&self) -> u32 {
+        self.throttle.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Flags> {

@@ -257,12 +257,15 @@ impl<'r, 'a, 'w> SaveSession<'r, 'a, 'w> {
         self.w.f.position()
     }
 
-    /// One round: a PART section for every iterative entry not done yet. Returns true when
-    /// all are done.
+    /// One round: a PART section for every iterative entry (QEMU's
+    /// `qemu_savevm_state_iterate`). Returns true when every entry reported in this round that
+    /// nothing is left. An entry that was done once is asked again: while the guest runs (live
+    /// migration) it can have new dirty pages; with the guest stopped (savevm) the first round
+    /// in which all are done ends the loop.
     pub fn iterate(&mut self) -> Result<bool> {
         for (e, p) in self.reg.entries.iter_mut().zip(self.pending.iter_mut()) {
             let inf = info(e);
-            if let (Handler::Iterative(h), true) = (&mut e.handler, *p) {
+            if let Handler::Iterative(h) = &mut e.handler {
                 self.w.write_section_header(SectionType::Part, &inf)?;
                 let at = self.w.f.position();
                 let done = h

@@ -255,13 +255,15 @@ fn run(
                 break;
             }
         }
-        match limiter.allowance(Instant::now(), pos) {
+        let busy = Instant::now();
+        match limiter.allowance(busy, pos) {
             Ok(allow) => {
                 ram.borrow_mut().set_budget(allow.min(CHUNK));
                 session.iterate()?;
             }
             Err(wait) => std::thread::sleep(wait),
         }
+        meter.add_busy(busy.elapsed());
         report(Status::Active, session.position(), &meter, &period);
     }
 

@@ -163,7 +163,10 @@ impl Vmm {
 
     fn wait_ticks(&self, n: u64) {
         let start = Instant::now();
-        while ticks_of(&self.serial_text()).last().map_or(true, |&t| t < n) {
+        while ticks_of(&self.serial_text())
+            .last()
+            .map_or(true, |&t| t < n)
+        {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "no tick {n}:\n{}",

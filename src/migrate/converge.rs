@@ -265,14 +265,15 @@ mod tests {
         // 2 MB in 100 ms of sending within a 200 ms period: 20 kB/ms.
         assert!(m.update(t0 + Duration::from_millis(200), 2_000_000, 400));
         assert!((m.bytes_per_ms - 20_000.0).abs() < 1.0);
+        assert_eq!(m.pages_per_second, 2000);
         m.add_busy(Duration::from_millis(50));
         assert!(m.update(t0 + Duration::from_millis(300), 3_000_000, 400));
         assert!((m.bytes_per_ms - 20_000.0).abs() < 1.0);
         // Nothing sent: the estimate stays.
         assert!(!m.update(t0 + Duration::from_millis(400), 3_000_000, 400));
         assert!((m.bytes_per_ms - 20_000.0).abs() < 1.0);
+        assert_eq!(m.pages_per_second, 0);
         m.bytes_per_ms = 10_000.0;
-        assert_eq!(m.pages_per_second, 2000);
         assert_eq!(m.threshold(300), 3_000_000);
         assert_eq!(m.expected_ms(50_000), Some(5));
     }

@@ -267,7 +267,10 @@ fn run(
         report(Status::Active, session.position(), &meter, &period);
     }
 
-    // Stop and copy.
+    // Stop and copy. Flushing first while the guest still runs leaves the final flush
+    // (inside the downtime) with only the last writes.
+    vm.flush_drives()
+        .map_err(|e| MigrateError::Disks(DiskError::Flush(e)))?;
     let precopy = session.position();
     let down_start = Instant::now();
     vm.set_pause_reason(Some("finish-migrate"));

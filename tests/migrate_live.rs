@@ -389,7 +389,38 @@ fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     };
     let mut src = Vmm::start(dir.path(), &img, opts("src", None));
     src.wait_ticks(5);
+
+    // A destination with another RAM size rejects the stream at its block list: it exits
+    // with the reason, the source reports the migration failed and runs on.
+    let mut small = Vmm::start(
+        dir.path(),
+        &img,
+        Opts {
+            memory: "32M",
+            ..opts("small", Some(&uri))
+        },
+    );
+    let (r, st) = src.cmd(&format!("migrate {uri}"));
+    assert!(r.starts_with("Error: "), "{r}");
+    assert_eq!(st, "running");
+    assert!(src
+        .ok("info migrate")
+        .contains("Migration status: failed ("));
+    let code = small.child.as_mut().unwrap().wait().unwrap();
+    assert_eq!(code.code(), Some(1));
+    assert!(
+        small.stderr().contains("Length mismatch"),
+        "{}",
+        small.stderr()
+    );
+    let n = *ticks_of(&src.serial_text()).last().unwrap();
+    src.wait_ticks(n + 3);
+
     let mut dst = Vmm::start(dir.path(), &img, opts("dst", Some(&uri)));
+    src.ok("migrate_set_capability auto-converge on");
+    assert!(src
+        .ok("info migrate_capabilities")
+        .contains("\nauto-converge: on\n"));
     src.ok("migrate_set_parameter max-bandwidth 64k");
     assert!(src
         .ok("info migrate_parameters")
@@ -398,6 +429,7 @@ fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     assert_eq!((r.as_str(), st.as_str()), ("", "running"));
     let info = src.wait_migration("active", 10);
     assert!(info.contains("expected downtime:"), "{info}");
+    assert!(info.contains("cpu throttle percentage:"), "{info}");
     std::thread::sleep(Duration::from_millis(300));
     let before = field(&src.ok("info migrate"), "transferred ram:");
     assert!(before > 0);

@@ -1,0 +1,323 @@
+//! Guest RAM as the "ram" section of a live migration: every page is dirty at setup, each
+//! PART sends dirty pages up to a byte budget, [`LiveRam::sync`] merges the VM's dirty
+//! bitmap in, and the END section sends whatever is still dirty (the VM is stopped then).
+//!
+//! Pages are copied one at a time from guest memory into a page buffer (the guest may be
+//! writing them; a page written after its dirty bit was fetched is dirty again and is sent
+//! again), zero pages go out as ZERO records. The source drives it through a shared
+//! [`RefCell`] ([`LiveRamEntry`] is what the save registry holds).
+
+use std::cell::RefCell;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use crate::migration::ram::{is_zero, RamBlockInfo, RamWriter};
+use crate::migration::savevm::{IterativeState, Sink, Source};
+use crate::migration::stream::{self, ErrorKind, StreamError};
+
+/// Where pages are read from.
+pub trait PageSource {
+    /// Bytes of RAM.
+    fn ram_len(&self) -> u64;
+    /// Copies the page at `addr` into `buf` (one page).
+    fn read_page(&self, addr: u64, buf: &mut [u8]) -> Result<(), String>;
+}
+
+impl PageSource for GuestMemoryMmap {
+    fn ram_len(&self) -> u64 {
+        self.iter()
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum()
+    }
+
+    fn read_page(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.read_slice(buf, GuestAddress(addr))
+            .map_err(|e| format!("reading guest page {addr:#x}: {e}"))
+    }
+}
+
+impl PageSource for [u8] {
+    fn ram_len(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read_page(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        let a = usize::try_from(addr).map_err(|_| format!("page {addr:#x}"))?;
+        let src = a
+            .checked_add(buf.len())
+            .and_then(|end| self.get(a..end))
+            .ok_or_else(|| format!("page {addr:#x} beyond RAM"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// Counters shown by `info migrate`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RamCounters {
+    /// Pages sent as ZERO records ("duplicate").
+    pub zero_pages: u64,
+    /// Pages sent with their data ("normal").
+    pub normal_pages: u64,
+    /// Dirty bitmap syncs so far (the setup counts as the first).
+    pub dirty_syncs: u64,
+}
+
+/// Live RAM migration state of one RAM block.
+#[derive(Debug)]
+pub struct LiveRam<'m, M: PageSource + ?Sized> {
+    mem: &'m M,
+    block: String,
+    page_size: u64,
+    pages: u64,
+    dirty: Vec<u64>,
+    pending: u64,
+    cursor: u64,
+    budget: u64,
+    writer: Option<RamWriter>,
+    page: Vec<u8>,
+    /// Counters for `info migrate`.
+    pub counters: RamCounters,
+}
+
+impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
+    /// RAM block `block` of `mem`, with every page dirty.
+    pub fn new(mem: &'m M, block: &str, page_size: u64) -> Self {
+        let pages = mem.ram_len() / page_size.max(1);
+        let words = pages.div_ceil(64) as usize;
+        let mut dirty = vec![u64::MAX; words];
+        if pages % 64 != 0 {
+            if let Some(last) = dirty.last_mut() {
+                *last = (1u64 << (pages % 64)) - 1;
+            }
+        }
+        LiveRam {
+            mem,
+            block: block.to_string(),
+            page_size,
+            pages,
+            dirty,
+            pending: pages,
+            cursor: 0,
+            budget: u64::MAX,
+            writer: None,
+            page: vec![0; page_size as usize],
+            counters: RamCounters {
+                dirty_syncs: 1,
+                ..RamCounters::default()
+            },
+        }
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Bytes of RAM.
+    pub fn total_bytes(&self) -> u64 {
+        self.pages * self.page_size
+    }
+
+    /// Bytes still dirty (QEMU's pending RAM).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending * self.page_size
+    }
+
+    /// Limits the bytes the next PART may write (the rate limiter's allowance).
+    pub fn set_budget(&mut self, bytes: u64) {
+        self.budget = bytes;
+    }
+
+    /// Merges a dirty bitmap (bit i = page i, as KVM's) into the pages to send; returns
+    /// how many pages became dirty that were not already.
+    pub fn sync(&mut self, bitmap: &[u64]) -> u64 {
+        let mut newly = 0u64;
+        for (d, b) in self.dirty.iter_mut().zip(bitmap) {
+            let add = *b & !*d;
+            newly += u64::from(add.count_ones());
+            *d |= add;
+        }
+        self.pending += newly;
+        self.counters.dirty_syncs += 1;
+        newly
+    }
+
+    fn next_dirty(&self) -> Option<u64> {
+        let start = self.cursor;
+        let mut w = (start / 64) as usize;
+        let mut mask = !0u64 << (start % 64);
+        while let Some(word) = self.dirty.get(w) {
+            let bits = word & mask;
+            if bits != 0 {
+                return Some(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+            }
+            w += 1;
+            mask = !0;
+        }
+        None
+    }
+
+    /// Sends dirty pages until `budget` bytes are written or none is left (wrapping around
+    /// to the start once, as QEMU's page search does).
+    fn send(&mut self, f: &mut Sink<'_>, budget: u64) -> Result<(), String> {
+        let mut w = self.writer.take().ok_or("RAM sent before setup")?;
+        let r = self.send_with(&mut w, f, budget);
+        self.writer = Some(w);
+        r
+    }
+
+    fn send_with(
+        &mut self,
+        w: &mut RamWriter,
+        f: &mut Sink<'_>,
+        budget: u64,
+    ) -> Result<(), String> {
+        let start = f.position();
+        let mut wrapped = false;
+        while self.pending > 0 && f.position() - start < budget {
+            let Some(page) = self.next_dirty() else {
+                if wrapped {
+                    break;
+                }
+                wrapped = true;
+                self.cursor = 0;
+                continue;
+            };
+            let (word, bit) = ((page / 64) as usize, page % 64);
+            if let Some(d) = self.dirty.get_mut(word) {
+                *d &= !(1 << bit);
+            }
+            self.pending -= 1;
+            self.cursor = page + 1;
+            let addr = page * self.page_size;
+            self.mem.read_page(addr, &mut self.page)?;
+            if is_zero(&self.page) {
+                self.counters.zero_pages += 1;
+            } else {
+                self.counters.normal_pages += 1;
+            }
+            w.write_page(f, &self.block, addr, &self.page)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// The registry's view of a [`LiveRam`] shared with the migration loop.
+#[derive(Debug)]
+pub struct LiveRamEntry<'a, 'm, M: PageSource + ?Sized>(pub &'a RefCell<LiveRam<'m, M>>);
+
+impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
+    fn save_setup(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
+        let mut ram = self.0.borrow_mut();
+        let mut w = RamWriter::new(ram.page_size, false).map_err(|e| e.to_string())?;
+        let info = RamBlockInfo {
+            idstr: ram.block.clone(),
+            used_length: ram.total_bytes(),
+            mr_addr: None,
+        };
+        w.write_mem_size(f, &[info]).map_err(|e| e.to_string())?;
+        w.write_eos(f).map_err(|e| e.to_string())?;
+        ram.writer = Some(w);
+        Ok(())
+    }
+
+    fn save_iterate(&mut self, f: &mut Sink<'_>) -> Result<bool, String> {
+        let mut ram = self.0.borrow_mut();
+        let budget = ram.budget;
+        ram.send(f, budget)?;
+        let w = ram.writer.as_mut().ok_or("RAM sent before setup")?;
+        w.write_eos(f).map_err(|e| e.to_string())?;
+        Ok(ram.pending == 0)
+    }
+
+    fn save_complete(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
+        let mut ram = self.0.borrow_mut();
+        ram.send(f, u64::MAX)?;
+        let w = ram.writer.as_mut().ok_or("RAM sent before setup")?;
+        w.write_eos(f).map_err(|e| e.to_string())
+    }
+
+    fn load(&mut self, r: &mut Source<'_>) -> stream::Result<()> {
+        Err(StreamError {
+            offset: r.position(),
+            section: Some("'ram'".into()),
+            kind: Box::new(ErrorKind::Handler {
+                idstr: "ram".into(),
+                message: "live RAM only saves; load with the VM's RAM state".into(),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::ram_state::RamState;
+    use crate::migration::savevm::{load_state, Registry, SaveSession};
+
+    const PS: u64 = 4096;
+
+    fn pattern(pages: usize) -> Vec<u8> {
+        let mut m = vec![0u8; pages * PS as usize];
+        for (i, p) in m.chunks_mut(PS as usize).enumerate() {
+            if i % 3 != 0 {
+                p[7] = i as u8;
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn setup_marks_everything_dirty_and_sync_counts_new_pages() {
+        let mem = pattern(70);
+        let mut ram = LiveRam::new(&mem[..], "pc.ram", PS);
+        assert_eq!(ram.pending_bytes(), 70 * PS);
+        assert_eq!(ram.dirty.len(), 2);
+        assert_eq!(ram.dirty[1], (1 << 6) - 1);
+        // Already dirty: nothing new.
+        assert_eq!(ram.sync(&[1, 0]), 0);
+        assert_eq!(ram.counters.dirty_syncs, 2);
+    }
+
+    #[test]
+    fn rounds_with_budgets_and_resent_pages_load_back_identically() {
+        let mut mem = pattern(40);
+        let mut out = Vec::new();
+        let cell;
+        {
+            let snapshot = mem.clone();
+            cell = RefCell::new(LiveRam::new(&snapshot[..], "pc.ram", PS));
+            let mut entry = LiveRamEntry(&cell);
+            let mut reg = Registry::new("m");
+            reg.register_iterative("ram", 0, 4, &mut entry);
+            let mut s = SaveSession::begin(&mut reg, &mut out).unwrap();
+            cell.borrow_mut().set_budget(10 * PS);
+            assert!(!s.iterate().unwrap());
+            let sent = cell.borrow().counters;
+            assert!(sent.normal_pages + sent.zero_pages >= 10);
+            assert!(cell.borrow().pending_bytes() < 40 * PS);
+            // Pages 0 and 1 "dirtied again" (same data here), sent again at the end.
+            cell.borrow_mut().sync(&[0b11]);
+            cell.borrow_mut().set_budget(u64::MAX);
+            assert!(s.iterate().unwrap());
+            cell.borrow_mut().sync(&[0b100]);
+            s.complete().unwrap();
+            let c = cell.borrow().counters;
+            assert_eq!(c.normal_pages + c.zero_pages, 40 + 3);
+            assert_eq!(c.zero_pages, 14 + 1);
+            assert_eq!(c.dirty_syncs, 3);
+        }
+        let mut back = vec![0xffu8; mem.len()];
+        {
+            let mut st = RamState::for_load(vec![("pc.ram".into(), &mut back[..])], PS);
+            let mut reg = Registry::new("m");
+            reg.register_iterative("ram", 0, 4, &mut st);
+            load_state(&mut reg, &mut &out[..]).unwrap();
+        }
+        assert!(back == mem);
+        mem[0] = 1;
+        assert!(back != mem);
+    }
+}

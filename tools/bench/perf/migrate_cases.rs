@@ -41,6 +41,9 @@ struct Outcome {
     downtime: Duration,
     /// Dirty-bitmap syncs (rounds), when reported.
     syncs: u64,
+    /// Highest dirty-page rate (pages/s) the source reported while iterating: shows that
+    /// both guests dirty at the same pace.
+    dirty_pages_rate: u64,
 }
 
 /// Runs the migrate cases.
@@ -102,17 +105,24 @@ fn record(
     let Some(vo) = vo else {
         if let Some(qo) = qo {
             h.info(&format!(
-                "{name}: qemu only: total {} ms, downtime {} ms, {} syncs",
+                "{name}: qemu only: total {} ms, downtime {} ms, {} syncs, {} dirty pages/s",
                 qo.total.as_millis(),
                 qo.downtime.as_millis(),
-                qo.syncs
+                qo.syncs,
+                qo.dirty_pages_rate
             ));
         }
         return;
     };
     let syncs = match qo {
-        Some(qo) => format!("syncs vmsnap {} qemu {}", vo.syncs, qo.syncs),
-        None => format!("syncs vmsnap {}; qemu: no completed run", vo.syncs),
+        Some(qo) => format!(
+            "syncs vmsnap {} qemu {}; dirty pages/s vmsnap {} qemu {}",
+            vo.syncs, qo.syncs, vo.dirty_pages_rate, qo.dirty_pages_rate
+        ),
+        None => format!(
+            "syncs vmsnap {}, dirty pages/s {}; qemu: no completed run",
+            vo.syncs, vo.dirty_pages_rate
+        ),
     };
     h.record(Row {
         name: format!("{name}: total"),
@@ -135,11 +145,13 @@ fn median_outcome(mut v: Vec<Outcome>) -> Option<Outcome> {
     v.sort_by_key(|o| o.total);
     let total = v[v.len() / 2].total;
     let syncs = v[v.len() / 2].syncs;
+    let dirty_pages_rate = v[v.len() / 2].dirty_pages_rate;
     v.sort_by_key(|o| o.downtime);
     Some(Outcome {
         total,
         downtime: v[v.len() / 2].downtime,
         syncs,
+        dirty_pages_rate,
     })
 }
 
@@ -280,10 +292,16 @@ fn migrate_vmsnap(h: &Harness, rate: u64, bandwidth_mib: u64) -> Result<Outcome,
         return Err(format!("migrate: {}", r.trim()));
     }
     let start = Instant::now();
+    let mut dirty_pages_rate = 0;
     loop {
         std::thread::sleep(Duration::from_millis(50));
         let info = src.cmd("info migrate")?;
         let status = hmp_field(&info, "Migration status").unwrap_or("");
+        if let Some(r) = hmp_field(&info, "dirty pages rate")
+            .and_then(|r| r.strip_suffix(" pages")?.trim().parse::<u64>().ok())
+        {
+            dirty_pages_rate = dirty_pages_rate.max(r);
+        }
         if status == "completed" {
             let total = hmp_ms(&info, "total time").ok_or("no total time")?;
             let downtime = hmp_ms(&info, "downtime").ok_or("no downtime")?;
@@ -309,6 +327,7 @@ fn migrate_vmsnap(h: &Harness, rate: u64, bandwidth_mib: u64) -> Result<Outcome,
                 total,
                 downtime,
                 syncs,
+                dirty_pages_rate,
             });
         }
         if status.starts_with("failed") || status == "cancelled" {
@@ -415,10 +434,17 @@ fn migrate_qemu(
     }
     src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let start = Instant::now();
+    let mut dirty_pages_rate = 0;
     loop {
         std::thread::sleep(Duration::from_millis(50));
         let info = src.cmd("query-migrate", json!({}))?;
         let status = info.get("status").and_then(Value::as_str).unwrap_or("");
+        if let Some(r) = info
+            .pointer("/ram/dirty-pages-rate")
+            .and_then(Value::as_u64)
+        {
+            dirty_pages_rate = dirty_pages_rate.max(r);
+        }
         match status {
             "completed" => {
                 let ms = |k: &str| {
@@ -435,6 +461,7 @@ fn migrate_qemu(
                     total: ms("total-time")?,
                     downtime: ms("downtime")?,
                     syncs,
+                    dirty_pages_rate,
                 };
                 // The destination runs the guest on (it may still be finishing the load).
                 let deadline = Instant::now() + Duration::from_secs(10);

@@ -7,13 +7,15 @@ use std::time::{Duration, Instant};
 /// QEMU's `BUFFER_DELAY`: the rate limiter's window and the bandwidth update period.
 pub const PERIOD: Duration = Duration::from_millis(100);
 
-/// Bandwidth measured over periods of at least [`PERIOD`] (QEMU's
-/// `migration_update_counters`).
+/// Bandwidth measured per period of at least [`PERIOD`] (QEMU's
+/// `migration_update_counters`), over the time spent sending or waiting for the rate
+/// limiter: time the loop spends with nothing to send does not lower the estimate.
 #[derive(Debug, Clone)]
 pub struct BandwidthMeter {
     start: Instant,
     start_bytes: u64,
     start_pages: u64,
+    busy: Duration,
     /// Bytes per millisecond over the last period (0 until the first period ends).
     pub bytes_per_ms: f64,
     /// Pages sent per second over the last period.
@@ -27,9 +29,15 @@ impl BandwidthMeter {
             start: now,
             start_bytes: bytes,
             start_pages: 0,
+            busy: Duration::ZERO,
             bytes_per_ms: 0.0,
             pages_per_second: 0,
         }
+    }
+
+    /// Counts `d` as time spent sending (or held back by the rate limit).
+    pub fn add_busy(&mut self, d: Duration) {
+        self.busy += d;
     }
 
     /// Ends the period if it is long enough; returns whether the estimate changed.
@@ -38,14 +46,20 @@ impl BandwidthMeter {
         if spent < PERIOD {
             return false;
         }
+        let sent = bytes.saturating_sub(self.start_bytes);
+        let busy_ms = self.busy.min(spent).as_secs_f64() * 1000.0;
+        let changed = sent > 0 && busy_ms > 0.0;
+        if changed {
+            self.bytes_per_ms = sent as f64 / busy_ms;
+        }
         let ms = spent.as_secs_f64() * 1000.0;
-        self.bytes_per_ms = bytes.saturating_sub(self.start_bytes) as f64 / ms;
         self.pages_per_second =
             (pages.saturating_sub(self.start_pages) as f64 * 1000.0 / ms) as u64;
         self.start = now;
         self.start_bytes = bytes;
         self.start_pages = pages;
-        true
+        self.busy = Duration::ZERO;
+        changed
     }
 
     /// Bytes that can be sent within `limit_ms` at the measured bandwidth (QEMU's
@@ -247,9 +261,19 @@ mod tests {
         let t0 = Instant::now();
         let mut m = BandwidthMeter::new(t0, 0);
         assert!(!m.update(t0 + Duration::from_millis(50), 1000, 1));
+        m.add_busy(Duration::from_millis(100));
+        // 2 MB in 100 ms of sending within a 200 ms period: 20 kB/ms.
         assert!(m.update(t0 + Duration::from_millis(200), 2_000_000, 400));
-        assert!((m.bytes_per_ms - 10_000.0).abs() < 1.0);
+        assert!((m.bytes_per_ms - 20_000.0).abs() < 1.0);
         assert_eq!(m.pages_per_second, 2000);
+        m.add_busy(Duration::from_millis(50));
+        assert!(m.update(t0 + Duration::from_millis(300), 3_000_000, 400));
+        assert!((m.bytes_per_ms - 20_000.0).abs() < 1.0);
+        // Nothing sent: the estimate stays.
+        assert!(!m.update(t0 + Duration::from_millis(400), 3_000_000, 400));
+        assert!((m.bytes_per_ms - 20_000.0).abs() < 1.0);
+        assert_eq!(m.pages_per_second, 0);
+        m.bytes_per_ms = 10_000.0;
         assert_eq!(m.threshold(300), 3_000_000);
         assert_eq!(m.expected_ms(50_000), Some(5));
     }
@@ -304,6 +328,7 @@ mod tests {
         // No estimate yet: only an empty remainder stops.
         assert!(!r.should_stop(1, &m, 300));
         assert!(r.should_stop(0, &m, 300));
+        m.add_busy(Duration::from_millis(100));
         m.update(t0 + Duration::from_millis(100), 100_000_000, 0); // 1 MB/ms
         assert!(!r.should_stop(400_000_000, &m, 300));
         // Fits 300 ms, still shrinking: go on.

@@ -5,10 +5,16 @@
 
 use std::time::{Duration, Instant};
 
-use crate::snapshot::state_io::{self, StateIoError};
-use crate::vmm::{Vm, VmError};
+use std::io::Read;
+
+use crate::migration::ram_state::RamState;
+use crate::migration::savevm::{load_state, DeviceState, Registry};
+use crate::migration::Value;
+use crate::snapshot::state_io::{StateIoError, PAGE_SIZE, RAM_BLOCK};
+use crate::vmm::{vmstate, Vm, VmError, VmState};
 
 use super::disks::{self, DiskError, DriveOpen};
+use super::live_ram::IncomingRam;
 use super::uri::{Listener, UriError};
 
 /// Why an incoming migration failed.
@@ -51,6 +57,50 @@ impl<R: std::io::Read> std::io::Read for Counting<R> {
     }
 }
 
+#[derive(Default)]
+struct Slot(Option<Value>);
+
+impl DeviceState for Slot {
+    fn save(&self) -> Value {
+        Value::Null
+    }
+
+    fn load(&mut self, value: &Value, _version_id: u32) -> Result<(), String> {
+        self.0 = Some(value.clone());
+        Ok(())
+    }
+}
+
+/// Reads a whole migration stream: the sections savevm writes (`state_io`'s layout and
+/// machine name), RAM into `ram` with [`IncomingRam`].
+fn read_stream(
+    vcpus: usize,
+    drives: usize,
+    ram: &mut [u8],
+    input: &mut dyn Read,
+) -> Result<VmState, StateIoError> {
+    let layout = vmstate::layout(vcpus, drives);
+    let mut slots: Vec<Slot> = layout.iter().map(|_| Slot::default()).collect();
+    {
+        let mut ram = IncomingRam::new(RAM_BLOCK, ram, PAGE_SIZE);
+        let mut reg = Registry::new(vmstate::MACHINE);
+        reg.page_size = PAGE_SIZE;
+        reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut ram);
+        for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
+            reg.register_device(idstr, *inst, vmsd.clone(), slot);
+        }
+        load_state(&mut reg, input)?;
+    }
+    let found = |idstr: &str, inst: u32| {
+        layout
+            .iter()
+            .zip(&slots)
+            .find(|((n, i, _), _)| *n == idstr && *i == inst)
+            .and_then(|(_, s)| s.0.as_ref())
+    };
+    Ok(vmstate::from_sections(vcpus, drives, found)?)
+}
+
 /// Accepts the stream on `listener`, loads it into the paused `vm`, activates the drives
 /// and resumes the guest.
 pub fn run(vm: &Vm, listener: Listener, drives: &[DriveOpen]) -> Result<Report, IncomingError> {
@@ -59,7 +109,7 @@ pub fn run(vm: &Vm, listener: Listener, drives: &[DriveOpen]) -> Result<Report, 
     let start = Instant::now();
     let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
     let mut input = Counting(channel, 0);
-    let state = vm.with_ram_mut(|ram| state_io::read_state(vcpus, ndrives, ram, &mut input))??;
+    let state = vm.with_ram_mut(|ram| read_stream(vcpus, ndrives, ram, &mut input))??;
     let load = start.elapsed();
     let bytes = input.1;
     input.0.close(DRAIN_LIMIT);

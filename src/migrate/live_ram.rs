@@ -8,12 +8,13 @@
 //! [`RefCell`] ([`LiveRamEntry`] is what the save registry holds).
 
 use std::cell::RefCell;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
-use crate::migration::ram::{is_zero, RamBlockInfo, RamWriter};
-use crate::migration::savevm::{IterativeState, Sink, Source};
-use crate::migration::stream::{self, ErrorKind, StreamError};
+use crate::migration::ram::{is_zero, RamBlockInfo, RamRecord, RamWriter};
+use crate::migration::savevm::{handler_err, IterativeState, Sink, Source};
+use crate::migration::stream::{self, ErrorKind, Event, StreamError};
 
 /// Where pages are read from.
 pub trait PageSource {
@@ -25,9 +26,7 @@ pub trait PageSource {
 
 impl PageSource for GuestMemoryMmap {
     fn ram_len(&self) -> u64 {
-        self.iter()
-            .map(vm_memory::GuestMemoryRegion::len)
-            .sum()
+        self.iter().map(vm_memory::GuestMemoryRegion::len).sum()
     }
 
     fn read_page(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
@@ -62,6 +61,12 @@ pub struct RamCounters {
     /// Dirty bitmap syncs so far (the setup counts as the first).
     pub dirty_syncs: u64,
 }
+
+/// Longest a PART may take (QEMU's `MAX_WAIT`), checked every [`CHECK_EVERY`] pages, so
+/// that the migration loop gets back to its clock, cancel flag and dirty log.
+pub const PART_TIME_LIMIT: Duration = Duration::from_millis(50);
+/// Pages sent between two looks at the clock.
+const CHECK_EVERY: u64 = 64;
 
 /// Live RAM migration state of one RAM block.
 #[derive(Debug)]
@@ -158,11 +163,11 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
         None
     }
 
-    /// Sends dirty pages until `budget` bytes are written or none is left (wrapping around
-    /// to the start once, as QEMU's page search does).
-    fn send(&mut self, f: &mut Sink<'_>, budget: u64) -> Result<(), String> {
+    /// Sends dirty pages until `budget` bytes are written, `time_limit` has passed or none
+    /// is left (wrapping around to the start once, as QEMU's page search does).
+    fn send(&mut self, f: &mut Sink<'_>, budget: u64, time_limit: Duration) -> Result<(), String> {
         let mut w = self.writer.take().ok_or("RAM sent before setup")?;
-        let r = self.send_with(&mut w, f, budget);
+        let r = self.send_with(&mut w, f, budget, time_limit);
         self.writer = Some(w);
         r
     }
@@ -172,10 +177,17 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
         w: &mut RamWriter,
         f: &mut Sink<'_>,
         budget: u64,
+        time_limit: Duration,
     ) -> Result<(), String> {
         let start = f.position();
+        let started = Instant::now();
         let mut wrapped = false;
+        let mut n = 0u64;
         while self.pending > 0 && f.position() - start < budget {
+            n += 1;
+            if n % CHECK_EVERY == 0 && started.elapsed() > time_limit {
+                break;
+            }
             let Some(page) = self.next_dirty() else {
                 if wrapped {
                     break;
@@ -226,7 +238,7 @@ impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
     fn save_iterate(&mut self, f: &mut Sink<'_>) -> Result<bool, String> {
         let mut ram = self.0.borrow_mut();
         let budget = ram.budget;
-        ram.send(f, budget)?;
+        ram.send(f, budget, PART_TIME_LIMIT)?;
         let w = ram.writer.as_mut().ok_or("RAM sent before setup")?;
         w.write_eos(f).map_err(|e| e.to_string())?;
         Ok(ram.pending == 0)
@@ -234,7 +246,7 @@ impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
 
     fn save_complete(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
         let mut ram = self.0.borrow_mut();
-        ram.send(f, u64::MAX)?;
+        ram.send(f, u64::MAX, Duration::MAX)?;
         let w = ram.writer.as_mut().ok_or("RAM sent before setup")?;
         w.write_eos(f).map_err(|e| e.to_string())
     }
@@ -248,6 +260,92 @@ impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
                 message: "live RAM only saves; load with the VM's RAM state".into(),
             }),
         })
+    }
+}
+
+/// The destination's "ram" section loader: pages straight into guest memory. A ZERO record
+/// for a page that is already zero writes nothing (as QEMU's `ram_handle_zero`), so the
+/// untouched RAM of a fresh destination is not faulted in page by page.
+#[derive(Debug)]
+pub struct IncomingRam<'m> {
+    block: String,
+    mem: &'m mut [u8],
+    page_size: usize,
+}
+
+impl<'m> IncomingRam<'m> {
+    /// Loads RAM block `block` into `mem`.
+    pub fn new(block: &str, mem: &'m mut [u8], page_size: u64) -> Self {
+        IncomingRam {
+            block: block.to_string(),
+            mem,
+            page_size: usize::try_from(page_size).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn page(&mut self, block: &str, addr: u64) -> Result<&mut [u8], String> {
+        if block != self.block {
+            return Err(format!("Unknown ramblock \"{block}\""));
+        }
+        let a = usize::try_from(addr).unwrap_or(usize::MAX);
+        a.checked_add(self.page_size)
+            .and_then(|end| self.mem.get_mut(a..end))
+            .ok_or_else(|| format!("page {addr:#x} outside '{block}'"))
+    }
+}
+
+impl IterativeState for IncomingRam<'_> {
+    fn save_setup(&mut self, _f: &mut Sink<'_>) -> Result<(), String> {
+        Err("incoming RAM only loads".into())
+    }
+
+    fn save_iterate(&mut self, _f: &mut Sink<'_>) -> Result<bool, String> {
+        Err("incoming RAM only loads".into())
+    }
+
+    fn save_complete(&mut self, _f: &mut Sink<'_>) -> Result<(), String> {
+        Err("incoming RAM only loads".into())
+    }
+
+    fn load(&mut self, r: &mut Source<'_>) -> stream::Result<()> {
+        loop {
+            let at = r.position();
+            let err = |m: String| handler_err(at, "ram", m);
+            match r.next_event()? {
+                Event::Ram { record, .. } => match record {
+                    RamRecord::MemSize { blocks, .. } => {
+                        for b in blocks {
+                            if b.idstr != self.block {
+                                return Err(err(format!("Unknown ramblock \"{}\"", b.idstr)));
+                            }
+                            if b.used_length != self.mem.len() as u64 {
+                                return Err(err(format!(
+                                    "Length mismatch: {}: {:#x} in != {:#x}",
+                                    b.idstr,
+                                    b.used_length,
+                                    self.mem.len()
+                                )));
+                            }
+                        }
+                    }
+                    RamRecord::Page { block, addr, .. } => {
+                        let dst = self.page(&block, addr).map_err(err)?;
+                        r.read_page_into(dst)?;
+                    }
+                    RamRecord::Zero {
+                        block, addr, fill, ..
+                    } => {
+                        let dst = self.page(&block, addr).map_err(err)?;
+                        if fill != 0 || !is_zero(dst) {
+                            dst.fill(fill);
+                        }
+                    }
+                    RamRecord::MultifdFlush => {}
+                    RamRecord::Eos => return Ok(()),
+                },
+                other => return Err(err(format!("unexpected record in RAM section: {other:?}"))),
+            }
+        }
     }
 }
 
@@ -317,6 +415,21 @@ mod tests {
             load_state(&mut reg, &mut &out[..]).unwrap();
         }
         assert!(back == mem);
+        // The incoming loader gives the same RAM (zero pages over non-zero data too).
+        let mut back2 = vec![0xffu8; mem.len()];
+        {
+            let mut st = IncomingRam::new("pc.ram", &mut back2, PS);
+            let mut reg = Registry::new("m");
+            reg.register_iterative("ram", 0, 4, &mut st);
+            load_state(&mut reg, &mut &out[..]).unwrap();
+        }
+        assert!(back2 == mem);
+        let mut small = vec![0u8; 4096];
+        let mut st = IncomingRam::new("pc.ram", &mut small, PS);
+        let mut reg = Registry::new("m");
+        reg.register_iterative("ram", 0, 4, &mut st);
+        let e = load_state(&mut reg, &mut &out[..]).unwrap_err();
+        assert!(e.to_string().contains("Length mismatch"), "{e}");
         mem[0] = 1;
         assert!(back != mem);
     }

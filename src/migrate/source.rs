@@ -255,17 +255,22 @@ fn run(
                 break;
             }
         }
-        match limiter.allowance(Instant::now(), pos) {
+        let busy = Instant::now();
+        match limiter.allowance(busy, pos) {
             Ok(allow) => {
                 ram.borrow_mut().set_budget(allow.min(CHUNK));
                 session.iterate()?;
             }
             Err(wait) => std::thread::sleep(wait),
         }
+        meter.add_busy(busy.elapsed());
         report(Status::Active, session.position(), &meter, &period);
     }
 
-    // Stop and copy.
+    // Stop and copy. Flushing first while the guest still runs leaves the final flush
+    // (inside the downtime) with only the last writes.
+    vm.flush_drives()
+        .map_err(|e| MigrateError::Disks(DiskError::Flush(e)))?;
     let precopy = session.position();
     let down_start = Instant::now();
     vm.set_pause_reason(Some("finish-migrate"));

@@ -66,7 +66,12 @@ fn guest_dirties_pages_at_the_rate_asked_for_and_checks_ok() {
     std::thread::sleep(Duration::from_millis(300));
     let (ticks, pages) = progress_over(&vm, Duration::from_secs(1));
     assert!(ticks > 0, "guest does not tick: {}", cap.text());
-    assert_eq!(pages, ticks * params.pages_per_tick);
+    // One batch per handled tick; a busy host can make the guest skip tick numbers.
+    assert_eq!(pages % params.pages_per_tick, 0);
+    assert!(
+        pages <= (ticks + 1) * params.pages_per_tick,
+        "{pages} pages, {ticks} ticks"
+    );
     // Near 100 Hz on an idle host; generous for a busy 2-core machine.
     assert!(pages > 10240 / 4, "only {pages} pages dirtied in 1 s");
     vm.request_check();
@@ -87,15 +92,20 @@ fn guest_dirties_pages_at_the_rate_asked_for_and_checks_ok() {
         .read_obj::<u64>(GuestAddress(params.start));
     assert!(matches!(first, Ok(n) if n >= 1 && n <= last));
     if total < area_pages {
+        // The count is added before a tick's batch, the cursor stored after it: a pause can
+        // fall in between.
         let cursor = word(&vm, counter::DIRTY_CURSOR_ADDR);
-        assert_eq!(cursor, params.start + total * 0x1000);
-        let before: u64 = vm
-            .guest_memory()
-            .read_obj(GuestAddress(cursor - 0x1000))
-            .unwrap();
-        assert!(before >= 1 && before <= last);
-        let after: u64 = vm.guest_memory().read_obj(GuestAddress(cursor)).unwrap();
-        assert_eq!(after, 0);
+        let end = params.start + total * 0x1000;
+        assert!(
+            cursor == end || cursor + params.pages_per_tick * 0x1000 == end,
+            "cursor {cursor:#x}, pages counted up to {end:#x}"
+        );
+        let read = |a: u64| vm.guest_memory().read_obj::<u64>(GuestAddress(a)).unwrap();
+        if cursor > params.start {
+            let before = read(cursor - 0x1000);
+            assert!(before >= 1 && before <= last);
+        }
+        assert_eq!(read(end), 0, "page beyond the counted ones was written");
     }
     assert_eq!(word(&vm, counter::CHECK_FAILS_ADDR), 0);
 }
@@ -111,7 +121,8 @@ fn throttling_slows_the_guest_and_pause_resume_still_work() {
     std::thread::sleep(Duration::from_millis(300));
     let (free_ticks, free_pages) = progress_over(&vm, Duration::from_secs(1));
     assert!(free_ticks > 20, "guest too slow to measure: {free_ticks}");
-    assert_eq!(free_pages, free_ticks * params.pages_per_tick);
+    assert_eq!(free_pages % params.pages_per_tick, 0);
+    assert!(free_pages <= (free_ticks + 1) * params.pages_per_tick);
 
     vm.set_throttle(90);
     std::thread::sleep(Duration::from_millis(200));

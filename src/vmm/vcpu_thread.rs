@@ -138,11 +138,14 @@ impl Throttle {
         }
         let now = Instant::now();
         let start = *self.slice_start.get_or_insert(now);
+        let mut rephase = !self.armed;
         if now.duration_since(start) >= run_control::THROTTLE_TIMESLICE {
             ctl.throttle_sleep(run_control::throttle_sleep_for(pct));
             self.slice_start = Some(Instant::now());
+            rephase = true;
         }
-        if !self.armed {
+        if rephase {
+            // Restart the timer with the slice, so that its kick ends this very slice.
             self.arm(Some(run_control::THROTTLE_TIMESLICE));
         }
     }

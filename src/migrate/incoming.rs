@@ -82,7 +82,7 @@ fn read_stream(
     let layout = vmstate::layout(vcpus, drives);
     let mut slots: Vec<Slot> = layout.iter().map(|_| Slot::default()).collect();
     {
-        let mut ram = IncomingRam::new(RAM_BLOCK, ram, PAGE_SIZE);
+        let mut ram = IncomingRam::new(RAM_BLOCK, ram, PAGE_SIZE).skip_untouched();
         let mut reg = Registry::new(vmstate::MACHINE);
         reg.page_size = PAGE_SIZE;
         reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut ram);

@@ -16,12 +16,19 @@ use crate::migration::ram::{is_zero, RamBlockInfo, RamRecord, RamWriter};
 use crate::migration::savevm::{handler_err, IterativeState, Sink, Source};
 use crate::migration::stream::{self, ErrorKind, Event, StreamError};
 
+use super::pagemap::Pagemap;
+
 /// Where pages are read from.
 pub trait PageSource {
     /// Bytes of RAM.
     fn ram_len(&self) -> u64;
     /// Copies the page at `addr` into `buf` (one page).
     fn read_page(&self, addr: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// Host address of RAM when it is one private anonymous mapping, whose never-touched
+    /// pages can be found in the pagemap (see [`Pagemap`]).
+    fn anonymous_base(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl PageSource for GuestMemoryMmap {
@@ -32,6 +39,16 @@ impl PageSource for GuestMemoryMmap {
     fn read_page(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
         self.read_slice(buf, GuestAddress(addr))
             .map_err(|e| format!("reading guest page {addr:#x}: {e}"))
+    }
+
+    fn anonymous_base(&self) -> Option<u64> {
+        // The VMM's RAM is one anonymous private mapping (vm-memory's `from_ranges`).
+        if self.num_regions() != 1 {
+            return None;
+        }
+        self.get_host_address(GuestAddress(0))
+            .ok()
+            .map(|p| p as usize as u64)
     }
 }
 
@@ -81,6 +98,9 @@ pub struct LiveRam<'m, M: PageSource + ?Sized> {
     budget: u64,
     writer: Option<RamWriter>,
     page: Vec<u8>,
+    zero: Vec<u8>,
+    pagemap: Option<(Pagemap, u64)>,
+    hint: Option<(u64, u64)>,
     /// Counters for `info migrate`.
     pub counters: RamCounters,
 }
@@ -107,6 +127,12 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
             budget: u64::MAX,
             writer: None,
             page: vec![0; page_size as usize],
+            zero: vec![0; page_size as usize],
+            pagemap: match mem.anonymous_base() {
+                Some(base) if page_size == 4096 => Pagemap::open().map(|p| (p, base)),
+                _ => None,
+            },
+            hint: None,
             counters: RamCounters {
                 dirty_syncs: 1,
                 ..RamCounters::default()
@@ -148,6 +174,34 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
         newly
     }
 
+    /// Whether `page` was never touched, from the pagemap (read 64 pages at a time; the
+    /// hint is dropped at each PART so it is never older than the last dirty-log fetch).
+    fn untouched(&mut self, page: u64) -> bool {
+        let Some((pm, base)) = self.pagemap.as_mut() else {
+            return false;
+        };
+        let word = page / 64;
+        let bits = match self.hint {
+            Some((w, bits)) if w == word => bits,
+            _ => {
+                let first = word * 64;
+                let n = (self.pages - first).min(64) as usize;
+                match pm.untouched(*base + first * self.page_size, n) {
+                    Some(b) => {
+                        let bits = b.first().copied().unwrap_or(0);
+                        self.hint = Some((word, bits));
+                        bits
+                    }
+                    None => {
+                        self.pagemap = None;
+                        return false;
+                    }
+                }
+            }
+        };
+        bits & (1 << (page % 64)) != 0
+    }
+
     fn next_dirty(&self) -> Option<u64> {
         let start = self.cursor;
         let mut w = (start / 64) as usize;
@@ -181,6 +235,7 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
     ) -> Result<(), String> {
         let start = f.position();
         let started = Instant::now();
+        self.hint = None;
         let mut wrapped = false;
         let mut n = 0u64;
         while self.pending > 0 && f.position() - start < budget {
@@ -203,6 +258,12 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
             self.pending -= 1;
             self.cursor = page + 1;
             let addr = page * self.page_size;
+            if self.untouched(page) {
+                self.counters.zero_pages += 1;
+                w.write_page(f, &self.block, addr, &self.zero)
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
             self.mem.read_page(addr, &mut self.page)?;
             if is_zero(&self.page) {
                 self.counters.zero_pages += 1;
@@ -271,6 +332,7 @@ pub struct IncomingRam<'m> {
     block: String,
     mem: &'m mut [u8],
     page_size: usize,
+    untouched: Option<Vec<u64>>,
 }
 
 impl<'m> IncomingRam<'m> {
@@ -280,7 +342,35 @@ impl<'m> IncomingRam<'m> {
             block: block.to_string(),
             mem,
             page_size: usize::try_from(page_size).unwrap_or(usize::MAX),
+            untouched: None,
         }
+    }
+
+    /// Skips ZERO records for pages never touched (read from the pagemap now). Only for
+    /// memory that is a private anonymous mapping, such as the VMM's guest RAM.
+    pub fn skip_untouched(mut self) -> Self {
+        if self.page_size == 4096 {
+            let pages = self.mem.len() / self.page_size;
+            let base = self.mem.as_ptr() as usize as u64;
+            self.untouched = Pagemap::open().and_then(|mut pm| pm.untouched(base, pages));
+        }
+        self
+    }
+
+    /// Whether page `index` is known to be zero; forgets it (the page is about to change).
+    fn known_zero(&mut self, addr: u64, forget: bool) -> bool {
+        let Some(bits) = self.untouched.as_mut() else {
+            return false;
+        };
+        let i = usize::try_from(addr).unwrap_or(usize::MAX) / self.page_size.max(1);
+        let Some(w) = bits.get_mut(i / 64) else {
+            return false;
+        };
+        let set = *w & (1 << (i % 64)) != 0;
+        if forget {
+            *w &= !(1 << (i % 64));
+        }
+        set
     }
 
     fn page(&mut self, block: &str, addr: u64) -> Result<&mut [u8], String> {
@@ -329,12 +419,19 @@ impl IterativeState for IncomingRam<'_> {
                         }
                     }
                     RamRecord::Page { block, addr, .. } => {
+                        self.page(&block, addr).map_err(err)?;
+                        self.known_zero(addr, true);
                         let dst = self.page(&block, addr).map_err(err)?;
                         r.read_page_into(dst)?;
                     }
                     RamRecord::Zero {
                         block, addr, fill, ..
                     } => {
+                        self.page(&block, addr).map_err(err)?;
+                        if fill == 0 && self.known_zero(addr, false) {
+                            continue;
+                        }
+                        self.known_zero(addr, true);
                         let dst = self.page(&block, addr).map_err(err)?;
                         if fill != 0 || !is_zero(dst) {
                             dst.fill(fill);
@@ -432,5 +529,54 @@ mod tests {
         assert!(e.to_string().contains("Length mismatch"), "{e}");
         mem[0] = 1;
         assert!(back != mem);
+    }
+
+    #[test]
+    fn guest_memory_untouched_pages_go_out_as_zero_and_load_back() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 * 4096)]).unwrap();
+        mem.write_slice(&[7u8; 10], GuestAddress(3 * 4096 + 5))
+            .unwrap();
+        mem.write_slice(&[9u8; 4096], GuestAddress(200 * 4096))
+            .unwrap();
+        // Touched but zero: read and found zero.
+        mem.write_slice(&[0u8; 1], GuestAddress(100 * 4096))
+            .unwrap();
+        let mut out = Vec::new();
+        let cell = RefCell::new(LiveRam::new(&mem, "pc.ram", PS));
+        assert!(cell.borrow().pagemap.is_some());
+        {
+            let mut entry = LiveRamEntry(&cell);
+            let mut reg = Registry::new("m");
+            reg.register_iterative("ram", 0, 4, &mut entry);
+            let mut s = SaveSession::begin(&mut reg, &mut out).unwrap();
+            while !s.iterate().unwrap() {}
+            s.complete().unwrap();
+        }
+        let c = cell.borrow().counters;
+        assert_eq!((c.normal_pages, c.zero_pages), (2, 254));
+        // Into fresh (untouched) memory with the skip, and into dirty memory without.
+        for skip in [true, false] {
+            let mut buf = if skip {
+                vec![0u8; 257 * 4096]
+            } else {
+                vec![0x55u8; 257 * 4096]
+            };
+            // Page-aligned, as guest RAM is.
+            let off = buf.as_ptr().align_offset(4096);
+            let back = &mut buf[off..off + 256 * 4096];
+            {
+                let mut st = IncomingRam::new("pc.ram", back, PS);
+                if skip {
+                    st = st.skip_untouched();
+                    assert!(st.untouched.is_some());
+                }
+                let mut reg = Registry::new("m");
+                reg.register_iterative("ram", 0, 4, &mut st);
+                load_state(&mut reg, &mut &out[..]).unwrap();
+            }
+            let mut want = vec![0u8; 256 * 4096];
+            mem.read_slice(&mut want, GuestAddress(0)).unwrap();
+            assert!(buf[off..off + 256 * 4096] == want[..], "skip {skip}");
+        }
     }
 }

@@ -18,6 +18,7 @@ pub mod disks;
 pub mod incoming;
 pub mod info;
 pub mod live_ram;
+pub mod pagemap;
 pub mod params;
 pub mod source;
 pub mod uri;

@@ -205,6 +205,10 @@ pub struct RunArgs {
     /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
     #[arg(long)]
     pub monitor: Option<MonitorSpec>,
+    /// Make the counter guest dirty this many MiB of RAM per second (0 = off). A restored
+    /// state (--loadvm) brings its own setting.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub dirty_rate: u64,
     /// Wait for a live migration stream (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH),
     /// load it and run the guest from there. The drives are the source's (shared storage):
     /// they are opened without locks until the stream is loaded.
@@ -249,6 +253,10 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         guest: args.guest,
     })?;
     vm.set_captured_drives(captured);
+    if args.dirty_rate != 0 {
+        crate::vmm::guest::counter::set_dirty_rate(vm.guest_memory(), args.dirty_rate)
+            .map_err(VmError::from)?;
+    }
     termination::install().map_err(|source| RunError::Monitor {
         what: "installing the SIGINT/SIGTERM handler",
         source,

@@ -121,6 +121,19 @@ impl Qcow2 {
         }
     }
 
+    /// Runs `f` inside a refcount batch (the open one, or a new one written back when `f`
+    /// succeeds and dropped when it fails).
+    pub(crate) fn batched<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.rb_dirty.is_some() {
+            return f(self);
+        }
+        self.begin_refcount_batch();
+        let r = f(self);
+        let end = self.end_refcount_batch(r.is_ok());
+        let v = r?;
+        end.map(|()| v)
+    }
+
     /// Memory held by the open batch.
     pub(crate) fn refcount_batch_bytes(&self) -> usize {
         self.rb_dirty.as_ref().map_or(0, DirtyBlocks::bytes)
@@ -440,11 +453,14 @@ impl Qcow2 {
                     }
                 }
             }
-            for c in start..start + n {
-                self.set_refcount(c, 1)?;
-            }
-            // The caller references the clusters next: their counts must be written first.
-            self.write_refcount_batch()?;
+            // One write per refcount block; the caller references the clusters next, so
+            // their counts are written before this returns.
+            self.batched(|q| {
+                for c in start..start + n {
+                    q.set_refcount(c, 1)?;
+                }
+                q.write_refcount_batch()
+            })?;
             // Every cluster between the hint and a single-cluster result is in use.
             if start == self.free_hint || n == 1 {
                 self.free_hint = start + n;

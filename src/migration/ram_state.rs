@@ -2,7 +2,7 @@
 //! and its loading into the VMM's memory, one slice per RAM block, without copies.
 //!
 //! A third mode, [`RamState::for_check`], parses and bounds-checks the RAM records without
-//! storing any page (their data is skipped) and records which pages the stream covers: loadvm
+//! storing any page (their data is dropped) and records which pages the stream covers: loadvm
 //! validates a whole stream with it before loading it in place.
 
 use super::protocol::RAM_VERSION;
@@ -20,6 +20,8 @@ pub struct RamState<'m> {
     writer: Option<RamWriter>,
     /// Pages to send per iterate round (0 = all at once).
     pub pages_per_round: u64,
+    /// Check mode: where page data is read to and dropped.
+    scratch: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -74,7 +76,7 @@ impl<'m> RamState<'m> {
     }
 
     /// RAM to be checked only: `(idstr, length)` per block. Loading parses every record and
-    /// checks it against the blocks, skips page data and records which pages were present
+    /// checks it against the blocks, drops page data and records which pages were present
     /// (see [`RamState::all_pages_seen`]).
     pub fn for_check(blocks: Vec<(String, u64)>, page_size: u64) -> RamState<'static> {
         let ps = page_size.max(1);
@@ -139,6 +141,7 @@ impl<'m> RamState<'m> {
             next: (0, 0),
             writer: None,
             pages_per_round: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -233,8 +236,13 @@ impl IterativeState for RamState<'_> {
                         }
                     }
                     RamRecord::Page { block, addr, .. } => {
-                        // In check mode the data is left unread: the next record skips it.
-                        if !self.mark_seen(&block, addr).map_err(err)? {
+                        if self.mark_seen(&block, addr).map_err(err)? {
+                            // Check mode: read into a scratch page (a cached 4 KiB copy is
+                            // cheaper than the reader's skip, which refills its buffer).
+                            let ps = self.page_size as usize;
+                            self.scratch.resize(ps, 0);
+                            r.read_page_into(&mut self.scratch)?;
+                        } else {
                             let dst = self.page_mut(&block, addr).map_err(err)?;
                             r.read_page_into(dst)?;
                         }

@@ -141,7 +141,7 @@ impl<'a> VmstateReader<'a> {
 }
 
 /// Reads of at least this many bytes go straight into the caller's buffer.
-pub const DIRECT_MIN: usize = 64 << 10;
+pub const DIRECT_MIN: usize = 16 << 10;
 
 impl VmstateReader<'_> {
     fn read_area(&mut self, pos: u64, dst: &mut [u8]) -> io::Result<()> {

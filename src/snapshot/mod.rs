@@ -32,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::block::{self, SnapshotInfo, SnapshotParams};
 use crate::interop::integrity::{self, CrcReader, CrcWriter};
-use crate::migration::snapshot_io::{VmstateReader, VmstateWriter};
+use crate::migration::snapshot_io::{VmstateReader, VmstateSource, VmstateWriter};
 use crate::vmm::{Vm, VmError, VmStatus};
 use progress::Counting;
 pub use progress::{Progress, ProgressFn};
@@ -117,6 +117,10 @@ pub enum SnapshotError {
     /// The VMM refused.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// loadvm failed after guest RAM was partly overwritten (an I/O error in the second
+    /// pass, or the VMM refusing the checked state): the VM stays stopped, as QEMU leaves it.
+    #[error("{0}; the VM stays stopped")]
+    LoadIncomplete(#[source] Box<SnapshotError>),
     /// The VM is stopped on a vCPU error.
     #[error("the VM stopped on an error ({0}); no snapshot operation is possible")]
     Failed(String),
@@ -146,7 +150,7 @@ fn stop(vm: &Vm) -> Result<bool> {
 fn stopped<T>(vm: &Vm, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let was_running = stop(vm)?;
     let r = f();
-    if was_running {
+    if was_running && !matches!(r, Err(SnapshotError::LoadIncomplete(_))) {
         vm.resume();
     }
     r
@@ -252,16 +256,13 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
             disks::goto(set, &inc, tag)?;
             capture::write_back(set, &specs, &checked.captured)?;
             // Pass 2: RAM straight into guest memory. The bytes are those pass 1 checked
-            // (the image is locked and nothing wrote it since), so only an I/O error can
-            // stop it half-way; the VM is then left stopped on an error, as QEMU leaves it.
+            // (the image is locked and nothing wrote it since; after the goto the active
+            // layer maps the snapshot's VM state, which QEMU's loadvm reads too), so only an
+            // I/O error can stop it half-way; the VM then stays stopped (`LoadIncomplete`).
             let (_, store) = disks::store(set, inc[0])?;
-            let r = VmstateReader::for_snapshot(store, &info.id).map_err(|source| {
-                SnapshotError::Read {
-                    tag: tag.to_string(),
-                    source,
-                }
-            })?;
+            let r = VmstateReader::new(store, VmstateSource::Active, info.vm_state_size);
             let mut r = Counting::continuing(r, info.vm_state_size, total, progress);
+            let incomplete = |e: SnapshotError| SnapshotError::LoadIncomplete(Box::new(e));
             vm.with_ram_mut(|mem| {
                 if !checked.all_ram {
                     // Pages the stream lacks read as zero, as in a fresh VM.
@@ -269,10 +270,11 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
                 }
                 state_io::read_state_with(vcpus, drives, &specs, mem, &mut r)
             })?
-            .map_err(SnapshotError::Load)?;
+            .map_err(|e| incomplete(SnapshotError::Load(e)))?;
             Ok(checked.state)
         })?;
-        vm.restore_state(&state)?;
+        vm.restore_state(&state)
+            .map_err(|e| SnapshotError::LoadIncomplete(Box::new(e.into())))?;
         Ok(())
     })
 }

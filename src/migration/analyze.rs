@@ -193,7 +193,16 @@ fn filled_with(fill: u8) -> String {
 /// Reads a whole stream and gathers the analysis. Stream errors do not fail the call: what
 /// was decoded is returned with [`Analysis::error`] set.
 pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeError> {
-    let mut r = StreamReader::new(src);
+    analyze_stream(StreamReader::new(src), opts)
+}
+
+/// [`analyze`] over a stream reader set up by the caller: with
+/// [`StreamReader::new_seekable`], page bodies are seeked over unless `-m`/`-x` need them,
+/// which is what makes the default `--dump state` fast on multi-GiB streams.
+pub fn analyze_stream<R: Read>(
+    mut r: StreamReader<R>,
+    opts: &AnalyzeOptions,
+) -> Result<Analysis, AnalyzeError> {
     let mut a = Analysis::default();
     if let Some(ps) = opts.page_size {
         if let Err(e) = r.set_page_size(ps) {

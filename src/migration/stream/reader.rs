@@ -1,7 +1,7 @@
 //! The pull parser: one record per call, device bodies decoded or captured up to their footer.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use super::{ErrorKind, Event, Result, SectionInfo, StreamError};
@@ -43,6 +43,8 @@ pub struct StreamReader<R> {
     f: QemuFileReader<R>,
     state: State,
     sections: HashMap<u32, SectionInfo>,
+    /// Id of the RAM section (spares a map lookup per RAM record).
+    ram_section: Option<u32>,
     last_section: Option<u32>,
     ram: RamReader,
     page_size_known: bool,
@@ -50,6 +52,26 @@ pub struct StreamReader<R> {
     page: Vec<u8>,
     page_valid: bool,
     decoders: HashMap<(String, u32), Decoder>,
+    /// Moves the source forward without reading (set for seekable sources).
+    seek_forward: Option<fn(&mut R, u64) -> io::Result<()>>,
+}
+
+/// Seeks `src` forward by `n` bytes.
+fn seek_forward<R: Seek>(src: &mut R, n: u64) -> io::Result<()> {
+    let n = i64::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    src.seek(SeekFrom::Current(n)).map(drop)
+}
+
+impl<R: Read + Seek> StreamReader<R> {
+    /// A reader over a seekable source, positioned at its current offset (the stream's
+    /// start): page bodies nobody asks for are seeked over instead of read. A source whose
+    /// forward seek past its end fails with [`io::ErrorKind::UnexpectedEof`] reports a
+    /// truncated stream where it happens.
+    pub fn new_seekable(src: R) -> Self {
+        let mut r = Self::new(src);
+        r.seek_forward = Some(seek_forward::<R>);
+        r
+    }
 }
 
 impl<R: Read> StreamReader<R> {
@@ -64,6 +86,7 @@ impl<R: Read> StreamReader<R> {
             f,
             state: State::Header,
             sections: HashMap::new(),
+            ram_section: None,
             last_section: None,
             // 4 KiB until the stream says otherwise.
             ram: RamReader::default(),
@@ -72,6 +95,7 @@ impl<R: Read> StreamReader<R> {
             page: Vec::new(),
             page_valid: false,
             decoders: HashMap::new(),
+            seek_forward: None,
         }
     }
 
@@ -175,7 +199,11 @@ impl<R: Read> StreamReader<R> {
     pub fn next_event(&mut self) -> Result<Event> {
         if self.pending_page > 0 {
             let n = self.pending_page;
-            self.f.skip(n).map_err(|e| self.err(e.into()))?;
+            let r = match self.seek_forward {
+                Some(seek) => self.f.skip_with(n, seek),
+                None => self.f.skip(n),
+            };
+            r.map_err(|e| self.err(e.into()))?;
             self.pending_page = 0;
         }
         self.page_valid = false;
@@ -229,6 +257,11 @@ impl<R: Read> StreamReader<R> {
                     instance_id,
                     version_id,
                 };
+                if info.is_ram() {
+                    self.ram_section = Some(section_id);
+                } else if self.ram_section == Some(section_id) {
+                    self.ram_section = None;
+                }
                 self.sections.insert(section_id, info.clone());
                 self.last_section = Some(section_id);
                 self.state = State::Body(section_id);
@@ -320,13 +353,14 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn read_body(&mut self, id: u32) -> Result<Event> {
-        let info = self
-            .sections
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| self.err(ErrorKind::UnknownSectionId(id)))?;
+        let is_ram = self.ram_section == Some(id)
+            || self
+                .sections
+                .get(&id)
+                .map(SectionInfo::is_ram)
+                .ok_or_else(|| self.err(ErrorKind::UnknownSectionId(id)))?;
         let offset = self.f.position();
-        if info.is_ram() {
+        if is_ram {
             let record = self
                 .ram
                 .read_record(&mut self.f)
@@ -343,6 +377,11 @@ impl<R: Read> StreamReader<R> {
             return Ok(Event::Ram { offset, record });
         }
         self.state = State::Top;
+        let info = self
+            .sections
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| self.err(ErrorKind::UnknownSectionId(id)))?;
         let key = (info.idstr.clone(), info.instance_id);
         if let Some(dec) = self.decoders.get(&key).cloned() {
             let version = if dec.check_version {

@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{Map, Value as Json};
 
+use super::configuration::configuration_capabilities;
 use super::protocol::SectionType;
 use super::ram::RamRecord;
 use super::stream::{configuration_name, decode_body, Event, StreamError, StreamReader};
@@ -75,6 +76,10 @@ pub struct BlockStats {
     pub pages: u64,
     /// Pages sent as zero/fill pages.
     pub zero_pages: u64,
+    /// Of `pages`, those sent LZ4-compressed (vmsnap's opt-in `x-vmsnap-lz4`).
+    pub lz4_pages: u64,
+    /// Compressed bytes of those pages.
+    pub lz4_bytes: u64,
 }
 
 /// A decoded device section.
@@ -95,6 +100,8 @@ pub struct DeviceRow {
 pub struct Analysis {
     /// Machine name from the configuration section.
     pub machine: Option<String>,
+    /// Capabilities the configuration section announces.
+    pub capabilities: Vec<String>,
     /// Target page size used for RAM.
     pub page_size: u64,
     /// Section table in stream order.
@@ -242,6 +249,7 @@ pub fn analyze_stream<R: Read>(
                     size: r.position() - offset,
                 });
                 a.machine = Some(name);
+                a.capabilities = configuration_capabilities(&value);
             }
             Event::Section { offset, kind, info } => {
                 current_id = info.section_id;
@@ -320,6 +328,10 @@ pub fn analyze_stream<R: Read>(
                     RamRecord::Page { block, addr, .. } => {
                         if let Some((_, st)) = a.ram_blocks.iter_mut().find(|(n, _)| n == &block) {
                             st.pages += 1;
+                            if let Some(len) = r.page_compressed_len() {
+                                st.lz4_pages += 1;
+                                st.lz4_bytes += len;
+                            }
                         }
                         if memory.is_some() || extractor.is_some() {
                             let data = match r.page_data() {

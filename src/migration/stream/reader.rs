@@ -10,7 +10,7 @@ use crate::migration::protocol::{
     CommandKind, SectionType, FILE_MAGIC, FILE_VERSION, FILE_VERSION_COMPAT, RAM_VERSION,
 };
 use crate::migration::qemu_file::{QemuFileError, QemuFileReader};
-use crate::migration::ram::{infer_page_size, RamReader, RamRecord};
+use crate::migration::ram::{infer_page_size, RamError, RamReader, RamRecord, LZ4_CAPABILITY};
 use crate::migration::value::Value;
 use crate::migration::vmdesc::{VmDesc, MAX_VMDESC_BYTES};
 use crate::migration::vmstate::VMStateDescription;
@@ -49,6 +49,9 @@ pub struct StreamReader<R> {
     ram: RamReader,
     page_size_known: bool,
     pending_page: u64,
+    /// The pending page body is LZ4 data (`pending_page` compressed bytes).
+    pending_lz4: bool,
+    packed: Vec<u8>,
     page: Vec<u8>,
     page_valid: bool,
     decoders: HashMap<(String, u32), Decoder>,
@@ -92,6 +95,8 @@ impl<R: Read> StreamReader<R> {
             ram: RamReader::default(),
             page_size_known: false,
             pending_page: 0,
+            pending_lz4: false,
+            packed: Vec::new(),
             page: Vec::new(),
             page_valid: false,
             decoders: HashMap::new(),
@@ -163,36 +168,77 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    /// The data of the page announced by the last `Ram` event.
+    /// The data of the page announced by the last `Ram` event (decompressed if it was sent
+    /// as LZ4).
     pub fn page_data(&mut self) -> Result<&[u8]> {
         if !self.page_valid {
-            let n = self.pending_page as usize;
-            self.page.resize(n, 0);
-            self.f.read_exact(&mut self.page).map_err(|e| StreamError {
-                offset: self.f.position(),
-                section: self.current_section().map(SectionInfo::label),
-                kind: Box::new(e.into()),
-            })?;
-            self.pending_page = 0;
+            let mut page = std::mem::take(&mut self.page);
+            page.resize(self.ram.page_size() as usize, 0);
+            let r = self.read_pending_into(&mut page);
+            self.page = page;
+            r?;
             self.page_valid = true;
         }
         Ok(&self.page)
     }
 
-    /// Reads the pending page straight into `dst` (which must be one page long).
+    /// Reads the pending page straight into `dst` (which must be one page long; LZ4 pages are
+    /// decompressed into it).
     pub fn read_page_into(&mut self, dst: &mut [u8]) -> Result<()> {
         if self.page_valid {
             let n = dst.len().min(self.page.len());
             dst[..n].copy_from_slice(&self.page[..n]);
             return Ok(());
         }
-        let want = self.pending_page as usize;
-        let n = dst.len().min(want);
+        if self.pending_lz4 && dst.len() as u64 != self.ram.page_size() {
+            self.page_data()?;
+            let n = dst.len().min(self.page.len());
+            dst[..n].copy_from_slice(&self.page[..n]);
+            return Ok(());
+        }
+        self.read_pending_into(dst)
+    }
+
+    /// For the page announced by the last `Ram` event: `Some(len)` when it was sent as `len`
+    /// bytes of LZ4 data (vmsnap's opt-in compression).
+    pub fn page_compressed_len(&self) -> Option<u64> {
+        self.ram.compressed_len().map(|n| n as u64)
+    }
+
+    /// Consumes the pending page body into `dst`: raw bytes, or LZ4 data decompressed into a
+    /// `dst` of exactly one page.
+    fn read_pending_into(&mut self, dst: &mut [u8]) -> Result<()> {
+        if !self.pending_lz4 {
+            let n = dst.len().min(self.pending_page as usize);
+            self.f
+                .read_exact(&mut dst[..n])
+                .map_err(|e| self.err(e.into()))?;
+            self.pending_page -= n as u64;
+            return Ok(());
+        }
+        let at = self.f.position();
+        let len = self.pending_page as usize;
+        self.packed.resize(len, 0);
         self.f
-            .read_exact(&mut dst[..n])
+            .read_exact(&mut self.packed)
             .map_err(|e| self.err(e.into()))?;
-        self.pending_page -= n as u64;
-        Ok(())
+        self.pending_page = 0;
+        self.pending_lz4 = false;
+        let page_size = self.ram.page_size();
+        let reason = match lz4_flex::block::decompress_into(&self.packed, dst) {
+            Ok(n) if n as u64 == page_size => return Ok(()),
+            Ok(n) => format!("it gives {n:#x} bytes"),
+            Err(e) => e.to_string(),
+        };
+        Err(self.err_at(
+            at,
+            ErrorKind::Ram(RamError::Lz4Decode {
+                offset: at,
+                len,
+                page_size,
+                reason,
+            }),
+        ))
     }
 
     /// Reads the next record.
@@ -206,6 +252,7 @@ impl<R: Read> StreamReader<R> {
             r.map_err(|e| self.err(e.into()))?;
             self.pending_page = 0;
         }
+        self.pending_lz4 = false;
         self.page_valid = false;
         match self.state {
             State::Header => self.read_header(),
@@ -341,13 +388,12 @@ impl<R: Read> StreamReader<R> {
             .get("configuration/capabilities")
             .and_then(|v| v.get("capabilities"));
         if let Some(Value::Array(caps)) = caps {
-            let ignore_shared = caps
-                .iter()
-                .any(|c| c.as_bytes() == Some(b"x-ignore-shared".as_slice()));
-            if ignore_shared {
+            let has = |name: &str| caps.iter().any(|c| c.as_bytes() == Some(name.as_bytes()));
+            if has("x-ignore-shared") {
                 let ps = self.ram.page_size();
                 self.ram = RamReader::new(ps, true).map_err(|e| self.err(e.into()))?;
             }
+            self.ram.set_lz4(has(LZ4_CAPABILITY));
         }
         Ok(())
     }
@@ -370,7 +416,13 @@ impl<R: Read> StreamReader<R> {
                     let ps = infer_page_size(blocks);
                     self.ram.set_page_size(ps).map_err(|e| self.err(e.into()))?;
                 }
-                RamRecord::Page { .. } => self.pending_page = self.ram.page_size(),
+                RamRecord::Page { .. } => match self.ram.compressed_len() {
+                    Some(len) => {
+                        self.pending_page = len as u64;
+                        self.pending_lz4 = true;
+                    }
+                    None => self.pending_page = self.ram.page_size(),
+                },
                 RamRecord::Eos => self.state = State::Top,
                 _ => {}
             }

@@ -191,6 +191,43 @@ pub enum RamRecord {
     Eos,
 }
 
+/// A RAM record as [`RamReader::read_header`] returns it: like [`RamRecord`], but the block
+/// is an index into [`RamReader::blocks`] and the block list stays in the reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamHeader {
+    /// The block list (now in [`RamReader::blocks`]).
+    MemSize {
+        /// Total RAM bytes.
+        total: u64,
+        /// Extra flag bits sent with MEM_SIZE (normally 0).
+        flags: u64,
+    },
+    /// A page filled with one byte.
+    Zero {
+        /// Block index.
+        block: usize,
+        /// Whether the block name was omitted (CONTINUE).
+        cont: bool,
+        /// Page offset in the block.
+        addr: u64,
+        /// Fill byte.
+        fill: u8,
+    },
+    /// A page whose data follows (raw, or LZ4: [`RamReader::compressed_len`]).
+    Page {
+        /// Block index.
+        block: usize,
+        /// Whether the block name was omitted (CONTINUE).
+        cont: bool,
+        /// Page offset in the block.
+        addr: u64,
+    },
+    /// Multifd flush marker.
+    MultifdFlush,
+    /// End of this part of the section.
+    Eos,
+}
+
 /// Decodes RAM records; remembers the block list and the last block named.
 #[derive(Debug, Clone)]
 pub struct RamReader {
@@ -268,6 +305,48 @@ impl RamReader {
     /// when [`Self::compressed_len`] says so, that many bytes of LZ4 data) and must be
     /// consumed by the caller before the next call.
     pub fn read_record<R: Read>(&mut self, f: &mut QemuFileReader<R>) -> Result<RamRecord> {
+        let h = self.read_header(f)?;
+        Ok(self.record(h))
+    }
+
+    /// The owned record of a header just read (block names and the block list copied).
+    pub fn record(&self, h: RamHeader) -> RamRecord {
+        let name = |b: usize| {
+            self.blocks
+                .get(b)
+                .map(|i| i.idstr.clone())
+                .unwrap_or_default()
+        };
+        match h {
+            RamHeader::MemSize { total, flags } => RamRecord::MemSize {
+                total,
+                flags,
+                blocks: self.blocks.clone(),
+            },
+            RamHeader::Zero {
+                block,
+                cont,
+                addr,
+                fill,
+            } => RamRecord::Zero {
+                block: name(block),
+                cont,
+                addr,
+                fill,
+            },
+            RamHeader::Page { block, cont, addr } => RamRecord::Page {
+                block: name(block),
+                cont,
+                addr,
+            },
+            RamHeader::MultifdFlush => RamRecord::MultifdFlush,
+            RamHeader::Eos => RamRecord::Eos,
+        }
+    }
+
+    /// [`Self::read_record`] without copying names: the block is an index into
+    /// [`Self::blocks`] (for readers that go through millions of pages).
+    pub fn read_header<R: Read>(&mut self, f: &mut QemuFileReader<R>) -> Result<RamHeader> {
         self.compressed = None;
         let offset = f.position();
         let word = f.get_be64()?;
@@ -275,18 +354,14 @@ impl RamReader {
         // whatever the page size.
         let flags = word & 0x3ff;
         let addr = word & !0x3ff;
-        let named = |flags: u64| {
-            if flags & fl::XBZRLE != 0 {
-                Some("XBZRLE")
+        if flags & (fl::XBZRLE | fl::COMPRESS_PAGE | fl::HOOK) != 0 {
+            let name = if flags & fl::XBZRLE != 0 {
+                "XBZRLE"
             } else if flags & fl::COMPRESS_PAGE != 0 {
-                Some("COMPRESS_PAGE (the removed compress capability)")
-            } else if flags & fl::HOOK != 0 {
-                Some("HOOK (RDMA)")
+                "COMPRESS_PAGE (the removed compress capability)"
             } else {
-                None
-            }
-        };
-        if let Some(name) = named(flags) {
+                "HOOK (RDMA)"
+            };
             return Err(RamError::Unsupported {
                 offset,
                 name,
@@ -300,13 +375,11 @@ impl RamReader {
             return Err(RamError::UnknownFlags { offset, flags });
         }
         if flags & fl::MEM_SIZE != 0 {
-            let blocks = self.read_block_list(f, addr)?;
-            self.blocks = blocks.clone();
+            self.blocks = self.read_block_list(f, addr)?;
             self.last_block = None;
-            return Ok(RamRecord::MemSize {
+            return Ok(RamHeader::MemSize {
                 total: addr,
                 flags: flags & !fl::MEM_SIZE,
-                blocks,
             });
         }
         let cont = flags & fl::CONTINUE != 0;
@@ -326,32 +399,30 @@ impl RamReader {
                         len: info.used_length,
                     });
                 }
-                let block = info.idstr.clone();
                 if kind == fl::ZERO {
                     let fill = f.get_u8()?;
-                    Ok(RamRecord::Zero {
+                    return Ok(RamHeader::Zero {
                         block,
                         cont,
                         addr,
                         fill,
-                    })
-                } else {
-                    if kind == RAM_SAVE_FLAG_LZ4 {
-                        let len = f.get_be16()?;
-                        if len == 0 || u64::from(len) >= self.page_size {
-                            return Err(RamError::BadCompressedLength {
-                                offset,
-                                len: u64::from(len),
-                                page_size: self.page_size,
-                            });
-                        }
-                        self.compressed = Some(usize::from(len));
-                    }
-                    Ok(RamRecord::Page { block, cont, addr })
+                    });
                 }
+                if kind == RAM_SAVE_FLAG_LZ4 {
+                    let len = f.get_be16()?;
+                    if len == 0 || u64::from(len) >= self.page_size {
+                        return Err(RamError::BadCompressedLength {
+                            offset,
+                            len: u64::from(len),
+                            page_size: self.page_size,
+                        });
+                    }
+                    self.compressed = Some(usize::from(len));
+                }
+                Ok(RamHeader::Page { block, cont, addr })
             }
-            fl::EOS if !cont && addr == 0 => Ok(RamRecord::Eos),
-            fl::MULTIFD_FLUSH if !cont && addr == 0 => Ok(RamRecord::MultifdFlush),
+            fl::EOS if !cont && addr == 0 => Ok(RamHeader::Eos),
+            fl::MULTIFD_FLUSH if !cont && addr == 0 => Ok(RamHeader::MultifdFlush),
             _ => Err(RamError::UnknownFlags { offset, flags }),
         }
     }

@@ -4,13 +4,15 @@ use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
 
-use super::{ErrorKind, Event, Result, SectionInfo, StreamError};
+use super::{ErrorKind, Event, Item, Result, SectionInfo, StreamError};
 use crate::migration::configuration::configuration_vmsd;
 use crate::migration::protocol::{
     CommandKind, SectionType, FILE_MAGIC, FILE_VERSION, FILE_VERSION_COMPAT, RAM_VERSION,
 };
 use crate::migration::qemu_file::{QemuFileError, QemuFileReader};
-use crate::migration::ram::{infer_page_size, RamError, RamReader, RamRecord, LZ4_CAPABILITY};
+use crate::migration::ram::{
+    infer_page_size, RamBlockInfo, RamError, RamHeader, RamReader, LZ4_CAPABILITY,
+};
 use crate::migration::value::Value;
 use crate::migration::vmdesc::{VmDesc, MAX_VMDESC_BYTES};
 use crate::migration::vmstate::VMStateDescription;
@@ -243,6 +245,19 @@ impl<R: Read> StreamReader<R> {
 
     /// Reads the next record.
     pub fn next_event(&mut self) -> Result<Event> {
+        Ok(match self.next_item()? {
+            Item::Ram { offset, header } => Event::Ram {
+                offset,
+                record: self.ram.record(header),
+            },
+            Item::Other(ev) => ev,
+        })
+    }
+
+    /// Reads the next record like [`Self::next_event`], but gives RAM records as
+    /// [`RamHeader`]s (block names by index into [`Self::ram_blocks`], nothing allocated):
+    /// the inspector's way through millions of pages.
+    pub fn next_item(&mut self) -> Result<Item> {
         if self.pending_page > 0 {
             let n = self.pending_page;
             let r = match self.seek_forward {
@@ -254,13 +269,20 @@ impl<R: Read> StreamReader<R> {
         }
         self.pending_lz4 = false;
         self.page_valid = false;
-        match self.state {
+        let ev = match self.state {
             State::Header => self.read_header(),
             State::Top => self.read_top(),
+            State::Body(id) if self.ram_section == Some(id) => return self.read_ram(),
             State::Body(id) => self.read_body(id),
             State::AfterEof => self.read_after_eof(),
             State::Done => Ok(Event::End),
-        }
+        };
+        ev.map(Item::Other)
+    }
+
+    /// RAM blocks announced by the stream so far (what [`RamHeader`] block indices refer to).
+    pub fn ram_blocks(&self) -> &[RamBlockInfo] {
+        self.ram.blocks()
     }
 
     fn read_header(&mut self) -> Result<Event> {
@@ -398,36 +420,34 @@ impl<R: Read> StreamReader<R> {
         Ok(())
     }
 
-    fn read_body(&mut self, id: u32) -> Result<Event> {
-        let is_ram = self.ram_section == Some(id)
-            || self
-                .sections
-                .get(&id)
-                .map(SectionInfo::is_ram)
-                .ok_or_else(|| self.err(ErrorKind::UnknownSectionId(id)))?;
+    /// One record of the RAM section.
+    fn read_ram(&mut self) -> Result<Item> {
         let offset = self.f.position();
-        if is_ram {
-            let record = self
-                .ram
-                .read_record(&mut self.f)
-                .map_err(|e| self.err_at(offset, e.into()))?;
-            match &record {
-                RamRecord::MemSize { blocks, .. } if !self.page_size_known => {
-                    let ps = infer_page_size(blocks);
-                    self.ram.set_page_size(ps).map_err(|e| self.err(e.into()))?;
-                }
-                RamRecord::Page { .. } => match self.ram.compressed_len() {
-                    Some(len) => {
-                        self.pending_page = len as u64;
-                        self.pending_lz4 = true;
-                    }
-                    None => self.pending_page = self.ram.page_size(),
-                },
-                RamRecord::Eos => self.state = State::Top,
-                _ => {}
+        let header = self
+            .ram
+            .read_header(&mut self.f)
+            .map_err(|e| self.err_at(offset, e.into()))?;
+        match header {
+            RamHeader::MemSize { .. } if !self.page_size_known => {
+                let ps = infer_page_size(self.ram.blocks());
+                self.ram.set_page_size(ps).map_err(|e| self.err(e.into()))?;
             }
-            return Ok(Event::Ram { offset, record });
+            RamHeader::Page { .. } => match self.ram.compressed_len() {
+                Some(len) => {
+                    self.pending_page = len as u64;
+                    self.pending_lz4 = true;
+                }
+                None => self.pending_page = self.ram.page_size(),
+            },
+            RamHeader::Eos => self.state = State::Top,
+            _ => {}
         }
+        Ok(Item::Ram { offset, header })
+    }
+
+    /// A device body (anything but RAM).
+    fn read_body(&mut self, id: u32) -> Result<Event> {
+        let offset = self.f.position();
         self.state = State::Top;
         let info = self
             .sections

@@ -72,6 +72,10 @@ impl<R: Read + Seek> StreamReader<R> {
     /// start): page bodies nobody asks for are seeked over instead of read. A source whose
     /// forward seek past its end fails with [`io::ErrorKind::UnexpectedEof`] reports a
     /// truncated stream where it happens.
+    ///
+    /// This pays only when the source's reads return little at a time (the inspector's
+    /// mapped file returns ≤ 64 bytes per read): after each seek the reader refills its buffer
+    /// with one `read`, and a plain `File` would then read 64 KiB to use 9 bytes.
     pub fn new_seekable(src: R) -> Self {
         let mut r = Self::new(src);
         r.seek_forward = Some(seek_forward::<R>);

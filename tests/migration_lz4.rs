@@ -245,6 +245,24 @@ fn readers_that_were_not_told_fail_cleanly() {
 }
 
 #[test]
+fn load_state_refuses_capabilities_it_cannot_honour() {
+    let ram = typical_ram();
+    let mut mem = RamState::for_save(vec![("pc.ram".into(), &ram[..])], PAGE as u64);
+    let mut dev = Dev(Value::structure([("v", Value::u32(7))]));
+    let mut reg = Registry::new("pc-test");
+    reg.add_capability("mapped-ram");
+    reg.add_capability("mapped-ram");
+    assert_eq!(reg.capabilities(), ["mapped-ram"]);
+    reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut mem);
+    reg.register_device("dev", 0, vmsd(), &mut dev);
+    let mut out = Vec::new();
+    save_state(&mut reg, &mut out).unwrap();
+    let e = load(&out, ram.len()).unwrap_err();
+    assert!(e.contains("Received unknown capability mapped-ram"), "{e}");
+    assert!(e.contains("at stream offset 0x8"), "{e}");
+}
+
+#[test]
 fn qemu_refuses_the_capability_before_any_page() {
     if !common::require(
         "qemu_refuses_the_capability_before_any_page",

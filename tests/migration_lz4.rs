@@ -335,3 +335,45 @@ fn damaged_lz4_pages_are_errors_not_panics() {
     let e = load(&bad, ram.len()).unwrap_err();
     assert!(e.contains("does not decompress"), "{e}");
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A page from a few runs of repeated bytes and literal noise: compressible or not.
+    fn page() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec((any::<u8>(), 1usize..600, any::<bool>()), 1..20).prop_map(
+            |runs| {
+                let mut p = Vec::with_capacity(PAGE);
+                let mut x = 0x1234_5678u32;
+                for (b, n, noisy) in runs {
+                    for _ in 0..n {
+                        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        p.push(if noisy { (x >> 24) as u8 } else { b });
+                    }
+                }
+                p.resize(PAGE, 0);
+                p
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_ram_round_trips_with_lz4(pages in proptest::collection::vec(page(), 1..12)) {
+            let ram = pages.concat();
+            let plain = save(&ram, false);
+            let packed = save(&ram, true);
+            prop_assert!(packed.len() <= plain.len() + 64);
+            prop_assert_eq!(load(&packed, ram.len()).unwrap(), ram);
+            let model = StreamModel::decode(&packed[..]).unwrap();
+            prop_assert_eq!(model.encode(Vec::new()).unwrap(), packed);
+        }
+    }
+}

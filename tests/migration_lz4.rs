@@ -245,6 +245,24 @@ fn readers_that_were_not_told_fail_cleanly() {
 }
 
 #[test]
+fn load_state_refuses_capabilities_it_cannot_honour() {
+    let ram = typical_ram();
+    let mut mem = RamState::for_save(vec![("pc.ram".into(), &ram[..])], PAGE as u64);
+    let mut dev = Dev(Value::structure([("v", Value::u32(7))]));
+    let mut reg = Registry::new("pc-test");
+    reg.add_capability("mapped-ram");
+    reg.add_capability("mapped-ram");
+    assert_eq!(reg.capabilities(), ["mapped-ram"]);
+    reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut mem);
+    reg.register_device("dev", 0, vmsd(), &mut dev);
+    let mut out = Vec::new();
+    save_state(&mut reg, &mut out).unwrap();
+    let e = load(&out, ram.len()).unwrap_err();
+    assert!(e.contains("Received unknown capability mapped-ram"), "{e}");
+    assert!(e.contains("at stream offset 0x8"), "{e}");
+}
+
+#[test]
 fn qemu_refuses_the_capability_before_any_page() {
     if !common::require(
         "qemu_refuses_the_capability_before_any_page",
@@ -316,4 +334,46 @@ fn damaged_lz4_pages_are_errors_not_panics() {
     bad[len_at..len_at + 2].copy_from_slice(&(n - 1).to_be_bytes());
     let e = load(&bad, ram.len()).unwrap_err();
     assert!(e.contains("does not decompress"), "{e}");
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A page from a few runs of repeated bytes and literal noise: compressible or not.
+    fn page() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec((any::<u8>(), 1usize..600, any::<bool>()), 1..20).prop_map(
+            |runs| {
+                let mut p = Vec::with_capacity(PAGE);
+                let mut x = 0x1234_5678u32;
+                for (b, n, noisy) in runs {
+                    for _ in 0..n {
+                        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        p.push(if noisy { (x >> 24) as u8 } else { b });
+                    }
+                }
+                p.resize(PAGE, 0);
+                p
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_ram_round_trips_with_lz4(pages in proptest::collection::vec(page(), 1..12)) {
+            let ram = pages.concat();
+            let plain = save(&ram, false);
+            let packed = save(&ram, true);
+            prop_assert!(packed.len() <= plain.len() + 64);
+            prop_assert_eq!(load(&packed, ram.len()).unwrap(), ram);
+            let model = StreamModel::decode(&packed[..]).unwrap();
+            prop_assert_eq!(model.encode(Vec::new()).unwrap(), packed);
+        }
+    }
 }

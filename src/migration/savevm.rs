@@ -50,7 +50,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value as Json};
 
-use super::configuration::configuration_value_with_capabilities;
+use super::configuration::{configuration_capabilities, configuration_value_with_capabilities};
 use super::protocol::SectionType;
 use super::qemu_file::QemuFileWriter;
 use super::stream::{
@@ -343,6 +343,25 @@ impl<'r, 'a, 'w> SaveSession<'r, 'a, 'w> {
     }
 }
 
+/// Capabilities a stream may announce and still be loaded: QEMU's `x-ignore-shared` (the
+/// block list carries addresses; shared blocks are simply not sent) and vmsnap's LZ4 pages.
+const LOADABLE_CAPABILITIES: &[&str] = &["x-ignore-shared", super::ram::LZ4_CAPABILITY];
+
+/// Refuses a stream announcing a capability we cannot honour, as QEMU does ("Received unknown
+/// capability"): it changes the format of what follows.
+fn check_capabilities(value: &Value, offset: u64) -> Result<()> {
+    for cap in configuration_capabilities(value) {
+        if !LOADABLE_CAPABILITIES.contains(&cap.as_str()) {
+            return Err(StreamError {
+                offset,
+                section: None,
+                kind: Box::new(ErrorKind::UnknownCapability(cap)),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Reads a stream into the registered entries (QEMU's `qemu_loadvm_state`).
 pub fn load_state(reg: &mut Registry<'_>, input: &mut dyn Read) -> Result<()> {
     let mut r: Source<'_> = StreamReader::new(input);
@@ -375,6 +394,7 @@ pub fn load_state(reg: &mut Registry<'_>, input: &mut dyn Read) -> Result<()> {
                         }),
                     });
                 }
+                check_capabilities(&value, offset)?;
             }
             Event::Section { offset, kind, info } => {
                 let Some(e) = reg

@@ -110,6 +110,9 @@ pub enum ErrorKind {
         /// The stream's.
         found: String,
     },
+    /// The configuration announces a capability the loader cannot honour (loader).
+    #[error("Received unknown capability {0}")]
+    UnknownCapability(String),
     /// A save/load handler refused the state or failed.
     #[error("section '{idstr}': {message}")]
     Handler {

@@ -485,7 +485,25 @@ fn a_partial_stream_never_starts_a_guest() {
     );
     src.wait_ticks(3);
     src.ok(&format!("migrate file:{}", stream.display()));
+    // The source's disks are the destination's now.
+    assert!(src.cmd("savevm s1").0.contains("inactive"));
     src.quit();
+
+    // A destination still waiting refuses to migrate or save, and quits cleanly.
+    let sock = dir.path().join("never.sock");
+    let mut waiting = Vmm::start(
+        dir.path(),
+        &img,
+        Opts {
+            name: "waiting",
+            memory: "16M",
+            incoming: Some(&format!("unix:{}", sock.display())),
+            prefix: &[],
+        },
+    );
+    assert!(waiting.cmd("migrate file:/dev/null").0.starts_with("Error"));
+    assert!(waiting.cmd("savevm s1").0.contains("Error"));
+    waiting.quit();
     let data = std::fs::read(&stream).unwrap();
     std::fs::write(&stream, &data[..data.len() - 200]).unwrap();
     let serial = dir.path().join("cut.txt");

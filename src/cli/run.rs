@@ -196,6 +196,10 @@ pub struct RunArgs {
     /// Guest RAM (e.g. 64M, 1G; a bare number is MiB).
     #[arg(long, short = 'm', default_value = "64M")]
     pub memory: MemSize,
+    /// Fill guest RAM from this file before the guest image is loaded (the file must be
+    /// exactly the RAM size; a private copy, like QEMU's `memory-backend-file,share=off`).
+    #[arg(long, value_name = "FILE")]
+    pub mem_path: Option<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub smp: usize,
@@ -205,6 +209,10 @@ pub struct RunArgs {
     /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
     #[arg(long)]
     pub monitor: Option<MonitorSpec>,
+    /// Make the counter guest dirty this many MiB of RAM per second (0 = off). A restored
+    /// state (--loadvm) brings its own setting.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub dirty_rate: u64,
     /// Wait for a live migration stream (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH),
     /// load it and run the guest from there. The drives are the source's (shared storage):
     /// they are opened without locks until the stream is loaded.
@@ -241,14 +249,19 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         SerialSpec::File(p) => SerialOut::File(p.clone()),
         SerialSpec::None => SerialOut::Sink,
     };
-    let mut vm = Vm::new(VmConfig {
+    let config = VmConfig {
         mem_size: args.memory.0,
         vcpus: args.smp,
         drives,
         serial,
         guest: args.guest,
-    })?;
+    };
+    let mut vm = Vm::new_with_ram_file(config, args.mem_path.as_deref())?;
     vm.set_captured_drives(captured);
+    if args.dirty_rate != 0 {
+        crate::vmm::guest::counter::set_dirty_rate(vm.guest_memory(), args.dirty_rate)
+            .map_err(VmError::from)?;
+    }
     termination::install().map_err(|source| RunError::Monitor {
         what: "installing the SIGINT/SIGTERM handler",
         source,

@@ -118,6 +118,16 @@ fn io_err(
     }
 }
 
+/// Bytes the source may have in flight in its socket's send buffer. The kernel's default
+/// grows to several MiB on loopback; whatever is in flight when the guest stops is waited
+/// for inside the downtime, so keep it to a few milliseconds' worth.
+const SEND_BUFFER: usize = 1 << 20;
+
+fn limit_send_buffer(s: &impl std::os::fd::AsFd) {
+    // Only a tuning: the default buffer works too.
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER);
+}
+
 fn sh(cmd: &str) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c").arg(cmd);
@@ -178,6 +188,7 @@ impl Outgoing {
                 let s = TcpStream::connect((host.as_str(), *port))
                     .map_err(io_err("Failed to connect to", uri))?;
                 let _ = s.set_nodelay(true);
+                limit_send_buffer(&s);
                 let s = Arc::new(s);
                 Ok(Outgoing {
                     w: Writer::Tcp(Arc::clone(&s)),

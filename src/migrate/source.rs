@@ -62,6 +62,11 @@ pub trait Observer {
     fn cancelled(&self) -> bool;
     /// The channel is open: `aborter` interrupts it.
     fn channel_open(&self, aborter: Aborter);
+    /// The parameters now (`migrate_set_parameter` may change max-bandwidth and
+    /// downtime-limit while the migration runs, as in QEMU).
+    fn parameters(&self) -> Option<Parameters> {
+        None
+    }
 }
 
 /// What to migrate where.
@@ -183,7 +188,7 @@ fn run(
     for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
         reg.register_device(idstr, *inst, vmsd.clone(), slot);
     }
-    let params = &job.params;
+    let mut params = job.params.clone();
     let mut session = SaveSession::begin(&mut reg, &mut out)?;
     let setup_ms = ms(start.elapsed());
 
@@ -208,7 +213,7 @@ fn run(
             expected_downtime_ms: Some(
                 meter
                     .expected_ms(r.pending_bytes())
-                    .unwrap_or(params.downtime_limit_ms),
+                    .unwrap_or(job.params.downtime_limit_ms),
             ),
             setup_ms: Some(setup_ms),
             ram: Some(RamInfo {
@@ -238,6 +243,12 @@ fn run(
         }
         let now = Instant::now();
         let pos = session.position();
+        if let Some(p) = obs.parameters().filter(|p| *p != params) {
+            if p.max_bandwidth != params.max_bandwidth {
+                limiter = RateLimiter::new(p.max_bandwidth, now, pos);
+            }
+            params = p;
+        }
         let sent_pages = {
             let c = ram.borrow().counters;
             c.normal_pages + c.zero_pages

@@ -242,6 +242,7 @@ impl Migrator {
                     st.info.total_time_ms = total;
                 }
                 Err(e) => {
+                    st.inactive = matches!(e, MigrateError::Reactivate { .. });
                     st.info.status = Status::Failed(e.to_string());
                     st.info.total_time_ms = total;
                     st.info.expected_downtime_ms = None;

@@ -202,7 +202,8 @@ impl DirtyPeriod {
 /// round still shrinks the remainder markedly, and stop once it would take less than
 /// `settle_ms` to send (or stops shrinking, or after `max_settle_rounds` rounds): the
 /// remainder of a guest that dirties slower than we send gets small fast, and the
-/// downtime with it.
+/// downtime with it. A round is one dirty set sent whole: while [`StopRule::settling`],
+/// the caller syncs again only once the remainder is sent.
 #[derive(Debug, Clone)]
 pub struct StopRule {
     /// Downtime aimed at once within the limit, ms.

@@ -309,6 +309,12 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         };
         done.store(true, Ordering::SeqCst);
         mig.shutdown();
+        if r.is_ok() && vm.pause_reason() == Some("inmigrate") {
+            // Quit before the stream was in: the receiving thread may be blocked in
+            // accept or read, and the drives were never opened writable.
+            eprintln!("vmsnap: quitting before the incoming migration completed");
+            std::process::exit(0);
+        }
         r
     });
     let flushed = stop_and_flush(cx);
@@ -468,6 +474,9 @@ fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
 fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<String, String>> {
     let err = |e: migrate::CommandError| format!("Error: {e}");
     Some(match words {
+        ["migrate", ..] if cx.vm.pause_reason() == Some("inmigrate") => {
+            Err("Error: the guest is still being received (incoming migration)".to_string())
+        }
         ["migrate", ..] => {
             let rest = line.trim_start().strip_prefix("migrate").unwrap_or("");
             Ok(migrate_command(cx, rest))
@@ -511,8 +520,11 @@ fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<Stri
             }
             Err(e) => Err(err(e)),
         },
-        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.is_active() || cx.mig.drives_inactive() => {
+        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.is_active() => {
             Err(format!("Error: {}", migrate::CommandError::Busy))
+        }
+        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.drives_inactive() => {
+            Err(format!("Error: {}", migrate::CommandError::Inactive))
         }
         _ => return None,
     })

@@ -202,7 +202,8 @@ impl DirtyPeriod {
 /// round still shrinks the remainder markedly, and stop once it would take less than
 /// `settle_ms` to send (or stops shrinking, or after `max_settle_rounds` rounds): the
 /// remainder of a guest that dirties slower than we send gets small fast, and the
-/// downtime with it.
+/// downtime with it. A round is one dirty set sent whole: while [`StopRule::settling`],
+/// the caller syncs again only once the remainder is sent.
 #[derive(Debug, Clone)]
 pub struct StopRule {
     /// Downtime aimed at once within the limit, ms.
@@ -222,6 +223,12 @@ impl StopRule {
             last: None,
             rounds: 0,
         }
+    }
+
+    /// Whether the remainder fits the limit and the rule is waiting for it to settle
+    /// (the caller then syncs again only once the last dirty set is sent).
+    pub fn settling(&self) -> bool {
+        self.last.is_some()
     }
 
     /// Decides after a sync: `pending` dirty bytes, `meter` the bandwidth, `limit_ms` the
@@ -332,7 +339,9 @@ mod tests {
         m.update(t0 + Duration::from_millis(100), 100_000_000, 0); // 1 MB/ms
         assert!(!r.should_stop(400_000_000, &m, 300));
         // Fits 300 ms, still shrinking: go on.
+        assert!(!r.settling());
         assert!(!r.should_stop(200_000_000, &m, 300));
+        assert!(r.settling());
         assert!(!r.should_stop(100_000_000, &m, 300));
         // Stopped shrinking: stop.
         assert!(r.should_stop(95_000_000, &m, 300));

@@ -79,7 +79,7 @@ pub struct RamCounters {
     pub dirty_syncs: u64,
 }
 
-/// Longest a PART may take (QEMU's `MAX_WAIT`), checked every [`CHECK_EVERY`] pages, so
+/// Longest a PART may take (QEMU's `MAX_WAIT`), checked every 64 pages, so
 /// that the migration loop gets back to its clock, cancel flag and dirty log.
 pub const PART_TIME_LIMIT: Duration = Duration::from_millis(50);
 /// Pages sent between two looks at the clock.

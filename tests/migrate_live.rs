@@ -389,7 +389,38 @@ fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     };
     let mut src = Vmm::start(dir.path(), &img, opts("src", None));
     src.wait_ticks(5);
+
+    // A destination with another RAM size rejects the stream at its block list: it exits
+    // with the reason, the source reports the migration failed and runs on.
+    let mut small = Vmm::start(
+        dir.path(),
+        &img,
+        Opts {
+            memory: "32M",
+            ..opts("small", Some(&uri))
+        },
+    );
+    let (r, st) = src.cmd(&format!("migrate {uri}"));
+    assert!(r.starts_with("Error: "), "{r}");
+    assert_eq!(st, "running");
+    assert!(src
+        .ok("info migrate")
+        .contains("Migration status: failed ("));
+    let code = small.child.as_mut().unwrap().wait().unwrap();
+    assert_eq!(code.code(), Some(1));
+    assert!(
+        small.stderr().contains("Length mismatch"),
+        "{}",
+        small.stderr()
+    );
+    let n = *ticks_of(&src.serial_text()).last().unwrap();
+    src.wait_ticks(n + 3);
+
     let mut dst = Vmm::start(dir.path(), &img, opts("dst", Some(&uri)));
+    src.ok("migrate_set_capability auto-converge on");
+    assert!(src
+        .ok("info migrate_capabilities")
+        .contains("\nauto-converge: on\n"));
     src.ok("migrate_set_parameter max-bandwidth 64k");
     assert!(src
         .ok("info migrate_parameters")
@@ -398,6 +429,7 @@ fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     assert_eq!((r.as_str(), st.as_str()), ("", "running"));
     let info = src.wait_migration("active", 10);
     assert!(info.contains("expected downtime:"), "{info}");
+    assert!(info.contains("cpu throttle percentage:"), "{info}");
     std::thread::sleep(Duration::from_millis(300));
     let before = field(&src.ok("info migrate"), "transferred ram:");
     assert!(before > 0);
@@ -453,7 +485,25 @@ fn a_partial_stream_never_starts_a_guest() {
     );
     src.wait_ticks(3);
     src.ok(&format!("migrate file:{}", stream.display()));
+    // The source's disks are the destination's now.
+    assert!(src.cmd("savevm s1").0.contains("inactive"));
     src.quit();
+
+    // A destination still waiting refuses to migrate or save, and quits cleanly.
+    let sock = dir.path().join("never.sock");
+    let mut waiting = Vmm::start(
+        dir.path(),
+        &img,
+        Opts {
+            name: "waiting",
+            memory: "16M",
+            incoming: Some(&format!("unix:{}", sock.display())),
+            prefix: &[],
+        },
+    );
+    assert!(waiting.cmd("migrate file:/dev/null").0.starts_with("Error"));
+    assert!(waiting.cmd("savevm s1").0.contains("Error"));
+    waiting.quit();
     let data = std::fs::read(&stream).unwrap();
     std::fs::write(&stream, &data[..data.len() - 200]).unwrap();
     let serial = dir.path().join("cut.txt");

@@ -196,6 +196,10 @@ pub struct RunArgs {
     /// Guest RAM (e.g. 64M, 1G; a bare number is MiB).
     #[arg(long, short = 'm', default_value = "64M")]
     pub memory: MemSize,
+    /// Fill guest RAM from this file before the guest image is loaded (the file must be
+    /// exactly the RAM size; a private copy, like QEMU's `memory-backend-file,share=off`).
+    #[arg(long, value_name = "FILE")]
+    pub mem_path: Option<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub smp: usize,
@@ -245,13 +249,14 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         SerialSpec::File(p) => SerialOut::File(p.clone()),
         SerialSpec::None => SerialOut::Sink,
     };
-    let mut vm = Vm::new(VmConfig {
+    let config = VmConfig {
         mem_size: args.memory.0,
         vcpus: args.smp,
         drives,
         serial,
         guest: args.guest,
-    })?;
+    };
+    let mut vm = Vm::new_with_ram_file(config, args.mem_path.as_deref())?;
     vm.set_captured_drives(captured);
     if args.dirty_rate != 0 {
         crate::vmm::guest::counter::set_dirty_rate(vm.guest_memory(), args.dirty_rate)
@@ -304,6 +309,12 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         };
         done.store(true, Ordering::SeqCst);
         mig.shutdown();
+        if r.is_ok() && vm.pause_reason() == Some("inmigrate") {
+            // Quit before the stream was in: the receiving thread may be blocked in
+            // accept or read, and the drives were never opened writable.
+            eprintln!("vmsnap: quitting before the incoming migration completed");
+            std::process::exit(0);
+        }
         r
     });
     let flushed = stop_and_flush(cx);
@@ -463,6 +474,9 @@ fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
 fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<String, String>> {
     let err = |e: migrate::CommandError| format!("Error: {e}");
     Some(match words {
+        ["migrate", ..] if cx.vm.pause_reason() == Some("inmigrate") => {
+            Err("Error: the guest is still being received (incoming migration)".to_string())
+        }
         ["migrate", ..] => {
             let rest = line.trim_start().strip_prefix("migrate").unwrap_or("");
             Ok(migrate_command(cx, rest))
@@ -506,8 +520,11 @@ fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<Stri
             }
             Err(e) => Err(err(e)),
         },
-        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.is_active() || cx.mig.drives_inactive() => {
+        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.is_active() => {
             Err(format!("Error: {}", migrate::CommandError::Busy))
+        }
+        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.drives_inactive() => {
+            Err(format!("Error: {}", migrate::CommandError::Inactive))
         }
         _ => return None,
     })

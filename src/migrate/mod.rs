@@ -45,6 +45,9 @@ pub enum CommandError {
     /// A parameter or capability could not be set.
     #[error(transparent)]
     Param(#[from] ParamError),
+    /// The disks belong to the migration destination (or have not arrived yet).
+    #[error("the disks are inactive: they were handed over in a live migration")]
+    Inactive,
     /// Reopening the disks for `cont` failed.
     #[error(transparent)]
     Disks(#[from] disks::DiskError),

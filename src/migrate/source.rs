@@ -87,7 +87,7 @@ pub struct Completed {
 /// Biggest PART sent between two looks at the clock, the cancel flag and the dirty log.
 const CHUNK: u64 = 16 << 20;
 /// Downtime aimed at once the remainder fits the limit (see [`StopRule`]).
-const SETTLE_MS: u64 = 10;
+const SETTLE_MS: u64 = 2;
 /// How long the source waits for the destination to close after the last byte.
 const FINISH_WAIT: Duration = Duration::from_secs(10);
 

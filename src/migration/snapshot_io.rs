@@ -140,6 +140,19 @@ impl<'a> VmstateReader<'a> {
     }
 }
 
+/// Reads of at least this many bytes go straight into the caller's buffer.
+pub const DIRECT_MIN: usize = 16 << 10;
+
+impl VmstateReader<'_> {
+    fn read_area(&mut self, pos: u64, dst: &mut [u8]) -> io::Result<()> {
+        match &self.source {
+            VmstateSource::Active => self.store.vmstate_read(pos, dst),
+            VmstateSource::Snapshot(id) => self.store.snapshot_vmstate_read(id, pos, dst),
+        }
+        .map_err(to_io)
+    }
+}
+
 impl Read for VmstateReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.start == self.buf.len() {
@@ -147,16 +160,21 @@ impl Read for VmstateReader<'_> {
             if left == 0 {
                 return Ok(0);
             }
-            let n = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
-            self.buf.resize(n, 0);
-            match &self.source {
-                VmstateSource::Active => self.store.vmstate_read(self.pos, &mut self.buf),
-                VmstateSource::Snapshot(id) => {
-                    self.store
-                        .snapshot_vmstate_read(id, self.pos, &mut self.buf)
-                }
+            // A large read with nothing buffered bypasses the buffer (one copy less for
+            // the stream reader's own buffer fills).
+            if out.len() >= DIRECT_MIN {
+                let n = usize::try_from(left).unwrap_or(CHUNK).min(out.len());
+                let pos = self.pos;
+                self.read_area(pos, &mut out[..n])?;
+                self.pos += n as u64;
+                return Ok(n);
             }
-            .map_err(to_io)?;
+            let n = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.resize(n, 0);
+            let r = self.read_area(self.pos, &mut buf);
+            self.buf = buf;
+            r?;
             self.pos += n as u64;
             self.start = 0;
         }
@@ -243,6 +261,14 @@ mod tests {
         r.read_to_end(&mut back).unwrap();
         assert_eq!(back, data);
         assert_eq!(store.calls, 3);
+        // Large reads go straight to the caller's buffer, up to the end of the state.
+        store.calls = 0;
+        let mut r = VmstateReader::for_snapshot(&mut store, "s").unwrap();
+        let mut big = vec![0u8; CHUNK * 4];
+        assert_eq!(r.read(&mut big).unwrap(), data.len());
+        assert_eq!(&big[..data.len()], &data[..]);
+        assert_eq!(r.read(&mut big).unwrap(), 0);
+        assert_eq!(store.calls, 1);
         assert!(VmstateReader::for_snapshot(&mut store, "nope").is_err());
     }
 }

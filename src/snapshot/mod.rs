@@ -8,16 +8,19 @@
 //!              every disk (VM state size on the first, 0 elsewhere; rolled back on failure;
 //!              the qcow2 driver discards the vmstate from the active layer) → resume
 //!  loadvm TAG: stop → [disks] check all can snapshot → TAG on every disk → VM state on the
-//!              first (else disk-only) → read and check the whole stream from the snapshot
-//!              (RAM into a scratch buffer) → goto on every disk → captured drives' contents
-//!              written back → RAM → device states → resume
+//!              first (else disk-only) → pass 1: read the whole stream once, checksum it
+//!              against the integrity record and parse it as a load would, skipping RAM
+//!              page data → goto on every disk → captured drives' contents written back →
+//!              pass 2: RAM read straight into guest memory → device states → resume
 //!
 //! `capture=on` raw drives (see [`capture`]) are left out of the disk steps; savevm reads
 //! their contents into `vmsnap-capture` sections of the stream.
 //! ```
 //!
-//! Reading the stream before the goto means that a bad request (unknown tag, corrupted or
-//! foreign VM state) changes nothing and the VM goes on as it was.
+//! Checking the whole stream before the goto means that a bad request (unknown tag, corrupted
+//! or foreign VM state) changes nothing and the VM goes on as it was, without a second
+//! RAM-sized buffer: pass 2 reads the same bytes of the locked image, so only an I/O error
+//! can stop it.
 
 pub mod capture;
 pub mod disks;
@@ -28,8 +31,8 @@ pub mod state_io;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::block::{self, SnapshotInfo, SnapshotParams};
-use crate::interop::integrity::{self, CrcWriter};
-use crate::migration::snapshot_io::{VmstateReader, VmstateWriter};
+use crate::interop::integrity::{self, CrcReader, CrcWriter};
+use crate::migration::snapshot_io::{VmstateReader, VmstateSource, VmstateWriter};
 use crate::vmm::{Vm, VmError, VmStatus};
 use progress::Counting;
 pub use progress::{Progress, ProgressFn};
@@ -114,6 +117,10 @@ pub enum SnapshotError {
     /// The VMM refused.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// loadvm failed after guest RAM was partly overwritten (an I/O error in the second
+    /// pass, or the VMM refusing the checked state): the VM stays stopped, as QEMU leaves it.
+    #[error("{0}; the VM stays stopped")]
+    LoadIncomplete(#[source] Box<SnapshotError>),
     /// The VM is stopped on a vCPU error.
     #[error("the VM stopped on an error ({0}); no snapshot operation is possible")]
     Failed(String),
@@ -143,7 +150,7 @@ fn stop(vm: &Vm) -> Result<bool> {
 fn stopped<T>(vm: &Vm, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let was_running = stop(vm)?;
     let r = f();
-    if was_running {
+    if was_running && !matches!(r, Err(SnapshotError::LoadIncomplete(_))) {
         vm.resume();
     }
     r
@@ -218,11 +225,12 @@ pub fn loadvm(vm: &Vm, tag: &str) -> Result<()> {
     loadvm_with_progress(vm, tag, &mut |_| {})
 }
 
-/// [`loadvm`], reporting the bytes read to `progress` every few MiB.
+/// [`loadvm`], reporting the bytes read to `progress` every few MiB (both passes: the
+/// total is twice the VM state size).
 pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Result<()> {
     stopped(vm, || {
-        let mut ram = vec![0u8; vm.ram().len()];
         let (vcpus, drives) = (vm.vcpu_count(), vm.drive_count());
+        let ram_len = vm.ram().len() as u64;
         let captured = vm.captured_drives();
         let state = vm.with_block_set(|set| {
             let inc = disks::included(set, &captured)?;
@@ -236,31 +244,89 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
             if info.vm_state_size == 0 {
                 return Err(SnapshotError::DiskOnly);
             }
-            // A checksum stored by vmsnap must match before anything is changed.
-            integrity::verify_snapshot(store, &info.id).map_err(|source| {
-                SnapshotError::Damaged {
-                    tag: tag.to_string(),
-                    source,
-                }
-            })?;
-            let r = VmstateReader::for_snapshot(store, &info.id).map_err(|source| {
-                SnapshotError::Read {
-                    tag: tag.to_string(),
-                    source,
-                }
-            })?;
-            let mut r = Counting::new(r, info.vm_state_size, progress);
-            let (state, contents) =
-                state_io::read_state_with(vcpus, drives, &specs, &mut ram, &mut r)
-                    .map_err(SnapshotError::Load)?;
+            let total = info.vm_state_size.saturating_mul(2);
+            let shape = Shape {
+                vcpus,
+                drives,
+                specs: &specs,
+                ram_len,
+            };
+            // Pass 1: nothing changes unless the whole stream checks out.
+            let checked = check_pass(store, &info, tag, &shape, total, progress)?;
             disks::goto(set, &inc, tag)?;
-            capture::write_back(set, &specs, &contents)?;
-            Ok(state)
+            capture::write_back(set, &specs, &checked.captured)?;
+            // Pass 2: RAM straight into guest memory. The bytes are those pass 1 checked
+            // (the image is locked and nothing wrote it since; after the goto the active
+            // layer maps the snapshot's VM state, which QEMU's loadvm reads too), so only an
+            // I/O error can stop it half-way; the VM then stays stopped (`LoadIncomplete`).
+            let (_, store) = disks::store(set, inc[0])?;
+            let r = VmstateReader::new(store, VmstateSource::Active, info.vm_state_size);
+            let mut r = Counting::continuing(r, info.vm_state_size, total, progress);
+            let incomplete = |e: SnapshotError| SnapshotError::LoadIncomplete(Box::new(e));
+            vm.with_ram_mut(|mem| {
+                if !checked.all_ram {
+                    // Pages the stream lacks read as zero, as in a fresh VM.
+                    mem.fill(0);
+                }
+                state_io::read_state_with(vcpus, drives, &specs, mem, &mut r)
+            })?
+            .map_err(|e| incomplete(SnapshotError::Load(e)))?;
+            Ok(checked.state)
         })?;
-        vm.with_ram_mut(|mem| mem.copy_from_slice(&ram))?;
-        vm.restore_state(&state)?;
+        vm.restore_state(&state)
+            .map_err(|e| SnapshotError::LoadIncomplete(Box::new(e.into())))?;
         Ok(())
     })
+}
+
+/// What the VM state must fit.
+struct Shape<'a> {
+    vcpus: usize,
+    drives: usize,
+    specs: &'a [state_io::CaptureSpec],
+    ram_len: u64,
+}
+
+/// loadvm's first pass: reads snapshot `info`'s whole VM state once, checksumming it
+/// against vmsnap's integrity record when there is one and parsing it as a load would
+/// (RAM pages bounds-checked and skipped). A damaged state (checksum mismatch) is reported
+/// as such even when it also fails to parse.
+fn check_pass(
+    store: &mut dyn block::SnapshotStore,
+    info: &SnapshotInfo,
+    tag: &str,
+    shape: &Shape<'_>,
+    total: u64,
+    progress: ProgressFn<'_>,
+) -> Result<state_io::CheckedState> {
+    let damaged = |source| SnapshotError::Damaged {
+        tag: tag.to_string(),
+        source,
+    };
+    let tail = store
+        .snapshot_extra_tail(&info.id)
+        .map_err(|source| damaged(source.into()))?;
+    let record = integrity::parse_tail(&tail).map_err(damaged)?;
+    let r = VmstateReader::for_snapshot(store, &info.id).map_err(|source| SnapshotError::Read {
+        tag: tag.to_string(),
+        source,
+    })?;
+    let mut r = CrcReader::new(Counting::new(r, total, progress));
+    let parsed = state_io::check_state_with(
+        shape.vcpus,
+        shape.drives,
+        shape.specs,
+        shape.ram_len,
+        &mut r,
+    );
+    if let Some(record) = record {
+        // The checksum covers the whole state, also what the parser did not need.
+        std::io::copy(&mut r, &mut std::io::sink())
+            .map_err(|e| SnapshotError::Load(StateIoError::Io(e)))?;
+        let (len, crc) = r.finish();
+        integrity::verify(&info.name, &record, len, crc).map_err(damaged)?;
+    }
+    parsed.map_err(SnapshotError::Load)
 }
 
 /// `delvm TAG`: deletes `tag` from every disk that has it.

@@ -49,6 +49,18 @@ impl<'p, T> Counting<'p, T> {
         }
     }
 
+    /// Wraps `inner` for the second part of an operation whose first part already moved
+    /// `done` of the `total` bytes.
+    pub fn continuing(inner: T, done: u64, total: u64, report: ProgressFn<'p>) -> Self {
+        Counting {
+            inner,
+            done,
+            reported: done,
+            total,
+            report,
+        }
+    }
+
     fn add(&mut self, n: usize) {
         self.done += n as u64;
         if self.done - self.reported >= STEP {

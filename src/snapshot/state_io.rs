@@ -128,14 +128,56 @@ pub fn read_state_with(
     ram: &mut [u8],
     input: &mut dyn Read,
 ) -> Result<(VmState, Vec<Vec<u8>>), StateIoError> {
+    let mut ram_state = RamState::for_load(vec![(RAM_BLOCK.to_string(), ram)], PAGE_SIZE);
+    load_with(vcpus, drives, captured, &mut ram_state, input)
+}
+
+/// What [`check_state_with`] found in a stream that fits the VM.
+#[derive(Debug)]
+pub struct CheckedState {
+    /// The devices' state.
+    pub state: VmState,
+    /// Each captured drive's saved contents, in the order of the specs.
+    pub captured: Vec<Vec<u8>>,
+    /// True if the stream has every page of guest RAM (a page or a zero page); false if
+    /// some page would keep its current contents on load.
+    pub all_ram: bool,
+}
+
+/// Parses and checks a whole stream for a VM with `vcpus` vCPUs, `drives` drives, the
+/// `captured` drives and `ram_len` bytes of RAM, exactly as [`read_state_with`] would load
+/// it, without storing any RAM page (their data is skipped). A stream that passes loads
+/// into the VM with [`read_state_with`] without a parse error.
+pub fn check_state_with(
+    vcpus: usize,
+    drives: usize,
+    captured: &[CaptureSpec],
+    ram_len: u64,
+    input: &mut dyn Read,
+) -> Result<CheckedState, StateIoError> {
+    let mut ram_state = RamState::for_check(vec![(RAM_BLOCK.to_string(), ram_len)], PAGE_SIZE);
+    let (state, contents) = load_with(vcpus, drives, captured, &mut ram_state, input)?;
+    Ok(CheckedState {
+        state,
+        captured: contents,
+        all_ram: ram_state.all_pages_seen(),
+    })
+}
+
+fn load_with(
+    vcpus: usize,
+    drives: usize,
+    captured: &[CaptureSpec],
+    ram_state: &mut RamState<'_>,
+    input: &mut dyn Read,
+) -> Result<(VmState, Vec<Vec<u8>>), StateIoError> {
     let layout = vmstate::layout(vcpus, drives);
     let mut slots: Vec<Slot> = layout.iter().map(|_| Slot::default()).collect();
     let mut capture_slots: Vec<Slot> = captured.iter().map(|_| Slot::default()).collect();
     {
-        let mut ram_state = RamState::for_load(vec![(RAM_BLOCK.to_string(), ram)], PAGE_SIZE);
         let mut reg = Registry::new(vmstate::MACHINE);
         reg.page_size = PAGE_SIZE;
-        reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut ram_state);
+        reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, ram_state);
         for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
             reg.register_device(idstr, *inst, vmsd.clone(), slot);
         }
@@ -248,6 +290,25 @@ mod tests {
         assert_eq!(back.devices, st.devices);
         assert_eq!(back.arch.clock.clock, 1_234_567_890);
         assert_eq!({ back.arch.pit.channels[0].count }, 11932);
+    }
+
+    #[test]
+    fn checking_finds_what_loading_finds_without_ram() {
+        let st = state(2, 1);
+        let mut ram = vec![0u8; 1 << 20];
+        ram[0x10000..0x10004].copy_from_slice(b"tick");
+        let mut stream = Vec::new();
+        write_state(&st, &ram, &mut stream).unwrap();
+        let c = check_state_with(2, 1, &[], 1 << 20, &mut stream.as_slice()).unwrap();
+        assert!(c.all_ram);
+        assert_eq!(c.state.vcpus, st.vcpus);
+        assert_eq!(c.state.devices, st.devices);
+        let err = check_state_with(1, 1, &[], 1 << 20, &mut stream.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("'cpu' 1"), "{err}");
+        let err = check_state_with(2, 1, &[], 1 << 19, &mut stream.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("Length mismatch"), "{err}");
+        let cut = &stream[..stream.len() / 2];
+        assert!(check_state_with(2, 1, &[], 1 << 20, &mut &cut[..]).is_err());
     }
 
     #[test]

@@ -1,5 +1,9 @@
-//! Guest RAM: one anonymous mmap (vm-memory) registered as KVM memory slot 0 at GPA 0.
+//! Guest RAM: one anonymous mmap (vm-memory) registered as KVM memory slot 0 at GPA 0,
+//! optionally filled from a file first (`vmsnap run --mem-path`).
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
@@ -8,8 +12,10 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Smallest guest RAM accepted.
 pub const MIN_MEM_SIZE: u64 = 2 << 20;
-/// Largest guest RAM accepted (the guests map only the first GiB).
-pub const MAX_MEM_SIZE: u64 = 1 << 30;
+/// Largest guest RAM accepted: 2 GiB, below the KVM TSS/identity-map pages at 0xfffb_d000
+/// (the built-in guests map and use only the first GiB; the rest is plain memory that
+/// savevm/loadvm move like any other).
+pub const MAX_MEM_SIZE: u64 = 2 << 30;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,25 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The RAM file could not be opened or read.
+    #[error("guest RAM file '{path}': {source}")]
+    RamFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The RAM file's size differs from the guest RAM size.
+    #[error("guest RAM file '{path}' has {len:#x} bytes, guest RAM has {want:#x}")]
+    RamFileSize {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+        /// Guest RAM size.
+        want: u64,
+    },
     /// `KVM_SET_USER_MEMORY_REGION` failed.
     #[error("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}: {source}")]
     SetRegion {
@@ -61,6 +86,47 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     }
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
         .map_err(|source| MemoryError::Allocate { size, source })
+}
+
+/// Chunk of the RAM file reads.
+const FILL_CHUNK: usize = 8 << 20;
+
+/// Copies the file at `path`, which must be exactly as large as guest RAM, into `mem`: the
+/// equivalent of QEMU's `memory-backend-file,share=off` (a private copy: guest writes never
+/// reach the file). Read in rather than mapped, so the pages are resident before the guest
+/// runs.
+pub fn fill_from_file(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryError> {
+    let io = |source| MemoryError::RamFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let want: u64 = mem.iter().map(|r| r.len()).sum();
+    if len != want {
+        return Err(MemoryError::RamFileSize {
+            path: path.to_path_buf(),
+            len,
+            want,
+        });
+    }
+    let mut file_off = 0u64;
+    for region in mem.iter() {
+        let gpa = region.start_addr().0;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::HostAddress(gpa))?;
+        // SAFETY: `host` is the start of the region's live mapping of `region.len()` bytes,
+        // owned by `mem` for the whole call. The VM has not started (no vCPU runs yet) and
+        // no device holds the memory, so nothing else accesses it while this slice exists;
+        // any byte value is valid for plain memory.
+        let dst = unsafe { std::slice::from_raw_parts_mut(host, region.len() as usize) };
+        for chunk in dst.chunks_mut(FILL_CHUNK) {
+            file.read_exact_at(chunk, file_off).map_err(io)?;
+            file_off += chunk.len() as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Registers every region of `mem` with KVM, slot numbers from 0. With `log_dirty`, KVM
@@ -179,6 +245,28 @@ mod tests {
         assert_eq!(words[0], 0b110);
         assert_eq!(words[1], 1);
         assert!(log.take().iter().all(|&w| w == 0), "take clears");
+    }
+
+    #[test]
+    fn ram_is_filled_from_a_file_of_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let m = create(4 << 20).unwrap();
+        fill_from_file(&m, &path).unwrap();
+        let mut back = vec![0u8; 4 << 20];
+        vm_memory::Bytes::read_slice(&m, &mut back, GuestAddress(0)).unwrap();
+        assert!(back == data);
+        let small = create(2 << 20).unwrap();
+        let err = fill_from_file(&small, &path).unwrap_err();
+        assert!(
+            matches!(err, MemoryError::RamFileSize { len, want, .. } if len == 4 << 20 && want == 2 << 20),
+            "{err}"
+        );
+        assert!(err.to_string().contains("0x400000"), "{err}");
+        let err = fill_from_file(&m, &dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]

@@ -187,6 +187,12 @@ impl Vm {
     /// Builds a VM: KVM objects, RAM, devices, the guest image and boot registers. The vCPU
     /// threads exist but are parked until [`Vm::start`].
     pub fn new(config: VmConfig) -> Result<Vm> {
+        Self::new_with_ram_file(config, None)
+    }
+
+    /// [`Vm::new`] with guest RAM first filled from `ram_file` (exactly the RAM size; see
+    /// [`memory::fill_from_file`]); the guest image is loaded on top of it.
+    pub fn new_with_ram_file(config: VmConfig, ram_file: Option<&std::path::Path>) -> Result<Vm> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmError::Config(format!(
                 "{} vCPUs requested, 1..={MAX_VCPUS} supported",
@@ -204,6 +210,9 @@ impl Vm {
         })?;
         vm::create_irqchip_and_pit(&vm)?;
         let mem = memory::create(config.mem_size)?;
+        if let Some(path) = ram_file {
+            memory::fill_from_file(&mem, path)?;
+        }
         memory::register(&vm, &mem, false)?;
         config.guest.load(&mem, config.vcpus)?;
 

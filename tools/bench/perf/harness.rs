@@ -342,3 +342,26 @@ pub fn random_file(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
     }
     f.sync_data()
 }
+
+/// Copies `src` to `dst` keeping holes (`cp --sparse=always`, reflinked where the file system
+/// can) and syncs the copy, so that a measured run does not pay for writing it back.
+pub fn copy_synced(src: &Path, dst: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(dst);
+    let out = Command::new("cp")
+        .args(["--reflink=auto", "--sparse=always"])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .map_err(|e| format!("cp: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cp {} {}: {}",
+            src.display(),
+            dst.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("sync {}: {e}", dst.display()))
+}

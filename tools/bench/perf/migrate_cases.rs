@@ -107,12 +107,21 @@ fn record(
         }
         median_outcome(ok)
     };
+    let completed = |runs: &[Result<Outcome, String>]| {
+        format!(
+            "{}/{}",
+            runs.iter().filter(|r| r.is_ok()).count(),
+            runs.len()
+        )
+    };
     let vo = describe("vmsnap", &v);
     let qo = describe("qemu", &q);
     let Some(vo) = vo else {
         if let Some(qo) = qo {
             h.info(&format!(
-                "{name}: qemu only: total {} ms, downtime {} ms, {} syncs, {} dirty pages/s",
+                "{name}: qemu only ({} completed): total {} ms, downtime {} ms, {} syncs, \
+                 {} dirty pages/s",
+                completed(&q),
                 qo.total.as_millis(),
                 qo.downtime.as_millis(),
                 qo.syncs,
@@ -123,12 +132,22 @@ fn record(
     };
     let syncs = match qo {
         Some(qo) => format!(
-            "syncs vmsnap {} qemu {}; dirty pages/s vmsnap {} qemu {}",
-            vo.syncs, qo.syncs, vo.dirty_pages_rate, qo.dirty_pages_rate
+            "completed vmsnap {} qemu {}; syncs vmsnap {} qemu {}; \
+             dirty pages/s vmsnap {} qemu {}",
+            completed(&v),
+            completed(&q),
+            vo.syncs,
+            qo.syncs,
+            vo.dirty_pages_rate,
+            qo.dirty_pages_rate
         ),
         None => format!(
-            "syncs vmsnap {}, dirty pages/s {}; qemu: no completed run",
-            vo.syncs, vo.dirty_pages_rate
+            "completed vmsnap {} (median of those); syncs {}, dirty pages/s {}; \
+             qemu: completed {}",
+            completed(&v),
+            vo.syncs,
+            vo.dirty_pages_rate,
+            completed(&q)
         ),
     };
     h.record(Row {

@@ -127,6 +127,12 @@ fn record(
                 qo.syncs,
                 qo.dirty_pages_rate
             ));
+        } else {
+            h.info(&format!(
+                "{name}: no run completed (vmsnap {}, qemu {})",
+                completed(&v),
+                completed(&q)
+            ));
         }
         return;
     };

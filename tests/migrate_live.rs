@@ -459,7 +459,21 @@ fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     let st = dst.child.as_mut().unwrap().wait().unwrap();
     assert!(!st.success());
     assert!(dst.serial_text().is_empty());
+
+    // Still at 64 KiB/s, a migration that could not end soon completes once max-bandwidth
+    // is raised while it runs (as QEMU lets one do).
+    let mut dst = Vmm::start(dir.path(), &img, opts("dst3", Some(&uri)));
+    src.ok(&format!("migrate -d {uri}"));
+    src.wait_migration("active", 10);
+    src.ok("migrate_set_parameter max-bandwidth 0");
+    let info = src.wait_migration("completed", 20);
+    assert!(info.contains("downtime:"), "{info}");
+    assert_eq!(src.status(), "paused (postmigrate)");
+    let dst_text = dst.wait_for("CHECK OK", 20);
+    assert_continues(&src.serial_text(), &dst_text);
+    assert_eq!(dst.status(), "running");
     src.quit();
+    dst.quit();
     assert_image_clean(&img);
 }
 

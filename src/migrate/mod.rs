@@ -146,13 +146,10 @@ impl Migrator {
         info
     }
 
-    /// `migrate_set_parameter NAME VALUE` (refused while migrating).
+    /// `migrate_set_parameter NAME VALUE`; a running migration follows max-bandwidth and
+    /// downtime-limit from its next step (the throttle settings apply to the next one).
     pub fn set_parameter(&self, name: &str, value: &str) -> Result<(), CommandError> {
-        let mut st = self.lock();
-        if st.info.status.is_active() {
-            return Err(CommandError::Busy);
-        }
-        Ok(st.params.set(name, value)?)
+        Ok(self.lock().params.set(name, value)?)
     }
 
     /// `migrate_set_capability NAME on|off` (refused while migrating).
@@ -245,6 +242,7 @@ impl Migrator {
                     st.info.total_time_ms = total;
                 }
                 Err(e) => {
+                    st.inactive = matches!(e, MigrateError::Reactivate { .. });
                     st.info.status = Status::Failed(e.to_string());
                     st.info.total_time_ms = total;
                     st.info.expected_downtime_ms = None;
@@ -270,6 +268,10 @@ impl source::Observer for Migrator {
 
     fn cancelled(&self) -> bool {
         self.lock().cancel
+    }
+
+    fn parameters(&self) -> Option<Parameters> {
+        Some(self.lock().params.clone())
     }
 
     fn channel_open(&self, aborter: uri::Aborter) {

@@ -15,6 +15,7 @@ use crate::migration::stream::StreamError;
 use crate::migration::Value;
 use crate::snapshot::state_io::{PAGE_SIZE, RAM_BLOCK};
 use crate::vmm::{vmstate, Vm, VmError, VmStatus};
+use vm_memory::GuestMemoryMmap;
 
 use super::converge::{BandwidthMeter, DirtyPeriod, RateLimiter, StopRule, ThrottleParams};
 use super::disks::{self, DiskError, DriveOpen};
@@ -41,6 +42,15 @@ pub enum MigrateError {
     /// Handing the disks over failed.
     #[error(transparent)]
     Disks(#[from] DiskError),
+    /// The migration failed after the disks were released, and they could not be taken
+    /// back: the guest stays paused, the disks inactive.
+    #[error("{failure}; the disks could not be taken back: {reopen}")]
+    Reactivate {
+        /// Why the migration failed.
+        failure: Box<MigrateError>,
+        /// Why reopening failed.
+        reopen: DiskError,
+    },
     /// The device sections do not match the VM's layout (a bug).
     #[error("device state has {got} sections, the layout {want}")]
     Layout {
@@ -62,6 +72,11 @@ pub trait Observer {
     fn cancelled(&self) -> bool;
     /// The channel is open: `aborter` interrupts it.
     fn channel_open(&self, aborter: Aborter);
+    /// The parameters now (`migrate_set_parameter` may change max-bandwidth and
+    /// downtime-limit while the migration runs, as in QEMU).
+    fn parameters(&self) -> Option<Parameters> {
+        None
+    }
 }
 
 /// What to migrate where.
@@ -138,9 +153,11 @@ pub fn migrate(vm: &Vm, job: &Job, obs: &dyn Observer) -> Result<Completed, Migr
             if undo.inactive {
                 // The destination never activated (it had not got the whole stream), so
                 // the locks are free again; if this fails the guest stays paused.
-                if let Err(again) = disks::activate(vm, &job.drives) {
-                    vm.set_pause_reason(None);
-                    return Err(MigrateError::Disks(again));
+                if let Err(reopen) = disks::activate(vm, &job.drives) {
+                    return Err(MigrateError::Reactivate {
+                        failure: Box::new(e),
+                        reopen,
+                    });
                 }
             }
             if undo.paused {
@@ -155,6 +172,47 @@ pub fn migrate(vm: &Vm, job: &Job, obs: &dyn Observer) -> Result<Completed, Migr
                 e
             })
         }
+    }
+}
+
+/// Captures the stopped VM's device state into the registry's slots.
+fn capture_devices(vm: &Vm, values: &[RefCell<Option<Value>>]) -> Result<(), MigrateError> {
+    let state = vm.save_state()?;
+    let sections = vmstate::to_sections(&state);
+    if sections.len() != values.len() {
+        return Err(MigrateError::Layout {
+            got: sections.len(),
+            want: values.len(),
+        });
+    }
+    for (v, s) in values.iter().zip(sections) {
+        *v.borrow_mut() = Some(s.value);
+    }
+    Ok(())
+}
+
+/// RAM figures for `info migrate`; `split` is (bytes sent while running, while stopped).
+fn ram_info(
+    r: &LiveRam<'_, GuestMemoryMmap>,
+    transferred: u64,
+    secs: f64,
+    meter: &BandwidthMeter,
+    period: &DirtyPeriod,
+    split: (u64, u64),
+) -> RamInfo {
+    RamInfo {
+        transferred,
+        remaining: r.pending_bytes(),
+        total: r.total_bytes(),
+        duplicate: r.counters.zero_pages,
+        normal: r.counters.normal_pages,
+        dirty_sync_count: r.counters.dirty_syncs,
+        page_size: r.page_size(),
+        mbps: transferred as f64 * 8.0 / 1e6 / secs,
+        pages_per_second: meter.pages_per_second,
+        dirty_pages_rate: period.dirty_pages_rate,
+        precopy_bytes: split.0,
+        downtime_bytes: split.1,
     }
 }
 
@@ -183,7 +241,7 @@ fn run(
     for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
         reg.register_device(idstr, *inst, vmsd.clone(), slot);
     }
-    let params = &job.params;
+    let mut params = job.params.clone();
     let mut session = SaveSession::begin(&mut reg, &mut out)?;
     let setup_ms = ms(start.elapsed());
 
@@ -199,37 +257,24 @@ fn run(
     let mut period = DirtyPeriod::new(throttle, job.auto_converge, now, session.position());
     let mut rule = StopRule::new(SETTLE_MS, 16);
     let iter_start = Instant::now();
-    let report = |status: Status, pos: u64, meter: &BandwidthMeter, period: &DirtyPeriod| {
+    let report = |pos: u64, meter: &BandwidthMeter, period: &DirtyPeriod| {
         let r = ram.borrow();
         let elapsed = iter_start.elapsed().as_secs_f64().max(1e-3);
         obs.progress(&MigrationInfo {
-            status,
+            status: Status::Active,
             total_time_ms: ms(start.elapsed()),
             expected_downtime_ms: Some(
                 meter
                     .expected_ms(r.pending_bytes())
-                    .unwrap_or(params.downtime_limit_ms),
+                    .unwrap_or(job.params.downtime_limit_ms),
             ),
             setup_ms: Some(setup_ms),
-            ram: Some(RamInfo {
-                transferred: pos,
-                remaining: r.pending_bytes(),
-                total: r.total_bytes(),
-                duplicate: r.counters.zero_pages,
-                normal: r.counters.normal_pages,
-                dirty_sync_count: r.counters.dirty_syncs,
-                page_size: r.page_size(),
-                mbps: pos as f64 * 8.0 / 1e6 / elapsed,
-                pages_per_second: meter.pages_per_second,
-                dirty_pages_rate: period.dirty_pages_rate,
-                precopy_bytes: pos,
-                downtime_bytes: 0,
-            }),
+            ram: Some(ram_info(&r, pos, elapsed, meter, period, (pos, 0))),
             cpu_throttle_percentage: job.auto_converge.then_some(period.throttle),
             ..MigrationInfo::default()
         });
     };
-    report(Status::Active, session.position(), &meter, &period);
+    report(session.position(), &meter, &period);
 
     // Iterate while the guest runs.
     loop {
@@ -238,6 +283,12 @@ fn run(
         }
         let now = Instant::now();
         let pos = session.position();
+        if let Some(p) = obs.parameters().filter(|p| *p != params) {
+            if p.max_bandwidth != params.max_bandwidth {
+                limiter = RateLimiter::new(p.max_bandwidth, now, pos);
+            }
+            params = p;
+        }
         let sent_pages = {
             let c = ram.borrow().counters;
             c.normal_pages + c.zero_pages
@@ -264,7 +315,7 @@ fn run(
             Err(wait) => std::thread::sleep(wait),
         }
         meter.add_busy(busy.elapsed());
-        report(Status::Active, session.position(), &meter, &period);
+        report(session.position(), &meter, &period);
     }
 
     // Stop and copy. Flushing first while the guest still runs leaves the final flush
@@ -280,17 +331,7 @@ fn run(
     ram.borrow_mut().sync(&bitmap);
     disks::inactivate(vm)?;
     undo.inactive = true;
-    let state = vm.save_state()?;
-    let sections = vmstate::to_sections(&state);
-    if sections.len() != values.len() {
-        return Err(MigrateError::Layout {
-            got: sections.len(),
-            want: values.len(),
-        });
-    }
-    for (v, s) in values.iter().zip(sections) {
-        *v.borrow_mut() = Some(s.value);
-    }
+    capture_devices(vm, &values)?;
     let total = session.complete()?;
     out.finish(FINISH_WAIT).map_err(MigrateError::Finish)?;
     let downtime = down_start.elapsed();
@@ -303,20 +344,14 @@ fn run(
         total_time_ms: ms(elapsed),
         downtime_ms: Some(ms(downtime)),
         setup_ms: Some(setup_ms),
-        ram: Some(RamInfo {
-            transferred: total,
-            remaining: 0,
-            total: r.total_bytes(),
-            duplicate: r.counters.zero_pages,
-            normal: r.counters.normal_pages,
-            dirty_sync_count: r.counters.dirty_syncs,
-            page_size: r.page_size(),
-            mbps: total as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-3),
-            pages_per_second: meter.pages_per_second,
-            dirty_pages_rate: period.dirty_pages_rate,
-            precopy_bytes: precopy,
-            downtime_bytes: total - precopy,
-        }),
+        ram: Some(ram_info(
+            &r,
+            total,
+            elapsed.as_secs_f64().max(1e-3),
+            &meter,
+            &period,
+            (precopy, total - precopy),
+        )),
         ..MigrationInfo::default()
     };
     Ok(Completed { info })

@@ -118,6 +118,16 @@ fn io_err(
     }
 }
 
+/// Bytes the source may have in flight in its socket's send buffer. The kernel's default
+/// grows to several MiB on loopback; whatever is in flight when the guest stops is waited
+/// for inside the downtime, so keep it to a few milliseconds' worth.
+const SEND_BUFFER: usize = 1 << 20;
+
+fn limit_send_buffer(s: &impl std::os::fd::AsFd) {
+    // Only a tuning: the default buffer works too.
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER);
+}
+
 fn sh(cmd: &str) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c").arg(cmd);
@@ -178,6 +188,7 @@ impl Outgoing {
                 let s = TcpStream::connect((host.as_str(), *port))
                     .map_err(io_err("Failed to connect to", uri))?;
                 let _ = s.set_nodelay(true);
+                limit_send_buffer(&s);
                 let s = Arc::new(s);
                 Ok(Outgoing {
                     w: Writer::Tcp(Arc::clone(&s)),
@@ -218,10 +229,11 @@ impl Outgoing {
         self.aborter.clone()
     }
 
-    /// Ends the stream once everything is written: closes the sending side and waits up to
-    /// `wait` for the other end to finish (a socket peer closing its side after reading the
-    /// whole stream; the exec command exiting). A peer that resets the connection, or a
-    /// command that fails, is an error: the stream was not taken whole.
+    /// Ends the stream once everything is written: closes the sending side and waits for
+    /// the other end to finish: up to `wait` for a socket peer to close its side after
+    /// reading the whole stream, until it exits (or is killed by the [`Aborter`]) for an
+    /// exec command. A peer that resets the connection, or a command that fails, is an
+    /// error: the stream was not taken whole.
     pub fn finish(mut self, wait: Duration) -> io::Result<()> {
         self.flush()?;
         match &mut self.w {
@@ -240,7 +252,14 @@ impl Outgoing {
                 let Aborter::Child(child) = &self.aborter else {
                     return Ok(());
                 };
-                let status = crate::vmm::lock(child).wait()?;
+                // Poll rather than wait with the lock held, so that an abort (cancel) can
+                // still kill a command that does not exit.
+                let status = loop {
+                    if let Some(st) = crate::vmm::lock(child).try_wait()? {
+                        break st;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                };
                 if status.success() {
                     Ok(())
                 } else {
@@ -489,6 +508,15 @@ mod tests {
         let out = Outgoing::connect(&MigrateUri::Exec("exit 3".into())).unwrap();
         let e = out.finish(Duration::from_secs(5)).unwrap_err();
         assert!(e.to_string().contains("exit status: 3"), "{e}");
+
+        // A command that never exits is killed by the aborter while finish waits.
+        let out = Outgoing::connect(&MigrateUri::Exec("exec sleep 60".into())).unwrap();
+        let a = out.aborter();
+        let t = std::thread::spawn(move || out.finish(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(100));
+        a.abort();
+        let e = t.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("signal"), "{e}");
 
         let f = dir.path().join("f.mig");
         let mut out = Outgoing::connect(&MigrateUri::File(f.clone())).unwrap();

@@ -224,6 +224,12 @@ impl StopRule {
         }
     }
 
+    /// Whether the remainder fits the limit and the rule is waiting for it to settle
+    /// (the caller then syncs again only once the last dirty set is sent).
+    pub fn settling(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// Decides after a sync: `pending` dirty bytes, `meter` the bandwidth, `limit_ms` the
     /// downtime limit.
     pub fn should_stop(&mut self, pending: u64, meter: &BandwidthMeter, limit_ms: u64) -> bool {
@@ -332,7 +338,9 @@ mod tests {
         m.update(t0 + Duration::from_millis(100), 100_000_000, 0); // 1 MB/ms
         assert!(!r.should_stop(400_000_000, &m, 300));
         // Fits 300 ms, still shrinking: go on.
+        assert!(!r.settling());
         assert!(!r.should_stop(200_000_000, &m, 300));
+        assert!(r.settling());
         assert!(!r.should_stop(100_000_000, &m, 300));
         // Stopped shrinking: stop.
         assert!(r.should_stop(95_000_000, &m, 300));

@@ -295,7 +295,10 @@ fn run(
         };
         meter.update(now, pos, sent_pages);
         let limit = params.downtime_limit_ms;
-        if ram.borrow().pending_bytes() <= meter.threshold(limit) {
+        // While settling, the dirty set of the last sync is sent whole before the next
+        // sync, so that the rule compares round with round.
+        let pending = ram.borrow().pending_bytes();
+        if pending <= meter.threshold(limit) && (pending == 0 || !rule.settling()) {
             let bitmap = vm.take_dirty_bitmap()?;
             let newly = ram.borrow_mut().sync(&bitmap);
             if let Some(pct) = period.on_sync(now, pos, newly, PAGE_SIZE) {

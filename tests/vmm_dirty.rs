@@ -214,3 +214,20 @@ fn bench_guest_binary_matches_its_source() {
         .windows(4)
         .any(|w| w == magic));
 }
+
+#[test]
+fn run_refuses_a_dirty_rate_without_ram_to_dirty() {
+    if !kvm_available() {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+        .args(["run", "-m", "2M", "--dirty-rate", "10", "--serial", "none"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("guest needs at least 0x201000 bytes of RAM, the VM has 0x200000"),
+        "{err}"
+    );
+}

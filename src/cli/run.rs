@@ -209,8 +209,8 @@ pub struct RunArgs {
     /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
     #[arg(long)]
     pub monitor: Option<MonitorSpec>,
-    /// Make the counter guest dirty this many MiB of RAM per second (0 = off). A restored
-    /// state (--loadvm) brings its own setting.
+    /// Make the counter guest dirty this many MiB of RAM per second (0 = off), spread over
+    /// all RAM from 2 MiB up. A restored state (--loadvm, --incoming) brings its own setting.
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     pub dirty_rate: u64,
     /// Wait for a live migration stream (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH),

@@ -7,16 +7,18 @@
 //! `qemu-system-x86_64 -accel tcg -m 1G` processes booting `tools/bench/guest/dirty.elf`
 //! (which dirties at the same rate, per 100 Hz tick like vmsnap's counter guest), driven
 //! through QMP. QEMU runs TCG because it cannot boot our guest and kvm_pvm emulates guest
-//! kernel mode (where that guest's loop runs) too slowly. Both sides run uncapped
+//! kernel mode (where that guest's loop runs, and SeaBIOS before it) too slowly: with
+//! `-accel kvm` QEMU is still in SeaBIOS after 3 s. Both sides run uncapped
 //! (`max-bandwidth` 100 GiB/s) with their default downtime limit; an extra row shows QEMU and
 //! vmsnap under QEMU's default 128 MiB/s cap at 200 MiB/s.
 //!
 //! The note column gives the highest dirty-page rate each source measured (200 MiB/s is
-//! 51200 pages/s). Under kvm_pvm the counter guest cannot store into that many distinct pages
-//! per second once it cycles through a large area: it reaches the full 51200 pages/s in a
-//! 64 MiB guest but about 16000-18000 in a 256 MiB or 1 GiB one, even without dirty logging
-//! (it then handles fewer ticks than it is given). So at 200 MiB/s vmsnap's guest dirties
-//! less than QEMU's TCG guest; the note column shows by how much.
+//! 51200 pages/s). Under kvm_pvm the counter guest pays for the first store to each page
+//! (host allocation plus a KVM fault): during its first lap through 1 GiB (about 5 s at
+//! 200 MiB/s, longer than the warm-up) it reaches only some 15000-35000 pages/s, later
+//! 46000-51200 (and 51200 from the start when the RAM is backed by transparent huge pages).
+//! So at 200 MiB/s vmsnap's guest dirties less than QEMU's TCG guest; the note shows by how
+//! much.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -107,28 +109,53 @@ fn record(
         }
         median_outcome(ok)
     };
+    let completed = |runs: &[Result<Outcome, String>]| {
+        format!(
+            "{}/{}",
+            runs.iter().filter(|r| r.is_ok()).count(),
+            runs.len()
+        )
+    };
     let vo = describe("vmsnap", &v);
     let qo = describe("qemu", &q);
     let Some(vo) = vo else {
         if let Some(qo) = qo {
             h.info(&format!(
-                "{name}: qemu only: total {} ms, downtime {} ms, {} syncs, {} dirty pages/s",
+                "{name}: qemu only ({} completed): total {} ms, downtime {} ms, {} syncs, \
+                 {} dirty pages/s",
+                completed(&q),
                 qo.total.as_millis(),
                 qo.downtime.as_millis(),
                 qo.syncs,
                 qo.dirty_pages_rate
+            ));
+        } else {
+            h.info(&format!(
+                "{name}: no run completed (vmsnap {}, qemu {})",
+                completed(&v),
+                completed(&q)
             ));
         }
         return;
     };
     let syncs = match qo {
         Some(qo) => format!(
-            "syncs vmsnap {} qemu {}; dirty pages/s vmsnap {} qemu {}",
-            vo.syncs, qo.syncs, vo.dirty_pages_rate, qo.dirty_pages_rate
+            "completed vmsnap {} qemu {}; syncs vmsnap {} qemu {}; \
+             dirty pages/s vmsnap {} qemu {}",
+            completed(&v),
+            completed(&q),
+            vo.syncs,
+            qo.syncs,
+            vo.dirty_pages_rate,
+            qo.dirty_pages_rate
         ),
         None => format!(
-            "syncs vmsnap {}, dirty pages/s {}; qemu: no completed run",
-            vo.syncs, vo.dirty_pages_rate
+            "completed vmsnap {} (median of those); syncs {}, dirty pages/s {}; \
+             qemu: completed {}",
+            completed(&v),
+            vo.syncs,
+            vo.dirty_pages_rate,
+            completed(&q)
         ),
     };
     h.record(Row {

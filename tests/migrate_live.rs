@@ -597,3 +597,65 @@ fn across_two_network_namespaces() {
     let dst: Vec<&str> = vec!["ip", "netns", "exec", &ns.names[1]];
     live_round_trip("tcp:10.251.0.2:4444", (&src, &dst));
 }
+
+#[test]
+fn lz4_capability_compresses_ram_pages_and_the_destination_continues() {
+    let _g = serial();
+    if !kvm_available("lz4_capability") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let opts = |name, incoming: Option<&'static str>| Opts {
+        name,
+        memory: "32M",
+        incoming,
+        prefix: &[],
+    };
+    let plain = dir.path().join("plain.mig");
+    let packed = dir.path().join("lz4.mig");
+
+    let mut src = Vmm::start(dir.path(), &img, opts("src", None));
+    src.wait_ticks(5);
+    let caps = src.ok("info migrate_capabilities");
+    assert!(caps.contains("x-vmsnap-lz4: off"), "{caps}");
+    src.ok("migrate_set_capability x-vmsnap-lz4 on");
+    assert!(src
+        .ok("info migrate_capabilities")
+        .contains("x-vmsnap-lz4: on"));
+    let (r, st) = src.cmd(&format!("migrate file:{}", packed.display()));
+    assert_eq!((r.as_str(), st.as_str()), ("", "paused (postmigrate)"));
+    let src_text = src.serial_text();
+    src.quit();
+
+    // The stream announces the capability and carries LZ4 pages; the inspector decodes it.
+    let human = common::run(
+        env!("CARGO_BIN_EXE_vmsnap-inspect"),
+        &[common::s(&packed), "--output", "human"],
+    )
+    .ok();
+    assert!(human.stdout.contains("x-vmsnap-lz4"), "{}", human.stdout);
+
+    let uri: &'static str = Box::leak(format!("file:{}", packed.display()).into_boxed_str());
+    let mut dst = Vmm::start(dir.path(), &img, opts("dst", Some(uri)));
+    let dst_text = dst.wait_for("CHECK OK", 20);
+    assert_continues(&src_text, &dst_text);
+
+    // Without the capability (the default) the same VM's stream is plain and larger.
+    let (r, _) = dst.cmd(&format!("migrate file:{}", plain.display()));
+    assert_eq!(r, "");
+    dst.quit();
+    let (a, b) = (
+        std::fs::metadata(&packed).unwrap().len(),
+        std::fs::metadata(&plain).unwrap().len(),
+    );
+    assert!(a < b, "lz4 stream {a} bytes, plain {b} bytes");
+    let plain_human = common::run(
+        env!("CARGO_BIN_EXE_vmsnap-inspect"),
+        &[common::s(&plain), "--output", "human"],
+    )
+    .ok();
+    assert!(!plain_human.stdout.contains("x-vmsnap-lz4"));
+    assert_image_clean(&img);
+}

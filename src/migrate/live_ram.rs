@@ -103,6 +103,8 @@ pub struct LiveRam<'m, M: PageSource + ?Sized> {
     hint: Option<(u64, u64)>,
     /// Counters for `info migrate`.
     pub counters: RamCounters,
+    /// Send pages with data LZ4-compressed (the registry must announce the capability).
+    pub lz4: bool,
 }
 
 impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
@@ -128,6 +130,7 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
             writer: None,
             page: vec![0; page_size as usize],
             zero: vec![0; page_size as usize],
+            lz4: false,
             pagemap: match mem.anonymous_base() {
                 Some(base) if page_size == 4096 => Pagemap::open().map(|p| (p, base)),
                 _ => None,
@@ -285,6 +288,7 @@ impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
     fn save_setup(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
         let mut ram = self.0.borrow_mut();
         let mut w = RamWriter::new(ram.page_size, false).map_err(|e| e.to_string())?;
+        w.set_lz4(ram.lz4);
         let info = RamBlockInfo {
             idstr: ram.block.clone(),
             used_length: ram.total_bytes(),

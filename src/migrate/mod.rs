@@ -220,6 +220,7 @@ impl Migrator {
                             uri,
                             params: st.params.clone(),
                             auto_converge: st.caps.auto_converge(),
+                            lz4: st.caps.lz4(),
                             drives: self.drives.clone(),
                         };
                     }

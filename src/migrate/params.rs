@@ -262,10 +262,15 @@ pub const QEMU_CAPABILITIES: &[&str] = &[
 
 /// Capabilities vmsnap implements (others can only be set to off). Capabilities beyond
 /// QEMU's are added to [`EXTRA_CAPABILITIES`] and listed after QEMU's.
-pub const SUPPORTED_CAPABILITIES: &[&str] = &["auto-converge", "events"];
+pub const SUPPORTED_CAPABILITIES: &[&str] = &[
+    "auto-converge",
+    "events",
+    crate::migration::ram::LZ4_CAPABILITY,
+];
 
-/// vmsnap's own capabilities (none yet; the RAM codec's compression will add one).
-pub const EXTRA_CAPABILITIES: &[&str] = &[];
+/// vmsnap's own capabilities: `x-vmsnap-lz4` sends RAM pages LZ4-compressed (announced in
+/// the stream's configuration; QEMU refuses such a stream, so it is off by default).
+pub const EXTRA_CAPABILITIES: &[&str] = &[crate::migration::ram::LZ4_CAPABILITY];
 
 /// The capability switches, by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -285,6 +290,11 @@ impl Capabilities {
     /// Whether `name` is on.
     pub fn is_on(&self, name: &str) -> bool {
         self.on.contains(&name)
+    }
+
+    /// Shorthand for the `x-vmsnap-lz4` capability.
+    pub fn lz4(&self) -> bool {
+        self.is_on(crate::migration::ram::LZ4_CAPABILITY)
     }
 
     /// Shorthand for the auto-converge capability.

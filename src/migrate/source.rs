@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
+use crate::migration::ram::LZ4_CAPABILITY;
 use crate::migration::ram_state::RamState;
 use crate::migration::savevm::{DeviceState, Registry, SaveSession};
 use crate::migration::stream::StreamError;
@@ -88,6 +89,8 @@ pub struct Job {
     pub params: Parameters,
     /// The auto-converge capability.
     pub auto_converge: bool,
+    /// The `x-vmsnap-lz4` capability: RAM pages LZ4-compressed.
+    pub lz4: bool,
     /// How to reopen the drives if the handover must be undone.
     pub drives: Vec<DriveOpen>,
 }
@@ -231,12 +234,16 @@ fn run(
     // Pages dirtied before now are all dirty in the live RAM state anyway.
     vm.take_dirty_bitmap()?;
     let ram = RefCell::new(LiveRam::new(vm.guest_memory(), RAM_BLOCK, PAGE_SIZE));
+    ram.borrow_mut().lz4 = job.lz4;
     let layout = vmstate::layout(vm.vcpu_count(), vm.drive_count());
     let values: Vec<RefCell<Option<Value>>> = layout.iter().map(|_| RefCell::new(None)).collect();
     let mut slots: Vec<Slot<'_>> = values.iter().map(Slot).collect();
     let mut entry = LiveRamEntry(&ram);
     let mut reg = Registry::new(vmstate::MACHINE);
     reg.page_size = PAGE_SIZE;
+    if job.lz4 {
+        reg.add_capability(LZ4_CAPABILITY);
+    }
     reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut entry);
     for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
         reg.register_device(idstr, *inst, vmsd.clone(), slot);

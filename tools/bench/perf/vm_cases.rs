@@ -371,5 +371,18 @@ pub fn run(h: &mut Harness) {
             qemu: Some(Sample::from(q)),
             note,
         });
+        if saved.is_some() && h.seq_write_bps > 0.0 && !q.is_zero() {
+            // Random RAM does not compress and both sides flush: neither can save faster
+            // than the disk writes the state.
+            let floor = state_v as f64 / h.seq_write_bps;
+            h.info(&format!(
+                "disk floor for this state: {floor:.3} s at the measured sequential write,                  i.e. ratio >= {:.3} against this QEMU time",
+                floor / q.as_secs_f64()
+            ));
+        }
     }
+    h.info(
+        "QEMU maps the RAM file privately, so its first loadvm also pays a copy-on-write \
+         fault per page; vmsnap read the file in at start-up",
+    );
 }

@@ -376,7 +376,8 @@ pub fn run(h: &mut Harness) {
             // than the disk writes the state.
             let floor = state_v as f64 / h.seq_write_bps;
             h.info(&format!(
-                "disk floor for this state: {floor:.3} s at the measured sequential write,                  i.e. ratio >= {:.3} against this QEMU time",
+                "disk floor for this state: {floor:.3} s at the measured sequential write, \
+                 i.e. ratio >= {:.3} against this QEMU time",
                 floor / q.as_secs_f64()
             ));
         }

@@ -20,6 +20,7 @@
 pub mod block;
 pub mod cli;
 pub mod interop;
+pub mod migrate;
 pub mod migration;
 pub mod snapshot;
 pub mod vmm;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::block::{self, Format, OpenOptions};
+use crate::migrate::{self, uri::Listener, DriveOpen, MigrateUri, Migrator};
 use crate::snapshot;
 use crate::vmm::devices::SerialOut;
 use crate::vmm::monitor::{self, Outcome};
@@ -50,6 +51,9 @@ pub enum RunError {
     /// `--loadvm` failed.
     #[error("{0}")]
     Loadvm(#[source] snapshot::SnapshotError),
+    /// `--incoming` could not listen.
+    #[error("{0}")]
+    Incoming(#[source] migrate::uri::UriError),
 }
 
 /// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`.
@@ -205,17 +209,29 @@ pub struct RunArgs {
     /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
     #[arg(long)]
     pub monitor: Option<MonitorSpec>,
+    /// Make the counter guest dirty this many MiB of RAM per second (0 = off). A restored
+    /// state (--loadvm) brings its own setting.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub dirty_rate: u64,
+    /// Wait for a live migration stream (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH),
+    /// load it and run the guest from there. The drives are the source's (shared storage):
+    /// they are opened without locks until the stream is loaded.
+    #[arg(long, value_name = "URI", conflicts_with = "loadvm")]
+    pub incoming: Option<MigrateUri>,
 }
 
 /// Runs `vmsnap run`; returns the exit code.
 pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     let mut drives = Vec::with_capacity(args.drives.len());
     let mut captured = Vec::new();
+    let incoming = args.incoming.is_some();
     for (i, d) in args.drives.iter().enumerate() {
+        // An incoming VM opens its drives "inactive" (no locks, read-only) until it has
+        // the whole stream: the source still runs on them.
         let opts = OpenOptions {
-            read_only: d.readonly,
+            read_only: d.readonly || incoming,
             format: d.format,
-            force_share: false,
+            force_share: incoming,
         };
         let drive = block::open_image(&d.file, opts).map_err(|source| RunError::OpenDrive {
             path: d.file.clone(),
@@ -242,6 +258,10 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     };
     let mut vm = Vm::new_with_ram_file(config, args.mem_path.as_deref())?;
     vm.set_captured_drives(captured);
+    if args.dirty_rate != 0 {
+        crate::vmm::guest::counter::set_dirty_rate(vm.guest_memory(), args.dirty_rate)
+            .map_err(VmError::from)?;
+    }
     termination::install().map_err(|source| RunError::Monitor {
         what: "installing the SIGINT/SIGTERM handler",
         source,
@@ -250,22 +270,48 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         timed("loadvm", |p| snapshot::loadvm_with_progress(&vm, tag, p))
             .map_err(RunError::Loadvm)?;
     }
-    vm.start();
+    let reopen: Vec<DriveOpen> = args
+        .drives
+        .iter()
+        .map(|d| DriveOpen {
+            path: d.file.clone(),
+            format: d.format,
+            read_only: d.readonly,
+        })
+        .collect();
+    let mig = Migrator::new(reopen);
+    let listener = match &args.incoming {
+        Some(uri) => {
+            mig.set_drives_inactive(true);
+            vm.set_pause_reason(Some("inmigrate"));
+            Some(Listener::bind(uri).map_err(RunError::Incoming)?)
+        }
+        None => {
+            vm.start();
+            None
+        }
+    };
+    let cx = Cx { vm: &vm, mig: &mig };
     let done = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
-        s.spawn(|| watch_termination(&vm, &done));
+        s.spawn(|| watch_termination(cx, &done));
+        s.spawn(|| mig.serve(&vm));
+        if let Some(l) = listener {
+            s.spawn(|| receive(cx, l));
+        }
         let r = match &args.monitor {
             None => wait_for_failure(&vm),
             Some(MonitorSpec::Stdio) => {
                 let stdin = std::io::stdin();
-                serve(&vm, stdin.lock(), std::io::stdout(), true).map(|()| 0)
+                serve(cx, stdin.lock(), std::io::stdout(), true).map(|()| 0)
             }
-            Some(MonitorSpec::Unix(path)) => serve_unix(&vm, path).map(|()| 0),
+            Some(MonitorSpec::Unix(path)) => serve_unix(cx, path).map(|()| 0),
         };
         done.store(true, Ordering::SeqCst);
+        mig.shutdown();
         r
     });
-    let flushed = stop_and_flush(&vm);
+    let flushed = stop_and_flush(cx);
     vm.shutdown();
     if let VmStatus::Failed(why) = vm.status() {
         return Err(RunError::GuestFailed(why));
@@ -274,18 +320,50 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     result
 }
 
-/// Stops the vCPUs and flushes every drive, as QEMU does before exiting.
-fn stop_and_flush(vm: &Vm) -> Result<(), RunError> {
+/// What the monitor acts on: the VM and its migration state.
+#[derive(Debug, Clone, Copy)]
+pub struct Cx<'a> {
+    /// The VM.
+    pub vm: &'a Vm,
+    /// Its migration state.
+    pub mig: &'a Migrator,
+}
+
+/// The incoming migration thread: a failed or partial stream ends the process with a
+/// non-zero status before the guest ever runs (as QEMU does).
+fn receive(cx: Cx<'_>, listener: Listener) {
+    match migrate::incoming::run(cx.vm, listener, cx.mig.drives()) {
+        Ok(report) => {
+            cx.mig.set_drives_inactive(false);
+            eprintln!(
+                "vmsnap: incoming migration loaded {} MiB in {} ms",
+                report.bytes >> 20,
+                report.load.as_millis()
+            );
+        }
+        Err(e) => {
+            eprintln!("vmsnap: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Stops the vCPUs and flushes every drive, as QEMU does before exiting (drives handed
+/// over to a migration destination are not touched).
+fn stop_and_flush(cx: Cx<'_>) -> Result<(), RunError> {
     // A VM whose vCPUs already failed still gets its disks flushed.
-    let _ = vm.pause();
-    vm.flush_drives().map_err(RunError::Flush)
+    let _ = cx.vm.pause();
+    if cx.mig.drives_inactive() {
+        return Ok(());
+    }
+    cx.vm.flush_drives().map_err(RunError::Flush)
 }
 
 /// On SIGINT/SIGTERM: stop, flush, exit 0 (QEMU: "terminating on signal").
-fn watch_termination(vm: &Vm, done: &AtomicBool) {
+fn watch_termination(cx: Cx<'_>, done: &AtomicBool) {
     while !done.load(Ordering::SeqCst) {
         if termination::requested() {
-            let code = match stop_and_flush(vm) {
+            let code = match stop_and_flush(cx) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("vmsnap: {e}");
@@ -309,7 +387,12 @@ fn wait_for_failure(vm: &Vm) -> Result<i32, RunError> {
 }
 
 /// Serves monitor commands from `input` until `quit` or end of input (which also quits).
-fn serve(vm: &Vm, input: impl BufRead, mut out: impl Write, prompt: bool) -> Result<(), RunError> {
+fn serve(
+    cx: Cx<'_>,
+    input: impl BufRead,
+    mut out: impl Write,
+    prompt: bool,
+) -> Result<(), RunError> {
     let io = |what| move |source| RunError::Monitor { what, source };
     writeln!(out, "vmsnap monitor - type 'help' for more information").map_err(io("write"))?;
     let mut lines = input.lines();
@@ -322,7 +405,7 @@ fn serve(vm: &Vm, input: impl BufRead, mut out: impl Write, prompt: bool) -> Res
             return Ok(());
         };
         let line = line.map_err(io("read"))?;
-        let (reply, quit) = match execute(vm, &line) {
+        let (reply, quit) = match execute(cx, &line) {
             Outcome::Continue(r) => (r, false),
             Outcome::Quit(r) => (r, true),
         };
@@ -343,9 +426,106 @@ loadvm tag  -- restore a VM snapshot from its tag
 delvm tag   -- delete a VM snapshot from its tag
 info snapshots -- show the currently saved VM snapshots";
 
-/// Runs one monitor line: snapshot commands here, the rest in [`monitor::execute`].
-pub fn execute(vm: &Vm, line: &str) -> Outcome {
+/// Monitor commands of live migration.
+const MIGRATE_HELP: &str = "\
+migrate [-d] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d: do not wait
+migrate_cancel -- cancel the current VM migration
+migrate_set_parameter parameter value -- set a migration parameter (max-bandwidth, downtime-limit, ...)
+migrate_set_capability capability state -- enable or disable a migration capability
+info migrate -- show migration status
+info migrate_parameters -- show current migration parameters
+info migrate_capabilities -- show current migration capabilities";
+
+/// `migrate [-d] URI`: the URI is the rest of the line (an exec command may have spaces),
+/// optionally in double quotes.
+fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
+    let rest = rest.trim();
+    let (detach, uri) = match rest.strip_prefix("-d") {
+        Some(u) if u.starts_with(char::is_whitespace) => (true, u.trim()),
+        _ => (false, rest),
+    };
+    let uri = uri
+        .strip_prefix('"')
+        .and_then(|u| u.strip_suffix('"'))
+        .unwrap_or(uri);
+    if uri.is_empty() {
+        return "Parameter 'uri' is missing".to_string();
+    }
+    if let Err(e) = cx.mig.start(uri) {
+        return format!("Error: {e}");
+    }
+    if detach {
+        return String::new();
+    }
+    match cx.mig.wait().status {
+        migrate::Status::Failed(why) => format!("Error: {why}"),
+        migrate::Status::Cancelled => "Error: migration cancelled".to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Migration commands, or None for other lines.
+fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<String, String>> {
+    let err = |e: migrate::CommandError| format!("Error: {e}");
+    Some(match words {
+        ["migrate", ..] => {
+            let rest = line.trim_start().strip_prefix("migrate").unwrap_or("");
+            Ok(migrate_command(cx, rest))
+        }
+        ["migrate_cancel"] => {
+            cx.mig.cancel();
+            Ok(String::new())
+        }
+        ["migrate_set_parameter", name, value] => cx
+            .mig
+            .set_parameter(name, value)
+            .map(|()| String::new())
+            .map_err(err),
+        ["migrate_set_capability", name, state] => cx
+            .mig
+            .set_capability(name, state)
+            .map(|()| String::new())
+            .map_err(err),
+        ["migrate_set_parameter" | "migrate_set_capability", ..] => {
+            Ok(format!("{}: expected NAME VALUE", words[0]))
+        }
+        ["info", "migrate"] => Ok(cx.mig.info().to_hmp()),
+        ["info", "migrate_parameters"] => Ok(cx.mig.parameters().to_hmp()),
+        ["info", "migrate_capabilities"] => Ok(cx.mig.capabilities().to_hmp()),
+        ["cont" | "c"] if cx.vm.pause_reason() == Some("inmigrate") => {
+            Err("Error: the guest starts once the incoming migration is loaded".to_string())
+        }
+        ["cont" | "c"] if cx.mig.is_active() => {
+            // QEMU lets the guest run again during the iterations; the final copy stops it.
+            let Outcome::Continue(r) = monitor::execute(cx.vm, line) else {
+                return None;
+            };
+            Ok(r)
+        }
+        ["cont" | "c"] if cx.mig.drives_inactive() => match cx.mig.reactivate(cx.vm) {
+            Ok(()) => {
+                let Outcome::Continue(r) = monitor::execute(cx.vm, line) else {
+                    return None;
+                };
+                Ok(r)
+            }
+            Err(e) => Err(err(e)),
+        },
+        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.is_active() || cx.mig.drives_inactive() => {
+            Err(format!("Error: {}", migrate::CommandError::Busy))
+        }
+        _ => return None,
+    })
+}
+
+/// Runs one monitor line: snapshot and migration commands here, the rest in
+/// [`monitor::execute`].
+pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
+    let vm = cx.vm;
     let words: Vec<&str> = line.split_whitespace().collect();
+    if let Some(r) = execute_migrate(cx, line, &words) {
+        return Outcome::Continue(r.unwrap_or_else(|e| e));
+    }
     let result = match words.as_slice() {
         ["savevm"] => timed("savevm", |p| {
             snapshot::savevm_with_progress(vm, None, p).map(|_| String::new())
@@ -367,7 +547,7 @@ pub fn execute(vm: &Vm, line: &str) -> Outcome {
             let Outcome::Continue(base) = monitor::execute(vm, line) else {
                 return Outcome::Continue(String::new());
             };
-            Ok(format!("{base}\n{SNAPSHOT_HELP}"))
+            Ok(format!("{base}\n{SNAPSHOT_HELP}\n{MIGRATE_HELP}"))
         }
         _ => return monitor::execute(vm, line),
     };
@@ -403,7 +583,7 @@ fn timed<T>(
     r
 }
 
-fn serve_unix(vm: &Vm, path: &std::path::Path) -> Result<(), RunError> {
+fn serve_unix(cx: Cx<'_>, path: &std::path::Path) -> Result<(), RunError> {
     let io = |what| move |source| RunError::Monitor { what, source };
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(io("bind"))?;
@@ -422,7 +602,7 @@ fn serve_unix(vm: &Vm, path: &std::path::Path) -> Result<(), RunError> {
         let mut w = &stream;
         let _ = writeln!(w, "vmsnap monitor - type 'help' for more information");
         while let Some(Ok(line)) = lines.next() {
-            let (reply, q) = match execute(vm, &line) {
+            let (reply, q) = match execute(cx, &line) {
                 Outcome::Continue(r) => (r, false),
                 Outcome::Quit(r) => (r, true),
             };

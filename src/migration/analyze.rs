@@ -9,9 +9,10 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{Map, Value as Json};
 
+use super::configuration::configuration_capabilities;
 use super::protocol::SectionType;
-use super::ram::RamRecord;
-use super::stream::{configuration_name, decode_body, Event, StreamError, StreamReader};
+use super::ram::RamHeader;
+use super::stream::{configuration_name, decode_body, Event, Item, StreamError, StreamReader};
 use super::value::{hex_bytes, Value};
 use super::vmdesc::{to_python_json, VmDesc};
 
@@ -75,6 +76,10 @@ pub struct BlockStats {
     pub pages: u64,
     /// Pages sent as zero/fill pages.
     pub zero_pages: u64,
+    /// Of `pages`, those sent LZ4-compressed (vmsnap's opt-in `x-vmsnap-lz4`).
+    pub lz4_pages: u64,
+    /// Compressed bytes of those pages.
+    pub lz4_bytes: u64,
 }
 
 /// A decoded device section.
@@ -95,6 +100,8 @@ pub struct DeviceRow {
 pub struct Analysis {
     /// Machine name from the configuration section.
     pub machine: Option<String>,
+    /// Capabilities the configuration section announces.
+    pub capabilities: Vec<String>,
     /// Target page size used for RAM.
     pub page_size: u64,
     /// Section table in stream order.
@@ -190,10 +197,27 @@ fn filled_with(fill: u8) -> String {
     }
 }
 
+/// The name of RAM block `i` as the reader announced it.
+fn block_name<R: Read>(r: &StreamReader<R>, i: usize) -> String {
+    r.ram_blocks()
+        .get(i)
+        .map(|b| b.idstr.clone())
+        .unwrap_or_default()
+}
+
 /// Reads a whole stream and gathers the analysis. Stream errors do not fail the call: what
 /// was decoded is returned with [`Analysis::error`] set.
 pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, AnalyzeError> {
-    let mut r = StreamReader::new(src);
+    analyze_stream(StreamReader::new(src), opts)
+}
+
+/// [`analyze`] over a stream reader set up by the caller: with
+/// [`StreamReader::new_seekable`], page bodies are seeked over unless `-m`/`-x` need them,
+/// which is what makes the default `--dump state` fast on multi-GiB streams.
+pub fn analyze_stream<R: Read>(
+    mut r: StreamReader<R>,
+    opts: &AnalyzeOptions,
+) -> Result<Analysis, AnalyzeError> {
     let mut a = Analysis::default();
     if let Some(ps) = opts.page_size {
         if let Err(e) = r.set_page_size(ps) {
@@ -211,9 +235,92 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
     let mut open_row: Option<usize> = None;
     let mut kept = 0usize;
     let mut current_id: u32 = 0;
+    // Reader block index → index in a.ram_blocks.
+    let mut stats_of: Vec<usize> = Vec::new();
     loop {
-        let ev = match r.next_event() {
-            Ok(ev) => ev,
+        let ev = match r.next_item() {
+            Ok(Item::Other(ev)) => ev,
+            Ok(Item::Ram { header, .. }) => {
+                let Some((_, _, Pending::Ram(sizes, memory))) =
+                    order.iter_mut().find(|(id, ..)| *id == current_id)
+                else {
+                    continue;
+                };
+                match header {
+                    RamHeader::MemSize { .. } => {
+                        stats_of.clear();
+                        for b in r.ram_blocks() {
+                            sizes.insert(
+                                b.idstr.clone(),
+                                Json::from(format!("0x{:016x}", b.used_length)),
+                            );
+                            if let Some(x) = extractor.as_mut() {
+                                x.create(&b.idstr, b.used_length)?;
+                            }
+                            let i = match a.ram_blocks.iter().position(|(n, _)| n == &b.idstr) {
+                                Some(i) => i,
+                                None => {
+                                    a.ram_blocks.push((b.idstr.clone(), BlockStats::default()));
+                                    a.ram_blocks.len() - 1
+                                }
+                            };
+                            a.ram_blocks[i].1.used_length = b.used_length;
+                            stats_of.push(i);
+                        }
+                    }
+                    RamHeader::Zero {
+                        block, addr, fill, ..
+                    } => {
+                        if let Some(&i) = stats_of.get(block) {
+                            a.ram_blocks[i].1.zero_pages += 1;
+                        }
+                        if memory.is_some() || (fill != 0 && extractor.is_some()) {
+                            let name = block_name(&r, block);
+                            if let Some(m) = memory {
+                                m.insert(
+                                    format!("{name} (0x{addr:016x})"),
+                                    Json::from(filled_with(fill)),
+                                );
+                            }
+                            if let (Some(x), true) = (extractor.as_mut(), fill != 0) {
+                                let page = vec![fill; r.page_size() as usize];
+                                x.write(&name, addr, &page)?;
+                            }
+                        }
+                    }
+                    RamHeader::Page { block, addr, .. } => {
+                        if let Some(&i) = stats_of.get(block) {
+                            let st = &mut a.ram_blocks[i].1;
+                            st.pages += 1;
+                            if let Some(len) = r.page_compressed_len() {
+                                st.lz4_pages += 1;
+                                st.lz4_bytes += len;
+                            }
+                        }
+                        if memory.is_some() || extractor.is_some() {
+                            let name = block_name(&r, block);
+                            let data = match r.page_data() {
+                                Ok(d) => d,
+                                Err(e) => {
+                                    a.error = Some(e);
+                                    break;
+                                }
+                            };
+                            if let Some(m) = memory {
+                                m.insert(
+                                    format!("{name} (0x{addr:016x})"),
+                                    Json::from(hex_bytes(data)),
+                                );
+                            }
+                            if let Some(x) = extractor.as_mut() {
+                                x.write(&name, addr, data)?;
+                            }
+                        }
+                    }
+                    RamHeader::MultifdFlush | RamHeader::Eos => {}
+                }
+                continue;
+            }
             Err(e) => {
                 a.error = Some(e);
                 break;
@@ -233,6 +340,7 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
                     size: r.position() - offset,
                 });
                 a.machine = Some(name);
+                a.capabilities = configuration_capabilities(&value);
             }
             Event::Section { offset, kind, info } => {
                 current_id = info.section_id;
@@ -261,79 +369,7 @@ pub fn analyze<R: Read>(src: R, opts: &AnalyzeOptions) -> Result<Analysis, Analy
                     }
                 }
             }
-            Event::Ram { record, .. } => {
-                let Some((_, _, Pending::Ram(sizes, memory))) =
-                    order.iter_mut().find(|(id, ..)| *id == current_id)
-                else {
-                    continue;
-                };
-                match record {
-                    RamRecord::MemSize { blocks, .. } => {
-                        for b in &blocks {
-                            sizes.insert(
-                                b.idstr.clone(),
-                                Json::from(format!("0x{:016x}", b.used_length)),
-                            );
-                            if let Some(x) = extractor.as_mut() {
-                                x.create(&b.idstr, b.used_length)?;
-                            }
-                            match a.ram_blocks.iter_mut().find(|(n, _)| n == &b.idstr) {
-                                Some((_, st)) => st.used_length = b.used_length,
-                                None => a.ram_blocks.push((
-                                    b.idstr.clone(),
-                                    BlockStats {
-                                        used_length: b.used_length,
-                                        ..Default::default()
-                                    },
-                                )),
-                            }
-                        }
-                    }
-                    RamRecord::Zero {
-                        block, addr, fill, ..
-                    } => {
-                        if let Some((_, st)) = a.ram_blocks.iter_mut().find(|(n, _)| n == &block) {
-                            st.zero_pages += 1;
-                        }
-                        if let Some(m) = memory {
-                            m.insert(
-                                format!("{block} (0x{addr:016x})"),
-                                Json::from(filled_with(fill)),
-                            );
-                        }
-                        if fill != 0 {
-                            if let Some(x) = extractor.as_mut() {
-                                let page = vec![fill; r.page_size() as usize];
-                                x.write(&block, addr, &page)?;
-                            }
-                        }
-                    }
-                    RamRecord::Page { block, addr, .. } => {
-                        if let Some((_, st)) = a.ram_blocks.iter_mut().find(|(n, _)| n == &block) {
-                            st.pages += 1;
-                        }
-                        if memory.is_some() || extractor.is_some() {
-                            let data = match r.page_data() {
-                                Ok(d) => d,
-                                Err(e) => {
-                                    a.error = Some(e);
-                                    break;
-                                }
-                            };
-                            if let Some(m) = memory {
-                                m.insert(
-                                    format!("{block} (0x{addr:016x})"),
-                                    Json::from(hex_bytes(data)),
-                                );
-                            }
-                            if let Some(x) = extractor.as_mut() {
-                                x.write(&block, addr, data)?;
-                            }
-                        }
-                    }
-                    RamRecord::MultifdFlush | RamRecord::Eos => {}
-                }
-            }
+            Event::Ram { .. } => {}
             Event::Device { .. } => {}
             Event::RawBody { offset, bytes } => {
                 // Device bodies wait for the vmdesc at the end; keep at most MAX_KEPT bytes.

@@ -43,6 +43,47 @@ pub fn configuration_value(name: &str) -> Value {
     ])
 }
 
+/// The configuration value for machine `name` announcing `capabilities` (QEMU's
+/// `configuration/capabilities` subsection; none given = no subsection, as QEMU sends when no
+/// capability needs checking).
+pub fn configuration_value_with_capabilities(name: &str, capabilities: &[String]) -> Value {
+    let mut v = configuration_value(name);
+    if capabilities.is_empty() {
+        return v;
+    }
+    let caps = Value::structure([
+        ("caps_count", Value::u32(capabilities.len() as u32)),
+        (
+            "capabilities",
+            Value::Array(
+                capabilities
+                    .iter()
+                    .map(|c| Value::Bytes(c.as_bytes().to_vec()))
+                    .collect(),
+            ),
+        ),
+    ]);
+    if let Value::Struct(fields) = &mut v {
+        fields.push(("configuration/capabilities".into(), caps));
+    }
+    v
+}
+
+/// The capability names a configuration value announces.
+pub fn configuration_capabilities(v: &Value) -> Vec<String> {
+    match v
+        .get("configuration/capabilities")
+        .and_then(|c| c.get("capabilities"))
+    {
+        Some(Value::Array(caps)) => caps
+            .iter()
+            .filter_map(Value::as_bytes)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The machine name of a configuration value.
 pub fn configuration_name(v: &Value) -> String {
     v.get("name")
@@ -81,5 +122,14 @@ mod tests {
             .unwrap();
         assert_eq!(back, v);
         assert_eq!(configuration_name(&back), "pc-q35-7.2");
+        assert_eq!(configuration_capabilities(&back), ["x-ignore-shared"]);
+        assert_eq!(
+            configuration_value_with_capabilities("pc-q35-7.2", &["x-ignore-shared".into()]),
+            v
+        );
+        assert_eq!(
+            configuration_value_with_capabilities("m", &[]),
+            configuration_value("m")
+        );
     }
 }

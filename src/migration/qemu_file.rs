@@ -193,6 +193,43 @@ impl<R: Read> QemuFileReader<R> {
         Ok(())
     }
 
+    /// Skips `n` bytes like [`Self::skip`], but moves past the part that is not buffered yet
+    /// with `seek(source, count)` instead of reading it (a file or a mapping seeks forward;
+    /// skipped RAM page bodies then cost no copy). A seek that fails with
+    /// [`io::ErrorKind::UnexpectedEof`] is reported as the stream ending early.
+    pub fn skip_with(
+        &mut self,
+        n: u64,
+        seek: impl FnOnce(&mut R, u64) -> io::Result<()>,
+    ) -> Result<()> {
+        let buffered = self.end - self.start;
+        let take = usize::try_from(n).map_or(buffered, |n| n.min(buffered));
+        self.start += take;
+        self.pos += take as u64;
+        let rest = n - take as u64;
+        if rest == 0 {
+            return Ok(());
+        }
+        // The buffer is empty now: the source continues right after the skipped bytes.
+        self.start = 0;
+        self.end = 0;
+        seek(&mut self.inner, rest).map_err(|source| {
+            if source.kind() == io::ErrorKind::UnexpectedEof {
+                QemuFileError::UnexpectedEof {
+                    offset: self.pos,
+                    wanted: usize::try_from(rest).unwrap_or(usize::MAX),
+                }
+            } else {
+                QemuFileError::Io {
+                    offset: self.pos,
+                    source,
+                }
+            }
+        })?;
+        self.pos += rest;
+        Ok(())
+    }
+
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut a = [0u8; N];
         self.read_exact(&mut a)?;

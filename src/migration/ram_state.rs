@@ -22,6 +22,7 @@ pub struct RamState<'m> {
     pub pages_per_round: u64,
     /// Check mode: where page data is read to and dropped.
     scratch: Vec<u8>,
+    lz4: bool,
 }
 
 #[derive(Debug)]
@@ -142,7 +143,14 @@ impl<'m> RamState<'m> {
             writer: None,
             pages_per_round: 0,
             scratch: Vec::new(),
+            lz4: false,
         }
+    }
+
+    /// Saves pages LZ4-compressed (see [`RamWriter::set_lz4`]); the registry must announce
+    /// [`super::ram::LZ4_CAPABILITY`]. Loading needs nothing: the stream says so.
+    pub fn set_lz4(&mut self, on: bool) {
+        self.lz4 = on;
     }
 
     fn page_mut(&mut self, block: &str, addr: u64) -> std::result::Result<&mut [u8], String> {
@@ -166,6 +174,7 @@ impl<'m> RamState<'m> {
 impl IterativeState for RamState<'_> {
     fn save_setup(&mut self, f: &mut Sink<'_>) -> std::result::Result<(), String> {
         let mut w = RamWriter::new(self.page_size, false).map_err(|e| e.to_string())?;
+        w.set_lz4(self.lz4);
         let infos: Vec<RamBlockInfo> = self
             .blocks
             .iter()

@@ -50,11 +50,12 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value as Json};
 
+use super::configuration::{configuration_capabilities, configuration_value_with_capabilities};
 use super::protocol::SectionType;
 use super::qemu_file::QemuFileWriter;
 use super::stream::{
-    configuration_name, configuration_value, Decoder, ErrorKind, Event, Result, SectionInfo,
-    StreamError, StreamReader, StreamWriter,
+    configuration_name, Decoder, ErrorKind, Event, Result, SectionInfo, StreamError, StreamReader,
+    StreamWriter,
 };
 use super::value::Value;
 use super::vmdesc::to_qemu_json;
@@ -130,6 +131,7 @@ pub struct Registry<'a> {
     pub machine: String,
     /// Target page size written to the vmdesc and used for RAM.
     pub page_size: u64,
+    capabilities: Vec<String>,
 }
 
 impl<'a> Registry<'a> {
@@ -139,7 +141,23 @@ impl<'a> Registry<'a> {
             entries: Vec::new(),
             machine: machine.to_string(),
             page_size: 4096,
+            capabilities: Vec::new(),
         }
+    }
+
+    /// Announces a capability in the configuration section of streams saved from this
+    /// registry (e.g. [`super::ram::LZ4_CAPABILITY`], together with
+    /// [`super::ram_state::RamState::set_lz4`]). None by default: the configuration is then
+    /// exactly QEMU's.
+    pub fn add_capability(&mut self, name: &str) {
+        if !self.capabilities.iter().any(|c| c == name) {
+            self.capabilities.push(name.to_string());
+        }
+    }
+
+    /// The capabilities announced when saving.
+    pub fn capabilities(&self) -> &[String] {
+        &self.capabilities
     }
 
     fn push(&mut self, idstr: &str, instance_id: u32, version_id: u32, handler: Handler<'a>) {
@@ -233,7 +251,10 @@ impl<'r, 'a, 'w> SaveSession<'r, 'a, 'w> {
     pub fn begin(reg: &'r mut Registry<'a>, out: &'w mut dyn Write) -> Result<Self> {
         let mut w = StreamWriter::new(out);
         w.write_header()?;
-        w.write_configuration(&configuration_value(&reg.machine))?;
+        w.write_configuration(&configuration_value_with_capabilities(
+            &reg.machine,
+            &reg.capabilities,
+        ))?;
         for e in reg.entries.iter_mut() {
             let inf = info(e);
             if let Handler::Iterative(h) = &mut e.handler {
@@ -257,12 +278,15 @@ impl<'r, 'a, 'w> SaveSession<'r, 'a, 'w> {
         self.w.f.position()
     }
 
-    /// One round: a PART section for every iterative entry not done yet. Returns true when
-    /// all are done.
+    /// One round: a PART section for every iterative entry (QEMU's
+    /// `qemu_savevm_state_iterate`). Returns true when every entry reported in this round that
+    /// nothing is left. An entry that was done once is asked again: while the guest runs (live
+    /// migration) it can have new dirty pages; with the guest stopped (savevm) the first round
+    /// in which all are done ends the loop.
     pub fn iterate(&mut self) -> Result<bool> {
         for (e, p) in self.reg.entries.iter_mut().zip(self.pending.iter_mut()) {
             let inf = info(e);
-            if let (Handler::Iterative(h), true) = (&mut e.handler, *p) {
+            if let Handler::Iterative(h) = &mut e.handler {
                 self.w.write_section_header(SectionType::Part, &inf)?;
                 let at = self.w.f.position();
                 let done = h
@@ -319,6 +343,25 @@ impl<'r, 'a, 'w> SaveSession<'r, 'a, 'w> {
     }
 }
 
+/// Capabilities a stream may announce and still be loaded: QEMU's `x-ignore-shared` (the
+/// block list carries addresses; shared blocks are simply not sent) and vmsnap's LZ4 pages.
+const LOADABLE_CAPABILITIES: &[&str] = &["x-ignore-shared", super::ram::LZ4_CAPABILITY];
+
+/// Refuses a stream announcing a capability we cannot honour, as QEMU does ("Received unknown
+/// capability"): it changes the format of what follows.
+fn check_capabilities(value: &Value, offset: u64) -> Result<()> {
+    for cap in configuration_capabilities(value) {
+        if !LOADABLE_CAPABILITIES.contains(&cap.as_str()) {
+            return Err(StreamError {
+                offset,
+                section: None,
+                kind: Box::new(ErrorKind::UnknownCapability(cap)),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Reads a stream into the registered entries (QEMU's `qemu_loadvm_state`).
 pub fn load_state(reg: &mut Registry<'_>, input: &mut dyn Read) -> Result<()> {
     let mut r: Source<'_> = StreamReader::new(input);
@@ -351,6 +394,7 @@ pub fn load_state(reg: &mut Registry<'_>, input: &mut dyn Read) -> Result<()> {
                         }),
                     });
                 }
+                check_capabilities(&value, offset)?;
             }
             Event::Section { offset, kind, info } => {
                 let Some(e) = reg

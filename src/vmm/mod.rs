@@ -171,6 +171,9 @@ pub struct Vm {
     dma_dirty: Arc<memory::DmaDirtyLog>,
     /// Indexes of the drives whose contents savevm keeps in the VM state (`capture=on`).
     captured: Mutex<Vec<usize>>,
+    /// Why the VM is paused, when it is for a migration (`inmigrate`, `finish-migrate`,
+    /// `postmigrate`, as QEMU's `info status` shows); cleared on resume.
+    pause_reason: Mutex<Option<&'static str>>,
     // Keeps /dev/kvm open for as long as the VM exists.
     _kvm: Kvm,
 }
@@ -273,6 +276,7 @@ impl Vm {
             paused_clock: Mutex::new(None),
             dma_dirty,
             captured: Mutex::new(Vec::new()),
+            pause_reason: Mutex::new(None),
             _kvm: kvm,
         };
         vm.spawn_threads()?;
@@ -307,6 +311,7 @@ impl Vm {
 
     /// Resumes parked vCPUs. The kvmclock continues from where it was when they stopped.
     pub fn resume(&self) {
+        *lock(&self.pause_reason) = None;
         if let Some(clock) = lock(&self.paused_clock).take() {
             // If this fails, the guest clock jumps by the paused time: not fatal.
             let _ = vm::restore_clock(&self.vm, &clock);
@@ -352,6 +357,17 @@ impl Vm {
         } else {
             VmStatus::Running
         }
+    }
+
+    /// Records why the VM is paused (QEMU's run state name, shown by `info status` as
+    /// `paused (REASON)`); [`Vm::resume`] clears it.
+    pub fn set_pause_reason(&self, reason: Option<&'static str>) {
+        *lock(&self.pause_reason) = reason;
+    }
+
+    /// The reason given to [`Vm::set_pause_reason`], if the VM has not resumed since.
+    pub fn pause_reason(&self) -> Option<&'static str> {
+        *lock(&self.pause_reason)
     }
 
     fn ensure_parked(&self, what: &'static str) -> Result<()> {

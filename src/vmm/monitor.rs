@@ -39,12 +39,20 @@ pub fn status_line(status: &VmStatus) -> String {
     }
 }
 
+/// [`status_line`] with the reason of a pause, as QEMU prints it (`paused (postmigrate)`).
+pub fn status_line_with(status: &VmStatus, reason: Option<&str>) -> String {
+    match (status, reason) {
+        (VmStatus::Paused, Some(r)) => format!("VM status: paused ({r})"),
+        _ => status_line(status),
+    }
+}
+
 /// Runs one command line.
 pub fn execute(vm: &Vm, line: &str) -> Outcome {
     let words: Vec<&str> = line.split_whitespace().collect();
     let reply = match words.as_slice() {
         [] => String::new(),
-        ["info", "status"] => status_line(&vm.status()),
+        ["info", "status"] => status_line_with(&vm.status(), vm.pause_reason()),
         ["info", "registers"] => registers(vm),
         ["info", "snapshots"] => "info snapshots is not available here".to_string(),
         ["info", what] => format!("info: unknown item '{what}' (try: info status)"),
@@ -142,5 +150,13 @@ mod tests {
         assert_eq!(status_line(&VmStatus::Running), "VM status: running");
         assert_eq!(status_line(&VmStatus::Paused), "VM status: paused");
         assert!(status_line(&VmStatus::Failed("x".into())).contains("internal-error"));
+        assert_eq!(
+            status_line_with(&VmStatus::Paused, Some("postmigrate")),
+            "VM status: paused (postmigrate)"
+        );
+        assert_eq!(
+            status_line_with(&VmStatus::Running, Some("postmigrate")),
+            "VM status: running"
+        );
     }
 }

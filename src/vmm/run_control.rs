@@ -7,10 +7,15 @@
 //! A thread that parks after a port-I/O exit first re-enters `KVM_RUN` with `immediate_exit`
 //! set, which completes the pending I/O (the data of an `in` reaches the guest register)
 //! without running guest code, so the state captured while parked is consistent.
+//!
+//! Throttling (auto-converge) follows QEMU's `cpu_throttle`: a throttled vCPU runs for a
+//! timeslice of [`THROTTLE_TIMESLICE`], then sleeps `pct / (100 - pct)` timeslices. A per-thread
+//! [`KickTimer`] sends the kick signal every timeslice so that a guest that never exits still
+//! leaves `KVM_RUN` to take its sleep; the sleep ends early when a pause or exit is requested.
 
 use std::cell::Cell;
 use std::sync::{Condvar, Mutex, MutexGuard, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 
@@ -72,6 +77,70 @@ pub fn unregister_kvm_run() {
     KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
 }
 
+/// Length of the running slice of a throttled vCPU (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
+pub const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
+
+/// How long a vCPU throttled at `percent` sleeps after each running slice:
+/// `percent / (100 - percent)` timeslices (0 when not throttled; `percent` is clamped to 99).
+pub fn throttle_sleep_for(percent: u32) -> Duration {
+    let pct = percent.min(99);
+    THROTTLE_TIMESLICE * pct / (100 - pct)
+}
+
+/// A POSIX timer that sends the kick signal to the thread that created it.
+#[derive(Debug)]
+pub struct KickTimer {
+    id: libc::timer_t,
+}
+
+impl KickTimer {
+    /// Creates a disarmed timer targeting the calling thread.
+    pub fn for_current_thread() -> std::io::Result<KickTimer> {
+        // SAFETY: a zeroed `sigevent` is a valid "no notification" value; every field read by
+        // the kernel for SIGEV_THREAD_ID is set below.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `sev` and `id` are live, initialised values the call reads and writes; the
+        // kick signal's handler is installed before any vCPU thread runs.
+        let rc = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(KickTimer { id })
+    }
+
+    /// Fires every `interval`, or never with `None`.
+    pub fn set(&self, interval: Option<Duration>) -> std::io::Result<()> {
+        let d = interval.unwrap_or(Duration::ZERO);
+        let ts = libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(d.subsec_nanos()),
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: `self.id` is a timer created by `timer_create` and not yet deleted; `spec`
+        // is a live value and a null old-value pointer is allowed.
+        let rc = unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KickTimer {
+    fn drop(&mut self) {
+        // SAFETY: `self.id` came from `timer_create` and is deleted only here, once.
+        unsafe { libc::timer_delete(self.id) };
+    }
+}
+
 /// What a vCPU thread should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -131,6 +200,24 @@ impl RunControl {
         self.flags.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Called by a throttled vCPU thread after a running slice: sleeps `d`, or less if a pause
+    /// or exit is requested meanwhile.
+    pub fn throttle_sleep(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut f = self.lock();
+        while !f.pause && !f.exit {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            f = self
+                .cond
+                .wait_timeout(f, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Called by a vCPU thread before each `KVM_RUN`.
     pub fn next(&self) -> Next {
         let f = self.lock();
@@ -169,6 +256,8 @@ impl RunControl {
     /// [`RunControl::wait_parked`].
     pub fn request_pause(&self) {
         self.lock().pause = true;
+        // Wakes threads sleeping in `throttle_sleep`.
+        self.cond.notify_all();
     }
 
     /// Waits until every live vCPU thread is parked; `false` on timeout.
@@ -214,6 +303,69 @@ impl RunControl {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn throttle_sleep_follows_qemus_ratio() {
+        assert_eq!(throttle_sleep_for(0), Duration::ZERO);
+        assert_eq!(throttle_sleep_for(20), Duration::from_micros(2500));
+        assert_eq!(throttle_sleep_for(50), Duration::from_millis(10));
+        assert_eq!(throttle_sleep_for(99), Duration::from_millis(990));
+        assert_eq!(throttle_sleep_for(150), Duration::from_millis(990));
+    }
+
+    #[test]
+    fn throttle_sleep_ends_early_on_pause_and_exit() {
+        let ctl = Arc::new(RunControl::new(1));
+        ctl.resume();
+        let t = Instant::now();
+        ctl.throttle_sleep(Duration::from_millis(30));
+        assert!(t.elapsed() >= Duration::from_millis(30));
+
+        let c = Arc::clone(&ctl);
+        let sleeper = std::thread::spawn(move || {
+            let t = Instant::now();
+            c.throttle_sleep(Duration::from_secs(10));
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        ctl.request_pause();
+        assert!(sleeper.join().unwrap() < Duration::from_secs(5));
+
+        ctl.resume();
+        let c = Arc::clone(&ctl);
+        let sleeper = std::thread::spawn(move || {
+            let t = Instant::now();
+            c.throttle_sleep(Duration::from_secs(10));
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        ctl.request_exit();
+        assert!(sleeper.join().unwrap() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kick_timer_interrupts_a_blocking_call() {
+        install_kick_handler().unwrap();
+        let timer = KickTimer::for_current_thread().unwrap();
+        timer.set(Some(Duration::from_millis(20))).unwrap();
+        // A blocking read of a pipe nobody writes returns EINTR once the timer fires (the
+        // handler is installed without SA_RESTART).
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe() writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let mut b = [0u8; 1];
+        // SAFETY: `b` is a live one-byte buffer and `fds[0]` the pipe's read end.
+        let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+        let err = std::io::Error::last_os_error();
+        timer.set(None).unwrap();
+        // SAFETY: both descriptors came from pipe() above and are closed once.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        assert_eq!(n, -1);
+        assert_eq!(err.raw_os_error(), Some(libc::EINTR));
+    }
 
     #[test]
     fn pause_waits_for_every_thread_and_resume_releases_them() {

@@ -1,14 +1,15 @@
 //! The body of a vCPU thread: `KVM_RUN` in a loop, port I/O to the devices, parking when
-//! [`super::Vm::pause`] asks (see [`super::run_control`] for the protocol).
+//! [`super::Vm::pause`] asks (see [`super::run_control`] for the protocol), and sleeping
+//! between running slices while throttled ([`super::Vm::set_throttle`]).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
 
 use super::devices::{self, control::ControlShared, Devices};
 use super::lock;
-use super::run_control::{self, Next, RunControl};
+use super::run_control::{self, KickTimer, Next, RunControl};
 use super::vcpu::Vcpu;
 
 /// What one vCPU thread owns.
@@ -36,10 +37,12 @@ impl VcpuThread {
 
     fn run_loop(&self) -> std::result::Result<(), String> {
         let mut pending_io = false;
+        let mut throttle = Throttle::default();
         loop {
             match self.ctl.next() {
                 Next::Exit => return Ok(()),
                 Next::Park => {
+                    throttle.stop();
                     if pending_io {
                         self.complete_pending_io()?;
                         pending_io = false;
@@ -48,7 +51,10 @@ impl VcpuThread {
                         return Ok(());
                     }
                 }
-                Next::Run => pending_io = self.run_once()?,
+                Next::Run => {
+                    throttle.before_run(&self.ctl);
+                    pending_io = self.run_once()?;
+                }
             }
         }
     }
@@ -108,5 +114,64 @@ impl VcpuThread {
         };
         let rip = v.fd.get_regs().map(|r| r.rip).unwrap_or(0);
         Err(format!("vCPU {index}: {unexpected} at rip {rip:#x}"))
+    }
+}
+
+/// Per-thread throttling state: when the current running slice began, and the kick timer
+/// that ends each slice (created on first use, armed only while throttled and running).
+#[derive(Debug, Default)]
+struct Throttle {
+    slice_start: Option<Instant>,
+    timer: Option<KickTimer>,
+    timer_failed: bool,
+    armed: bool,
+}
+
+impl Throttle {
+    /// Before each KVM_RUN: sleeps if the running slice is over, keeps the kick timer in step
+    /// with the throttle percentage.
+    fn before_run(&mut self, ctl: &RunControl) {
+        let pct = ctl.throttle();
+        if pct == 0 {
+            self.stop();
+            return;
+        }
+        let now = Instant::now();
+        let start = *self.slice_start.get_or_insert(now);
+        let mut rephase = !self.armed;
+        if now.duration_since(start) >= run_control::THROTTLE_TIMESLICE {
+            ctl.throttle_sleep(run_control::throttle_sleep_for(pct));
+            self.slice_start = Some(Instant::now());
+            rephase = true;
+        }
+        if rephase {
+            // Restart the timer with the slice, so that its kick ends this very slice.
+            self.arm(Some(run_control::THROTTLE_TIMESLICE));
+        }
+    }
+
+    /// Not throttled (or parking): no slice, no timer.
+    fn stop(&mut self) {
+        self.slice_start = None;
+        if self.armed {
+            self.arm(None);
+        }
+    }
+
+    fn arm(&mut self, interval: Option<Duration>) {
+        if self.timer.is_none() && !self.timer_failed {
+            match KickTimer::for_current_thread() {
+                Ok(t) => self.timer = Some(t),
+                Err(e) => {
+                    // Without the timer the vCPU still sleeps at its next exit.
+                    eprintln!("vmsnap: cannot create the vCPU throttle timer: {e}");
+                    self.timer_failed = true;
+                }
+            }
+        }
+        if let Some(t) = &self.timer {
+            let ok = t.set(interval).is_ok();
+            self.armed = interval.is_some() && ok;
+        }
     }
 }

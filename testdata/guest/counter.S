@@ -5,6 +5,10 @@
 # 64-bit kernel mode. Kernel-mode code is kept tiny (kvm_pvm emulates it one instruction at a
 # time); everything else runs in user mode (CPL 3, IOPL 3, TSS I/O bitmap all zero).
 #
+# Optional memory dirtying: at each handled tick the user loop also stores one qword into each
+# of `dirty_per_tick` pages, cycling through a RAM area above the fixed layout; the VMM writes
+# these parameters (0xc38..0xc48) before start (`vmsnap run --dirty-rate MIB`).
+#
 # Rebuild: testdata/guest/build.sh (writes counter.bin next to this file).
 #
 # Linked at 0x10000. The layout (offsets from the load address) is fixed by the `.org` lines below and mirrored
@@ -122,6 +126,7 @@ user_main:
         mov rax, rbx
         call fill
         mov [filled], rbx
+        call dirty
         # every RECORD_EVERY ticks write the record {magic, N, ~N} to sector 1 of disk 0
         test rbx, RECORD_EVERY - 1
         jnz user_main
@@ -154,6 +159,29 @@ fill:
         cmp rcx, REGION_QWORDS
         jb 1b
         ret
+
+# dirty: store N (rbx) into the first qword of `dirty_per_tick` pages, cycling page by page
+# through [dirty_start, dirty_end) (parameters the VMM writes before start; 0 pages = off).
+# One call per handled tick, so ticks lost while the vCPU is throttled are not made up.
+dirty:
+        mov rcx, [dirty_per_tick]
+        test rcx, rcx
+        jz 3f
+        add [dirty_total], rcx
+        mov rdi, [dirty_cursor]
+        mov r8, [dirty_start]
+        mov r9, [dirty_end]
+1:      cmp rdi, r8
+        jb 2f
+        cmp rdi, r9
+        jb 4f
+2:      mov rdi, r8
+4:      mov [rdi], rbx
+        add rdi, 0x1000
+        dec rcx
+        jnz 1b
+        mov [dirty_cursor], rdi
+3:      ret
 
 # check: region agrees with `filled`, sector 1 agrees with `disk_n`; prints CHECK OK/FAIL.
 check:
@@ -273,6 +301,12 @@ disk_n:       .quad 0           # 0xc18 N of the last record written to disk
 faults:       .quad 0           # 0xc20 unexpected exceptions
 check_fails:  .quad 0           # 0xc28 failed checks
 has_disk:     .byte 0           # 0xc30 1 if disk 0 answered at boot
+        .org 0xc38
+dirty_per_tick: .quad 0         # 0xc38 pages to dirty per handled tick (written by the VMM)
+dirty_start:  .quad 0           # 0xc40 first page of the dirtied area (written by the VMM)
+dirty_end:    .quad 0           # 0xc48 end of the dirtied area (written by the VMM)
+dirty_cursor: .quad 0           # 0xc50 next page to dirty
+dirty_total:  .quad 0           # 0xc58 pages dirtied so far
         .org 0xd00
 ap_counters:  .fill 32, 8, 0    # 0xd00 one counter per vCPU
         .org 0x1000

@@ -6,9 +6,12 @@
 //! Run: `cargo bench --bench decode`.
 //!
 //! Measured on the shared 2-core build machine (2026-11-22), stream of 1 177 068 423 bytes
-//! (1280 MiB RAM, 1 page in 8 zero), two runs: encode 371–372 MiB/s; vmsnap decode
-//! 548–1252 MiB/s (2.05 / 0.90 s) with a peak RSS of 2.4 MB; analyze-migration.py
-//! --dump state on the same file 238–395 MiB/s (4.71 / 2.84 s). vmsnap is 2.3–3.2× faster.
+//! (1280 MiB RAM, 1 page in 8 zero), two runs: encode 371–372 MiB/s; vmsnap decode reading
+//! every byte 548–1252 MiB/s (2.05 / 0.90 s) with a peak RSS of 2.4 MB; analyze-migration.py
+//! --dump state on the same file 238–395 MiB/s (4.71 / 2.84 s): 2.3–3.2×. Since then the
+//! inspector binary maps the file in 8 MiB windows and seeks over page bodies: 0.12–0.16 s on
+//! an idle machine, 0.3–0.4 s with the other helpers' builds running (peak RSS 11 MB); the
+//! harness case `cargo bench --bench perf -- inspect` measures it against the script.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -136,7 +139,23 @@ fn main() {
     let secs = t.elapsed().as_secs_f64();
     assert!(a.error.is_none(), "{:?}", a.error);
     println!(
-        "vmsnap decode (--dump state): {len} bytes in {secs:.2} s = {:.0} MiB/s",
+        "vmsnap library decode, reading every byte: {len} bytes in {secs:.2} s = {:.0} MiB/s",
+        len as f64 / secs / 1048576.0
+    );
+    // The inspector binary: mapped file, page bodies seeked over.
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmsnap-inspect"))
+        .args([path.to_str().unwrap_or_default(), "--dump", "state"])
+        .output()
+        .expect("run vmsnap-inspect");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "vmsnap-inspect --dump state (mapped, seeks over pages): {secs:.2} s = {:.0} MiB/s",
         len as f64 / secs / 1048576.0
     );
 

@@ -21,6 +21,9 @@ pub fn render(a: &Analysis, label: &str, dump: Dump) -> String {
     if let Some(m) = &a.machine {
         let _ = writeln!(s, "machine:   {m}");
     }
+    if !a.capabilities.is_empty() {
+        let _ = writeln!(s, "capabilities: {}", a.capabilities.join(", "));
+    }
     let _ = writeln!(s, "page size: {:#x}", a.page_size);
     if dump == Dump::Desc {
         render_desc(&mut s, a);
@@ -74,6 +77,29 @@ fn render_ram(s: &mut String, a: &Analysis) {
             st.pages,
             st.zero_pages
         );
+    }
+    let lz4: Vec<_> = a
+        .ram_blocks
+        .iter()
+        .filter(|(_, st)| st.lz4_pages > 0)
+        .collect();
+    if !lz4.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nLZ4 (x-vmsnap-lz4)\n{:<32} {:>10} {:>14} {:>8}",
+            "block", "pages", "compressed", "ratio"
+        );
+        for (name, st) in lz4 {
+            let raw = st.lz4_pages * a.page_size;
+            let _ = writeln!(
+                s,
+                "{:<32} {:>10} {:>14} {:>7.1}%",
+                name,
+                st.lz4_pages,
+                format!("{:#x}", st.lz4_bytes),
+                100.0 * st.lz4_bytes as f64 / raw.max(1) as f64
+            );
+        }
     }
 }
 

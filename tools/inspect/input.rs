@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use vmsnap::block::{open_image, BlockDriver, OpenOptions};
 use vmsnap::migration::snapshot_io::VmstateReader;
 
+use crate::mapped::MappedFile;
+
 /// Failures opening the input.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
@@ -80,6 +82,15 @@ impl Input {
         match self {
             Input::File(p, _) => p.display().to_string(),
             Input::Snapshot { path, tag, .. } => format!("{} snapshot '{tag}'", path.display()),
+        }
+    }
+
+    /// A stream file read through a memory mapping (page bodies are then seeked over, not
+    /// read); `None` for snapshots and files that cannot be mapped (pipes, devices).
+    pub fn mapped(&self) -> Option<MappedFile<'_>> {
+        match self {
+            Input::File(_, f) if f.metadata().is_ok_and(|m| m.is_file()) => MappedFile::new(f).ok(),
+            _ => None,
         }
     }
 

@@ -7,14 +7,15 @@
 mod human;
 mod input;
 mod integrity;
+mod mapped;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 
-use vmsnap::migration::analyze::{analyze, AnalyzeError, AnalyzeOptions};
-use vmsnap::migration::stream::ErrorKind;
+use vmsnap::migration::analyze::{analyze, analyze_stream, Analysis, AnalyzeError, AnalyzeOptions};
+use vmsnap::migration::stream::{ErrorKind, StreamReader};
 use vmsnap::migration::vmdesc::to_python_json;
 
 /// `QFI\xfb`, the first bytes of a qcow2 image.
@@ -103,7 +104,7 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
         page_size: None,
     };
     let mut holder = input::open(&cli.input, cli.snapshot.as_deref())?;
-    let mut analysis = analyze(holder.reader()?, &opts)?;
+    let mut analysis = analyze_input(&mut holder, &opts)?;
     if analysis.stopped_in_ram() {
         // The page size is only stated in the vmdesc at the end: try the other sizes QEMU
         // targets use and keep the one the vmdesc confirms.
@@ -112,7 +113,7 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
                 page_size: Some(ps),
                 ..opts.clone()
             };
-            let a = analyze(holder.reader()?, &retry)?;
+            let a = analyze_input(&mut holder, &retry)?;
             if a.error.is_none() && a.vmdesc_page_size() == Some(ps) {
                 eprintln!("note: RAM decoded with the vmdesc's page size {ps:#x}");
                 analysis = a;
@@ -155,6 +156,18 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
         (Output::Human, _) => human::render(&analysis, &holder.label(), dump),
     };
     emit(&text)
+}
+
+/// Analyzes the input: a stream file through a mapping with seeks over page bodies, anything
+/// else by reading it.
+fn analyze_input(
+    holder: &mut input::Input,
+    opts: &AnalyzeOptions,
+) -> Result<Analysis, InspectError> {
+    if let Some(m) = holder.mapped() {
+        return Ok(analyze_stream(StreamReader::new_seekable(m), opts)?);
+    }
+    Ok(analyze(holder.reader()?, opts)?)
 }
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error.

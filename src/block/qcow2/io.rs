@@ -30,6 +30,21 @@ impl Qcow2 {
             .ok_or_else(|| corrupt("L2 cache lost an entry".into()))
     }
 
+    /// A whole L2 table for a walk over many tables: the cached copy, else one read (not
+    /// cached: a walk reads every table once and would only evict what guest I/O uses).
+    pub(crate) fn read_l2_table(&mut self, l2: u64) -> Result<Vec<u8>> {
+        if let Some(t) = self.l2_cache.get(l2) {
+            return Ok(t.clone());
+        }
+        let cs = self.layout.cluster_size();
+        if l2 % cs != 0 {
+            return Err(corrupt(format!("L2 table offset {l2:#x} is not aligned")));
+        }
+        let mut t = vec![0u8; cs as usize];
+        self.sread(l2, &mut t)?;
+        Ok(t)
+    }
+
     /// Reads entry `idx` (and its bitmap with extended L2) of the L2 table at `l2`.
     pub(crate) fn l2_get(&mut self, l2: u64, idx: u64) -> Result<(L2Entry, u64)> {
         let es = self.layout.l2_entry_size() as usize;
@@ -57,6 +72,35 @@ impl Qcow2 {
         }
         let bytes = t[p..p + es].to_vec();
         self.swrite(l2 + p as u64, &bytes)
+    }
+
+    /// Writes consecutive entries from `first` of the L2 table at `l2` with one write.
+    pub(crate) fn l2_set_many(
+        &mut self,
+        l2: u64,
+        first: u64,
+        entries: &[(L2Entry, u64)],
+    ) -> Result<()> {
+        let es = self.layout.l2_entry_size() as usize;
+        let ext = self.layout.extended_l2;
+        let t = self.load_l2(l2)?;
+        let start = first as usize * es;
+        let end = start + entries.len() * es;
+        if end > t.len() {
+            return Err(corrupt(format!(
+                "L2 update of {} entries from index {first} runs past the table at {l2:#x}",
+                entries.len()
+            )));
+        }
+        for (k, (e, bm)) in entries.iter().enumerate() {
+            let p = start + k * es;
+            BigEndian::write_u64(&mut t[p..], e.0);
+            if ext {
+                BigEndian::write_u64(&mut t[p + 8..], *bm);
+            }
+        }
+        let bytes = t[start..end].to_vec();
+        self.swrite(l2 + start as u64, &bytes)
     }
 
     /// The L2 entry mapping `guest` through `l1` (None: the active table).
@@ -282,9 +326,10 @@ impl Qcow2 {
         } else {
             0
         };
-        for i in 0..count {
-            self.l2_set(l2, first + i, L2Entry((host + i * cs) | OFLAG_COPIED), bm)?;
-        }
+        let entries: Vec<(L2Entry, u64)> = (0..count)
+            .map(|i| (L2Entry((host + i * cs) | OFLAG_COPIED), bm))
+            .collect();
+        self.l2_set_many(l2, first, &entries)?;
         Ok(bytes)
     }
 
@@ -383,7 +428,12 @@ impl Qcow2 {
             let cstart = self.layout.cluster_start(pos);
             let n = (cstart + cs).min(end) - pos;
             if pos == cstart && n == cs {
-                self.zero_cluster(pos, discard)?;
+                // Whole clusters: as many as the range holds within this L2 table.
+                let left_in_table = self.layout.l2_entries() - self.layout.l2_index(pos);
+                let count = ((end - pos) / cs).min(left_in_table);
+                self.zero_clusters(pos, count, discard)?;
+                pos += count * cs;
+                continue;
             } else if !discard {
                 self.write_guest(pos, &vec![0u8; n as usize])?;
             }
@@ -392,41 +442,67 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Zeroes (or discards) one whole cluster.
-    fn zero_cluster(&mut self, guest: u64, discard: bool) -> Result<()> {
+    /// Zeroes (or discards) `count` whole clusters from `guest`, all within one L2 table:
+    /// one write of the changed entries, then the old clusters lose their references in one
+    /// refcount batch (after the entries no longer hold them).
+    fn zero_clusters(&mut self, guest: u64, count: u64, discard: bool) -> Result<()> {
+        let cs = self.layout.cluster_size();
         let v3 = self.header.version >= 3;
         let ext = self.layout.extended_l2;
         let has_backing = self.backing.is_some();
-        let (e, bm) = self.lookup(None, guest)?;
-        let allocated = e.offset() != 0 || e.compressed();
-        let (new_e, new_bm) = if ext {
-            if !allocated && !has_backing && bm & BITMAP_ALL_ALLOC == 0 {
-                return Ok(()); // Already reads as zeroes.
-            }
-            (0, BITMAP_ALL_ZEROES)
-        } else if v3 {
-            if !allocated && (e.0 == OFLAG_ZERO || !has_backing) {
-                return Ok(());
-            }
-            (OFLAG_ZERO, 0)
-        } else if has_backing && !discard {
+        if !ext && !v3 && has_backing && !discard {
             // Version 2 has no zero flag: write real zeroes over the backing data.
-            return self.write_guest(guest, &vec![0u8; self.layout.cluster_size() as usize]);
-        } else {
-            if !allocated {
-                return Ok(());
+            let zeroes = vec![0u8; cs as usize];
+            for k in 0..count {
+                self.write_guest(guest + k * cs, &zeroes)?;
             }
-            (0, 0)
-        };
-        if new_e == e.0 && new_bm == bm {
             return Ok(());
         }
+        let mut changes: Vec<(u64, L2Entry, u64)> = Vec::new();
+        for k in 0..count {
+            let (e, bm) = self.lookup(None, guest + k * cs)?;
+            let allocated = e.offset() != 0 || e.compressed();
+            let (new_e, new_bm) = if ext {
+                if !allocated && !has_backing && bm & BITMAP_ALL_ALLOC == 0 {
+                    continue; // Already reads as zeroes.
+                }
+                (0, BITMAP_ALL_ZEROES)
+            } else if v3 {
+                if !allocated && (e.0 == OFLAG_ZERO || !has_backing) {
+                    continue;
+                }
+                (OFLAG_ZERO, 0)
+            } else {
+                if !allocated {
+                    continue;
+                }
+                (0, 0)
+            };
+            if new_e != e.0 || new_bm != bm {
+                changes.push((k, L2Entry(new_e), new_bm));
+            }
+        }
+        let (Some(&(lo, ..)), Some(&(hi, ..))) = (changes.first(), changes.last()) else {
+            return Ok(());
+        };
         let l2 = self.writable_l2(guest)?;
-        let idx = self.layout.l2_index(guest);
+        let first = self.layout.l2_index(guest);
         // Re-read: making the L2 table writable does not change entries.
-        let (e, _) = self.l2_get(l2, idx)?;
-        self.l2_set(l2, idx, L2Entry(new_e), new_bm)?;
-        self.release(e)
+        let mut entries = Vec::with_capacity((hi - lo + 1) as usize);
+        let mut released = Vec::with_capacity(changes.len());
+        let mut next = changes.iter().peekable();
+        for k in lo..=hi {
+            let (e, bm) = self.l2_get(l2, first + k)?;
+            match next.next_if(|c| c.0 == k) {
+                Some(&(_, new_e, new_bm)) => {
+                    entries.push((new_e, new_bm));
+                    released.push(e);
+                }
+                None => entries.push((e, bm)),
+            }
+        }
+        self.l2_set_many(l2, first + lo, &entries)?;
+        self.batched(|q| released.into_iter().try_for_each(|e| q.release(e)))
     }
 }
 

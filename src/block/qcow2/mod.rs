@@ -23,10 +23,12 @@ pub mod entry;
 pub mod header;
 mod io;
 pub mod layout;
+mod refbatch;
 mod refcount;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use byteorder::{BigEndian, ByteOrder};
 
@@ -209,12 +211,19 @@ pub struct Qcow2 {
     pub(crate) backing: Option<Box<dyn BlockDriver>>,
     pub(crate) l2_cache: MetaCache,
     pub(crate) rb_cache: MetaCache,
+    /// Changed metadata a snapshot walk may hold before writing it.
+    pub(crate) walk_batch_limit: usize,
+    /// Refcount blocks changed in memory while a batch is open (see `refbatch`).
+    pub(crate) rb_dirty: Option<refbatch::DirtyBlocks>,
     /// First host cluster index that may be free.
     pub(crate) free_hint: u64,
     /// Where the search for the next multi-cluster run starts.
     pub(crate) run_hint: u64,
     /// One past the highest cluster index known to be in use (file end, or later allocations).
     pub(crate) end_cluster: u64,
+    /// Something may have been written since the last successful flush. Starts true, so the
+    /// first flush asked for always reaches storage.
+    pub(crate) unflushed: AtomicBool,
     /// Last decompressed cluster (host offset of its descriptor, bytes).
     pub(crate) decompressed: Option<(u64, Vec<u8>)>,
     path: Option<PathBuf>,
@@ -488,6 +497,9 @@ impl Qcow2 {
             backing: None,
             l2_cache: MetaCache::new(cache_clusters),
             rb_cache: MetaCache::new(cache_clusters),
+            rb_dirty: None,
+            walk_batch_limit: snapshot::WALK_BATCH_BYTES,
+            unflushed: AtomicBool::new(true),
             free_hint: 0,
             run_hint: 0,
             end_cluster: file_len.div_ceil(cs),
@@ -585,13 +597,21 @@ impl Qcow2 {
     }
 
     pub(crate) fn swrite(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.unflushed.store(true, Ordering::Relaxed);
         self.storage
             .write_at(offset, buf)
             .map_err(|e| Error::io(format!("write at host offset {offset:#x}"), e))
     }
 
+    /// Flushes storage, unless nothing was written since the last successful flush (a
+    /// second fdatasync in a row costs a disk round trip and makes nothing more durable).
     pub(crate) fn sflush(&self) -> Result<()> {
-        self.storage.flush().map_err(|e| Error::io("flush", e))
+        if !self.unflushed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.storage.flush().map_err(|e| Error::io("flush", e))?;
+        self.unflushed.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Clears autoclear feature bits we do not maintain, before the first write (QEMU clears

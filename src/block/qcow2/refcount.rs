@@ -14,6 +14,7 @@
 use byteorder::{BigEndian, ByteOrder};
 
 use super::header::OFF_REFTABLE;
+use super::refbatch::{DirtyBlock, DirtyBlocks};
 use super::{corrupt, Qcow2, Qcow2Error};
 use crate::block::Result;
 
@@ -65,7 +66,17 @@ pub(crate) fn set_in_block(block: &mut [u8], idx: usize, order: u32, value: u64)
 }
 
 impl Qcow2 {
+    /// The refcount block at `offset`: the batch's copy while a batch holds it, else the
+    /// cached (clean) one.
     fn load_refblock(&mut self, offset: u64) -> Result<&mut Vec<u8>> {
+        if self.rb_dirty.as_ref().is_some_and(|d| d.contains(offset)) {
+            return self
+                .rb_dirty
+                .as_mut()
+                .and_then(|d| d.get_mut(offset))
+                .map(|b| &mut b.data)
+                .ok_or_else(|| corrupt("refcount batch lost an entry".into()));
+        }
         if self.rb_cache.get(offset).is_none() {
             if offset % self.layout.cluster_size() != 0 {
                 return Err(corrupt(format!(
@@ -79,6 +90,80 @@ impl Qcow2 {
         self.rb_cache
             .get(offset)
             .ok_or_else(|| corrupt("refcount cache lost an entry".into()))
+    }
+
+    /// A copy of the cached refcount block at `offset`, if it is cached.
+    pub(crate) fn refblock_copy(&mut self, offset: u64) -> Option<Vec<u8>> {
+        self.rb_cache.get(offset).cloned()
+    }
+
+    /// Moves the block at `offset` into the open batch (from the cache or storage).
+    fn batch_refblock(&mut self, offset: u64) -> Result<&mut DirtyBlock> {
+        if !self.rb_dirty.as_ref().is_some_and(|d| d.contains(offset)) {
+            let data = self.load_refblock(offset)?.clone();
+            self.rb_cache.forget(offset);
+            if let Some(d) = self.rb_dirty.as_mut() {
+                d.insert(offset, data);
+            }
+        }
+        self.rb_dirty
+            .as_mut()
+            .and_then(|d| d.get_mut(offset))
+            .ok_or_else(|| corrupt("refcount batch lost an entry".into()))
+    }
+
+    /// Opens a batch: until [`Qcow2::end_refcount_batch`], refcount changes stay in memory
+    /// and reach storage with [`Qcow2::write_refcount_batch`] (allocations excepted: they are
+    /// written before `alloc_clusters` returns).
+    pub(crate) fn begin_refcount_batch(&mut self) {
+        if self.rb_dirty.is_none() {
+            self.rb_dirty = Some(DirtyBlocks::default());
+        }
+    }
+
+    /// Runs `f` inside a refcount batch (the open one, or a new one written back when `f`
+    /// succeeds and dropped when it fails).
+    pub(crate) fn batched<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.rb_dirty.is_some() {
+            return f(self);
+        }
+        self.begin_refcount_batch();
+        let r = f(self);
+        let end = self.end_refcount_batch(r.is_ok());
+        let v = r?;
+        end.map(|()| v)
+    }
+
+    /// Memory held by the open batch.
+    pub(crate) fn refcount_batch_bytes(&self) -> usize {
+        self.rb_dirty.as_ref().map_or(0, DirtyBlocks::bytes)
+    }
+
+    /// Writes every changed block of the open batch (one write of its changed range each,
+    /// in offset order) and hands the blocks to the cache. On a write error the blocks not
+    /// yet written are dropped, so that memory never holds counts storage does not have.
+    pub(crate) fn write_refcount_batch(&mut self) -> Result<()> {
+        let Some(d) = self.rb_dirty.as_mut() else {
+            return Ok(());
+        };
+        for (off, b) in d.drain_sorted() {
+            if let Some((lo, hi)) = b.range() {
+                self.swrite(off + lo as u64, &b.data[lo..hi])?;
+            }
+            self.rb_cache.insert(off, b.data);
+        }
+        Ok(())
+    }
+
+    /// Closes the batch: writes it back when `ok`, else drops what it held.
+    pub(crate) fn end_refcount_batch(&mut self, ok: bool) -> Result<()> {
+        let r = if ok {
+            self.write_refcount_batch()
+        } else {
+            Ok(())
+        };
+        self.rb_dirty = None;
+        r
     }
 
     /// The stored refcount of host cluster `cluster` (0 where no block covers it).
@@ -104,15 +189,24 @@ impl Qcow2 {
         let block_off = self.reftable[rt as usize] & super::entry::OFFSET_MASK;
         let idx = (cluster & (self.layout.refblock_entries() - 1)) as usize;
         let order = self.layout.refcount_order;
-        let block = self.load_refblock(block_off)?;
-        let (a, b) = set_in_block(block, idx, order, value);
-        let bytes = block[a..b].to_vec();
-        self.swrite(block_off + a as u64, &bytes)?;
+        if self.rb_dirty.is_some() {
+            let block = self.batch_refblock(block_off)?;
+            let (a, b) = set_in_block(&mut block.data, idx, order, value);
+            block.touch(a, b);
+        } else {
+            let block = self.load_refblock(block_off)?;
+            let (a, b) = set_in_block(block, idx, order, value);
+            let bytes = block[a..b].to_vec();
+            self.swrite(block_off + a as u64, &bytes)?;
+        }
         if value == 0 {
             self.free_hint = self.free_hint.min(cluster);
             let host = cluster << self.layout.cluster_bits;
             self.l2_cache.forget(host);
             self.rb_cache.forget(host);
+            if let Some(d) = self.rb_dirty.as_mut() {
+                d.remove(host);
+            }
             if matches!(self.decompressed, Some((o, _)) if self.layout.cluster_start(o) == host) {
                 self.decompressed = None;
             }
@@ -359,9 +453,14 @@ impl Qcow2 {
                     }
                 }
             }
-            for c in start..start + n {
-                self.set_refcount(c, 1)?;
-            }
+            // One write per refcount block; the caller references the clusters next, so
+            // their counts are written before this returns.
+            self.batched(|q| {
+                for c in start..start + n {
+                    q.set_refcount(c, 1)?;
+                }
+                q.write_refcount_batch()
+            })?;
             // Every cluster between the hint and a single-cluster result is in use.
             if start == self.free_hint || n == 1 {
                 self.free_hint = start + n;

@@ -247,6 +247,42 @@ pub(crate) fn read_table(
     Ok(out)
 }
 
+/// Memory a walk may hold in changed tables and refcount blocks before writing them.
+pub(crate) const WALK_BATCH_BYTES: usize = 32 << 20;
+
+/// L2 tables a walk has changed in memory, and the L1 entries it will change.
+#[derive(Debug, Default)]
+struct PendingTables {
+    /// Host offset → changed table.
+    tables: std::collections::HashMap<u64, Vec<u8>>,
+    bytes: usize,
+    l1_changes: Vec<(usize, u64)>,
+}
+
+impl PendingTables {
+    /// Takes the table at `off` out (an L1 table reaching one L2 table twice must see its
+    /// own changes).
+    fn take(&mut self, off: u64) -> Option<Vec<u8>> {
+        let t = self.tables.remove(&off)?;
+        self.bytes -= t.len();
+        Some(t)
+    }
+
+    /// Keeps a changed table until the next write.
+    fn put(&mut self, off: u64, table: Vec<u8>) {
+        self.bytes += table.len();
+        self.tables.insert(off, table);
+    }
+
+    /// The changed tables, taken out, lowest offset first.
+    fn drain_sorted(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.bytes = 0;
+        let mut v: Vec<(u64, Vec<u8>)> = self.tables.drain().collect();
+        v.sort_unstable_by_key(|(o, _)| *o);
+        v
+    }
+}
+
 /// How an L1 walk changes counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Walk {
@@ -268,6 +304,14 @@ impl Qcow2 {
             .ok_or_else(|| Error::SnapshotNotFound(id_or_name.to_owned()))
     }
 
+    /// Sets how much changed metadata a snapshot walk holds in memory before writing it
+    /// (default 32 MiB). For tests: 0 writes after every L2 table, the finest order the
+    /// batched walk can produce, so crash tests reach the write points between batches.
+    #[doc(hidden)]
+    pub fn set_walk_batch_limit(&mut self, bytes: usize) {
+        self.walk_batch_limit = bytes;
+    }
+
     /// Snapshot entries as stored.
     pub fn snapshot_entries(&self) -> &[Snapshot] {
         &self.snapshots
@@ -276,11 +320,34 @@ impl Qcow2 {
     /// Walks an L1 table (the active one when `l1_offset` is the active table's offset, else
     /// the table read from disk), changing the counts of every L2 table and data cluster it
     /// reaches by `walk`, and setting COPIED flags to `refcount == 1` (QEMU
-    /// `qcow2_update_snapshot_refcount`). Per cluster the count changes before the flag, so a
-    /// crash leaves counts at or above the references.
+    /// `qcow2_update_snapshot_refcount`).
+    ///
+    /// Batched: counts change in memory (one refcount batch), each L2 table is read once and
+    /// changed in memory, and every [`WALK_BATCH_BYTES`] (see
+    /// [`Qcow2::set_walk_batch_limit`]) and at the end the changed refcount
+    /// blocks are written first, then the changed L2 tables (one write each), then the changed
+    /// L1 entries (one write). So a table never reaches storage before the counts its flags
+    /// were computed from, and a crash leaves counts at or above the references, as the
+    /// cluster-by-cluster order did.
     fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, walk: Walk) -> Result<()> {
+        self.begin_refcount_batch();
+        let mut pending = PendingTables::default();
+        let r = self.walk_l1_batched(l1_offset, l1_size, walk, &mut pending);
+        let r = r.and_then(|()| self.write_walk_batch(l1_offset, &mut pending));
+        let ok = r.is_ok();
+        let end = self.end_refcount_batch(ok);
+        r.and(end)
+    }
+
+    fn walk_l1_batched(
+        &mut self,
+        l1_offset: u64,
+        l1_size: u32,
+        walk: Walk,
+        pending: &mut PendingTables,
+    ) -> Result<()> {
         let active = l1_offset == self.header.l1_table_offset;
-        let mut l1 = if active {
+        let l1 = if active {
             self.l1.clone()
         } else {
             super::read_table(&*self.storage, l1_offset, u64::from(l1_size))?
@@ -291,18 +358,22 @@ impl Qcow2 {
             Walk::Dec => -1,
             Walk::FixCopied => 0,
         };
-        #[allow(clippy::needless_range_loop)] // `l1` is updated inside the loop.
-        for i in 0..l1.len() {
-            let l1e = L1Entry(l1[i]);
-            let l2 = l1e.l2_offset();
+        let es = self.layout.l2_entry_size() as usize;
+        let ext = self.layout.extended_l2;
+        for (i, &raw_l1) in l1.iter().enumerate() {
+            let l2 = L1Entry(raw_l1).l2_offset();
             if l2 == 0 {
                 continue;
             }
-            for j in 0..self.layout.l2_entries() {
-                let (e, bm) = self.l2_get(l2, j)?;
-                let kind = e.kind(self.layout.extended_l2);
+            let mut table = match pending.take(l2) {
+                Some(t) => t,
+                None => self.read_l2_table(l2)?,
+            };
+            let mut changed = false;
+            for p in (0..table.len()).step_by(es) {
+                let e = L2Entry(BigEndian::read_u64(&table[p..]));
                 let mut new = e;
-                match kind {
+                match e.kind(ext) {
                     ClusterKind::Compressed if delta != 0 => {
                         let (s, end) = e.compressed_range(self.layout.csize_shift());
                         self.update_refcount(s & !511, end - (s & !511), delta)?;
@@ -322,25 +393,63 @@ impl Qcow2 {
                     _ => {}
                 }
                 if new != e {
-                    self.l2_set(l2, j, new, bm)?;
+                    BigEndian::write_u64(&mut table[p..], new.0);
+                    changed = true;
                 }
             }
             if delta != 0 {
                 self.update_refcount(l2, cs, delta)?;
             }
             let rc = self.get_refcount(self.layout.cluster_index(l2))?;
+            // A table whose last reference went is free: never write it back.
+            if rc > 0 && changed {
+                pending.put(l2, table);
+            }
             let new = L1Entry::new(l2, rc == 1).0;
             // QEMU does not write back a table it is dropping references from.
-            if new != l1[i] && walk != Walk::Dec {
-                l1[i] = new;
-                if active {
-                    self.write_l1_entry(i, new)?;
-                } else {
-                    let mut b = [0u8; 8];
-                    BigEndian::write_u64(&mut b, new);
-                    self.swrite(l1_offset + i as u64 * 8, &b)?;
-                }
+            if new != raw_l1 && walk != Walk::Dec {
+                pending.l1_changes.push((i, new));
             }
+            if pending.bytes + self.refcount_batch_bytes() > self.walk_batch_limit {
+                self.write_walk_batch(l1_offset, pending)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what a walk has changed so far: refcount blocks, then L2 tables, then L1
+    /// entries (the L1 table at `l1_offset`; the active one is also updated in memory).
+    fn write_walk_batch(&mut self, l1_offset: u64, pending: &mut PendingTables) -> Result<()> {
+        self.write_refcount_batch()?;
+        for (off, t) in pending.drain_sorted() {
+            self.l2_cache.forget(off);
+            self.swrite(off, &t)?;
+        }
+        let changes = std::mem::take(&mut pending.l1_changes);
+        let (Some(lo), Some(hi)) = (
+            changes.iter().map(|c| c.0).min(),
+            changes.iter().map(|c| c.0).max(),
+        ) else {
+            return Ok(());
+        };
+        let active = l1_offset == self.header.l1_table_offset;
+        let mut span = if active {
+            self.l1[lo..=hi].to_vec()
+        } else {
+            let mut raw = vec![0u8; (hi - lo + 1) * 8];
+            self.sread(l1_offset + lo as u64 * 8, &mut raw)?;
+            raw.chunks_exact(8).map(BigEndian::read_u64).collect()
+        };
+        for &(i, v) in &changes {
+            span[i - lo] = v;
+        }
+        let mut raw = vec![0u8; span.len() * 8];
+        for (k, v) in span.iter().enumerate() {
+            BigEndian::write_u64(&mut raw[k * 8..], *v);
+        }
+        self.swrite(l1_offset + lo as u64 * 8, &raw)?;
+        if active {
+            self.l1[lo..=hi].copy_from_slice(&span);
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ pub use writer::StreamWriter;
 
 use super::protocol::SectionType;
 use super::qemu_file::QemuFileError;
-use super::ram::{RamError, RamRecord};
+use super::ram::{RamError, RamHeader, RamRecord};
 use super::value::Value;
 use super::vmdesc::VmDescError;
 use super::vmstate::VmStateError;
@@ -110,6 +110,9 @@ pub enum ErrorKind {
         /// The stream's.
         found: String,
     },
+    /// The configuration announces a capability the loader cannot honour (loader).
+    #[error("Received unknown capability {0}")]
+    UnknownCapability(String),
     /// A save/load handler refused the state or failed.
     #[error("section '{idstr}': {message}")]
     Handler {
@@ -173,6 +176,20 @@ impl SectionInfo {
     pub fn is_ram(&self) -> bool {
         self.idstr == "ram"
     }
+}
+
+/// What [`StreamReader::next_item`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// A RAM record; for `Page`, the data is pending (as for [`Event::Ram`]).
+    Ram {
+        /// Offset of the record.
+        offset: u64,
+        /// The record, blocks by index into [`StreamReader::ram_blocks`].
+        header: RamHeader,
+    },
+    /// Any other record.
+    Other(Event),
 }
 
 /// One record of a stream.

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use super::writer::werr;
 use super::{ErrorKind, Event, Result, SectionInfo, StreamError, StreamReader, StreamWriter};
+use crate::migration::configuration::configuration_capabilities;
 use crate::migration::protocol::SectionType;
 use crate::migration::qemu_file::QemuFileReader;
-use crate::migration::ram::{RamRecord, RamWriter};
+use crate::migration::ram::{RamRecord, RamWriter, LZ4_CAPABILITY};
 use crate::migration::value::Value;
 use crate::migration::vmdesc::VmDesc;
 use crate::migration::vmstate::VMStateDescription;
@@ -110,14 +111,23 @@ impl StreamModel {
         Ok(StreamModel { records })
     }
 
-    /// Encodes the model; a decoded stream comes out byte for byte as it went in.
+    /// Encodes the model; a decoded stream comes out byte for byte as it went in (for streams
+    /// with LZ4 pages, when they were compressed by vmsnap's own [`RamWriter`]: pages are
+    /// kept decompressed in the model and compressed again the same way).
     pub fn encode<W: Write>(&self, sink: W) -> Result<W> {
         let mut w = StreamWriter::new(sink);
         w.write_header()?;
         let mut ram = RamWriter::new(4096, false).map_err(|e| werr(0, e.into()))?;
         for rec in &self.records {
             match rec {
-                Record::Configuration(v) => w.write_configuration(v)?,
+                Record::Configuration(v) => {
+                    ram.set_lz4(
+                        configuration_capabilities(v)
+                            .iter()
+                            .any(|c| c == LZ4_CAPABILITY),
+                    );
+                    w.write_configuration(v)?
+                }
                 Record::Section(kind, info) => w.write_section_header(*kind, info)?,
                 Record::Ram(r, data) => {
                     let res = ram.write_record(&mut w.f, r, data);

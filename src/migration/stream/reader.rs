@@ -1,16 +1,18 @@
 //! The pull parser: one record per call, device bodies decoded or captured up to their footer.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
 
-use super::{ErrorKind, Event, Result, SectionInfo, StreamError};
+use super::{ErrorKind, Event, Item, Result, SectionInfo, StreamError};
 use crate::migration::configuration::configuration_vmsd;
 use crate::migration::protocol::{
     CommandKind, SectionType, FILE_MAGIC, FILE_VERSION, FILE_VERSION_COMPAT, RAM_VERSION,
 };
 use crate::migration::qemu_file::{QemuFileError, QemuFileReader};
-use crate::migration::ram::{infer_page_size, RamReader, RamRecord};
+use crate::migration::ram::{
+    infer_page_size, RamBlockInfo, RamError, RamHeader, RamReader, LZ4_CAPABILITY,
+};
 use crate::migration::value::Value;
 use crate::migration::vmdesc::{VmDesc, MAX_VMDESC_BYTES};
 use crate::migration::vmstate::VMStateDescription;
@@ -43,13 +45,42 @@ pub struct StreamReader<R> {
     f: QemuFileReader<R>,
     state: State,
     sections: HashMap<u32, SectionInfo>,
+    /// Id of the RAM section (spares a map lookup per RAM record).
+    ram_section: Option<u32>,
     last_section: Option<u32>,
     ram: RamReader,
     page_size_known: bool,
     pending_page: u64,
+    /// The pending page body is LZ4 data (`pending_page` compressed bytes).
+    pending_lz4: bool,
+    packed: Vec<u8>,
     page: Vec<u8>,
     page_valid: bool,
     decoders: HashMap<(String, u32), Decoder>,
+    /// Moves the source forward without reading (set for seekable sources).
+    seek_forward: Option<fn(&mut R, u64) -> io::Result<()>>,
+}
+
+/// Seeks `src` forward by `n` bytes.
+fn seek_forward<R: Seek>(src: &mut R, n: u64) -> io::Result<()> {
+    let n = i64::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    src.seek(SeekFrom::Current(n)).map(drop)
+}
+
+impl<R: Read + Seek> StreamReader<R> {
+    /// A reader over a seekable source, positioned at its current offset (the stream's
+    /// start): page bodies nobody asks for are seeked over instead of read. A source whose
+    /// forward seek past its end fails with [`io::ErrorKind::UnexpectedEof`] reports a
+    /// truncated stream where it happens.
+    ///
+    /// This pays only when the source's reads return little at a time (the inspector's
+    /// mapped file returns ≤ 64 bytes per read): after each seek the reader refills its buffer
+    /// with one `read`, and a plain `File` would then read 64 KiB to use 9 bytes.
+    pub fn new_seekable(src: R) -> Self {
+        let mut r = Self::new(src);
+        r.seek_forward = Some(seek_forward::<R>);
+        r
+    }
 }
 
 impl<R: Read> StreamReader<R> {
@@ -64,14 +95,18 @@ impl<R: Read> StreamReader<R> {
             f,
             state: State::Header,
             sections: HashMap::new(),
+            ram_section: None,
             last_section: None,
             // 4 KiB until the stream says otherwise.
             ram: RamReader::default(),
             page_size_known: false,
             pending_page: 0,
+            pending_lz4: false,
+            packed: Vec::new(),
             page: Vec::new(),
             page_valid: false,
             decoders: HashMap::new(),
+            seek_forward: None,
         }
     }
 
@@ -139,53 +174,119 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    /// The data of the page announced by the last `Ram` event.
+    /// The data of the page announced by the last `Ram` event (decompressed if it was sent
+    /// as LZ4).
     pub fn page_data(&mut self) -> Result<&[u8]> {
         if !self.page_valid {
-            let n = self.pending_page as usize;
-            self.page.resize(n, 0);
-            self.f.read_exact(&mut self.page).map_err(|e| StreamError {
-                offset: self.f.position(),
-                section: self.current_section().map(SectionInfo::label),
-                kind: Box::new(e.into()),
-            })?;
-            self.pending_page = 0;
+            let mut page = std::mem::take(&mut self.page);
+            page.resize(self.ram.page_size() as usize, 0);
+            let r = self.read_pending_into(&mut page);
+            self.page = page;
+            r?;
             self.page_valid = true;
         }
         Ok(&self.page)
     }
 
-    /// Reads the pending page straight into `dst` (which must be one page long).
+    /// Reads the pending page straight into `dst` (which must be one page long; LZ4 pages are
+    /// decompressed into it).
     pub fn read_page_into(&mut self, dst: &mut [u8]) -> Result<()> {
         if self.page_valid {
             let n = dst.len().min(self.page.len());
             dst[..n].copy_from_slice(&self.page[..n]);
             return Ok(());
         }
-        let want = self.pending_page as usize;
-        let n = dst.len().min(want);
+        if self.pending_lz4 && dst.len() as u64 != self.ram.page_size() {
+            self.page_data()?;
+            let n = dst.len().min(self.page.len());
+            dst[..n].copy_from_slice(&self.page[..n]);
+            return Ok(());
+        }
+        self.read_pending_into(dst)
+    }
+
+    /// For the page announced by the last `Ram` event: `Some(len)` when it was sent as `len`
+    /// bytes of LZ4 data (vmsnap's opt-in compression).
+    pub fn page_compressed_len(&self) -> Option<u64> {
+        self.ram.compressed_len().map(|n| n as u64)
+    }
+
+    /// Consumes the pending page body into `dst`: raw bytes, or LZ4 data decompressed into a
+    /// `dst` of exactly one page.
+    fn read_pending_into(&mut self, dst: &mut [u8]) -> Result<()> {
+        if !self.pending_lz4 {
+            let n = dst.len().min(self.pending_page as usize);
+            self.f
+                .read_exact(&mut dst[..n])
+                .map_err(|e| self.err(e.into()))?;
+            self.pending_page -= n as u64;
+            return Ok(());
+        }
+        let at = self.f.position();
+        let len = self.pending_page as usize;
+        self.packed.resize(len, 0);
         self.f
-            .read_exact(&mut dst[..n])
+            .read_exact(&mut self.packed)
             .map_err(|e| self.err(e.into()))?;
-        self.pending_page -= n as u64;
-        Ok(())
+        self.pending_page = 0;
+        self.pending_lz4 = false;
+        let page_size = self.ram.page_size();
+        let reason = match lz4_flex::block::decompress_into(&self.packed, dst) {
+            Ok(n) if n as u64 == page_size => return Ok(()),
+            Ok(n) => format!("it gives {n:#x} bytes"),
+            Err(e) => e.to_string(),
+        };
+        Err(self.err_at(
+            at,
+            ErrorKind::Ram(RamError::Lz4Decode {
+                offset: at,
+                len,
+                page_size,
+                reason,
+            }),
+        ))
     }
 
     /// Reads the next record.
     pub fn next_event(&mut self) -> Result<Event> {
+        Ok(match self.next_item()? {
+            Item::Ram { offset, header } => Event::Ram {
+                offset,
+                record: self.ram.record(header),
+            },
+            Item::Other(ev) => ev,
+        })
+    }
+
+    /// Reads the next record like [`Self::next_event`], but gives RAM records as
+    /// [`RamHeader`]s (block names by index into [`Self::ram_blocks`], nothing allocated):
+    /// the inspector's way through millions of pages.
+    pub fn next_item(&mut self) -> Result<Item> {
         if self.pending_page > 0 {
             let n = self.pending_page;
-            self.f.skip(n).map_err(|e| self.err(e.into()))?;
+            let r = match self.seek_forward {
+                Some(seek) => self.f.skip_with(n, seek),
+                None => self.f.skip(n),
+            };
+            r.map_err(|e| self.err(e.into()))?;
             self.pending_page = 0;
         }
+        self.pending_lz4 = false;
         self.page_valid = false;
-        match self.state {
+        let ev = match self.state {
             State::Header => self.read_header(),
             State::Top => self.read_top(),
+            State::Body(id) if self.ram_section == Some(id) => return self.read_ram(),
             State::Body(id) => self.read_body(id),
             State::AfterEof => self.read_after_eof(),
             State::Done => Ok(Event::End),
-        }
+        };
+        ev.map(Item::Other)
+    }
+
+    /// RAM blocks announced by the stream so far (what [`RamHeader`] block indices refer to).
+    pub fn ram_blocks(&self) -> &[RamBlockInfo] {
+        self.ram.blocks()
     }
 
     fn read_header(&mut self) -> Result<Event> {
@@ -229,6 +330,11 @@ impl<R: Read> StreamReader<R> {
                     instance_id,
                     version_id,
                 };
+                if info.is_ram() {
+                    self.ram_section = Some(section_id);
+                } else if self.ram_section == Some(section_id) {
+                    self.ram_section = None;
+                }
                 self.sections.insert(section_id, info.clone());
                 self.last_section = Some(section_id);
                 self.state = State::Body(section_id);
@@ -308,41 +414,50 @@ impl<R: Read> StreamReader<R> {
             .get("configuration/capabilities")
             .and_then(|v| v.get("capabilities"));
         if let Some(Value::Array(caps)) = caps {
-            let ignore_shared = caps
-                .iter()
-                .any(|c| c.as_bytes() == Some(b"x-ignore-shared".as_slice()));
-            if ignore_shared {
+            let has = |name: &str| caps.iter().any(|c| c.as_bytes() == Some(name.as_bytes()));
+            if has("x-ignore-shared") {
                 let ps = self.ram.page_size();
                 self.ram = RamReader::new(ps, true).map_err(|e| self.err(e.into()))?;
             }
+            self.ram.set_lz4(has(LZ4_CAPABILITY));
         }
         Ok(())
     }
 
+    /// One record of the RAM section.
+    fn read_ram(&mut self) -> Result<Item> {
+        let offset = self.f.position();
+        let header = self
+            .ram
+            .read_header(&mut self.f)
+            .map_err(|e| self.err_at(offset, e.into()))?;
+        match header {
+            RamHeader::MemSize { .. } if !self.page_size_known => {
+                let ps = infer_page_size(self.ram.blocks());
+                self.ram.set_page_size(ps).map_err(|e| self.err(e.into()))?;
+            }
+            RamHeader::Page { .. } => match self.ram.compressed_len() {
+                Some(len) => {
+                    self.pending_page = len as u64;
+                    self.pending_lz4 = true;
+                }
+                None => self.pending_page = self.ram.page_size(),
+            },
+            RamHeader::Eos => self.state = State::Top,
+            _ => {}
+        }
+        Ok(Item::Ram { offset, header })
+    }
+
+    /// A device body (anything but RAM).
     fn read_body(&mut self, id: u32) -> Result<Event> {
+        let offset = self.f.position();
+        self.state = State::Top;
         let info = self
             .sections
             .get(&id)
             .cloned()
             .ok_or_else(|| self.err(ErrorKind::UnknownSectionId(id)))?;
-        let offset = self.f.position();
-        if info.is_ram() {
-            let record = self
-                .ram
-                .read_record(&mut self.f)
-                .map_err(|e| self.err_at(offset, e.into()))?;
-            match &record {
-                RamRecord::MemSize { blocks, .. } if !self.page_size_known => {
-                    let ps = infer_page_size(blocks);
-                    self.ram.set_page_size(ps).map_err(|e| self.err(e.into()))?;
-                }
-                RamRecord::Page { .. } => self.pending_page = self.ram.page_size(),
-                RamRecord::Eos => self.state = State::Top,
-                _ => {}
-            }
-            return Ok(Event::Ram { offset, record });
-        }
-        self.state = State::Top;
         let key = (info.idstr.clone(), info.instance_id);
         if let Some(dec) = self.decoders.get(&key).cloned() {
             let version = if dec.check_version {

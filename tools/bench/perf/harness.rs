@@ -77,7 +77,7 @@ pub fn have(prog: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Runs `cmd` to completion and measures wall time and the child's peak RSS (wait4).
+/// Runs `cmd` to completion and measures its wall time (peak RSS: see the body).
 /// Fails with the command's stderr if it exits non-zero.
 pub fn run_measured(cmd: &mut Command) -> Result<Sample, String> {
     cmd.stdout(std::process::Stdio::null())
@@ -106,10 +106,11 @@ pub fn run_measured(cmd: &mut Command) -> Result<Sample, String> {
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         return Err(format!("{cmd:?} failed ({status:#x}): {}", err.trim()));
     }
-    Ok(Sample {
-        time,
-        max_rss: (ru.ru_maxrss as u64) * 1024,
-    })
+    // wait4's ru_maxrss is not the child's own peak: a child started by posix_spawn/fork
+    // inherits this process's high-water mark. Cases that need the peak RSS wrap the command
+    // in /usr/bin/time (inspect_cases::peak_rss_of).
+    let _ = ru.ru_maxrss;
+    Ok(Sample { time, max_rss: 0 })
 }
 
 fn median(mut v: Vec<Sample>) -> Sample {
@@ -341,4 +342,27 @@ pub fn random_file(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
         off += n as u64;
     }
     f.sync_data()
+}
+
+/// Copies `src` to `dst` keeping holes (`cp --sparse=always`, reflinked where the file system
+/// can) and syncs the copy, so that a measured run does not pay for writing it back.
+pub fn copy_synced(src: &Path, dst: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(dst);
+    let out = Command::new("cp")
+        .args(["--reflink=auto", "--sparse=always"])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .map_err(|e| format!("cp: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cp {} {}: {}",
+            src.display(),
+            dst.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("sync {}: {e}", dst.display()))
 }

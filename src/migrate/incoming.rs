@@ -1,0 +1,121 @@
+//! The destination side (`vmsnap run --incoming URI`): wait for the stream with the guest
+//! stopped (`inmigrate`) and the disks open without locks, load the whole stream with the
+//! same reader loadvm uses, take the disks over, then let the guest run. Nothing of the
+//! guest runs before the stream has been read to its end and checked.
+
+use std::time::{Duration, Instant};
+
+use std::io::Read;
+
+use crate::migration::ram_state::RamState;
+use crate::migration::savevm::{load_state, DeviceState, Registry};
+use crate::migration::Value;
+use crate::snapshot::state_io::{StateIoError, PAGE_SIZE, RAM_BLOCK};
+use crate::vmm::{vmstate, Vm, VmError, VmState};
+
+use super::disks::{self, DiskError, DriveOpen};
+use super::live_ram::IncomingRam;
+use super::uri::{Listener, UriError};
+
+/// Why an incoming migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// Accepting the connection, starting the command or opening the file failed.
+    #[error(transparent)]
+    Channel(#[from] UriError),
+    /// The stream was cut short, malformed, or not this VM's.
+    #[error("load of migration failed: {0}")]
+    Load(#[from] StateIoError),
+    /// Applying the loaded state failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Taking the disks over failed (the source still holds them?).
+    #[error(transparent)]
+    Disks(#[from] DiskError),
+}
+
+/// How the incoming migration went.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// From accepting the channel to the end of the stream.
+    pub load: Duration,
+    /// Bytes read.
+    pub bytes: u64,
+}
+
+/// Most bytes read after the end of the stream before closing (an orderly close lets the
+/// source know the stream was taken whole).
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+struct Counting<R>(R, u64);
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+}
+
+#[derive(Default)]
+struct Slot(Option<Value>);
+
+impl DeviceState for Slot {
+    fn save(&self) -> Value {
+        Value::Null
+    }
+
+    fn load(&mut self, value: &Value, _version_id: u32) -> Result<(), String> {
+        self.0 = Some(value.clone());
+        Ok(())
+    }
+}
+
+/// Reads a whole migration stream: the sections savevm writes (`state_io`'s layout and
+/// machine name), RAM into `ram` with [`IncomingRam`].
+fn read_stream(
+    vcpus: usize,
+    drives: usize,
+    ram: &mut [u8],
+    input: &mut dyn Read,
+) -> Result<VmState, StateIoError> {
+    let layout = vmstate::layout(vcpus, drives);
+    let mut slots: Vec<Slot> = layout.iter().map(|_| Slot::default()).collect();
+    {
+        let mut ram = IncomingRam::new(RAM_BLOCK, ram, PAGE_SIZE).skip_untouched();
+        let mut reg = Registry::new(vmstate::MACHINE);
+        reg.page_size = PAGE_SIZE;
+        reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut ram);
+        for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
+            reg.register_device(idstr, *inst, vmsd.clone(), slot);
+        }
+        load_state(&mut reg, input)?;
+    }
+    let found = |idstr: &str, inst: u32| {
+        layout
+            .iter()
+            .zip(&slots)
+            .find(|((n, i, _), _)| *n == idstr && *i == inst)
+            .and_then(|(_, s)| s.0.as_ref())
+    };
+    Ok(vmstate::from_sections(vcpus, drives, found)?)
+}
+
+/// Accepts the stream on `listener`, loads it into the paused `vm`, activates the drives
+/// and resumes the guest.
+pub fn run(vm: &Vm, listener: Listener, drives: &[DriveOpen]) -> Result<Report, IncomingError> {
+    vm.set_pause_reason(Some("inmigrate"));
+    let channel = listener.accept()?;
+    let start = Instant::now();
+    let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
+    let mut input = Counting(channel, 0);
+    let state = vm.with_ram_mut(|ram| read_stream(vcpus, ndrives, ram, &mut input))??;
+    let load = start.elapsed();
+    let bytes = input.1;
+    input.0.close(DRAIN_LIMIT);
+    vm.restore_state(&state)?;
+    disks::activate(vm, drives)?;
+    vm.set_pause_reason(None);
+    vm.resume();
+    Ok(Report { load, bytes })
+}

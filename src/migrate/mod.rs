@@ -1,0 +1,279 @@
+//! Live migration: QEMU-style pre-copy of a running [`Vm`] to another vmsnap (or to a file
+//! or command), in the same stream format savevm writes.
+//!
+//! ```text
+//!  monitor ──start/cancel/info──▶ Migrator ◀──serve(vm)── migration thread
+//!                                    │                         │ source::migrate
+//!                                    │ params, capabilities    ├─ uri::Outgoing (tcp/unix/exec/file)
+//!                                    │ MigrationInfo           ├─ live_ram (dirty-log driven RAM)
+//!                                    ▼                         ├─ converge (bandwidth, limit, throttle)
+//!                                 info::to_hmp                 └─ disks (lock handover)
+//!  --incoming URI ──▶ incoming::run: uri::Listener → load_state → activate disks → resume
+//! ```
+//!
+//! The wire format and the phases are described in `formats/live-migration.md`.
+
+pub mod converge;
+pub mod disks;
+pub mod incoming;
+pub mod info;
+pub mod live_ram;
+pub mod pagemap;
+pub mod params;
+pub mod source;
+pub mod uri;
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::vmm::Vm;
+pub use disks::DriveOpen;
+pub use info::{MigrationInfo, Status};
+pub use params::{Capabilities, ParamError, Parameters};
+pub use source::MigrateError;
+pub use uri::MigrateUri;
+
+/// Errors of the monitor's migration commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Another migration is under way.
+    #[error("There's a migration process in progress")]
+    Busy,
+    /// The URI is not valid.
+    #[error(transparent)]
+    Uri(#[from] uri::UriError),
+    /// A parameter or capability could not be set.
+    #[error(transparent)]
+    Param(#[from] ParamError),
+    /// Reopening the disks for `cont` failed.
+    #[error(transparent)]
+    Disks(#[from] disks::DiskError),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    params: Parameters,
+    caps: Capabilities,
+    request: Option<MigrateUri>,
+    info: MigrationInfo,
+    started: Option<Instant>,
+    cancel: bool,
+    aborter: Option<uri::Aborter>,
+    shutdown: bool,
+    inactive: bool,
+}
+
+/// The migration state of one VM, shared by the monitor and the migration thread
+/// ([`Migrator::serve`]).
+#[derive(Debug)]
+pub struct Migrator {
+    state: Mutex<State>,
+    changed: Condvar,
+    drives: Vec<DriveOpen>,
+}
+
+impl Migrator {
+    /// A migrator for a VM whose drives were opened as `drives` (in order).
+    pub fn new(drives: Vec<DriveOpen>) -> Self {
+        Migrator {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            drives,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        crate::vmm::lock(&self.state)
+    }
+
+    /// `migrate URI`: queues a migration for the migration thread.
+    pub fn start(&self, uri: &str) -> Result<(), CommandError> {
+        let uri: MigrateUri = uri.parse()?;
+        let mut st = self.lock();
+        if st.info.status.is_active() || st.request.is_some() {
+            return Err(CommandError::Busy);
+        }
+        st.request = Some(uri);
+        st.cancel = false;
+        st.started = Some(Instant::now());
+        st.info = MigrationInfo {
+            status: Status::Setup,
+            ..MigrationInfo::default()
+        };
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until no migration is queued or running; returns the final figures.
+    pub fn wait(&self) -> MigrationInfo {
+        let mut st = self.lock();
+        while (st.request.is_some() || st.info.status.is_active()) && !st.shutdown {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.info.clone()
+    }
+
+    /// `migrate_cancel`: stops a running migration (no effect otherwise).
+    pub fn cancel(&self) {
+        let mut st = self.lock();
+        if st.info.status.is_active() {
+            st.cancel = true;
+            st.info.status = Status::Cancelling;
+            if let Some(a) = &st.aborter {
+                a.abort();
+            }
+        }
+    }
+
+    /// Whether a migration is queued or running.
+    pub fn is_active(&self) -> bool {
+        let st = self.lock();
+        st.request.is_some() || st.info.status.is_active()
+    }
+
+    /// `info migrate` figures (total time is counted up to now while active).
+    pub fn info(&self) -> MigrationInfo {
+        let st = self.lock();
+        let mut info = st.info.clone();
+        if info.status.is_active() {
+            if let Some(t) = st.started {
+                info.total_time_ms = t.elapsed().as_millis().try_into().unwrap_or(u64::MAX);
+            }
+        }
+        info
+    }
+
+    /// `migrate_set_parameter NAME VALUE` (refused while migrating).
+    pub fn set_parameter(&self, name: &str, value: &str) -> Result<(), CommandError> {
+        let mut st = self.lock();
+        if st.info.status.is_active() {
+            return Err(CommandError::Busy);
+        }
+        Ok(st.params.set(name, value)?)
+    }
+
+    /// `migrate_set_capability NAME on|off` (refused while migrating).
+    pub fn set_capability(&self, name: &str, state: &str) -> Result<(), CommandError> {
+        let mut st = self.lock();
+        if st.info.status.is_active() {
+            return Err(CommandError::Busy);
+        }
+        Ok(st.caps.set(name, state)?)
+    }
+
+    /// Current parameters.
+    pub fn parameters(&self) -> Parameters {
+        self.lock().params.clone()
+    }
+
+    /// Current capabilities.
+    pub fn capabilities(&self) -> Capabilities {
+        self.lock().caps.clone()
+    }
+
+    /// Whether the drives were handed over (after a completed migration, or on a
+    /// destination before the stream is loaded): they must not be flushed or used.
+    pub fn drives_inactive(&self) -> bool {
+        self.lock().inactive
+    }
+
+    /// Marks the drives handed over or taken back.
+    pub fn set_drives_inactive(&self, inactive: bool) {
+        self.lock().inactive = inactive;
+    }
+
+    /// Reopens handed-over drives with their locks (QEMU's `cont` after a migration).
+    pub fn reactivate(&self, vm: &Vm) -> Result<(), CommandError> {
+        let mut st = self.lock();
+        if st.inactive {
+            disks::activate(vm, &self.drives)?;
+            st.inactive = false;
+        }
+        Ok(())
+    }
+
+    /// How the drives were opened.
+    pub fn drives(&self) -> &[DriveOpen] {
+        &self.drives
+    }
+
+    /// Ends [`Migrator::serve`] (cancelling a running migration).
+    pub fn shutdown(&self) {
+        self.cancel();
+        let mut st = self.lock();
+        st.shutdown = true;
+        self.changed.notify_all();
+    }
+
+    /// The migration thread: runs queued migrations of `vm` until [`Migrator::shutdown`].
+    pub fn serve(&self, vm: &Vm) {
+        loop {
+            let job = {
+                let mut st = self.lock();
+                loop {
+                    if st.shutdown {
+                        return;
+                    }
+                    if let Some(uri) = st.request.take() {
+                        st.info.status = Status::Setup;
+                        break source::Job {
+                            uri,
+                            params: st.params.clone(),
+                            auto_converge: st.caps.auto_converge(),
+                            drives: self.drives.clone(),
+                        };
+                    }
+                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let result = source::migrate(vm, &job, self);
+            let mut st = self.lock();
+            st.aborter = None;
+            let total = st.started.map_or(0, |t| {
+                t.elapsed().as_millis().try_into().unwrap_or(u64::MAX)
+            });
+            match result {
+                Ok(done) => {
+                    st.info = done.info;
+                    st.inactive = true;
+                }
+                Err(MigrateError::Cancelled) => {
+                    st.info.status = Status::Cancelled;
+                    st.info.total_time_ms = total;
+                }
+                Err(e) => {
+                    st.info.status = Status::Failed(e.to_string());
+                    st.info.total_time_ms = total;
+                    st.info.expected_downtime_ms = None;
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+}
+
+impl source::Observer for Migrator {
+    fn progress(&self, info: &MigrationInfo) {
+        let mut st = self.lock();
+        // A cancel in progress keeps its status.
+        let status = if st.info.status == Status::Cancelling {
+            Status::Cancelling
+        } else {
+            info.status.clone()
+        };
+        st.info = info.clone();
+        st.info.status = status;
+    }
+
+    fn cancelled(&self) -> bool {
+        self.lock().cancel
+    }
+
+    fn channel_open(&self, aborter: uri::Aborter) {
+        let mut st = self.lock();
+        if st.cancel {
+            aborter.abort();
+        }
+        st.aborter = Some(aborter);
+    }
+}

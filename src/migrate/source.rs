@@ -1,0 +1,323 @@
+//! The source side: QEMU's migration thread. Named steps:
+//! connect → start dirty logging (every page dirty) → iterate (send dirty pages at up to
+//! max-bandwidth, measure the bandwidth, sync the dirty bitmap when the remainder is small,
+//! throttle the vCPUs under auto-converge) → stop the vCPUs → last sync → flush and release
+//! the disks → device state → the rest of RAM, devices, EOF, vmdesc → wait for the
+//! destination to have it all. Any failure puts things back: disks reopened, guest resumed
+//! if it was running, dirty logging off, no throttle.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use crate::migration::ram_state::RamState;
+use crate::migration::savevm::{DeviceState, Registry, SaveSession};
+use crate::migration::stream::StreamError;
+use crate::migration::Value;
+use crate::snapshot::state_io::{PAGE_SIZE, RAM_BLOCK};
+use crate::vmm::{vmstate, Vm, VmError, VmStatus};
+
+use super::converge::{BandwidthMeter, DirtyPeriod, RateLimiter, StopRule, ThrottleParams};
+use super::disks::{self, DiskError, DriveOpen};
+use super::info::{MigrationInfo, RamInfo, Status};
+use super::live_ram::{LiveRam, LiveRamEntry};
+use super::params::Parameters;
+use super::uri::{Aborter, MigrateUri, Outgoing, UriError};
+
+/// Why a migration did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The channel could not be opened.
+    #[error(transparent)]
+    Connect(#[from] UriError),
+    /// A VM operation (dirty log, pause, state capture) failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Writing the stream failed (the destination went away or refused it).
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    /// The end of the stream was not taken by the destination.
+    #[error("the destination did not take the whole stream: {0}")]
+    Finish(#[source] std::io::Error),
+    /// Handing the disks over failed.
+    #[error(transparent)]
+    Disks(#[from] DiskError),
+    /// The device sections do not match the VM's layout (a bug).
+    #[error("device state has {got} sections, the layout {want}")]
+    Layout {
+        /// Sections captured.
+        got: usize,
+        /// Sections registered.
+        want: usize,
+    },
+    /// `migrate_cancel`.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What the migration thread reports to, and learns from, its owner.
+pub trait Observer {
+    /// New figures (called often; cheap).
+    fn progress(&self, info: &MigrationInfo);
+    /// Whether `migrate_cancel` was asked for.
+    fn cancelled(&self) -> bool;
+    /// The channel is open: `aborter` interrupts it.
+    fn channel_open(&self, aborter: Aborter);
+}
+
+/// What to migrate where.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Destination.
+    pub uri: MigrateUri,
+    /// Parameters at the start (QEMU reads them as it goes; we snapshot them).
+    pub params: Parameters,
+    /// The auto-converge capability.
+    pub auto_converge: bool,
+    /// How to reopen the drives if the handover must be undone.
+    pub drives: Vec<DriveOpen>,
+}
+
+/// How a completed migration went.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    /// Final figures (status completed).
+    pub info: MigrationInfo,
+}
+
+/// Biggest PART sent between two looks at the clock, the cancel flag and the dirty log.
+const CHUNK: u64 = 16 << 20;
+/// Downtime aimed at once the remainder fits the limit (see [`StopRule`]).
+const SETTLE_MS: u64 = 2;
+/// How long the source waits for the destination to close after the last byte.
+const FINISH_WAIT: Duration = Duration::from_secs(10);
+
+struct Slot<'s>(&'s RefCell<Option<Value>>);
+
+impl DeviceState for Slot<'_> {
+    fn save(&self) -> Value {
+        self.0.borrow().clone().unwrap_or(Value::Struct(Vec::new()))
+    }
+
+    fn load(&mut self, _value: &Value, _version_id: u32) -> Result<(), String> {
+        Err("the migration source does not load".into())
+    }
+}
+
+/// Where the guest stands, to undo on failure.
+#[derive(Debug, Default)]
+struct Undo {
+    was_running: bool,
+    paused: bool,
+    inactive: bool,
+}
+
+/// Runs one outgoing migration of `vm` to completion. On success the VM is left paused
+/// with its disks released (QEMU's postmigrate); on error everything is put back.
+pub fn migrate(vm: &Vm, job: &Job, obs: &dyn Observer) -> Result<Completed, MigrateError> {
+    let start = Instant::now();
+    let mut undo = Undo {
+        was_running: vm.status() == VmStatus::Running,
+        ..Undo::default()
+    };
+    obs.progress(&MigrationInfo {
+        status: Status::Setup,
+        ..MigrationInfo::default()
+    });
+    let result = Outgoing::connect(&job.uri)
+        .map_err(MigrateError::from)
+        .and_then(|out| {
+            obs.channel_open(out.aborter());
+            vm.set_dirty_logging(true)?;
+            run(vm, job, obs, out, start, &mut undo)
+        });
+    let _ = vm.set_dirty_logging(false);
+    vm.set_throttle(0);
+    match result {
+        Ok(done) => Ok(done),
+        Err(e) => {
+            if undo.inactive {
+                // The destination never activated (it had not got the whole stream), so
+                // the locks are free again; if this fails the guest stays paused.
+                if let Err(again) = disks::activate(vm, &job.drives) {
+                    vm.set_pause_reason(None);
+                    return Err(MigrateError::Disks(again));
+                }
+            }
+            if undo.paused {
+                vm.set_pause_reason(None);
+                if undo.was_running {
+                    vm.resume();
+                }
+            }
+            Err(if obs.cancelled() {
+                MigrateError::Cancelled
+            } else {
+                e
+            })
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+fn run(
+    vm: &Vm,
+    job: &Job,
+    obs: &dyn Observer,
+    mut out: Outgoing,
+    start: Instant,
+    undo: &mut Undo,
+) -> Result<Completed, MigrateError> {
+    // Pages dirtied before now are all dirty in the live RAM state anyway.
+    vm.take_dirty_bitmap()?;
+    let ram = RefCell::new(LiveRam::new(vm.guest_memory(), RAM_BLOCK, PAGE_SIZE));
+    let layout = vmstate::layout(vm.vcpu_count(), vm.drive_count());
+    let values: Vec<RefCell<Option<Value>>> = layout.iter().map(|_| RefCell::new(None)).collect();
+    let mut slots: Vec<Slot<'_>> = values.iter().map(Slot).collect();
+    let mut entry = LiveRamEntry(&ram);
+    let mut reg = Registry::new(vmstate::MACHINE);
+    reg.page_size = PAGE_SIZE;
+    reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut entry);
+    for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
+        reg.register_device(idstr, *inst, vmsd.clone(), slot);
+    }
+    let params = &job.params;
+    let mut session = SaveSession::begin(&mut reg, &mut out)?;
+    let setup_ms = ms(start.elapsed());
+
+    let now = Instant::now();
+    let mut meter = BandwidthMeter::new(now, session.position());
+    let mut limiter = RateLimiter::new(params.max_bandwidth, now, session.position());
+    let throttle = ThrottleParams {
+        trigger: params.throttle_trigger_threshold,
+        initial: params.cpu_throttle_initial,
+        increment: params.cpu_throttle_increment,
+        max: params.max_cpu_throttle,
+    };
+    let mut period = DirtyPeriod::new(throttle, job.auto_converge, now, session.position());
+    let mut rule = StopRule::new(SETTLE_MS, 16);
+    let iter_start = Instant::now();
+    let report = |status: Status, pos: u64, meter: &BandwidthMeter, period: &DirtyPeriod| {
+        let r = ram.borrow();
+        let elapsed = iter_start.elapsed().as_secs_f64().max(1e-3);
+        obs.progress(&MigrationInfo {
+            status,
+            total_time_ms: ms(start.elapsed()),
+            expected_downtime_ms: Some(
+                meter
+                    .expected_ms(r.pending_bytes())
+                    .unwrap_or(params.downtime_limit_ms),
+            ),
+            setup_ms: Some(setup_ms),
+            ram: Some(RamInfo {
+                transferred: pos,
+                remaining: r.pending_bytes(),
+                total: r.total_bytes(),
+                duplicate: r.counters.zero_pages,
+                normal: r.counters.normal_pages,
+                dirty_sync_count: r.counters.dirty_syncs,
+                page_size: r.page_size(),
+                mbps: pos as f64 * 8.0 / 1e6 / elapsed,
+                pages_per_second: meter.pages_per_second,
+                dirty_pages_rate: period.dirty_pages_rate,
+                precopy_bytes: pos,
+                downtime_bytes: 0,
+            }),
+            cpu_throttle_percentage: job.auto_converge.then_some(period.throttle),
+            ..MigrationInfo::default()
+        });
+    };
+    report(Status::Active, session.position(), &meter, &period);
+
+    // Iterate while the guest runs.
+    loop {
+        if obs.cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        let now = Instant::now();
+        let pos = session.position();
+        let sent_pages = {
+            let c = ram.borrow().counters;
+            c.normal_pages + c.zero_pages
+        };
+        meter.update(now, pos, sent_pages);
+        let limit = params.downtime_limit_ms;
+        if ram.borrow().pending_bytes() <= meter.threshold(limit) {
+            let bitmap = vm.take_dirty_bitmap()?;
+            let newly = ram.borrow_mut().sync(&bitmap);
+            if let Some(pct) = period.on_sync(now, pos, newly, PAGE_SIZE) {
+                vm.set_throttle(pct);
+            }
+            let pending = ram.borrow().pending_bytes();
+            if rule.should_stop(pending, &meter, limit) {
+                break;
+            }
+        }
+        let busy = Instant::now();
+        match limiter.allowance(busy, pos) {
+            Ok(allow) => {
+                ram.borrow_mut().set_budget(allow.min(CHUNK));
+                session.iterate()?;
+            }
+            Err(wait) => std::thread::sleep(wait),
+        }
+        meter.add_busy(busy.elapsed());
+        report(Status::Active, session.position(), &meter, &period);
+    }
+
+    // Stop and copy. Flushing first while the guest still runs leaves the final flush
+    // (inside the downtime) with only the last writes.
+    vm.flush_drives()
+        .map_err(|e| MigrateError::Disks(DiskError::Flush(e)))?;
+    let precopy = session.position();
+    let down_start = Instant::now();
+    vm.set_pause_reason(Some("finish-migrate"));
+    undo.paused = true;
+    vm.pause()?;
+    let bitmap = vm.take_dirty_bitmap()?;
+    ram.borrow_mut().sync(&bitmap);
+    disks::inactivate(vm)?;
+    undo.inactive = true;
+    let state = vm.save_state()?;
+    let sections = vmstate::to_sections(&state);
+    if sections.len() != values.len() {
+        return Err(MigrateError::Layout {
+            got: sections.len(),
+            want: values.len(),
+        });
+    }
+    for (v, s) in values.iter().zip(sections) {
+        *v.borrow_mut() = Some(s.value);
+    }
+    let total = session.complete()?;
+    out.finish(FINISH_WAIT).map_err(MigrateError::Finish)?;
+    let downtime = down_start.elapsed();
+    vm.set_pause_reason(Some("postmigrate"));
+
+    let r = ram.borrow();
+    let elapsed = start.elapsed();
+    let info = MigrationInfo {
+        status: Status::Completed,
+        total_time_ms: ms(elapsed),
+        downtime_ms: Some(ms(downtime)),
+        setup_ms: Some(setup_ms),
+        ram: Some(RamInfo {
+            transferred: total,
+            remaining: 0,
+            total: r.total_bytes(),
+            duplicate: r.counters.zero_pages,
+            normal: r.counters.normal_pages,
+            dirty_sync_count: r.counters.dirty_syncs,
+            page_size: r.page_size(),
+            mbps: total as f64 * 8.0 / 1e6 / elapsed.as_secs_f64().max(1e-3),
+            pages_per_second: meter.pages_per_second,
+            dirty_pages_rate: period.dirty_pages_rate,
+            precopy_bytes: precopy,
+            downtime_bytes: total - precopy,
+        }),
+        ..MigrationInfo::default()
+    };
+    Ok(Completed { info })
+}

@@ -1,0 +1,172 @@
+//! A stream file read through windows of a memory mapping, for the inspector's fast path.
+//!
+//! The default `--dump state` needs the 9-byte header of every RAM page but never its body.
+//! Reading the file (even with `read(2)` into a large buffer) copies every body; `pread(2)` per
+//! header costs a system call per page. Mapping the file in windows of [`WINDOW`] bytes and
+//! copying out only the bytes asked for touches each page table entry once and copies almost
+//! nothing; the stream reader seeks over bodies ([`Seek`]). Each window is unmapped when the
+//! reader moves past it, so resident memory stays near one window whatever the file size.
+//!
+//! Reads return at most [`MAX_READ`] bytes, so the stream reader's 64 KiB buffer is never
+//! filled with page bodies it would then skip.
+//!
+//! The file must not be truncated while it is mapped (reading a page beyond the new end would
+//! raise SIGBUS); the inspector only reads files at rest.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+
+/// Bytes mapped at a time.
+pub const WINDOW: u64 = 8 << 20;
+/// Most bytes returned by one `read`.
+pub const MAX_READ: usize = 64;
+
+/// One mapped window of the file.
+#[derive(Debug)]
+struct Window {
+    ptr: *mut libc::c_void,
+    /// File offset of the first mapped byte (page aligned).
+    start: u64,
+    /// Mapped length.
+    len: usize,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned for this window, and no reference
+        // into the mapping outlives the window (bytes are copied out).
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
+
+/// A file read through a moving window of a read-only private mapping.
+#[derive(Debug)]
+pub struct MappedFile<'f> {
+    file: &'f File,
+    len: u64,
+    pos: u64,
+    window: Option<Window>,
+}
+
+impl<'f> MappedFile<'f> {
+    /// Reads `file` from offset 0 through mappings.
+    pub fn new(file: &'f File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(MappedFile {
+            file,
+            len,
+            pos: 0,
+            window: None,
+        })
+    }
+
+    /// Maps the window holding `self.pos` (which is below `self.len`).
+    fn map_at_pos(&mut self) -> io::Result<&Window> {
+        let covered = self
+            .window
+            .as_ref()
+            .is_some_and(|w| self.pos >= w.start && self.pos < w.start + w.len as u64);
+        if !covered {
+            // Drop (unmap) the old window first: at most one is resident.
+            self.window = None;
+            let start = self.pos & !(WINDOW - 1);
+            let len = usize::try_from((self.len - start).min(WINDOW))
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let offset = libc::off_t::try_from(start)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: a fresh read-only private mapping of `len` bytes (≥ 1, inside the file)
+            // of an open file at a page-aligned offset; the kernel chooses the address, so no
+            // existing memory is affected. The result is checked against MAP_FAILED.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE,
+                    self.file.as_raw_fd(),
+                    offset,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            self.window = Some(Window { ptr, start, len });
+        }
+        self.window
+            .as_ref()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::Other))
+    }
+}
+
+impl Read for MappedFile<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        let pos = self.pos;
+        let w = self.map_at_pos()?;
+        let at = usize::try_from(pos - w.start).unwrap_or(usize::MAX);
+        let n = buf.len().min(MAX_READ).min(w.len - at);
+        // SAFETY: `at + n <= w.len`, so the source range lies inside the live mapping; `buf`
+        // holds at least `n` bytes and cannot overlap a mapping we just created.
+        unsafe {
+            std::ptr::copy_nonoverlapping(w.ptr.cast::<u8>().add(at), buf.as_mut_ptr(), n);
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for MappedFile<'_> {
+    /// Seeks like a file, except that a position beyond the end is an
+    /// [`io::ErrorKind::UnexpectedEof`] error (the stream reader reports a truncated stream).
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match target {
+            Some(t) if t <= self.len => {
+                self.pos = t;
+                Ok(t)
+            }
+            _ => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_across_windows_and_refuses_seeks_past_the_end() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..WINDOW as usize + 5000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        f.write_all(&data).unwrap();
+        let mut m = MappedFile::new(&f).unwrap();
+        let mut head = [0u8; 1000];
+        assert_eq!(m.read(&mut head).unwrap(), MAX_READ);
+        assert_eq!(&head[..MAX_READ], &data[..MAX_READ]);
+        // Just before the window boundary: the read stops at it, the next one maps the next.
+        m.seek(SeekFrom::Start(WINDOW - 10)).unwrap();
+        let mut b = [0u8; MAX_READ / 2];
+        assert_eq!(m.read(&mut b).unwrap(), 10);
+        assert_eq!(m.read(&mut b).unwrap(), b.len());
+        let w = WINDOW as usize;
+        assert_eq!(&b[..], &data[w..w + b.len()]);
+        let mut rest = Vec::new();
+        m.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, &data[w + b.len()..]);
+        let e = m.seek(SeekFrom::Current(1)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(m.seek(SeekFrom::Start(3)).unwrap(), 3);
+    }
+}

@@ -84,8 +84,20 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&size) || size % 4096 != 0 {
         return Err(MemoryError::BadSize(size));
     }
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
-        .map_err(|source| MemoryError::Allocate { size, source })
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+        .map_err(|source| MemoryError::Allocate { size, source })?;
+    for region in mem.iter() {
+        if let Ok(host) = mem.get_host_address(region.start_addr()) {
+            // SAFETY: `host` and `region.len()` describe a live anonymous mapping owned by
+            // `mem`; MADV_HUGEPAGE only changes how the kernel backs it (transparent huge
+            // pages, as QEMU asks for its RAM), never its contents. A failure (THP disabled)
+            // changes nothing and is ignored.
+            unsafe {
+                libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    Ok(mem)
 }
 
 /// Chunk of the RAM file reads.

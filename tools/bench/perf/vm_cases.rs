@@ -21,7 +21,7 @@
 //! snapshot creation flushes (fdatasync) before committing the header the same way; neither
 //! flushes on loadvm. `VMSNAP_BENCH_VM_MIB` sets the RAM size (default 2048).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,7 +52,7 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn connect(path: &Path, child: &mut Child) -> Result<Monitor, String> {
+    fn connect(path: &Path, child: &mut Child, log: &Path) -> Result<Monitor, String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(s) = UnixStream::connect(path) {
@@ -62,10 +62,7 @@ impl Monitor {
                 return Ok(Monitor { stream: s, reader });
             }
             if let Ok(Some(st)) = child.try_wait() {
-                let mut err = String::new();
-                if let Some(e) = child.stderr.as_mut() {
-                    let _ = e.read_to_string(&mut err);
-                }
+                let err = std::fs::read_to_string(log).unwrap_or_default();
                 return Err(format!("exited ({st}) before its monitor came up: {err}"));
             }
             if Instant::now() > deadline {
@@ -116,6 +113,7 @@ struct Setup {
     ram_bytes: u64,
     image: PathBuf,
     sock: PathBuf,
+    log: PathBuf,
     qemu_accel: &'static str,
 }
 
@@ -169,9 +167,11 @@ fn spawn(side: Side, s: &Setup, accel: &str) -> Result<Child, String> {
             c
         }
     };
+    // stderr into a file: a pipe nobody reads would fill with progress reports and block.
+    let log = std::fs::File::create(&s.log).map_err(|e| format!("{}: {e}", s.log.display()))?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .map_err(|e| format!("{side:?}: {e}"))
 }
@@ -181,7 +181,7 @@ fn one_run(side: Side, s: &Setup) -> Result<RunTimes, String> {
     create_image(s)?;
     let mut child = spawn(side, s, s.qemu_accel)?;
     let r = (|| {
-        let mut m = Monitor::connect(&s.sock, &mut child)?;
+        let mut m = Monitor::connect(&s.sock, &mut child, &s.log)?;
         // Banner (and QEMU's first prompt) out of the way.
         m.cmd("")?;
         let save_fresh = m.timed("savevm s1")?;
@@ -245,7 +245,7 @@ fn qemu_accel(s: &Setup) -> Option<&'static str> {
         let Ok(mut child) = spawn(Side::Qemu, s, accel) else {
             return None;
         };
-        let ok = Monitor::connect(&s.sock, &mut child)
+        let ok = Monitor::connect(&s.sock, &mut child, &s.log)
             .and_then(|mut m| m.cmd("").map(|_| ()))
             .is_ok();
         let _ = child.kill();
@@ -281,6 +281,7 @@ pub fn run(h: &mut Harness) {
         ram_bytes: mib << 20,
         image: h.path("vm.qcow2"),
         sock: h.path("vm.sock"),
+        log: h.path("vm.log"),
         qemu_accel: "kvm",
     };
     if let Err(e) = harness::random_file(&s.ram_file, s.ram_bytes, 0x5eed_0007) {
@@ -370,5 +371,19 @@ pub fn run(h: &mut Harness) {
             qemu: Some(Sample::from(q)),
             note,
         });
+        if saved.is_some() && h.seq_write_bps > 0.0 && !q.is_zero() {
+            // Random RAM does not compress and both sides flush: neither can save faster
+            // than the disk writes the state.
+            let floor = state_v as f64 / h.seq_write_bps;
+            h.info(&format!(
+                "disk floor for this state: {floor:.3} s at the measured sequential write, \
+                 i.e. ratio >= {:.3} against this QEMU time",
+                floor / q.as_secs_f64()
+            ));
+        }
     }
+    h.info(
+        "QEMU maps the RAM file privately, so its first loadvm also pays a copy-on-write \
+         fault per page; vmsnap read the file in at start-up",
+    );
 }

@@ -659,3 +659,67 @@ fn lz4_capability_compresses_ram_pages_and_the_destination_continues() {
     assert!(!plain_human.stdout.contains("x-vmsnap-lz4"));
     assert_image_clean(&img);
 }
+
+#[test]
+fn savevm_honours_the_lz4_capability_and_loadvm_reads_it() {
+    let _g = serial();
+    if !kvm_available("savevm_lz4") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let mut vm = Vmm::start(
+        dir.path(),
+        &img,
+        Opts {
+            name: "vm",
+            memory: "32M",
+            incoming: None,
+            prefix: &[],
+        },
+    );
+    vm.wait_ticks(5);
+    vm.ok("savevm plain");
+    vm.ok("migrate_set_capability x-vmsnap-lz4 on");
+    vm.ok("savevm packed");
+    // loadvm of the compressed state: the guest runs on and its self-check passes.
+    let checks = |t: &str| t.matches("CHECK OK").count();
+    let before = checks(&vm.serial_text());
+    let (r, st) = vm.cmd("loadvm packed");
+    assert_eq!((r.as_str(), st.as_str()), ("", "running"));
+    let start = Instant::now();
+    while checks(&vm.serial_text()) <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            vm.serial_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.quit();
+
+    let list = common::run(
+        common::vmsnap_bin(),
+        &["snapshot", "-l", common::s(&img), "--output", "json"],
+    )
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let size = |name: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["vm-state-size"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(size("packed") < size("plain"), "{}", list.stdout);
+    let human = common::run(
+        env!("CARGO_BIN_EXE_vmsnap-inspect"),
+        &[common::s(&img), "--snapshot", "packed", "--output", "human"],
+    )
+    .ok();
+    assert!(human.stdout.contains("x-vmsnap-lz4"), "{}", human.stdout);
+    assert_image_clean(&img);
+}

@@ -538,12 +538,17 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
     if let Some(r) = execute_migrate(cx, line, &words) {
         return Outcome::Continue(r.unwrap_or_else(|e| e));
     }
+    // savevm honours the x-vmsnap-lz4 migration capability, as QEMU's savevm honours the
+    // migration capabilities that change the stream.
+    let save_opts = snapshot::SaveOptions {
+        lz4: cx.mig.capabilities().lz4(),
+    };
     let result = match words.as_slice() {
         ["savevm"] => timed("savevm", |p| {
-            snapshot::savevm_with_progress(vm, None, p).map(|_| String::new())
+            snapshot::savevm_with_options(vm, None, &save_opts, p).map(|_| String::new())
         }),
         ["savevm", tag] => timed("savevm", |p| {
-            snapshot::savevm_with_progress(vm, Some(tag), p).map(|_| String::new())
+            snapshot::savevm_with_options(vm, Some(tag), &save_opts, p).map(|_| String::new())
         }),
         ["loadvm", tag] => timed("loadvm", |p| {
             snapshot::loadvm_with_progress(vm, tag, p).map(|()| String::new())

@@ -175,6 +175,24 @@ pub fn savevm_with_progress(
     tag: Option<&str>,
     progress: ProgressFn<'_>,
 ) -> Result<SnapshotInfo> {
+    savevm_with_options(vm, tag, &SaveOptions::default(), progress)
+}
+
+/// How savevm encodes the VM state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// RAM pages LZ4-compressed (the `x-vmsnap-lz4` migration capability): a smaller state
+    /// that only vmsnap can load.
+    pub lz4: bool,
+}
+
+/// [`savevm_with_progress`] with encoding options.
+pub fn savevm_with_options(
+    vm: &Vm,
+    tag: Option<&str>,
+    opts: &SaveOptions,
+    progress: ProgressFn<'_>,
+) -> Result<SnapshotInfo> {
     stopped(vm, || {
         vm.flush_drives().map_err(SnapshotError::Flush)?;
         let state = vm.save_state()?;
@@ -196,7 +214,7 @@ pub fn savevm_with_progress(
                 let total = vm.ram().len() as u64;
                 let mut w =
                     CrcWriter::new(Counting::new(VmstateWriter::new(store), total, progress));
-                let n = state_io::write_state_with(&state, vm.ram(), &contents, &mut w)
+                let n = state_io::write_state_opts(&state, vm.ram(), &contents, opts.lz4, &mut w)
                     .map_err(SnapshotError::Save)?;
                 std::io::Write::flush(&mut w)
                     .map_err(|e| SnapshotError::Save(StateIoError::Io(e)))?;

@@ -79,6 +79,18 @@ pub fn write_state_with(
     captured: &[CapturedDrive],
     out: &mut dyn Write,
 ) -> Result<u64, StateIoError> {
+    write_state_opts(state, ram, captured, false, out)
+}
+
+/// [`write_state_with`]; with `lz4`, RAM pages go out LZ4-compressed and the configuration
+/// announces the `x-vmsnap-lz4` capability (QEMU cannot load such a state).
+pub fn write_state_opts(
+    state: &VmState,
+    ram: &[u8],
+    captured: &[CapturedDrive],
+    lz4: bool,
+    out: &mut dyn Write,
+) -> Result<u64, StateIoError> {
     let sections = vmstate::to_sections(state);
     let mut slots: Vec<Slot> = sections
         .iter()
@@ -89,8 +101,12 @@ pub fn write_state_with(
         .map(|c| Slot(Some(vmstate::capture_value(&c.name, &c.data))))
         .collect();
     let mut ram_state = RamState::for_save(vec![(RAM_BLOCK.to_string(), ram)], PAGE_SIZE);
+    ram_state.set_lz4(lz4);
     let mut reg = Registry::new(vmstate::MACHINE);
     reg.page_size = PAGE_SIZE;
+    if lz4 {
+        reg.add_capability(crate::migration::ram::LZ4_CAPABILITY);
+    }
     reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut ram_state);
     for (s, slot) in sections.iter().zip(slots.iter_mut()) {
         reg.register_device(s.idstr, s.instance_id, s.vmsd.clone(), slot);

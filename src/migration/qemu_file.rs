@@ -178,7 +178,12 @@ impl<R: Read> QemuFileReader<R> {
     /// Skips `n` bytes.
     pub fn skip(&mut self, mut n: u64) -> Result<()> {
         while n > 0 {
-            let avail = self.fill(self.buf.len())?;
+            // Consume what is buffered first; read more only once the buffer is empty, so a
+            // skip never moves buffered bytes around.
+            let mut avail = self.end - self.start;
+            if avail == 0 {
+                avail = self.fill(1)?;
+            }
             if avail == 0 {
                 return Err(QemuFileError::UnexpectedEof {
                     offset: self.pos,

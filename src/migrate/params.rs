@@ -383,7 +383,13 @@ mod tests {
         c.set("auto-converge", "on").unwrap();
         assert!(c.auto_converge());
         assert!(c.to_hmp().contains("\nauto-converge: on\n"));
-        assert_eq!(c.to_hmp().lines().count(), QEMU_CAPABILITIES.len());
+        assert_eq!(
+            c.to_hmp().lines().count(),
+            QEMU_CAPABILITIES.len() + EXTRA_CAPABILITIES.len()
+        );
+        assert!(c.to_hmp().ends_with("\nx-vmsnap-lz4: off"));
+        c.set("x-vmsnap-lz4", "on").unwrap();
+        assert!(c.lz4() && c.to_hmp().ends_with("\nx-vmsnap-lz4: on"));
         c.set("auto-converge", "off").unwrap();
         assert!(!c.auto_converge());
         assert!(matches!(

@@ -22,6 +22,11 @@ if ! need_qemu; then
   fi
 fi
 qemu-img --version | head -1 || true
+# `ip` for the live-migration test between two network namespaces (it skips loudly without).
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing iproute2"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends iproute2 >/dev/null || true
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

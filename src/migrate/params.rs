@@ -383,7 +383,10 @@ mod tests {
         c.set("auto-converge", "on").unwrap();
         assert!(c.auto_converge());
         assert!(c.to_hmp().contains("\nauto-converge: on\n"));
-        assert_eq!(c.to_hmp().lines().count(), QEMU_CAPABILITIES.len());
+        assert_eq!(
+            c.to_hmp().lines().count(),
+            QEMU_CAPABILITIES.len() + EXTRA_CAPABILITIES.len()
+        );
         c.set("auto-converge", "off").unwrap();
         assert!(!c.auto_converge());
         assert!(matches!(

@@ -104,7 +104,7 @@ pub struct Completed {
 /// Biggest PART sent between two looks at the clock, the cancel flag and the dirty log.
 const CHUNK: u64 = 16 << 20;
 /// Downtime aimed at once the remainder fits the limit (see [`StopRule`]).
-const SETTLE_MS: u64 = 2;
+const SETTLE_MS: u64 = 8;
 /// How long the source waits for the destination to close after the last byte.
 const FINISH_WAIT: Duration = Duration::from_secs(10);
 
@@ -262,7 +262,7 @@ fn run(
         max: params.max_cpu_throttle,
     };
     let mut period = DirtyPeriod::new(throttle, job.auto_converge, now, session.position());
-    let mut rule = StopRule::new(SETTLE_MS, 16);
+    let mut rule = StopRule::new(SETTLE_MS, 4);
     let iter_start = Instant::now();
     let report = |pos: u64, meter: &BandwidthMeter, period: &DirtyPeriod| {
         let r = ram.borrow();

@@ -29,6 +29,11 @@ pub trait PageSource {
     fn anonymous_base(&self) -> Option<u64> {
         None
     }
+    /// The page at `addr` (`len` bytes) lent in place, when RAM can be read without a copy;
+    /// `None` makes the caller copy it with [`PageSource::read_page`].
+    fn page_slice(&self, _addr: u64, _len: u64) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl PageSource for GuestMemoryMmap {
@@ -65,6 +70,36 @@ impl PageSource for [u8] {
             .ok_or_else(|| format!("page {addr:#x} beyond RAM"))?;
         buf.copy_from_slice(src);
         Ok(())
+    }
+
+    fn page_slice(&self, addr: u64, len: u64) -> Option<&[u8]> {
+        let a = usize::try_from(addr).ok()?;
+        self.get(a..a.checked_add(usize::try_from(len).ok()?)?)
+    }
+}
+
+/// The VMM's guest RAM as one byte slice (`Vm::ram`): one private anonymous mapping, so
+/// pages are sent straight from it and its never-touched pages are found in the pagemap.
+/// The vCPUs may write a page while it is being sent; such a page is dirty again in the
+/// next dirty-log fetch and is sent again, as with a copy.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRam<'m>(pub &'m [u8]);
+
+impl PageSource for GuestRam<'_> {
+    fn ram_len(&self) -> u64 {
+        self.0.ram_len()
+    }
+
+    fn read_page(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.0.read_page(addr, buf)
+    }
+
+    fn anonymous_base(&self) -> Option<u64> {
+        Some(self.0.as_ptr() as usize as u64)
+    }
+
+    fn page_slice(&self, addr: u64, len: u64) -> Option<&[u8]> {
+        self.0.page_slice(addr, len)
     }
 }
 
@@ -267,13 +302,20 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
                     .map_err(|e| e.to_string())?;
                 continue;
             }
-            self.mem.read_page(addr, &mut self.page)?;
-            if is_zero(&self.page) {
+            let mem = self.mem;
+            let data = match mem.page_slice(addr, self.page_size) {
+                Some(d) => d,
+                None => {
+                    mem.read_page(addr, &mut self.page)?;
+                    &self.page
+                }
+            };
+            if is_zero(data) {
                 self.counters.zero_pages += 1;
             } else {
                 self.counters.normal_pages += 1;
             }
-            w.write_page(f, &self.block, addr, &self.page)
+            w.write_page(f, &self.block, addr, data)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -466,6 +508,17 @@ mod tests {
             }
         }
         m
+    }
+
+    #[test]
+    fn guest_ram_lends_pages_in_place_and_bounds_them() {
+        let mem = pattern(3);
+        let g = GuestRam(&mem[..]);
+        let page = g.page_slice(PS, PS).unwrap();
+        assert_eq!(page.as_ptr(), mem[PS as usize..].as_ptr());
+        assert!(g.page_slice(2 * PS + 1, PS).is_none());
+        assert!(g.page_slice(u64::MAX, PS).is_none());
+        assert_eq!(g.anonymous_base(), Some(mem.as_ptr() as usize as u64));
     }
 
     #[test]

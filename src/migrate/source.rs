@@ -16,12 +16,11 @@ use crate::migration::stream::StreamError;
 use crate::migration::Value;
 use crate::snapshot::state_io::{PAGE_SIZE, RAM_BLOCK};
 use crate::vmm::{vmstate, Vm, VmError, VmStatus};
-use vm_memory::GuestMemoryMmap;
 
 use super::converge::{BandwidthMeter, DirtyPeriod, RateLimiter, StopRule, ThrottleParams};
 use super::disks::{self, DiskError, DriveOpen};
 use super::info::{MigrationInfo, RamInfo, Status};
-use super::live_ram::{LiveRam, LiveRamEntry};
+use super::live_ram::{GuestRam, LiveRam, LiveRamEntry};
 use super::params::Parameters;
 use super::uri::{Aborter, MigrateUri, Outgoing, UriError};
 
@@ -105,7 +104,7 @@ pub struct Completed {
 /// Biggest PART sent between two looks at the clock, the cancel flag and the dirty log.
 const CHUNK: u64 = 16 << 20;
 /// Downtime aimed at once the remainder fits the limit (see [`StopRule`]).
-const SETTLE_MS: u64 = 2;
+const SETTLE_MS: u64 = 8;
 /// How long the source waits for the destination to close after the last byte.
 const FINISH_WAIT: Duration = Duration::from_secs(10);
 
@@ -196,7 +195,7 @@ fn capture_devices(vm: &Vm, values: &[RefCell<Option<Value>>]) -> Result<(), Mig
 
 /// RAM figures for `info migrate`; `split` is (bytes sent while running, while stopped).
 fn ram_info(
-    r: &LiveRam<'_, GuestMemoryMmap>,
+    r: &LiveRam<'_, GuestRam<'_>>,
     transferred: u64,
     secs: f64,
     meter: &BandwidthMeter,
@@ -233,7 +232,8 @@ fn run(
 ) -> Result<Completed, MigrateError> {
     // Pages dirtied before now are all dirty in the live RAM state anyway.
     vm.take_dirty_bitmap()?;
-    let ram = RefCell::new(LiveRam::new(vm.guest_memory(), RAM_BLOCK, PAGE_SIZE));
+    let ram_src = GuestRam(vm.ram());
+    let ram = RefCell::new(LiveRam::new(&ram_src, RAM_BLOCK, PAGE_SIZE));
     ram.borrow_mut().lz4 = job.lz4;
     let layout = vmstate::layout(vm.vcpu_count(), vm.drive_count());
     let values: Vec<RefCell<Option<Value>>> = layout.iter().map(|_| RefCell::new(None)).collect();
@@ -262,7 +262,7 @@ fn run(
         max: params.max_cpu_throttle,
     };
     let mut period = DirtyPeriod::new(throttle, job.auto_converge, now, session.position());
-    let mut rule = StopRule::new(SETTLE_MS, 16);
+    let mut rule = StopRule::new(SETTLE_MS, 4);
     let iter_start = Instant::now();
     let report = |pos: u64, meter: &BandwidthMeter, period: &DirtyPeriod| {
         let r = ram.borrow();

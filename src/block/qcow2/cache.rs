@@ -1,56 +1,102 @@
-//! A small write-through cache of metadata clusters (L2 tables, refcount blocks).
+//! A write-through cache of metadata clusters (L2 tables, refcount blocks).
 //!
-//! Entries are whole clusters keyed by host offset. Updates are written to storage at once
-//! (only the bytes that changed), so the cache never holds dirty data and a crash can only
-//! lose what the caller had not yet written. A cluster that is freed must be dropped with
-//! [`MetaCache::forget`] before its offset is reused.
+//! Entries are whole clusters keyed by host offset, evicted least recently used first
+//! (O(log n) per access: a map by offset and an ordered map by last use). Updates are written
+//! to storage at once (only the bytes that changed), so the cache never holds dirty data and a
+//! crash can only lose what the caller had not yet written. A cluster that is freed must be
+//! dropped with [`MetaCache::forget`] before its offset is reused.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
+
+/// Most L2 cache memory an image gets (QEMU's default maximum on Linux).
+pub const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// Most entries of one cache (bounds the bookkeeping for tiny clusters).
+pub const MAX_CACHE_ENTRIES: u64 = 8192;
 
 /// LRU of metadata clusters.
 #[derive(Debug)]
 pub struct MetaCache {
-    entries: VecDeque<(u64, Vec<u8>)>,
+    /// Offset → (cluster, stamp of last use).
+    entries: HashMap<u64, (Vec<u8>, u64)>,
+    /// Stamp of last use → offset; the first entry is the least recently used.
+    by_use: BTreeMap<u64, u64>,
     capacity: usize,
+    clock: u64,
 }
 
 impl MetaCache {
     /// A cache holding at most `capacity` clusters.
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: VecDeque::with_capacity(capacity),
+            entries: HashMap::new(),
+            by_use: BTreeMap::new(),
             capacity: capacity.max(1),
+            clock: 0,
         }
     }
 
-    /// The cached cluster at `offset`, most recently used first.
+    /// Capacity in clusters of an L2 cache covering a disk that needs `l2_tables` tables
+    /// (plus a few for the VM state area), within [`MAX_L2_CACHE_BYTES`].
+    pub fn l2_capacity(l2_tables: u64, cluster_size: u64) -> usize {
+        (l2_tables + 4)
+            .min(MAX_L2_CACHE_BYTES / cluster_size.max(1))
+            .clamp(4, MAX_CACHE_ENTRIES) as usize
+    }
+
+    /// Number of clusters held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn touch(&mut self, offset: u64) {
+        self.clock += 1;
+        let stamp = self.clock;
+        if let Some(e) = self.entries.get_mut(&offset) {
+            self.by_use.remove(&e.1);
+            e.1 = stamp;
+            self.by_use.insert(stamp, offset);
+        }
+    }
+
+    /// The cached cluster at `offset` (now the most recently used).
     pub fn get(&mut self, offset: u64) -> Option<&mut Vec<u8>> {
-        let pos = self.entries.iter().position(|(o, _)| *o == offset)?;
-        if pos != 0 {
-            let e = self.entries.remove(pos)?;
-            self.entries.push_front(e);
+        if !self.entries.contains_key(&offset) {
+            return None;
         }
-        self.entries.front_mut().map(|(_, d)| d)
+        self.touch(offset);
+        self.entries.get_mut(&offset).map(|e| &mut e.0)
     }
 
-    /// Inserts a cluster, evicting the least recently used one.
+    /// Inserts a cluster, evicting the least recently used one when full.
     pub fn insert(&mut self, offset: u64, data: Vec<u8>) -> &mut Vec<u8> {
         self.forget(offset);
         if self.entries.len() >= self.capacity {
-            self.entries.pop_back();
+            if let Some((_, old)) = self.by_use.pop_first() {
+                self.entries.remove(&old);
+            }
         }
-        self.entries.push_front((offset, data));
-        &mut self.entries[0].1
+        self.clock += 1;
+        self.by_use.insert(self.clock, offset);
+        &mut self.entries.entry(offset).or_insert((data, self.clock)).0
     }
 
     /// Drops the cluster at `offset` (it was freed or rewritten elsewhere).
     pub fn forget(&mut self, offset: u64) {
-        self.entries.retain(|(o, _)| *o != offset);
+        if let Some((_, stamp)) = self.entries.remove(&offset) {
+            self.by_use.remove(&stamp);
+        }
     }
 
     /// Drops everything.
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.by_use.clear();
     }
 }
 
@@ -69,5 +115,24 @@ mod tests {
         assert_eq!(c.get(1).unwrap()[0], 1);
         c.forget(1);
         assert!(c.get(1).is_none());
+        assert_eq!(c.len(), 1);
+        c.insert(3, vec![4]);
+        assert_eq!((c.len(), c.get(3).unwrap()[0]), (1, 4));
+        c.clear();
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn capacity_covers_the_image_within_bounds() {
+        // 100 GiB with 64 KiB clusters: 200 tables (+4), well within 32 MiB.
+        assert_eq!(MetaCache::l2_capacity(200, 65536), 204);
+        // 2 MiB clusters: 32 MiB holds 16 tables.
+        assert_eq!(MetaCache::l2_capacity(1000, 2 << 20), 16);
+        // Tiny images still get a few; tiny clusters are bounded by entry count.
+        assert_eq!(MetaCache::l2_capacity(0, 65536), 4);
+        assert_eq!(
+            MetaCache::l2_capacity(1 << 20, 512),
+            MAX_CACHE_ENTRIES as usize
+        );
     }
 }

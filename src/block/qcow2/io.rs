@@ -30,19 +30,11 @@ impl Qcow2 {
             .ok_or_else(|| corrupt("L2 cache lost an entry".into()))
     }
 
-    /// A whole L2 table for a walk over many tables: the cached copy, else one read (not
-    /// cached: a walk reads every table once and would only evict what guest I/O uses).
+    /// A copy of a whole L2 table for a walk over many tables, read in one piece and kept
+    /// in the cache (sized to cover the disk, so a second walk over the same tables, as in
+    /// snapshot delete or check, reads nothing again).
     pub(crate) fn read_l2_table(&mut self, l2: u64) -> Result<Vec<u8>> {
-        if let Some(t) = self.l2_cache.get(l2) {
-            return Ok(t.clone());
-        }
-        let cs = self.layout.cluster_size();
-        if l2 % cs != 0 {
-            return Err(corrupt(format!("L2 table offset {l2:#x} is not aligned")));
-        }
-        let mut t = vec![0u8; cs as usize];
-        self.sread(l2, &mut t)?;
-        Ok(t)
+        self.load_l2(l2).map(|t| t.clone())
     }
 
     /// Reads entry `idx` (and its bitmap with extended L2) of the L2 table at `l2`.

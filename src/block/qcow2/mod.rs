@@ -486,7 +486,9 @@ impl Qcow2 {
         }
         let l1 = read_table(&*storage, header.l1_table_offset, u64::from(header.l1_size))?;
         let snapshots = snapshot::read_table(&*storage, &header, file_len)?;
-        let cache_clusters = ((32u64 << 20) / cs).clamp(4, 64) as usize;
+        // L2 cache covering the whole disk (as qemu-img's), refcount cache a quarter of it.
+        let l2_clusters = MetaCache::l2_capacity(layout.size_to_l1(header.size), cs);
+        let rb_clusters = (l2_clusters / 4).max(4);
         let mut img = Qcow2 {
             storage,
             layout,
@@ -495,8 +497,8 @@ impl Qcow2 {
             reftable,
             snapshots,
             backing: None,
-            l2_cache: MetaCache::new(cache_clusters),
-            rb_cache: MetaCache::new(cache_clusters),
+            l2_cache: MetaCache::new(l2_clusters),
+            rb_cache: MetaCache::new(rb_clusters),
             rb_dirty: None,
             walk_batch_limit: snapshot::WALK_BATCH_BYTES,
             unflushed: AtomicBool::new(true),

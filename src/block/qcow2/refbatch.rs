@@ -11,7 +11,7 @@
 //! `snapshot.rs`). Writing a batch back early is always allowed: it is the same state the
 //! write-through path would have reached at that point of the walk.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// One refcount block held while a batch is open.
 #[derive(Debug)]
@@ -48,7 +48,8 @@ impl DirtyBlock {
 /// The blocks of an open batch, keyed by host offset.
 #[derive(Debug, Default)]
 pub(crate) struct DirtyBlocks {
-    blocks: HashMap<u64, DirtyBlock>,
+    /// By offset; a walk holds few blocks, and an ordered map needs no hashing per count.
+    blocks: BTreeMap<u64, DirtyBlock>,
     bytes: usize,
 }
 
@@ -85,10 +86,8 @@ impl DirtyBlocks {
 
     /// Takes every block out, lowest offset first.
     pub(crate) fn drain_sorted(&mut self) -> Vec<(u64, DirtyBlock)> {
-        let mut v: Vec<(u64, DirtyBlock)> = self.blocks.drain().collect();
-        v.sort_unstable_by_key(|(o, _)| *o);
         self.bytes = 0;
-        v
+        std::mem::take(&mut self.blocks).into_iter().collect()
     }
 }
 

@@ -10,6 +10,10 @@
 //! points to it; a grown refcount table is written and flushed before the header points to
 //! it, and the old table is freed only after that. Allocation raises the count before the
 //! caller references the cluster; freeing happens after the reference is gone.
+//!
+//! Counts are written through, except inside a batch (`refbatch`): snapshot walks, discards
+//! and multi-cluster allocations change whole blocks in memory and write each changed block
+//! once, before anything that relies on the new counts is written.
 
 use byteorder::{BigEndian, ByteOrder};
 

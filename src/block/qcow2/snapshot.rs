@@ -424,6 +424,7 @@ impl Qcow2 {
         for (off, t) in pending.drain_sorted() {
             self.l2_cache.forget(off);
             self.swrite(off, &t)?;
+            self.l2_cache.insert(off, t);
         }
         let changes = std::mem::take(&mut pending.l1_changes);
         let (Some(lo), Some(hi)) = (

@@ -77,11 +77,22 @@ pub fn have(prog: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Runs `cmd` to completion and measures its wall time (peak RSS: see the body).
+/// Resets this process's peak RSS to its current RSS (`/proc/self/clear_refs`, value 5).
+///
+/// The child is spawned with vfork semantics, and Linux folds the peak RSS of the memory
+/// it had before exec (ours) into the child's `ru_maxrss`: without the reset, every child
+/// would report at least the harness's own peak (the 512 MiB memcpy buffers of
+/// `machine_limits`).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Runs `cmd` to completion and measures wall time and the child's peak RSS (wait4).
 /// Fails with the command's stderr if it exits non-zero.
 pub fn run_measured(cmd: &mut Command) -> Result<Sample, String> {
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
+    reset_peak_rss();
     let t = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("{cmd:?}: {e}"))?;
     let mut stderr = child.stderr.take();
@@ -106,11 +117,10 @@ pub fn run_measured(cmd: &mut Command) -> Result<Sample, String> {
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         return Err(format!("{cmd:?} failed ({status:#x}): {}", err.trim()));
     }
-    // wait4's ru_maxrss is not the child's own peak: a child started by posix_spawn/fork
-    // inherits this process's high-water mark. Cases that need the peak RSS wrap the command
-    // in /usr/bin/time (inspect_cases::peak_rss_of).
-    let _ = ru.ru_maxrss;
-    Ok(Sample { time, max_rss: 0 })
+    Ok(Sample {
+        time,
+        max_rss: (ru.ru_maxrss as u64) * 1024,
+    })
 }
 
 fn median(mut v: Vec<Sample>) -> Sample {

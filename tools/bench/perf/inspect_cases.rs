@@ -27,11 +27,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmsnap::migration::ram::{RamBlockInfo, RamWriter, LZ4_CAPABILITY};
+use vmsnap::migration::ram::LZ4_CAPABILITY;
 use vmsnap::migration::ram_state::RamState;
-use vmsnap::migration::savevm::{load_state, save_state, IterativeState, Registry, Sink, Source};
+use vmsnap::migration::savevm::{load_state, save_state, Registry};
 
 use crate::harness::{inspect_bin, run_measured, Harness, Row, Sample};
+use crate::synthetic_ram::SyntheticRam;
 
 const PAGE: usize = 4096;
 
@@ -49,67 +50,9 @@ fn env_mib(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// RAM generated page by page while saving (no GiB buffer): 1 page in 8 zero, the others a
-/// counter pattern (as tools/bench/decode.rs).
-struct SyntheticRam {
-    len: u64,
-    next: u64,
-    w: Option<RamWriter>,
-    page: Vec<u8>,
-}
-
-impl IterativeState for SyntheticRam {
-    fn save_setup(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
-        let mut w = RamWriter::new(PAGE as u64, false).map_err(|e| e.to_string())?;
-        let blocks = [RamBlockInfo {
-            idstr: "pc.ram".into(),
-            used_length: self.len,
-            mr_addr: None,
-        }];
-        w.write_mem_size(f, &blocks).map_err(|e| e.to_string())?;
-        w.write_eos(f).map_err(|e| e.to_string())?;
-        self.w = Some(w);
-        Ok(())
-    }
-
-    fn save_iterate(&mut self, f: &mut Sink<'_>) -> Result<bool, String> {
-        let w = self.w.as_mut().ok_or("no setup")?;
-        let round_end = (self.next + (256 << 20)).min(self.len);
-        while self.next < round_end {
-            let n = self.next / PAGE as u64;
-            if n % 8 == 7 {
-                self.page.fill(0);
-            } else {
-                for (i, c) in self.page.chunks_mut(8).enumerate() {
-                    c.copy_from_slice(&(n * 512 + i as u64).to_le_bytes());
-                }
-            }
-            w.write_page(f, "pc.ram", self.next, &self.page)
-                .map_err(|e| e.to_string())?;
-            self.next += PAGE as u64;
-        }
-        w.write_eos(f).map_err(|e| e.to_string())?;
-        Ok(self.next >= self.len)
-    }
-
-    fn save_complete(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
-        let w = self.w.as_mut().ok_or("no setup")?;
-        w.write_eos(f).map_err(|e| e.to_string())
-    }
-
-    fn load(&mut self, _r: &mut Source<'_>) -> vmsnap::migration::stream::Result<()> {
-        Ok(())
-    }
-}
-
 /// Writes the synthetic stream of `mib` MiB of RAM to `path`; returns its length.
 fn write_stream(path: &Path, mib: u64) -> Result<u64, String> {
-    let mut ram = SyntheticRam {
-        len: mib << 20,
-        next: 0,
-        w: None,
-        page: vec![0; PAGE],
-    };
+    let mut ram = SyntheticRam::new(mib << 20);
     let mut reg = Registry::new("pc-i440fx-7.2");
     reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut ram);
     let f = File::create(path).map_err(|e| e.to_string())?;

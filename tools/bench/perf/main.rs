@@ -9,6 +9,8 @@ mod block_cases;
 mod harness;
 mod inspect_cases;
 mod migrate_cases;
+#[path = "../synthetic_ram.rs"]
+mod synthetic_ram;
 mod vm_cases;
 
 use harness::Harness;

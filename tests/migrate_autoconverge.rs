@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::ticks::{assert_continues, Steps};
 
 const MEM: &str = "8M";
 const DIRTY_MIB: &str = "40";
@@ -301,22 +302,14 @@ fn with_auto_converge_it_completes_and_the_destination_runs_on() {
     let (_, src_state) = pair.src.cmd_status("");
     assert_eq!(src_state, "paused (postmigrate)");
     // The source may have stopped in the middle of printing a line; the destination then
-    // finishes that line and its first whole `tick` line is the one after.
+    // finishes that line. Ticks step by 2 where two timer interrupts fell into one round of
+    // the guest's loop, which a 99 % throttled vCPU does often (see common::ticks).
     let src_text = std::fs::read_to_string(pair.path("src.serial")).unwrap();
-    let cut = src_text.rfind('\n').map_or(0, |i| i + 1);
-    let src_last = ticks_in(&src_text[..cut]).last().copied().unwrap();
-    let partial = cut < src_text.len();
     let mut dst = Monitor::connect(&pair.path("dst.sock"));
     let text = wait_for_progress(&pair.path("dst.serial"), 0, 10);
     let (_, dst_state) = dst.cmd_status("");
     assert_eq!(dst_state, "running");
-    let first = text
-        .lines()
-        .find_map(|l| l.strip_prefix("tick ")?.parse::<u64>().ok())
-        .unwrap();
-    assert!(
-        first == src_last + 1 || (partial && first == src_last + 2),
-        "destination must continue the count: source {src_last}, destination {first}"
-    );
+    let (last, first) = assert_continues(&src_text, &text, Steps::Throttled);
+    eprintln!("source's last tick {last}, destination's first {first}");
     drop(pair.procs);
 }

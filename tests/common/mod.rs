@@ -2,6 +2,8 @@
 //! (skipping loudly when absent), gunzipping fixtures, hashing and a seeded RNG.
 #![allow(dead_code)]
 
+pub mod ticks;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

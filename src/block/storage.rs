@@ -27,6 +27,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes everything written so far durable (`fdatasync`).
     fn flush(&self) -> io::Result<()>;
+    /// Gives `[offset, offset + len)` back to the host if the storage can do so cheaply (a
+    /// hint for bytes nothing references: they may read as before or as zero afterwards).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Gives `[offset, offset + len)` back to the host; reads as zero afterwards.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let zeroes = vec![0u8; len.min(1 << 20) as usize];
@@ -117,15 +123,21 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
-        // FALLOC_FL_PUNCH_HOLE must be combined with KEEP_SIZE; fall back to writing zeroes.
+        // FALLOC_FL_PUNCH_HOLE must be combined with KEEP_SIZE.
         let mode = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
             | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if nix::fcntl::fallocate(self.file.as_raw_fd(), mode, off, l).is_ok() {
+        nix::fcntl::fallocate(self.file.as_raw_fd(), mode, off, l)?;
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Punch if the file system can, else write zeroes.
+        if self.discard(offset, len).is_ok() {
             return Ok(());
         }
         let zeroes = vec![0u8; len.min(1 << 20) as usize];
@@ -256,6 +268,11 @@ impl Storage for MemStorage {
             buf[..n].copy_from_slice(&g.data[start..start + n]);
         }
         Ok(())
+    }
+
+    /// Zeroes the range (through `write_at`, so crash tests also stop inside discards).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {

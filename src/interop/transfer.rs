@@ -302,6 +302,12 @@ fn write_vmstate<F: Read>(
         .driver
         .snapshots()
         .ok_or_else(|| BlockSetError::NoVmStateSupport(vm_name.to_owned()))?;
+    store
+        .vmstate_reserve(summary.len)
+        .map_err(|e| ImportError::Write {
+            device: vm_name.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
     let mut w = VmstateWriter::new(store);
     let mut crc = CrcReader::new(file);
     copy_with_progress(&mut crc, &mut w, Phase::Write, progress).map_err(|source| {

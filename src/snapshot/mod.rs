@@ -212,6 +212,9 @@ pub fn savevm_with_options(
             let (size, crc) = {
                 let (_, store) = disks::store(set, inc[0])?;
                 let total = vm.ram().len() as u64;
+                store
+                    .vmstate_reserve(state_size_hint(total))
+                    .map_err(|e| SnapshotError::Save(StateIoError::Io(std::io::Error::other(e))))?;
                 let mut w =
                     CrcWriter::new(Counting::new(VmstateWriter::new(store), total, progress));
                 let n = state_io::write_state_opts(&state, vm.ram(), &contents, opts.lz4, &mut w)
@@ -234,6 +237,12 @@ pub fn savevm_with_options(
             disks::create(set, &inc, &params)
         })
     })
+}
+
+/// About how large the VM state of a guest with `ram` bytes of RAM gets: every page with its
+/// 8-byte record header, and room for the device sections.
+fn state_size_hint(ram: u64) -> u64 {
+    ram.saturating_add(ram / 4096 * 8).saturating_add(1 << 20)
 }
 
 /// `loadvm TAG`: reverts every disk to `tag` and the VM to its saved state. Bad requests

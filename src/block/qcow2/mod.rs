@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod check;
+mod discard;
 pub mod entry;
 pub mod header;
 mod io;
@@ -215,6 +216,8 @@ pub struct Qcow2 {
     pub(crate) walk_batch_limit: usize,
     /// Refcount blocks changed in memory while a batch is open (see `refbatch`).
     pub(crate) rb_dirty: Option<refbatch::DirtyBlocks>,
+    /// Clusters freed while a [`Qcow2::discarding`] operation runs.
+    pub(crate) discards: Option<discard::Discards>,
     /// First host cluster index that may be free.
     pub(crate) free_hint: u64,
     /// Where the search for the next multi-cluster run starts.
@@ -502,6 +505,7 @@ impl Qcow2 {
             rb_dirty: None,
             walk_batch_limit: snapshot::WALK_BATCH_BYTES,
             unflushed: AtomicBool::new(true),
+            discards: None,
             free_hint: 0,
             run_hint: 0,
             end_cluster: file_len.div_ceil(cs),
@@ -825,10 +829,20 @@ impl SnapshotStore for Qcow2 {
         self.create_snapshot(params)
     }
     fn snapshot_goto(&mut self, id_or_name: &str) -> Result<()> {
-        self.goto_snapshot(id_or_name)
+        self.discarding(|q| q.goto_snapshot(id_or_name))
     }
     fn snapshot_delete(&mut self, id_or_name: &str) -> Result<()> {
-        self.delete_snapshot(id_or_name)
+        self.discarding(|q| q.delete_snapshot(id_or_name))
+    }
+    fn vmstate_reserve(&mut self, len: u64) -> Result<()> {
+        self.writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        // One L1 growth now, while little is unflushed, instead of one every half L1 range
+        // of state (growth factor 1.5) with flushes behind the state already written.
+        let last = self.vm_state_offset().saturating_add(len - 1);
+        self.grow_l1(self.layout.l1_index(last) + 1, true)
     }
     fn vmstate_write(&mut self, pos: u64, buf: &[u8]) -> Result<()> {
         self.writable()?;

@@ -205,6 +205,11 @@ impl Qcow2 {
         }
         if value == 0 {
             self.free_hint = self.free_hint.min(cluster);
+            // Runs may go back to freed space (QEMU lowers its free_cluster_index the same way).
+            self.run_hint = self.run_hint.min(cluster);
+            if let Some(d) = self.discards.as_mut() {
+                d.add(cluster);
+            }
             let host = cluster << self.layout.cluster_bits;
             self.l2_cache.forget(host);
             self.rb_cache.forget(host);
@@ -473,6 +478,9 @@ impl Qcow2 {
                 self.run_hint = start + n;
             }
             self.end_cluster = self.end_cluster.max(start + n);
+            if let Some(d) = self.discards.as_mut() {
+                d.remove(start, n);
+            }
             return Ok(start << self.layout.cluster_bits);
         }
     }

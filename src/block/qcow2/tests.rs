@@ -635,3 +635,88 @@ fn check_reports_shared_table_findings_per_reference() {
     // Entry 1's cluster lost its three references (a leak); entries 0, 2, 3 still count 3.
     assert_eq!((r.corruptions, r.leaks), (3, 1), "{:?}", r.messages);
 }
+
+/// VM state of `len` bytes written as savevm does: reserve, then 1 MiB chunks.
+fn save_state(img: &mut Qcow2, name: &str, len: usize, byte: u8) {
+    img.vmstate_reserve(len as u64).unwrap();
+    for (i, chunk) in vec![byte; len].chunks(1 << 20).enumerate() {
+        img.vmstate_write((i << 20) as u64, chunk).unwrap();
+    }
+    let mut p = params(name);
+    p.vm_state_size = len as u64;
+    img.snapshot_create(&p).unwrap();
+}
+
+#[test]
+fn reserved_vmstate_area_needs_no_flush_while_the_state_is_written() {
+    for o in all_opts() {
+        let (mem, mut img) = mem_image(&o);
+        // Several L1 entries' worth of state (a small L2 range for small clusters).
+        let cs = u64::from(o.cluster_size);
+        let l1_range = cs * (cs / if o.extended_l2 { 16 } else { 8 });
+        let len = (3 * l1_range).min(8 << 20) as usize;
+        img.vmstate_reserve(len as u64).unwrap();
+        let l1_size = img.l1.len();
+        let (_, flushes) = mem.counts();
+        for (i, chunk) in vec![0x5a; len].chunks(1 << 20).enumerate() {
+            img.vmstate_write((i << 20) as u64, chunk).unwrap();
+        }
+        assert_eq!(
+            mem.counts().1,
+            flushes,
+            "{o:?}: a flush while writing state"
+        );
+        assert_eq!(img.l1.len(), l1_size, "{o:?}: L1 grew again");
+        let mut p = params("s");
+        p.vm_state_size = len as u64;
+        img.snapshot_create(&p).unwrap();
+        assert_clean(&mut img);
+        let mut back = vec![0u8; len];
+        img.snapshot_vmstate_read("s", 0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a), "{o:?}");
+    }
+}
+
+#[test]
+fn a_deleted_snapshots_space_is_reused_and_discarded() {
+    for o in all_opts() {
+        let (mem, mut img) = mem_image(&o);
+        let len = 2 << 20;
+        save_state(&mut img, "a", len, 0x11);
+        save_state(&mut img, "b", len, 0x22);
+        img.flush().unwrap();
+        let end = mem.data().len();
+        let before = mem.data();
+        img.snapshot_delete("a").unwrap();
+        // Every cluster that held a's state now reads as zero in the file.
+        // Every host cluster that held a's state now reads as zero in the file.
+        let cs = o.cluster_size as usize;
+        let held: Vec<usize> = (0..before.len() / cs)
+            .filter(|&c| before[c * cs..(c + 1) * cs].iter().all(|&b| b == 0x11))
+            .collect();
+        assert_eq!(held.len() * cs, len, "{o:?}");
+        let after = mem.data();
+        for c in held {
+            let cluster = &after[c * cs..(c + 1) * cs];
+            assert!(
+                cluster.iter().all(|&b| b == 0),
+                "{o:?}: cluster {c} not discarded"
+            );
+        }
+        // The same process saves again into the freed space: the file grows by a metadata
+        // cluster or two at most (new tables), not by the state.
+        save_state(&mut img, "c", len, 0x33);
+        img.flush().unwrap();
+        let grown = mem.data().len() - end;
+        assert!(
+            grown as u64 <= 2 * u64::from(o.cluster_size),
+            "{o:?}: file grew by {grown} instead of reusing"
+        );
+        assert_clean(&mut img);
+        let mut back = vec![0u8; len];
+        img.snapshot_vmstate_read("b", 0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0x22), "{o:?}");
+        img.snapshot_vmstate_read("c", 0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0x33), "{o:?}");
+    }
+}

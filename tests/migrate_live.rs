@@ -239,6 +239,15 @@ fn live_round_trip(uri: &str, prefixes: (&[&str], &[&str])) {
     assert!(dst.serial_text().is_empty());
     // The guest cannot be started before the stream is in.
     assert!(dst.cmd("cont").0.starts_with("Error"));
+    // As QEMU's destination: no status yet, the socket it listens on.
+    let waiting = dst.ok("info migrate");
+    assert!(!waiting.contains("Migration status"), "{waiting}");
+    let listening = waiting
+        .split_once("socket address: [\n\t")
+        .and_then(|(_, rest)| rest.split_once("\n]"))
+        .map(|(a, _)| a.to_string())
+        .unwrap_or_else(|| panic!("no socket address: {waiting}"));
+    assert_eq!(listening, uri);
 
     let (reply, status) = src.cmd(&format!("migrate {uri}"));
     assert_eq!(reply, "", "migrate failed");
@@ -259,6 +268,11 @@ fn live_round_trip(uri: &str, prefixes: (&[&str], &[&str])) {
     let dst_text = dst.wait_for("CHECK OK", 20);
     assert!(!dst_text.contains("CHECK FAIL"), "{dst_text}");
     assert_eq!(dst.status(), "running");
+    let info = dst.ok("info migrate");
+    assert!(
+        info.trim_end().ends_with("Migration status: completed"),
+        "{info}"
+    );
     let (last, first) = continues(&src_text, &dst_text);
     eprintln!("{uri}: source's last tick {last}, destination's first {first}");
     // The source stays stopped and cannot take the disks back while the destination runs.

@@ -338,7 +338,7 @@ pub struct Cx<'a> {
 /// The incoming migration thread: a failed or partial stream ends the process with a
 /// non-zero status before the guest ever runs (as QEMU does).
 fn receive(cx: Cx<'_>, listener: Listener) {
-    match migrate::incoming::run(cx.vm, listener, cx.mig.drives()) {
+    match migrate::incoming::run(cx.vm, listener, cx.mig) {
         Ok(report) => {
             cx.mig.set_drives_inactive(false);
             eprintln!(

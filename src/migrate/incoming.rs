@@ -16,6 +16,7 @@ use crate::vmm::{vmstate, Vm, VmError, VmState};
 use super::disks::{self, DiskError, DriveOpen};
 use super::live_ram::IncomingRam;
 use super::uri::{Listener, UriError};
+use super::{Migrator, Status};
 
 /// Why an incoming migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,9 +104,30 @@ fn read_stream(
 
 /// Accepts the stream on `listener`, loads it into the paused `vm`, activates the drives
 /// and resumes the guest.
-pub fn run(vm: &Vm, listener: Listener, drives: &[DriveOpen]) -> Result<Report, IncomingError> {
+/// The destination's `info migrate` follows in `mig`: the listening socket while waiting,
+/// `active` while loading, `completed` once the guest runs (or `failed`).
+pub fn run(vm: &Vm, listener: Listener, mig: &Migrator) -> Result<Report, IncomingError> {
+    let socket = listener.socket_address();
+    mig.set_incoming(Status::None, socket.clone());
+    let r = receive(vm, listener, mig.drives(), || {
+        mig.set_incoming(Status::Active, socket.clone())
+    });
+    match &r {
+        Ok(_) => mig.set_incoming(Status::Completed, None),
+        Err(e) => mig.set_incoming(Status::Failed(e.to_string()), None),
+    }
+    r
+}
+
+fn receive(
+    vm: &Vm,
+    listener: Listener,
+    drives: &[DriveOpen],
+    accepted: impl FnOnce(),
+) -> Result<Report, IncomingError> {
     vm.set_pause_reason(Some("inmigrate"));
     let channel = listener.accept()?;
+    accepted();
     let start = Instant::now();
     let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
     let mut input = Counting(channel, 0);

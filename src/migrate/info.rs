@@ -89,6 +89,10 @@ pub struct MigrationInfo {
     pub ram: Option<RamInfo>,
     /// vCPU throttle while auto-converge is on and active.
     pub cpu_throttle_percentage: Option<u32>,
+    /// Destination: the sockets it listens on until the stream is loaded.
+    pub socket_addresses: Vec<String>,
+    /// A destination's view: QEMU shows no times there.
+    pub destination: bool,
 }
 
 /// QEMU 7.2's `migration_global_dump` lines (our stream matches these settings).
@@ -105,13 +109,16 @@ impl MigrationInfo {
     pub fn to_hmp(&self) -> String {
         let mut s = String::from(GLOBALS);
         if self.status == Status::None {
+            self.write_sockets(&mut s);
             return s;
         }
         let _ = write!(s, "\nMigration status: {}", self.status.name());
         if let Status::Failed(why) = &self.status {
             let _ = write!(s, " ({why})");
         }
-        let _ = write!(s, "\ntotal time: {} ms", self.total_time_ms);
+        if !self.destination {
+            let _ = write!(s, "\ntotal time: {} ms", self.total_time_ms);
+        }
         if let Some(ms) = self.expected_downtime_ms {
             let _ = write!(s, "\nexpected downtime: {ms} ms");
         }
@@ -160,13 +167,51 @@ impl MigrationInfo {
         if let Some(p) = self.cpu_throttle_percentage {
             let _ = write!(s, "\ncpu throttle percentage: {p}");
         }
+        self.write_sockets(&mut s);
         s
+    }
+
+    fn write_sockets(&self, s: &mut String) {
+        if !self.socket_addresses.is_empty() {
+            s.push_str("\nsocket address: [");
+            for a in &self.socket_addresses {
+                let _ = write!(s, "\n\t{a}");
+            }
+            s.push_str("\n]");
+        }
+    }
+
+    /// What a destination shows: QEMU fills only the status (none while it waits for the
+    /// stream) and the listening sockets.
+    pub fn incoming(status: Status, socket_addresses: Vec<String>) -> Self {
+        MigrationInfo {
+            status,
+            socket_addresses,
+            destination: true,
+            ..MigrationInfo::default()
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_destination_shows_its_socket_then_its_status() {
+        let waiting = MigrationInfo::incoming(Status::None, vec!["tcp:127.0.0.1:4455".into()]);
+        // As QEMU 7.2's destination printed it while waiting (`-incoming tcp:127.0.0.1:4455`).
+        assert_eq!(
+            waiting.to_hmp(),
+            format!("{GLOBALS}\nsocket address: [\n\ttcp:127.0.0.1:4455\n]")
+        );
+        let loading = MigrationInfo::incoming(Status::Active, vec!["unix:/tmp/m".into()]);
+        assert!(loading
+            .to_hmp()
+            .ends_with("Migration status: active\nsocket address: [\n\tunix:/tmp/m\n]"));
+        let done = MigrationInfo::incoming(Status::Completed, Vec::new()).to_hmp();
+        assert_eq!(done, format!("{GLOBALS}\nMigration status: completed"));
+    }
 
     #[test]
     fn nothing_yet_prints_the_globals_only() {

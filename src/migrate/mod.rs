@@ -64,6 +64,8 @@ struct State {
     aborter: Option<uri::Aborter>,
     shutdown: bool,
     inactive: bool,
+    /// Set on a destination (`--incoming`): what its `info migrate` shows.
+    incoming: Option<MigrationInfo>,
 }
 
 /// The migration state of one VM, shared by the monitor and the migration thread
@@ -134,9 +136,22 @@ impl Migrator {
         st.request.is_some() || st.info.status.is_active()
     }
 
+    /// Records the destination side's state (`--incoming`), shown by [`Migrator::info`]
+    /// until this VM starts a migration of its own.
+    pub fn set_incoming(&self, status: Status, socket_address: Option<String>) {
+        let mut st = self.lock();
+        st.incoming = Some(MigrationInfo::incoming(
+            status,
+            socket_address.into_iter().collect(),
+        ));
+    }
+
     /// `info migrate` figures (total time is counted up to now while active).
     pub fn info(&self) -> MigrationInfo {
         let st = self.lock();
+        if let (Status::None, Some(incoming)) = (&st.info.status, &st.incoming) {
+            return incoming.clone();
+        }
         let mut info = st.info.clone();
         if info.status.is_active() {
             if let Some(t) = st.started {

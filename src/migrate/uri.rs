@@ -348,6 +348,16 @@ impl Listener {
         }
     }
 
+    /// Where the destination listens, as QEMU's `info migrate` shows it (`tcp:IP:PORT`,
+    /// `unix:PATH`); None for exec and file, which are not sockets.
+    pub fn socket_address(&self) -> Option<String> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| format!("tcp:{a}")),
+            Listener::Unix(_, p) => Some(format!("unix:{}", p.display())),
+            Listener::Exec(_) | Listener::File(_) => None,
+        }
+    }
+
     /// Waits for the source (tcp, unix), starts the command (exec) or opens the file.
     pub fn accept(self) -> Result<Incoming> {
         match self {

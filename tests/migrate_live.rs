@@ -719,3 +719,56 @@ fn savevm_honours_the_lz4_capability_and_loadvm_reads_it() {
     assert!(human.stdout.contains("x-vmsnap-lz4"), "{}", human.stdout);
     assert_image_clean(&img);
 }
+
+#[test]
+fn migrate_cancel_answers_while_the_connect_hangs() {
+    let _g = serial();
+    if !kvm_available("migrate_cancel_answers_while_the_connect_hangs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let mut src = Vmm::start(
+        dir.path(),
+        &img,
+        Opts {
+            name: "src",
+            memory: "64M",
+            incoming: None,
+            prefix: &[],
+        },
+    );
+    src.wait_ticks(5);
+    // A port whose connects hang: a listener with a backlog of 0 whose one queue slot is
+    // taken, so the kernel drops further SYNs and the connect keeps retrying.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on a socket this test owns; it only changes the backlog.
+    let r = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) };
+    assert_eq!(r, 0);
+    let addr = listener.local_addr().unwrap();
+    let _queued = std::net::TcpStream::connect(addr).unwrap();
+    src.ok(&format!("migrate -d tcp:{addr}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let info = src.ok("info migrate");
+    assert!(info.contains("Migration status: setup"), "{info}");
+    let asked = Instant::now();
+    src.ok("migrate_cancel");
+    loop {
+        let info = src.ok("info migrate");
+        if info.contains("Migration status: cancelled") {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "cancel not answered: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("cancelled after {:?}", asked.elapsed());
+    assert_eq!(src.status(), "running");
+    let n = *ticks_of(&src.serial_text()).last().unwrap();
+    src.wait_ticks(n + 5);
+    src.quit();
+    assert_image_clean(&img);
+}

@@ -9,7 +9,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Byte storage under an image driver.
 pub trait Storage: Send + Sync + fmt::Debug {
@@ -27,6 +28,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes everything written so far durable (`fdatasync`).
     fn flush(&self) -> io::Result<()>;
+    /// Starts writing what was written so far (at least `[offset, offset + len)`) back to the
+    /// device without waiting for it. A hint: durability still comes from
+    /// [`Storage::flush`]; it lets a long sequential write overlap with the device instead of
+    /// leaving everything to the final flush. Writing back early never breaks an ordering
+    /// that flushes establish.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Gives `[offset, offset + len)` back to the host if the storage can do so cheaply (a
     /// hint for bytes nothing references: they may read as before or as zero afterwards).
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -60,6 +70,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    /// Background `fdatasync` for [`Storage::start_writeback`], started on first use.
+    flusher: OnceLock<Option<SyncSender<()>>>,
 }
 
 impl FileStorage {
@@ -72,6 +84,7 @@ impl FileStorage {
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            flusher: OnceLock::new(),
         })
     }
 
@@ -86,7 +99,30 @@ impl FileStorage {
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            flusher: OnceLock::new(),
         })
+    }
+}
+
+impl FileStorage {
+    /// The flusher thread's queue. The thread syncs through its own descriptor of the file
+    /// (opened by path, so it shares no OFD lock with ours) and ends with this storage.
+    fn flusher(&self) -> Option<&SyncSender<()>> {
+        self.flusher
+            .get_or_init(|| {
+                let file = File::open(&self.path).ok()?;
+                let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+                std::thread::Builder::new()
+                    .name("vmsnap-flush".into())
+                    .spawn(move || {
+                        while rx.recv().is_ok() {
+                            let _ = file.sync_data();
+                        }
+                    })
+                    .ok()?;
+                Some(tx)
+            })
+            .as_ref()
     }
 }
 
@@ -121,6 +157,15 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// Asks the flusher thread for an `fdatasync` (an ask while it is busy folds into the
+    /// next one); the caller goes on writing meanwhile.
+    fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        if let Some(tx) = self.flusher() {
+            let _ = tx.try_send(());
+        }
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -361,5 +406,28 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 7));
         assert!(buf[4096..].iter().all(|&b| b == 0));
         assert_eq!(s.len().unwrap(), 8192);
+    }
+
+    #[test]
+    fn early_writeback_leaves_the_data_and_the_locks_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        for i in 0..8u8 {
+            s.write_at(u64::from(i) << 20, &[i; 1 << 20]).unwrap();
+            s.start_writeback(u64::from(i) << 20, 1 << 20).unwrap();
+        }
+        // The flusher has its own open file description: the OFD locks taken through ours
+        // go away with our storage, however long the flusher lives.
+        let name = p.display().to_string();
+        crate::block::lock::lock_image(&s.file, &name, true).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let again = FileStorage::open(&p, true).unwrap();
+        let lock = crate::block::lock::lock_image(&again.file, &name, true);
+        assert!(lock.is_ok(), "{lock:?}");
+        let mut b = vec![0u8; 1 << 20];
+        again.read_at(7 << 20, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
     }
 }

@@ -128,6 +128,44 @@ struct Undo {
     inactive: bool,
 }
 
+/// How often a pending connect looks at the cancel flag.
+const CONNECT_POLL: Duration = Duration::from_millis(20);
+
+/// Opens the channel on a helper thread, so that `migrate_cancel` is answered while a connect
+/// hangs (an unreachable host keeps a tcp connect waiting for minutes; QEMU connects
+/// asynchronously too). A channel that opens after the cancel is dropped at once.
+fn connect(uri: &MigrateUri, obs: &dyn Observer) -> Result<Outgoing, MigrateError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = uri.clone();
+    std::thread::Builder::new()
+        .name("mig-connect".into())
+        .spawn(move || {
+            let _ = tx.send(Outgoing::connect(&target));
+        })
+        .map_err(|source| UriError::Io {
+            what: "Failed to start connecting to",
+            target: uri.to_string(),
+            source,
+        })?;
+    loop {
+        match rx.recv_timeout(CONNECT_POLL) {
+            Ok(r) => return Ok(r?),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if obs.cancelled() => {
+                return Err(MigrateError::Cancelled)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(UriError::Io {
+                    what: "Failed to connect to",
+                    target: uri.to_string(),
+                    source: std::io::ErrorKind::Other.into(),
+                }
+                .into())
+            }
+        }
+    }
+}
+
 /// Runs one outgoing migration of `vm` to completion. On success the VM is left paused
 /// with its disks released (QEMU's postmigrate); on error everything is put back.
 pub fn migrate(vm: &Vm, job: &Job, obs: &dyn Observer) -> Result<Completed, MigrateError> {
@@ -140,13 +178,11 @@ pub fn migrate(vm: &Vm, job: &Job, obs: &dyn Observer) -> Result<Completed, Migr
         status: Status::Setup,
         ..MigrationInfo::default()
     });
-    let result = Outgoing::connect(&job.uri)
-        .map_err(MigrateError::from)
-        .and_then(|out| {
-            obs.channel_open(out.aborter());
-            vm.set_dirty_logging(true)?;
-            run(vm, job, obs, out, start, &mut undo)
-        });
+    let result = connect(&job.uri, obs).and_then(|out| {
+        obs.channel_open(out.aborter());
+        vm.set_dirty_logging(true)?;
+        run(vm, job, obs, out, start, &mut undo)
+    });
     let _ = vm.set_dirty_logging(false);
     vm.set_throttle(0);
     match result {

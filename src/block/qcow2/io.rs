@@ -13,6 +13,9 @@ use super::entry::{
 use super::{corrupt, Qcow2, Qcow2Error};
 use crate::block::Result;
 
+/// How much VM state is written between two writeback kicks.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
 impl Qcow2 {
     fn load_l2(&mut self, offset: u64) -> Result<&mut Vec<u8>> {
         if self.l2_cache.get(offset).is_none() {
@@ -313,6 +316,14 @@ impl Qcow2 {
         let host = self.alloc_clusters(count)?;
         let bytes = (count * cs) as usize;
         self.swrite(host, &buf[..bytes])?;
+        if self.writeback_runs {
+            self.unsent += bytes as u64;
+            if self.unsent >= WRITEBACK_EVERY {
+                // A hint: a failure here costs only the overlap.
+                let _ = self.storage.start_writeback(host, bytes as u64);
+                self.unsent = 0;
+            }
+        }
         let bm = if self.layout.extended_l2 {
             BITMAP_ALL_ALLOC
         } else {

@@ -216,6 +216,10 @@ pub struct Qcow2 {
     pub(crate) walk_batch_limit: usize,
     /// Refcount blocks changed in memory while a batch is open (see `refbatch`).
     pub(crate) rb_dirty: Option<refbatch::DirtyBlocks>,
+    /// Data runs written now are handed to [`Storage::start_writeback`] (VM state writes).
+    pub(crate) writeback_runs: bool,
+    /// Bytes of such runs written since the last writeback kick.
+    pub(crate) unsent: u64,
     /// Clusters freed while a [`Qcow2::discarding`] operation runs.
     pub(crate) discards: Option<discard::Discards>,
     /// First host cluster index that may be free.
@@ -505,6 +509,8 @@ impl Qcow2 {
             rb_dirty: None,
             walk_batch_limit: snapshot::WALK_BATCH_BYTES,
             unflushed: AtomicBool::new(true),
+            writeback_runs: false,
+            unsent: 0,
             discards: None,
             free_hint: 0,
             run_hint: 0,
@@ -847,7 +853,12 @@ impl SnapshotStore for Qcow2 {
     fn vmstate_write(&mut self, pos: u64, buf: &[u8]) -> Result<()> {
         self.writable()?;
         let off = self.vm_state_offset() + pos;
-        self.write_guest(off, buf)
+        // The state is one long sequential write: its data runs are sent to the device as
+        // they are written, so the flush at the end waits for the tail only.
+        self.writeback_runs = true;
+        let r = self.write_guest(off, buf);
+        self.writeback_runs = false;
+        r
     }
     fn vmstate_read(&mut self, pos: u64, buf: &mut [u8]) -> Result<()> {
         let off = self.vm_state_offset() + pos;

@@ -186,13 +186,21 @@ impl Qcow2 {
             } else {
                 self.layout.cluster_start(guest) + self.layout.cluster_size()
             };
-            let n = ((span_end - guest) as usize).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
+            let mut n = ((span_end - guest) as usize).min(buf.len() - done);
             let kind = if ext {
                 subcluster_kind(e, bm, (in_cluster / unit) as u32)
             } else {
                 e.kind(false)
             };
+            if kind == ClusterKind::Normal && !ext {
+                n += self.contiguous_after(
+                    l1,
+                    span_end,
+                    e.offset() + in_cluster + n as u64,
+                    buf.len() - done - n,
+                )?;
+            }
+            let out = &mut buf[done..done + n];
             match kind {
                 ClusterKind::Unallocated => self.read_backing(guest, out)?,
                 ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc => out.fill(0),
@@ -205,6 +213,28 @@ impl Qcow2 {
             done += n;
         }
         Ok(())
+    }
+
+    /// How many bytes from cluster-aligned `guest` on (at most `max`) are normal clusters
+    /// stored right after each other from host offset `host` on, so that one read serves a
+    /// whole run (VM state and sequential reads are mostly such runs).
+    fn contiguous_after(
+        &mut self,
+        l1: Option<&[u64]>,
+        guest: u64,
+        host: u64,
+        max: usize,
+    ) -> Result<usize> {
+        let cs = self.layout.cluster_size();
+        let mut n = 0usize;
+        while n < max {
+            let (e, _) = self.lookup(l1, guest + n as u64)?;
+            if e.kind(false) != ClusterKind::Normal || e.offset() != host + n as u64 {
+                break;
+            }
+            n += (cs as usize).min(max - n);
+        }
+        Ok(n)
     }
 
     /// The active L2 table for `guest`, allocated or copied so that it may be written

@@ -720,3 +720,30 @@ fn a_deleted_snapshots_space_is_reused_and_discarded() {
         assert!(back.iter().all(|&b| b == 0x33), "{o:?}");
     }
 }
+
+#[test]
+fn one_read_over_contiguous_scattered_zero_and_unallocated_clusters() {
+    for o in all_opts() {
+        let (_, mut img) = mem_image(&o);
+        let cs = o.cluster_size as usize;
+        // Host order 3, 4, 0, 1, 6 (contiguous pairs, a jump back, a gap), 2 zero, 5 unallocated.
+        let mut want = vec![0u8; 8 * cs];
+        for (c, fill) in [(3usize, 3u8), (4, 4), (0, 10), (1, 11), (6, 6)] {
+            let data: Vec<u8> = (0..cs).map(|i| fill ^ (i as u8)).collect();
+            img.write_at((c * cs) as u64, &data).unwrap();
+            want[c * cs..(c + 1) * cs].copy_from_slice(&data);
+        }
+        img.write_zeroes((2 * cs) as u64, cs as u64).unwrap();
+        // Unaligned start and end, through the active table and through a snapshot's.
+        assert_eq!(
+            read(&mut img, 7, 8 * cs - 20),
+            want[7..8 * cs - 13],
+            "{o:?}"
+        );
+        img.snapshot_create(&params("s")).unwrap();
+        img.write_at(0, &vec![0xee; 2 * cs]).unwrap();
+        let mut back = vec![0u8; 8 * cs];
+        img.read_snapshot("s", 0, &mut back).unwrap();
+        assert_eq!(back, want, "{o:?}");
+    }
+}

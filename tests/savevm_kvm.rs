@@ -1,5 +1,8 @@
 //! savevm / loadvm / delvm of the counter guest through `vmsnap run`'s monitor, checked with
 //! the guest's own tick counter and checks, `qemu-img` and the inspector.
+mod common;
+use common::ticks::ticks_of;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -185,16 +188,6 @@ impl Vmm {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// The ticks of the complete lines of `text` (the last line may still be being printed).
-fn ticks_of(text: &str) -> Vec<u64> {
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("tick "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
 }
 
 fn assert_check(path: &Path) {

@@ -772,3 +772,55 @@ fn migrate_cancel_answers_while_the_connect_hangs() {
     src.quit();
     assert_image_clean(&img);
 }
+
+#[test]
+fn a_failure_after_the_disk_handover_gives_the_disks_back_to_the_source() {
+    let _g = serial();
+    if !kvm_available("a_failure_after_the_disk_handover_gives_the_disks_back_to_the_source") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let mut src = Vmm::start(
+        dir.path(),
+        &img,
+        Opts {
+            name: "src",
+            memory: "64M",
+            incoming: None,
+            prefix: &[],
+        },
+    );
+    src.wait_ticks(5);
+    // The command takes the whole stream, then fails: the failure is only seen once the
+    // source has flushed and released its disks (the handover) and sent everything.
+    let sink = dir.path().join("taken.bin");
+    let (r, st) = src.cmd(&format!(
+        "migrate \"exec:cat > {}; exit 3\"",
+        sink.display()
+    ));
+    assert!(r.starts_with("Error: "), "{r}");
+    assert!(r.contains("exit status: 3"), "{r}");
+    assert_eq!(st, "running");
+    // The command had the whole stream: it decodes to its end.
+    let out = common::run(env!("CARGO_BIN_EXE_vmsnap-inspect"), &[common::s(&sink)]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let info = src.ok("info migrate");
+    assert!(info.contains("Migration status: failed ("), "{info}");
+    // The source took its disks back: its lock keeps a second writer out, the guest's
+    // disk records go on, and a snapshot (a write to the image) works.
+    let out = common::qemu_img(&["info", common::s(&img)]);
+    assert_ne!(out.code, Some(0), "the source did not take its lock back");
+    let n = *ticks_of(&src.serial_text()).last().unwrap();
+    src.wait_ticks(n + 8);
+    let text = src.serial_text();
+    assert!(
+        !text.contains("DISK ERROR") && !text.contains("CHECK FAIL"),
+        "{text}"
+    );
+    src.ok("savevm after");
+    assert!(src.ok("info snapshots").contains("after"));
+    src.quit();
+    assert_image_clean(&img);
+}

@@ -33,18 +33,6 @@ impl Drop for Procs {
     }
 }
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
-    }
-    ok
-}
-
 /// `vmsnap run` with the counter guest dirtying memory, serial to `serial`, monitor on `mon`.
 fn vm(serial: &Path, mon: &Path, incoming: Option<&str>) -> Child {
     let mut c = Command::new(common::vmsnap_bin());
@@ -211,7 +199,7 @@ fn start_pair(auto_converge: bool) -> Pair {
 
 #[test]
 fn without_auto_converge_it_iterates_until_cancelled_and_the_source_runs_on() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let mut pair = start_pair(false);
@@ -262,7 +250,7 @@ fn without_auto_converge_it_iterates_until_cancelled_and_the_source_runs_on() {
 
 #[test]
 fn with_auto_converge_it_completes_and_the_destination_runs_on() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let mut pair = start_pair(true);

@@ -20,15 +20,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: {test}: /dev/kvm is missing or not accessible");
-    }
-    ok && common::require(test, &["qemu-img"])
+    common::kvm(test) && common::require(test, &["qemu-img"])
 }
 
 fn create_qcow2(path: &Path) {

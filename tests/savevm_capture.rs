@@ -1,6 +1,8 @@
 //! `capture=on` raw drives: savevm keeps their contents in the VM state, loadvm (in the
 //! running process and with `--loadvm` in a new one) writes them back; limits are enforced at
 //! startup; a writable raw drive without capture=on still refuses savevm as in QEMU.
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -25,13 +27,7 @@ impl Drop for KillOnDrop {
 }
 
 fn tools_available() -> bool {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !kvm {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
+    if !common::kvm(module_path!()) {
         return false;
     }
     if Command::new("qemu-img").arg("--version").output().is_err() {

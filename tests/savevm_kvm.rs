@@ -27,13 +27,7 @@ impl Drop for KillOnDrop {
 }
 
 fn tools_available() -> bool {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !kvm {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
+    if !common::kvm(module_path!()) {
         return false;
     }
     if Command::new("qemu-img").arg("--version").output().is_err() {

@@ -1,6 +1,7 @@
 //! Killing the VMM with SIGKILL at random moments during `savevm` must leave images that
 //! `qemu-img check` reports without corruption (leaks allowed), and an older snapshot must
 //! still load and run.
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -23,13 +24,7 @@ impl Drop for Vm {
 }
 
 fn available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
+    if !common::kvm(module_path!()) {
         return false;
     }
     if Command::new("qemu-img").arg("--version").output().is_err() {

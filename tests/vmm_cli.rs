@@ -1,5 +1,7 @@
 //! `vmsnap run` end to end: boots the counter guest from the command line and drives the
 //! monitor over stdio and over a Unix socket.
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -15,18 +17,6 @@ impl Drop for KillOnDrop {
             let _ = c.wait();
         }
     }
-}
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
-    }
-    ok
 }
 
 /// Waits until the serial file holds `n` lines starting with `tick ` (tick numbers may skip
@@ -48,7 +38,7 @@ fn wait_for_ticks(path: &std::path::Path, n: usize) -> String {
 
 #[test]
 fn run_with_stdio_monitor_stops_continues_and_quits() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -106,7 +96,7 @@ fn run_with_stdio_monitor_stops_continues_and_quits() {
 
 #[test]
 fn run_with_unix_monitor() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -191,7 +181,7 @@ fn run_rejects_a_bad_vcpu_count() {
 
 #[test]
 fn sigterm_stops_flushes_and_exits_cleanly() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

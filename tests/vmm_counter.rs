@@ -1,5 +1,7 @@
 //! Runs the built-in counter guest under KVM: it ticks, and after a pause/save/restore into a
 //! brand-new VM (fresh KVM fd, as a new process would have) it carries on from where it was.
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,18 +13,6 @@ use vmsnap::vmm::{Guest, Vm, VmConfig, VmStatus};
 
 const MEM: u64 = 16 << 20;
 const WAIT: Duration = Duration::from_secs(20);
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
-    }
-    ok
-}
 
 fn disk(dir: &Path) -> Box<dyn BlockDriver> {
     let path = dir.join("disk0.raw");
@@ -95,7 +85,7 @@ fn wait(cap: &SerialCapture, vm: &Vm, needle: &str, from: usize) -> usize {
 /// Boots, pauses at some tick N, saves, restores into a new VM and expects `tick N+1` then
 /// `CHECK OK`.
 fn save_restore_round_trip(vcpus: usize) {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -225,7 +215,7 @@ fn counter_guest_survives_save_restore_2_vcpus() {
 /// The guest's check is real: RAM changed behind its back while paused makes it fail.
 #[test]
 fn counter_guest_check_detects_corrupted_ram() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -263,7 +253,7 @@ fn counter_guest_check_detects_corrupted_ram() {
 /// The guest's check also covers the disk: a record changed behind its back makes it fail.
 #[test]
 fn counter_guest_check_detects_corrupted_disk() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -286,7 +276,7 @@ fn counter_guest_check_detects_corrupted_disk() {
 /// An exception in the guest stops the VM with an error instead of hanging.
 #[test]
 fn guest_exception_is_reported() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -324,7 +314,7 @@ fn guest_exception_is_reported() {
 /// A state only fits a VM of the same shape.
 #[test]
 fn restore_refuses_a_state_with_another_vcpu_count() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -357,7 +347,7 @@ fn restore_refuses_a_state_with_another_vcpu_count() {
 /// The drives can be lent out for all-disks snapshot work while paused, and come back.
 #[test]
 fn drives_are_lent_as_a_block_set_and_returned() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -387,7 +377,7 @@ fn drives_are_lent_as_a_block_set_and_returned() {
 /// the guest's state stays consistent.
 #[test]
 fn rapid_pause_resume_keeps_the_guest_consistent() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -409,7 +399,7 @@ fn rapid_pause_resume_keeps_the_guest_consistent() {
 /// State survives several generations of save and restore (each into a new VM).
 #[test]
 fn state_survives_a_chain_of_restores() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,8 @@
 //! The counter guest's memory dirtying and vCPU throttling under KVM: the guest dirties the
 //! pages it is told to, at about the rate asked for, and a throttled vCPU handles fewer ticks
 //! and dirties less, while pause, resume and exit keep working.
+mod common;
+
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -9,18 +11,6 @@ use vmsnap::vmm::guest::counter;
 use vmsnap::vmm::{Guest, Vm, VmConfig};
 
 const MEM: u64 = 64 << 20;
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
-    }
-    ok
-}
 
 fn vm_dirtying(mib_per_s: u64, cap: &SerialCapture) -> (Vm, counter::DirtyParams) {
     let vm = Vm::new(VmConfig {
@@ -56,7 +46,7 @@ fn progress_over(vm: &Vm, d: Duration) -> (u64, u64) {
 
 #[test]
 fn guest_dirties_pages_at_the_rate_asked_for_and_checks_ok() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let cap = SerialCapture::default();
@@ -112,7 +102,7 @@ fn guest_dirties_pages_at_the_rate_asked_for_and_checks_ok() {
 
 #[test]
 fn throttling_slows_the_guest_and_pause_resume_still_work() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let cap = SerialCapture::default();
@@ -217,7 +207,7 @@ fn bench_guest_binary_matches_its_source() {
 
 #[test]
 fn run_refuses_a_dirty_rate_without_ram_to_dirty() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmsnap"))

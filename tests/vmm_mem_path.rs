@@ -1,20 +1,10 @@
 //! `vmsnap run --mem-path FILE`: guest RAM filled from a file (the benchmark's random-RAM
 //! guests), saved whole by savevm and loaded back in place by loadvm.
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
-    }
-    ok
-}
 
 fn vmsnap(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmsnap"))
@@ -76,7 +66,7 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn random_ram_from_a_file_is_saved_whole_and_loaded_in_place() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

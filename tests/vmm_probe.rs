@@ -1,5 +1,7 @@
 //! Probes what the host's `/dev/kvm` offers and checks that everything the VMM relies on is
 //! there. Run with `--nocapture` to see the report (recorded in formats/vm-state-capture.md).
+mod common;
+
 use std::time::Duration;
 
 use kvm_ioctls::{Cap, Kvm};
@@ -8,21 +10,9 @@ use vmsnap::vmm::devices::{SerialCapture, SerialOut};
 use vmsnap::vmm::guest::counter;
 use vmsnap::vmm::{Guest, Vm, VmConfig};
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is missing or not accessible");
-    }
-    ok
-}
-
 #[test]
 fn probe_capabilities_the_vmm_needs() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let kvm = Kvm::new().unwrap();
@@ -64,7 +54,7 @@ fn probe_capabilities_the_vmm_needs() {
 /// The counter guest runs, takes timer interrupts, and KVM's clock and dirty log work.
 #[test]
 fn probe_clock_and_dirty_log_with_a_running_guest() {
-    if !kvm_available() {
+    if !common::kvm(module_path!()) {
         return;
     }
     let cap = SerialCapture::new();

@@ -8,6 +8,20 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// Whether `/dev/kvm` can be opened for reading and writing; says loudly, naming `what`,
+/// that the caller skips when it cannot.
+pub fn kvm(what: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: {what}: /dev/kvm is missing or not accessible");
+    }
+    ok
+}
+
 /// The QEMU 7.2 fixture directory: `../shared/fixtures/qemu-7.2` next to the crate, or
 /// `/work/shared/fixtures/qemu-7.2`.
 pub fn fixtures() -> PathBuf {

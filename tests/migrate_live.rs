@@ -712,6 +712,21 @@ fn savevm_honours_the_lz4_capability_and_loadvm_reads_it() {
     assert_image_clean(&img);
 }
 
+/// A 64 MiB source on a fresh qcow2 disk in `dir`, past its fifth tick.
+fn running_source(dir: &Path) -> (PathBuf, Vmm) {
+    let img = dir.join("disk.qcow2");
+    create_qcow2(&img);
+    let opts = Opts {
+        name: "src",
+        memory: "64M",
+        incoming: None,
+        prefix: &[],
+    };
+    let src = Vmm::start(dir, &img, opts);
+    src.wait_ticks(5);
+    (img, src)
+}
+
 #[test]
 fn migrate_cancel_answers_while_the_connect_hangs() {
     let _g = serial();
@@ -719,19 +734,7 @@ fn migrate_cancel_answers_while_the_connect_hangs() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img);
-    let mut src = Vmm::start(
-        dir.path(),
-        &img,
-        Opts {
-            name: "src",
-            memory: "64M",
-            incoming: None,
-            prefix: &[],
-        },
-    );
-    src.wait_ticks(5);
+    let (img, mut src) = running_source(dir.path());
     // A port whose connects hang: a listener with a backlog of 0 whose one queue slot is
     // taken, so the kernel drops further SYNs and the connect keeps retrying.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -772,19 +775,7 @@ fn a_failure_after_the_disk_handover_gives_the_disks_back_to_the_source() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img);
-    let mut src = Vmm::start(
-        dir.path(),
-        &img,
-        Opts {
-            name: "src",
-            memory: "64M",
-            incoming: None,
-            prefix: &[],
-        },
-    );
-    src.wait_ticks(5);
+    let (img, mut src) = running_source(dir.path());
     // The command takes the whole stream, then fails: the failure is only seen once the
     // source has flushed and released its disks (the handover) and sent everything.
     let sink = dir.path().join("taken.bin");

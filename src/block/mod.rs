@@ -199,6 +199,16 @@ pub trait SnapshotStore {
     fn snapshot_goto(&mut self, id_or_name: &str) -> Result<()>;
     /// Deletes a snapshot (found by id first, then by name).
     fn snapshot_delete(&mut self, id_or_name: &str) -> Result<()>;
+    /// Holds back the discards of freed clusters until [`SnapshotStore::end_discards`], so
+    /// that space one step frees and the next reuses (savevm over an existing tag: delete,
+    /// then write the new state) is not punched out and allocated again.
+    fn begin_discards(&mut self) {}
+    /// Ends [`SnapshotStore::begin_discards`]: punches what was freed since and not reused
+    /// (after a flush), or, with `punch` false (the steps failed), forgets it.
+    fn end_discards(&mut self, punch: bool) -> Result<()> {
+        let _ = punch;
+        Ok(())
+    }
     /// Prepares the vmstate area for about `len` bytes of VM state about to be written from
     /// position 0, so that the writes do not stop to grow metadata (qcow2: the active L1
     /// table, whose growth needs two flushes, each waiting for all the state written so far).

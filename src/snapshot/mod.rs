@@ -28,12 +28,12 @@ pub mod list;
 pub mod progress;
 pub mod state_io;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::block::{self, SnapshotInfo, SnapshotParams};
+use crate::block::{self, BlockSet, SnapshotInfo, SnapshotParams};
 use crate::interop::integrity::{self, CrcReader, CrcWriter};
 use crate::migration::snapshot_io::{VmstateReader, VmstateSource, VmstateWriter};
-use crate::vmm::{Vm, VmError, VmStatus};
+use crate::vmm::{Vm, VmError, VmState, VmStatus};
 use progress::Counting;
 pub use progress::{Progress, ProgressFn};
 use state_io::StateIoError;
@@ -205,38 +205,69 @@ pub fn savevm_with_options(
         let captured = vm.captured_drives();
         vm.with_block_set(|set| {
             let inc = disks::included(set, &captured)?;
-            let contents = capture::read_all(set, &captured)?;
-            disks::delete(set, &inc, &name)?;
-            // The state is checksummed as it streams; the record goes into the snapshot
-            // entry's extra data (formats/snapshot-integrity.md).
-            let (size, crc) = {
-                let (_, store) = disks::store(set, inc[0])?;
-                let total = vm.ram().len() as u64;
-                store
-                    .vmstate_reserve(state_size_hint(total))
-                    .map_err(|e| SnapshotError::Save(StateIoError::Io(std::io::Error::other(e))))?;
-                let mut w =
-                    CrcWriter::new(Counting::new(VmstateWriter::new(store), total, progress));
-                let n = state_io::write_state_opts(&state, vm.ram(), &contents, opts.lz4, &mut w)
-                    .map_err(SnapshotError::Save)?;
-                std::io::Write::flush(&mut w)
-                    .map_err(|e| SnapshotError::Save(StateIoError::Io(e)))?;
-                let (len, crc) = w.finish();
-                debug_assert_eq!(len, n);
-                (n, crc)
-            };
-            let params = SnapshotParams {
-                name: name.clone(),
-                vm_state_size: size,
-                date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
-                date_nsec: now.subsec_nanos(),
-                vm_clock_nsec: state.arch.clock.clock,
-                icount: None,
-                extra_tail: integrity::tail_for(crc, size),
-            };
-            disks::create(set, &inc, &params)
+            // Space freed by replacing a snapshot of the same tag is where the new state
+            // goes: punch only what is still free at the end (see SnapshotStore::begin_discards).
+            for &i in &inc {
+                disks::store(set, i)?.1.begin_discards();
+            }
+            let r = save_replacing(vm, set, &inc, &captured, &state, &name, now, opts, progress);
+            for &i in &inc {
+                let (device, store) = disks::store(set, i)?;
+                let ended = store.end_discards(r.is_ok());
+                if r.is_ok() {
+                    ended.map_err(|source| SnapshotError::Create {
+                        device: device.to_string(),
+                        source,
+                    })?;
+                }
+            }
+            r
         })
     })
+}
+
+/// The steps of savevm once the VM is stopped: drop a snapshot of the same tag, write the
+/// state into the first disk's vmstate area, create the snapshot on every disk.
+#[allow(clippy::too_many_arguments)]
+fn save_replacing(
+    vm: &Vm,
+    set: &mut BlockSet,
+    inc: &[usize],
+    captured: &[usize],
+    state: &VmState,
+    name: &str,
+    now: Duration,
+    opts: &SaveOptions,
+    progress: ProgressFn<'_>,
+) -> Result<SnapshotInfo> {
+    let contents = capture::read_all(set, captured)?;
+    disks::delete(set, inc, name)?;
+    // The state is checksummed as it streams; the record goes into the snapshot entry's
+    // extra data (formats/snapshot-integrity.md).
+    let (size, crc) = {
+        let (_, store) = disks::store(set, inc[0])?;
+        let total = vm.ram().len() as u64;
+        store
+            .vmstate_reserve(state_size_hint(total))
+            .map_err(|e| SnapshotError::Save(StateIoError::Io(std::io::Error::other(e))))?;
+        let mut w = CrcWriter::new(Counting::new(VmstateWriter::new(store), total, progress));
+        let n = state_io::write_state_opts(state, vm.ram(), &contents, opts.lz4, &mut w)
+            .map_err(SnapshotError::Save)?;
+        std::io::Write::flush(&mut w).map_err(|e| SnapshotError::Save(StateIoError::Io(e)))?;
+        let (len, crc) = w.finish();
+        debug_assert_eq!(len, n);
+        (n, crc)
+    };
+    let params = SnapshotParams {
+        name: name.to_string(),
+        vm_state_size: size,
+        date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+        date_nsec: now.subsec_nanos(),
+        vm_clock_nsec: state.arch.clock.clock,
+        icount: None,
+        extra_tail: integrity::tail_for(crc, size),
+    };
+    disks::create(set, inc, &params)
 }
 
 /// About how large the VM state of a guest with `ram` bytes of RAM gets: every page with its

@@ -67,19 +67,41 @@ impl Discards {
 
 impl Qcow2 {
     /// Runs `f`, then punches the clusters it freed (and did not reuse) out of the file once
-    /// everything `f` wrote is flushed. Nothing is punched if `f` fails.
+    /// everything `f` wrote is flushed. Nothing is punched if `f` fails. Inside an open
+    /// scope ([`Qcow2::begin_discard_scope`]) the scope's end does the punching.
     pub(crate) fn discarding<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.discards.is_some() {
+            return f(self);
+        }
         self.discards = Some(Discards::default());
         let r = f(self);
-        let freed = self.discards.take().unwrap_or_default();
-        let v = r?;
+        let v = r.inspect_err(|_| self.discards = None)?;
+        self.end_discard_scope(true)?;
+        Ok(v)
+    }
+
+    /// Starts collecting freed clusters (no effect if a scope is open already).
+    pub(crate) fn begin_discard_scope(&mut self) {
+        if self.discards.is_none() {
+            self.discards = Some(Discards::default());
+        }
+    }
+
+    /// Closes the scope: with `punch`, flushes and punches what was freed and not reused.
+    pub(crate) fn end_discard_scope(&mut self, punch: bool) -> Result<()> {
+        let Some(freed) = self.discards.take() else {
+            return Ok(());
+        };
+        if !punch {
+            return Ok(());
+        }
         self.sflush()?;
         let bits = self.layout.cluster_bits;
         for (a, b) in freed.merged() {
             // Optional, as in QEMU: a failed discard only keeps the bytes allocated.
             let _ = self.storage.discard(a << bits, (b - a) << bits);
         }
-        Ok(v)
+        Ok(())
     }
 }
 

@@ -840,6 +840,12 @@ impl SnapshotStore for Qcow2 {
     fn snapshot_delete(&mut self, id_or_name: &str) -> Result<()> {
         self.discarding(|q| q.delete_snapshot(id_or_name))
     }
+    fn begin_discards(&mut self) {
+        self.begin_discard_scope();
+    }
+    fn end_discards(&mut self, punch: bool) -> Result<()> {
+        self.end_discard_scope(punch)
+    }
     fn vmstate_reserve(&mut self, len: u64) -> Result<()> {
         self.writable()?;
         if len == 0 {

@@ -747,3 +747,33 @@ fn one_read_over_contiguous_scattered_zero_and_unallocated_clusters() {
         assert_eq!(back, want, "{o:?}");
     }
 }
+
+#[test]
+fn a_discard_scope_punches_only_what_stays_free() {
+    for o in all_opts() {
+        let (mem, mut img) = mem_image(&o);
+        let len = 2 << 20;
+        save_state(&mut img, "a", len, 0x11);
+        save_state(&mut img, "b", len, 0x22);
+        // savevm over "a": delete it and write a smaller state into its space, in one scope.
+        img.begin_discards();
+        img.snapshot_delete("a").unwrap();
+        save_state(&mut img, "a", len / 2, 0x33);
+        img.end_discards(true).unwrap();
+        let mut back = vec![0u8; len / 2];
+        img.snapshot_vmstate_read("a", 0, &mut back).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0x33),
+            "{o:?}: reused space was punched"
+        );
+        img.snapshot_vmstate_read("b", 0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0x22), "{o:?}");
+        // What the new state did not take back was punched.
+        let left = mem.data().iter().filter(|&&b| b == 0x11).count();
+        assert!(
+            left < u64::from(o.cluster_size) as usize,
+            "{o:?}: {left} bytes not punched"
+        );
+        assert_clean(&mut img);
+    }
+}

@@ -7,11 +7,8 @@ use std::time::{Duration, Instant};
 
 use std::io::Read;
 
-use crate::migration::ram_state::RamState;
-use crate::migration::savevm::{load_state, DeviceState, Registry};
-use crate::migration::Value;
-use crate::snapshot::state_io::{StateIoError, PAGE_SIZE, RAM_BLOCK};
-use crate::vmm::{vmstate, Vm, VmError, VmState};
+use crate::snapshot::state_io::{self, StateIoError, PAGE_SIZE, RAM_BLOCK};
+use crate::vmm::{Vm, VmError, VmState};
 
 use super::disks::{self, DiskError, DriveOpen};
 use super::live_ram::IncomingRam;
@@ -58,20 +55,6 @@ impl<R: std::io::Read> std::io::Read for Counting<R> {
     }
 }
 
-#[derive(Default)]
-struct Slot(Option<Value>);
-
-impl DeviceState for Slot {
-    fn save(&self) -> Value {
-        Value::Null
-    }
-
-    fn load(&mut self, value: &Value, _version_id: u32) -> Result<(), String> {
-        self.0 = Some(value.clone());
-        Ok(())
-    }
-}
-
 /// Reads a whole migration stream: the sections savevm writes (`state_io`'s layout and
 /// machine name), RAM into `ram` with [`IncomingRam`].
 fn read_stream(
@@ -80,26 +63,9 @@ fn read_stream(
     ram: &mut [u8],
     input: &mut dyn Read,
 ) -> Result<VmState, StateIoError> {
-    let layout = vmstate::layout(vcpus, drives);
-    let mut slots: Vec<Slot> = layout.iter().map(|_| Slot::default()).collect();
-    {
-        let mut ram = IncomingRam::new(RAM_BLOCK, ram, PAGE_SIZE).skip_untouched();
-        let mut reg = Registry::new(vmstate::MACHINE);
-        reg.page_size = PAGE_SIZE;
-        reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut ram);
-        for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
-            reg.register_device(idstr, *inst, vmsd.clone(), slot);
-        }
-        load_state(&mut reg, input)?;
-    }
-    let found = |idstr: &str, inst: u32| {
-        layout
-            .iter()
-            .zip(&slots)
-            .find(|((n, i, _), _)| *n == idstr && *i == inst)
-            .and_then(|(_, s)| s.0.as_ref())
-    };
-    Ok(vmstate::from_sections(vcpus, drives, found)?)
+    let mut ram = IncomingRam::new(RAM_BLOCK, ram, PAGE_SIZE).skip_untouched();
+    let (state, _) = state_io::load_with(vcpus, drives, &[], &mut ram, input)?;
+    Ok(state)
 }
 
 /// Accepts the stream on `listener`, loads it into the paused `vm`, activates the drives

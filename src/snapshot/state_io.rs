@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use crate::migration::ram_state::RamState;
-use crate::migration::savevm::{load_state, save_state, DeviceState, Registry};
+use crate::migration::savevm::{load_state, save_state, DeviceState, IterativeState, Registry};
 use crate::migration::stream::StreamError;
 use crate::migration::Value;
 use crate::vmm::vmstate::{self, VmStateMapError};
@@ -180,11 +180,14 @@ pub fn check_state_with(
     })
 }
 
-fn load_with(
+/// Loads a whole stream laid out as savevm writes it (devices of `vmstate::layout`, the
+/// `captured` drives), its RAM section going to `ram_state` (the loadvm check, loadvm into
+/// guest memory, or a live migration's incoming RAM).
+pub(crate) fn load_with(
     vcpus: usize,
     drives: usize,
     captured: &[CaptureSpec],
-    ram_state: &mut RamState<'_>,
+    ram_state: &mut dyn IterativeState,
     input: &mut dyn Read,
 ) -> Result<(VmState, Vec<Vec<u8>>), StateIoError> {
     let layout = vmstate::layout(vcpus, drives);

@@ -7,23 +7,14 @@ use std::sync::Arc;
 
 use vmsnap::migration::analyze::{analyze, analyze_stream, AnalyzeOptions};
 use vmsnap::migration::ram_state::RamState;
-use vmsnap::migration::savevm::{save_state, DeviceState, Registry};
+use vmsnap::migration::savevm::{save_state, Registry};
 use vmsnap::migration::stream::{Event, StreamReader};
 use vmsnap::migration::vmdesc::to_python_json;
 use vmsnap::migration::{Field, VMStateDescription, Value};
 
 mod common;
 
-struct Dev(Value);
-impl DeviceState for Dev {
-    fn save(&self) -> Value {
-        self.0.clone()
-    }
-    fn load(&mut self, v: &Value, _: u32) -> Result<(), String> {
-        self.0 = v.clone();
-        Ok(())
-    }
-}
+use common::Dev;
 
 /// RAM of 64 pages: every third page zero, the others a pattern; one device.
 fn sample_stream() -> Vec<u8> {

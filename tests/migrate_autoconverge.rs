@@ -7,13 +7,12 @@
 //! that bandwidth, less than one tick's dirtying). Unthrottled, a pass (~0.4 s, ~40 ticks)
 //! leaves the whole area dirty again; only a vCPU throttled to a few ticks per second lets
 //! the remainder fit.
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::monitor::Monitor;
 use common::ticks::{assert_continues, Steps};
 
 const MEM: &str = "8M";
@@ -49,53 +48,6 @@ fn vm(serial: &Path, mon: &Path, incoming: Option<&str>) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()
-}
-
-/// The human monitor over its unix socket. Replies carry no prompt, so every command is
-/// followed by `info status`, whose `VM status:` line ends the reply.
-struct Monitor {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Monitor {
-    fn connect(path: &Path) -> Monitor {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let writer = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => panic!("monitor {}: {e}", path.display()),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        writer
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut reader = BufReader::new(writer.try_clone().unwrap());
-        let mut banner = String::new();
-        reader.read_line(&mut banner).unwrap();
-        Monitor { reader, writer }
-    }
-
-    /// Runs `line`; returns its reply and the VM status that follows.
-    fn cmd_status(&mut self, line: &str) -> (String, String) {
-        write!(self.writer, "{line}\ninfo status\n").unwrap();
-        let mut reply = String::new();
-        loop {
-            let mut l = String::new();
-            assert!(self.reader.read_line(&mut l).unwrap() > 0, "monitor closed");
-            if let Some(st) = l.strip_prefix("VM status: ") {
-                return (reply, st.trim_end().to_string());
-            }
-            reply.push_str(&l);
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        let reply = self.cmd_status(line).0;
-        assert!(!reply.contains("Error"), "{line}: {reply}");
-        reply
-    }
 }
 
 fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
@@ -177,17 +129,17 @@ fn start_pair(auto_converge: bool) -> Pair {
         vm(&p("dst.serial"), &p("dst.sock"), Some(&uri)),
         vm(&p("src.serial"), &p("src.sock"), None),
     ]);
-    let mut src = Monitor::connect(&p("src.sock"));
+    let mut src = Monitor::connect(&p("src.sock"), || None);
     wait_for_progress(&p("src.serial"), 0, 10);
-    src.cmd(&format!("migrate_set_parameter max-bandwidth {BANDWIDTH}"));
-    src.cmd(&format!(
+    src.ok(&format!("migrate_set_parameter max-bandwidth {BANDWIDTH}"));
+    src.ok(&format!(
         "migrate_set_parameter downtime-limit {DOWNTIME_LIMIT_MS}"
     ));
     if auto_converge {
-        src.cmd("migrate_set_capability auto-converge on");
+        src.ok("migrate_set_capability auto-converge on");
         // Bigger steps than QEMU's 20 + 10 % (one step per second at most) keep the test short.
-        src.cmd("migrate_set_parameter cpu-throttle-initial 60");
-        src.cmd("migrate_set_parameter cpu-throttle-increment 20");
+        src.ok("migrate_set_parameter cpu-throttle-initial 60");
+        src.ok("migrate_set_parameter cpu-throttle-increment 20");
     }
     Pair {
         dir,
@@ -204,12 +156,12 @@ fn without_auto_converge_it_iterates_until_cancelled_and_the_source_runs_on() {
     }
     let mut pair = start_pair(false);
     let uri = pair.uri.clone();
-    pair.src.cmd(&format!("migrate -d {uri}"));
+    pair.src.ok(&format!("migrate -d {uri}"));
     // Several passes over RAM, none of them completing.
     let deadline = Instant::now() + Duration::from_secs(60);
     let info = loop {
         std::thread::sleep(Duration::from_millis(200));
-        let info = pair.src.cmd("info migrate");
+        let info = pair.src.ok("info migrate");
         assert_eq!(status(&info), "active", "{info}");
         if syncs(&info) >= 5 {
             break info;
@@ -225,10 +177,10 @@ fn without_auto_converge_it_iterates_until_cancelled_and_the_source_runs_on() {
         assert_eq!(t.trim(), "0", "{info}");
     }
 
-    pair.src.cmd("migrate_cancel");
+    pair.src.ok("migrate_cancel");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (info, vm) = pair.src.cmd_status("info migrate");
+        let (info, vm) = pair.src.cmd("info migrate");
         if status(&info) == "cancelled" {
             assert_eq!(vm, "running", "{info}");
             break;
@@ -255,12 +207,12 @@ fn with_auto_converge_it_completes_and_the_destination_runs_on() {
     }
     let mut pair = start_pair(true);
     let uri = pair.uri.clone();
-    pair.src.cmd(&format!("migrate -d {uri}"));
+    pair.src.ok(&format!("migrate -d {uri}"));
     let start = Instant::now();
     let mut max_throttle = 0u32;
     let info = loop {
         std::thread::sleep(Duration::from_millis(100));
-        let info = pair.src.cmd("info migrate");
+        let info = pair.src.ok("info migrate");
         if let Some(t) = field(&info, "cpu throttle percentage").and_then(|t| t.trim().parse().ok())
         {
             max_throttle = max_throttle.max(t);
@@ -287,15 +239,15 @@ fn with_auto_converge_it_completes_and_the_destination_runs_on() {
     assert!(max_throttle >= 60, "completed without throttling: {info}");
     assert!(field(&info, "downtime").is_some(), "{info}");
     // The source is stopped for good, the destination runs the guest on from where it was.
-    let (_, src_state) = pair.src.cmd_status("");
+    let (_, src_state) = pair.src.cmd("");
     assert_eq!(src_state, "paused (postmigrate)");
     // The source may have stopped in the middle of printing a line; the destination then
     // finishes that line. Ticks step by 2 where two timer interrupts fell into one round of
     // the guest's loop, which a 99 % throttled vCPU does often (see common::ticks).
     let src_text = std::fs::read_to_string(pair.path("src.serial")).unwrap();
-    let mut dst = Monitor::connect(&pair.path("dst.sock"));
+    let mut dst = Monitor::connect(&pair.path("dst.sock"), || None);
     let text = wait_for_progress(&pair.path("dst.serial"), 0, 10);
-    let (_, dst_state) = dst.cmd_status("");
+    let (_, dst_state) = dst.cmd("");
     assert_eq!(dst_state, "running");
     let (last, first) = assert_continues(&src_text, &text, Steps::Throttled);
     eprintln!("source's last tick {last}, destination's first {first}");

@@ -3,10 +3,9 @@
 //! paths (destination killed, cancel, partial stream). The guest's own tick counter and
 //! checks prove that the destination continues exactly where the source stopped.
 mod common;
+use common::monitor::Monitor;
 use common::ticks::{ticks_of, Steps};
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -31,8 +30,7 @@ fn create_qcow2(path: &Path) {
 struct Vmm {
     child: Option<Child>,
     err: PathBuf,
-    reader: BufReader<UnixStream>,
-    stream: UnixStream,
+    mon: Monitor,
     serial: PathBuf,
 }
 
@@ -76,59 +74,27 @@ impl Vmm {
         }
         let err = std::fs::File::create(dir.join(format!("{}.err", o.name))).unwrap();
         let mut child = cmd.stdout(Stdio::null()).stderr(err).spawn().unwrap();
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(&sock) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        let err = std::fs::read_to_string(dir.join(format!("{}.err", o.name)));
-                        panic!("{} exited with {st}: {}", o.name, err.unwrap_or_default());
-                    }
-                    assert!(
-                        start.elapsed() < Duration::from_secs(20),
-                        "monitor socket never appeared: {e}"
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut banner = String::new();
-        reader.read_line(&mut banner).unwrap();
-        assert!(banner.contains("monitor"), "{banner}");
+        let err_path = dir.join(format!("{}.err", o.name));
+        let mon = Monitor::connect(&sock, || {
+            let st = child.try_wait().ok()??;
+            let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+            Some(format!("{} exited with {st}: {err}", o.name))
+        });
         Vmm {
             child: Some(child),
-            err: dir.join(format!("{}.err", o.name)),
-            reader,
-            stream,
+            err: err_path,
+            mon,
             serial,
         }
     }
 
     /// Sends a command; returns its reply and the `info status` that follows it.
     fn cmd(&mut self, line: &str) -> (String, String) {
-        writeln!(self.stream, "{line}").unwrap();
-        writeln!(self.stream, "info status").unwrap();
-        let mut reply = String::new();
-        loop {
-            let mut l = String::new();
-            let n = self.reader.read_line(&mut l).unwrap();
-            assert!(n > 0, "monitor closed after '{line}'; got: {reply}");
-            if let Some(st) = l.trim_end().strip_prefix("VM status: ") {
-                return (reply, st.to_string());
-            }
-            reply.push_str(&l);
-        }
+        self.mon.cmd(line)
     }
 
     fn ok(&mut self, line: &str) -> String {
-        let (r, _) = self.cmd(line);
-        assert!(!r.contains("Error"), "'{line}' failed: {r}");
-        r
+        self.mon.ok(line)
     }
 
     fn status(&mut self) -> String {
@@ -187,7 +153,7 @@ impl Vmm {
     }
 
     fn quit(mut self) -> String {
-        writeln!(self.stream, "quit").unwrap();
+        self.mon.quit();
         let st = self.child.take().unwrap().wait().unwrap();
         assert!(st.success(), "{}", self.stderr());
         self.stderr()

@@ -10,7 +10,7 @@ use vmsnap::migration::configuration::configuration_capabilities;
 use vmsnap::migration::qemu_file::QemuFileWriter;
 use vmsnap::migration::ram::{RamBlockInfo, RamWriter, LZ4_CAPABILITY, RAM_SAVE_FLAG_LZ4};
 use vmsnap::migration::ram_state::RamState;
-use vmsnap::migration::savevm::{load_state, save_state, DeviceState, Registry};
+use vmsnap::migration::savevm::{load_state, save_state, Registry};
 use vmsnap::migration::stream::{Record, StreamModel};
 use vmsnap::migration::vmdesc::to_python_json;
 use vmsnap::migration::{Field, VMStateDescription, Value};
@@ -19,16 +19,7 @@ mod common;
 
 const PAGE: usize = 4096;
 
-struct Dev(Value);
-impl DeviceState for Dev {
-    fn save(&self) -> Value {
-        self.0.clone()
-    }
-    fn load(&mut self, v: &Value, _: u32) -> Result<(), String> {
-        self.0 = v.clone();
-        Ok(())
-    }
-}
+use common::Dev;
 
 fn vmsd() -> Arc<VMStateDescription> {
     Arc::new(VMStateDescription::new("dev", 1, 1).field(Field::uint("v", 4)))

@@ -9,22 +9,13 @@ use std::sync::Arc;
 
 use vmsnap::migration::analyze::{analyze, AnalyzeOptions};
 use vmsnap::migration::ram_state::RamState;
-use vmsnap::migration::savevm::{load_state, save_state, DeviceState, Registry};
+use vmsnap::migration::savevm::{load_state, save_state, Registry};
 use vmsnap::migration::stream::{ErrorKind, Record, StreamModel};
 use vmsnap::migration::vmdesc::to_python_json;
 use vmsnap::migration::{Count, Field, FieldType, VMStateDescription, Value};
 
-struct Dev(Value);
-
-impl DeviceState for Dev {
-    fn save(&self) -> Value {
-        self.0.clone()
-    }
-    fn load(&mut self, value: &Value, _version: u32) -> Result<(), String> {
-        self.0 = value.clone();
-        Ok(())
-    }
-}
+mod common;
+use common::Dev;
 
 fn seg() -> Arc<VMStateDescription> {
     Arc::new(

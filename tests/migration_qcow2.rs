@@ -10,22 +10,13 @@ use vmsnap::block::qcow2::{CreateOptions, Qcow2};
 use vmsnap::block::{open_image, OpenOptions, SnapshotParams};
 use vmsnap::migration::analyze::{analyze, AnalyzeOptions};
 use vmsnap::migration::ram_state::RamState;
-use vmsnap::migration::savevm::{load_state, save_state, DeviceState, Registry};
+use vmsnap::migration::savevm::{load_state, save_state, Registry};
 use vmsnap::migration::snapshot_io::{VmstateReader, VmstateWriter};
 use vmsnap::migration::vmdesc::to_python_json;
 use vmsnap::migration::{Count, Field, VMStateDescription, Value};
 
-struct Dev(Value);
-
-impl DeviceState for Dev {
-    fn save(&self) -> Value {
-        self.0.clone()
-    }
-    fn load(&mut self, v: &Value, _: u32) -> Result<(), String> {
-        self.0 = v.clone();
-        Ok(())
-    }
-}
+mod common;
+use common::Dev;
 
 fn vmsd() -> Arc<VMStateDescription> {
     Arc::new(

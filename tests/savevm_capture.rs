@@ -2,9 +2,8 @@
 //! running process and with `--loadvm` in a new one) writes them back; limits are enforced at
 //! startup; a writable raw drive without capture=on still refuses savevm as in QEMU.
 mod common;
+use common::monitor::Monitor;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -68,8 +67,7 @@ fn run_cmd(dir: &Path, drives: &[String], loadvm: Option<&str>, run: u32) -> Com
 /// A running `vmsnap run` with a Unix-socket monitor.
 struct Vmm {
     child: KillOnDrop,
-    reader: BufReader<UnixStream>,
-    stream: UnixStream,
+    mon: Monitor,
     serial: PathBuf,
 }
 
@@ -82,66 +80,30 @@ impl Vmm {
             .spawn()
             .unwrap();
         let mut child = KillOnDrop(Some(child));
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(&sock) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                    if let Some(Ok(Some(st))) = child.0.as_mut().map(|c| c.try_wait()) {
-                        let out = child.0.take().unwrap().wait_with_output().unwrap();
-                        let err = String::from_utf8_lossy(&out.stderr);
-                        panic!("vmsnap run exited with {st}: {err}");
-                    }
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("monitor socket never appeared: {e}"),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut banner = String::new();
-        reader.read_line(&mut banner).unwrap();
-        assert!(banner.contains("monitor"), "{banner}");
+        let mon = Monitor::connect(&sock, || {
+            let st = child.0.as_mut()?.try_wait().ok()??;
+            let out = child.0.take()?.wait_with_output().ok()?;
+            Some(format!("{st}: {}", String::from_utf8_lossy(&out.stderr)))
+        });
         Vmm {
             child,
-            reader,
-            stream,
+            mon,
             serial: dir.join(format!("serial{run}.txt")),
         }
     }
 
     /// Sends a command; returns its reply and the VM status after it.
     fn cmd(&mut self, line: &str) -> (String, String) {
-        writeln!(self.stream, "{line}").unwrap();
-        writeln!(self.stream, "info status").unwrap();
-        let mut reply = String::new();
-        loop {
-            let mut l = String::new();
-            let n = self.reader.read_line(&mut l).unwrap();
-            assert!(n > 0, "monitor closed after '{line}'; got: {reply}");
-            if let Some(st) = l.trim_end().strip_prefix("VM status: ") {
-                return (reply, st.to_string());
-            }
-            reply.push_str(&l);
-        }
+        self.mon.cmd(line)
     }
 
     fn ok(&mut self, line: &str) -> String {
-        let (r, _) = self.cmd(line);
-        assert!(!r.contains("Error"), "'{line}' failed: {r}");
-        r
+        self.mon.ok(line)
     }
 
     fn last_tick(&self) -> Option<u64> {
         let text = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-        complete
-            .lines()
-            .rev()
-            .filter_map(|l| l.strip_prefix("tick "))
-            .find_map(|n| n.trim().parse().ok())
+        common::ticks::ticks_of(&text).last().copied()
     }
 
     /// Waits until a tick above `n` has been printed.
@@ -157,7 +119,7 @@ impl Vmm {
     }
 
     fn quit(mut self) {
-        writeln!(self.stream, "quit").unwrap();
+        self.mon.quit();
         let child = self.child.0.take().unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(

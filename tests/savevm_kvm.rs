@@ -1,10 +1,9 @@
 //! savevm / loadvm / delvm of the counter guest through `vmsnap run`'s monitor, checked with
 //! the guest's own tick counter and checks, `qemu-img` and the inspector.
 mod common;
+use common::monitor::Monitor;
 use common::ticks::ticks_of;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -49,8 +48,7 @@ fn create_qcow2(path: &Path) {
 /// A running `vmsnap run` with a Unix-socket monitor.
 struct Vmm {
     child: KillOnDrop,
-    reader: BufReader<UnixStream>,
-    stream: UnixStream,
+    mon: Monitor,
     serial: PathBuf,
 }
 
@@ -78,51 +76,18 @@ impl Vmm {
             .spawn()
             .unwrap();
         let mut child = KillOnDrop(Some(child));
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(&sock) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(20) => {
-                    if let Some(Ok(Some(st))) = child.0.as_mut().map(|c| c.try_wait()) {
-                        let out = child.0.take().unwrap().wait_with_output().unwrap();
-                        let err = String::from_utf8_lossy(&out.stderr);
-                        panic!("vmsnap run exited with {st}: {err}");
-                    }
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("monitor socket never appeared: {e}"),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut banner = String::new();
-        reader.read_line(&mut banner).unwrap();
-        assert!(banner.contains("monitor"), "{banner}");
-        Vmm {
-            child,
-            reader,
-            stream,
-            serial,
-        }
+        let mon = Monitor::connect(&sock, || {
+            let st = child.0.as_mut()?.try_wait().ok()??;
+            let out = child.0.take()?.wait_with_output().ok()?;
+            Some(format!("{st}: {}", String::from_utf8_lossy(&out.stderr)))
+        });
+        Vmm { child, mon, serial }
     }
 
     /// Sends a command and returns its reply (everything printed before the status line of
     /// an `info status` sent right after it) and that status.
     fn cmd(&mut self, line: &str) -> (String, String) {
-        writeln!(self.stream, "{line}").unwrap();
-        writeln!(self.stream, "info status").unwrap();
-        let mut reply = String::new();
-        loop {
-            let mut l = String::new();
-            let n = self.reader.read_line(&mut l).unwrap();
-            assert!(n > 0, "monitor closed after '{line}'; got: {reply}");
-            if let Some(st) = l.trim_end().strip_prefix("VM status: ") {
-                return (reply, st.to_string());
-            }
-            reply.push_str(&l);
-        }
+        self.mon.cmd(line)
     }
 
     fn serial_text(&self) -> String {
@@ -167,13 +132,11 @@ impl Vmm {
     }
 
     fn ok(&mut self, line: &str) -> String {
-        let (r, _) = self.cmd(line);
-        assert!(!r.contains("Error"), "'{line}' failed: {r}");
-        r
+        self.mon.ok(line)
     }
 
     fn quit(mut self) {
-        writeln!(self.stream, "quit").unwrap();
+        self.mon.quit();
         let child = self.child.0.take().unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(

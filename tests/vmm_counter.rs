@@ -435,3 +435,15 @@ fn state_survives_a_chain_of_restores() {
         assert!(!cap.text().contains("CHECK FAIL"), "{}", cap.text());
     }
 }
+
+/// The committed counter guest is what `build.sh` makes from the committed source.
+#[test]
+fn counter_image_matches_its_source() {
+    let Some(built) = common::rebuild("testdata/guest/build.sh") else {
+        return;
+    };
+    assert!(
+        built == vmsnap::vmm::guest::counter::IMAGE,
+        "testdata/guest/counter.bin is stale: run testdata/guest/build.sh"
+    );
+}

@@ -174,28 +174,13 @@ fn throttling_slows_the_guest_and_pause_resume_still_work() {
 /// from the committed source.
 #[test]
 fn bench_guest_binary_matches_its_source() {
-    let have = |tool: &str| {
-        std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !have("as") || !have("ld") {
-        eprintln!("SKIPPED: GNU as/ld not installed; cannot rebuild the benchmark guest");
+    let Some(built) = common::rebuild("tools/bench/guest/build.sh") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("dirty.elf");
+    };
     let root = env!("CARGO_MANIFEST_DIR");
-    let status = std::process::Command::new("sh")
-        .arg(format!("{root}/tools/bench/guest/build.sh"))
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
     let committed = std::fs::read(format!("{root}/tools/bench/guest/dirty.elf")).unwrap();
     assert!(
-        std::fs::read(&out).unwrap() == committed,
+        built == committed,
         "tools/bench/guest/dirty.elf is stale: run tools/bench/guest/build.sh"
     );
     // A multiboot header (magic 0x1badb002) within the first 8 KiB, as QEMU's -kernel needs.

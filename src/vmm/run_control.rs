@@ -321,26 +321,20 @@ mod tests {
         ctl.throttle_sleep(Duration::from_millis(30));
         assert!(t.elapsed() >= Duration::from_millis(30));
 
-        let c = Arc::clone(&ctl);
-        let sleeper = std::thread::spawn(move || {
-            let t = Instant::now();
-            c.throttle_sleep(Duration::from_secs(10));
-            t.elapsed()
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        ctl.request_pause();
-        assert!(sleeper.join().unwrap() < Duration::from_secs(5));
-
-        ctl.resume();
-        let c = Arc::clone(&ctl);
-        let sleeper = std::thread::spawn(move || {
-            let t = Instant::now();
-            c.throttle_sleep(Duration::from_secs(10));
-            t.elapsed()
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        ctl.request_exit();
-        assert!(sleeper.join().unwrap() < Duration::from_secs(5));
+        // A pause and an exit request each cut a long throttle sleep short.
+        let wake: [fn(&RunControl); 2] = [RunControl::request_pause, RunControl::request_exit];
+        for request in wake {
+            ctl.resume();
+            let c = Arc::clone(&ctl);
+            let sleeper = std::thread::spawn(move || {
+                let t = Instant::now();
+                c.throttle_sleep(Duration::from_secs(10));
+                t.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            request(&ctl);
+            assert!(sleeper.join().unwrap() < Duration::from_secs(5));
+        }
     }
 
     #[test]

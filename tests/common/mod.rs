@@ -2,6 +2,7 @@
 //! (skipping loudly when absent), gunzipping fixtures, hashing and a seeded RNG.
 #![allow(dead_code)]
 
+pub mod monitor;
 pub mod ticks;
 
 use std::io::{Read, Write};
@@ -263,4 +264,35 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+}
+
+/// A device whose whole state is one VMState value: saves it, and loads into it.
+pub struct Dev(pub vmsnap::migration::Value);
+
+impl vmsnap::migration::savevm::DeviceState for Dev {
+    fn save(&self) -> vmsnap::migration::Value {
+        self.0.clone()
+    }
+    fn load(&mut self, value: &vmsnap::migration::Value, _version: u32) -> Result<(), String> {
+        self.0 = value.clone();
+        Ok(())
+    }
+}
+
+/// Runs the build script `script` (relative to the crate) and returns what it made, to
+/// compare with the committed binary; None (after a loud SKIPPED line) without GNU as/ld.
+pub fn rebuild(script: &str) -> Option<Vec<u8>> {
+    if !have("as") || !have("ld") {
+        eprintln!("SKIPPED: GNU as/ld not installed; cannot run {script}");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("guest.bin");
+    let status = Command::new("sh")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script} failed");
+    Some(std::fs::read(&out).unwrap())
 }

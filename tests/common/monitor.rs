@@ -1,0 +1,72 @@
+//! A `vmsnap run` monitor on its unix socket, as the tests drive it: every command is
+//! followed by `info status`, whose `VM status:` line ends the command's reply.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A connected monitor.
+pub struct Monitor {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Monitor {
+    /// Connects once `sock` appears (for up to 20 s) and reads the banner. While it waits it
+    /// asks `exited` whether the VMM died (Some: why), and panics with that.
+    pub fn connect(sock: &Path, mut exited: impl FnMut() -> Option<String>) -> Monitor {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if let Some(why) = exited() {
+                        panic!("vmsnap run exited before its monitor came up: {why}");
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "monitor socket {} never appeared: {e}",
+                        sock.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut banner = String::new();
+        reader.read_line(&mut banner).unwrap();
+        assert!(banner.contains("monitor"), "{banner}");
+        Monitor { stream, reader }
+    }
+
+    /// Sends a command; returns its reply and the VM status after it.
+    pub fn cmd(&mut self, line: &str) -> (String, String) {
+        write!(self.stream, "{line}\ninfo status\n").unwrap();
+        let mut reply = String::new();
+        loop {
+            let mut l = String::new();
+            let n = self.reader.read_line(&mut l).unwrap();
+            assert!(n > 0, "monitor closed after '{line}'; got: {reply}");
+            if let Some(st) = l.trim_end().strip_prefix("VM status: ") {
+                return (reply, st.to_string());
+            }
+            reply.push_str(&l);
+        }
+    }
+
+    /// [`Monitor::cmd`], asserting that the reply carries no error.
+    pub fn ok(&mut self, line: &str) -> String {
+        let (r, _) = self.cmd(line);
+        assert!(!r.contains("Error"), "'{line}' failed: {r}");
+        r
+    }
+
+    /// Sends `quit` (no status follows it).
+    pub fn quit(&mut self) {
+        writeln!(self.stream, "quit").unwrap();
+    }
+}

@@ -2,17 +2,15 @@
 //! `qemu-img check` reports without corruption (leaks allowed), and an older snapshot must
 //! still load and run.
 mod common;
+use common::monitor::Monitor;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Vm {
     child: Child,
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
+    mon: Monitor,
     serial: PathBuf,
 }
 
@@ -54,48 +52,17 @@ fn start(dir: &Path, img: &Path, run: u32, loadvm: Option<&str>) -> Vm {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let stream = loop {
-        if let Ok(s) = UnixStream::connect(&sock) {
-            break s;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("vmsnap run exited early: {st}");
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "no monitor socket");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut banner = String::new();
-    reader.read_line(&mut banner).unwrap();
-    Vm {
-        child,
-        stream,
-        reader,
-        serial,
-    }
+    let mon = Monitor::connect(&sock, || {
+        let st = child.try_wait().ok()??;
+        Some(format!("vmsnap run exited early: {st}"))
+    });
+    Vm { child, mon, serial }
 }
 
 impl Vm {
     /// Sends a command and waits for its reply (terminated by an `info status` answer).
     fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stream, "{line}").unwrap();
-        writeln!(self.stream, "info status").unwrap();
-        let mut reply = String::new();
-        loop {
-            let mut l = String::new();
-            assert!(
-                self.reader.read_line(&mut l).unwrap() > 0,
-                "monitor closed: {reply}"
-            );
-            if l.starts_with("VM status: ") {
-                return reply;
-            }
-            reply.push_str(&l);
-        }
+        self.mon.cmd(line).0
     }
 
     fn serial(&self) -> String {
@@ -152,7 +119,7 @@ fn sigkill_during_savevm_leaves_a_consistent_image_and_older_snapshots_load() {
     let r = vm.cmd("savevm base");
     let full = t0.elapsed();
     assert!(!r.contains("Error"), "{r}");
-    writeln!(vm.stream, "quit").unwrap();
+    vm.mon.quit();
     assert!(vm.child.wait().unwrap().success());
     drop(vm);
     // savevm stored a checksum of the state, and it verifies.
@@ -186,7 +153,7 @@ fn sigkill_during_savevm_leaves_a_consistent_image_and_older_snapshots_load() {
         let delay = full.mul_f64(frac * 1.3);
         let mut vm = start(dir.path(), &img, run, None);
         vm.wait_for("tick 3\n");
-        writeln!(vm.stream, "savevm k{run}").unwrap();
+        vm.mon.send(&format!("savevm k{run}"));
         std::thread::sleep(delay);
         vm.child.kill().unwrap();
         vm.child.wait().unwrap();

@@ -65,8 +65,13 @@ impl Monitor {
         r
     }
 
+    /// Sends `line` without waiting for anything (a command the test interrupts).
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stream, "{line}").unwrap();
+    }
+
     /// Sends `quit` (no status follows it).
     pub fn quit(&mut self) {
-        writeln!(self.stream, "quit").unwrap();
+        self.send("quit");
     }
 }

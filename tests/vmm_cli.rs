@@ -19,8 +19,7 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Waits until the serial file holds `n` lines starting with `tick ` (tick numbers may skip
-/// when the host is busy).
+/// Waits until the serial file holds `n` lines starting with `tick `.
 fn wait_for_ticks(path: &std::path::Path, n: usize) -> String {
     let start = Instant::now();
     loop {

@@ -52,8 +52,7 @@ fn handled(vm: &Vm) -> u64 {
         .unwrap()
 }
 
-/// Waits until the guest wrote its first disk record (every 4 ticks, unless that tick number
-/// was skipped), and leaves the VM paused.
+/// Waits until the guest wrote its first disk record (every 4 ticks), and leaves the VM paused.
 fn wait_for_disk_record(vm: &Vm, cap: &SerialCapture) {
     let start = std::time::Instant::now();
     loop {
@@ -92,8 +91,8 @@ fn save_restore_round_trip(vcpus: usize) {
     let cap = SerialCapture::new();
     let vm = Vm::new(config(dir.path(), vcpus, &cap)).unwrap();
     vm.start();
-    // Let the first ticks, checks and disk records happen (the loop may skip a tick number
-    // when the host is busy, so wait on the counter rather than on one line).
+    // Let the first ticks, checks and disk records happen (wait on the counter rather than
+    // on the serial text, which may be cut inside a line).
     let start = std::time::Instant::now();
     while handled(&vm) < 6 {
         assert!(
@@ -113,8 +112,9 @@ fn save_restore_round_trip(vcpus: usize) {
     let ram = ram_copy(&vm);
     let n = ticks(&vm);
     let last = handled(&vm);
+    // The loop is at most a few ticks behind the timer (two interrupts may fall in a round).
     assert!(
-        last == n || last + 1 == n,
+        last <= n && n - last <= 2,
         "loop handled tick {last}, timer counted {n}"
     );
     let printed = cap.text();
@@ -157,10 +157,9 @@ fn save_restore_round_trip(vcpus: usize) {
     let out = cap2.text();
     assert!(!out.contains("CHECK FAIL"), "{out}");
     // The console reads as one uninterrupted run: a line cut by the pause is completed by the
-    // restored guest, tick numbers keep increasing across the restore, and the first tick
-    // printed after it follows the last one handled before it. (It need not be `last + 1`:
-    // KVM's PIT re-injects ticks lost while the VM was stopped, and the user loop prints the
-    // counter's current value.)
+    // restored guest, and tick numbers count on by one across the restore (the loop handles
+    // ticks one by one), so the first tick printed after it is the one the loop was handling
+    // when paused, or the next.
     let combined = format!("{printed}{out}");
     let mut prev = None;
     let mut first_after = None;
@@ -176,7 +175,7 @@ fn save_restore_round_trip(vcpus: usize) {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("malformed console line {line:?} in:\n{combined}"));
         if let Some(p) = prev {
-            assert!(k > p, "tick {k} after tick {p}:\n{combined}");
+            assert_eq!(k, p + 1, "tick {k} after tick {p}:\n{combined}");
         }
         if start >= printed.len() && first_after.is_none() {
             first_after = Some(k);
@@ -185,7 +184,7 @@ fn save_restore_round_trip(vcpus: usize) {
     }
     let first_after = first_after.expect("ticks after the restore");
     assert!(
-        first_after > last,
+        first_after == last || first_after == last + 1,
         "first tick after restore {first_after}, handled {last}, counted {n}:\n{combined}"
     );
     assert!(ticks(&vm2) > n);

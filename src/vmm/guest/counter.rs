@@ -4,7 +4,10 @@
 //! prints `tick N`, optionally checks (when the control device asks, and every 64 ticks) that
 //! the RAM region and the disk record agree with its counters (`CHECK OK` / `CHECK FAIL`),
 //! rewrites a 64 KiB RAM region from N, and every 4 ticks writes `{magic, N, !N}` to sector 1
-//! of disk 0. Other vCPUs count in user mode, each in its own RAM slot.
+//! of disk 0. Ticks are handled one by one: when two interrupts fall within one round of the
+//! loop (a vCPU preempted on a busy host, or throttled), the next round handles the second, so
+//! the printed ticks always count on by one. Other vCPUs count in user mode, each in its own
+//! RAM slot.
 //!
 //! Memory dirtying (for live migration): [`set_dirty_rate`] writes parameters into the image
 //! before the VM starts; the user loop then also stores the tick number into the first qword

@@ -284,7 +284,9 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         Some(uri) => {
             mig.set_drives_inactive(true);
             vm.set_pause_reason(Some("inmigrate"));
-            Some(Listener::bind(uri).map_err(RunError::Incoming)?)
+            let listener = Listener::bind(uri).map_err(RunError::Incoming)?;
+            migrate::incoming::announce(&listener, &mig);
+            Some(listener)
         }
         None => {
             vm.start();

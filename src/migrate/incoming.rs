@@ -68,13 +68,18 @@ fn read_stream(
     Ok(state)
 }
 
-/// Accepts the stream on `listener`, loads it into the paused `vm`, activates the drives
-/// and resumes the guest.
-/// The destination's `info migrate` follows in `mig`: the listening socket while waiting,
-/// `active` while loading, `completed` once the guest runs (or `failed`).
+/// Shows the listening socket in the destination's `info migrate`, as QEMU's does while it
+/// waits. Called before the monitor answers, so that its first `info migrate` has it.
+pub fn announce(listener: &Listener, mig: &Migrator) {
+    mig.set_incoming(Status::None, listener.socket_address());
+}
+
+/// Accepts the stream on `listener` (already [`announce`]d), loads it into the paused `vm`,
+/// activates the drives and resumes the guest.
+/// The destination's `info migrate` follows in `mig`: `active` while loading, `completed`
+/// once the guest runs (or `failed`).
 pub fn run(vm: &Vm, listener: Listener, mig: &Migrator) -> Result<Report, IncomingError> {
     let socket = listener.socket_address();
-    mig.set_incoming(Status::None, socket.clone());
     let r = receive(vm, listener, mig.drives(), || {
         mig.set_incoming(Status::Active, socket.clone())
     });

@@ -5,7 +5,12 @@
 //! header costs a system call per page. Mapping the file in windows of [`WINDOW`] bytes and
 //! copying out only the bytes asked for touches each page table entry once and copies almost
 //! nothing; the stream reader seeks over bodies ([`Seek`]). Each window is unmapped when the
-//! reader moves past it, so resident memory stays near one window whatever the file size.
+//! reader moves past it, so resident memory stays near two windows whatever the file size.
+//!
+//! Most of the time goes to page faults (one per 64 KiB of file, each mapping 16 pages). So
+//! the window after the current one is mapped ahead and faulted in by a helper thread, one
+//! byte per 64 KiB, while the reader works: 0.124 → 0.080 s for a 1.1 GiB stream on this
+//! 2-core machine (`perf stat -r 15`, alternating builds).
 //!
 //! Reads return at most [`MAX_READ`] bytes, so the stream reader's 64 KiB buffer is never
 //! filled with page bodies it would then skip.
@@ -39,6 +44,10 @@ fn prefetch(p: *const i8) {
 #[cfg(not(target_arch = "x86_64"))]
 fn prefetch(_p: *const i8) {}
 
+/// Bytes the kernel maps per page fault on a file mapping (its default `fault_around_bytes`):
+/// touching one byte per this many faults the whole window in.
+const FAULT_AROUND: usize = 64 << 10;
+
 /// One mapped window of the file.
 #[derive(Debug)]
 struct Window {
@@ -47,12 +56,70 @@ struct Window {
     start: u64,
     /// Mapped length.
     len: usize,
+    /// The helper thread faulting the window in, if any (joined before the unmap).
+    toucher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Window {
+    /// Maps `len` bytes of `file` at `start`.
+    fn map(file: &File, start: u64, len: usize) -> io::Result<Window> {
+        let offset = libc::off_t::try_from(start)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a fresh read-only private mapping of `len` bytes (≥ 1, inside the file) of
+        // an open file at a page-aligned offset; the kernel chooses the address, so no
+        // existing memory is affected. The result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Window {
+            ptr,
+            start,
+            len,
+            toucher: None,
+        })
+    }
+
+    /// Faults the window in on a helper thread while the reader works on the one before
+    /// (the page faults, not the reads, are most of the inspector's time). Without a thread
+    /// the reader faults the pages in itself.
+    fn touch_in_background(&mut self) {
+        let (addr, len) = (self.ptr as usize, self.len);
+        self.toucher = std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || {
+                for off in (0..len).step_by(FAULT_AROUND) {
+                    // SAFETY: `addr..addr + len` is a live read-only mapping: the window that
+                    // owns it joins this thread before unmapping it. The byte is read and
+                    // dropped, only for the page fault.
+                    unsafe { std::ptr::read_volatile((addr + off) as *const u8) };
+                }
+            })
+            .ok();
+    }
+
+    fn covers(&self, pos: u64) -> bool {
+        pos >= self.start && pos < self.start + self.len as u64
+    }
 }
 
 impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned for this window, and no reference
-        // into the mapping outlives the window (bytes are copied out).
+        if let Some(t) = self.toucher.take() {
+            let _ = t.join();
+        }
+        // SAFETY: ptr/len are exactly what mmap returned for this window, no reference into
+        // the mapping outlives the window (bytes are copied out), and the toucher thread,
+        // the only other reader, has ended.
         unsafe {
             libc::munmap(self.ptr, self.len);
         }
@@ -66,6 +133,8 @@ pub struct MappedFile<'f> {
     len: u64,
     pos: u64,
     window: Option<Window>,
+    /// The window after it, being faulted in.
+    ahead: Option<Window>,
     /// Where the previous read started (to see the stride of page records).
     last_read: u64,
 }
@@ -79,45 +148,37 @@ impl<'f> MappedFile<'f> {
             len,
             pos: 0,
             window: None,
+            ahead: None,
             last_read: 0,
         })
     }
 
-    /// Maps the window holding `self.pos` (which is below `self.len`).
+    /// Maps the window holding `self.pos` (which is below `self.len`), and the next one
+    /// ahead, faulted in by a helper thread.
     fn map_at_pos(&mut self) -> io::Result<&Window> {
-        let covered = self
-            .window
-            .as_ref()
-            .is_some_and(|w| self.pos >= w.start && self.pos < w.start + w.len as u64);
-        if !covered {
-            // Drop (unmap) the old window first: at most one is resident.
+        if !self.window.as_ref().is_some_and(|w| w.covers(self.pos)) {
+            // Drop (unmap) the old window first: at most two are resident.
             self.window = None;
-            let start = self.pos & !(WINDOW - 1);
-            let len = usize::try_from((self.len - start).min(WINDOW))
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            let offset = libc::off_t::try_from(start)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: a fresh read-only private mapping of `len` bytes (≥ 1, inside the file)
-            // of an open file at a page-aligned offset; the kernel chooses the address, so no
-            // existing memory is affected. The result is checked against MAP_FAILED.
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ,
-                    libc::MAP_PRIVATE,
-                    self.file.as_raw_fd(),
-                    offset,
-                )
+            self.window = match self.ahead.take() {
+                Some(w) if w.covers(self.pos) => Some(w),
+                _ => Some(self.map_window(self.pos & !(WINDOW - 1))?),
             };
-            if ptr == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
+            let next = (self.pos & !(WINDOW - 1)) + WINDOW;
+            if next < self.len {
+                let mut w = self.map_window(next)?;
+                w.touch_in_background();
+                self.ahead = Some(w);
             }
-            self.window = Some(Window { ptr, start, len });
         }
         self.window
             .as_ref()
             .ok_or_else(|| io::Error::from(io::ErrorKind::Other))
+    }
+
+    fn map_window(&self, start: u64) -> io::Result<Window> {
+        let len = usize::try_from((self.len - start).min(WINDOW))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Window::map(self.file, start, len)
     }
 }
 
@@ -198,5 +259,9 @@ mod tests {
         let e = m.seek(SeekFrom::Current(1)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(m.seek(SeekFrom::Start(3)).unwrap(), 3);
+        // Back to the first window, which the one mapped ahead does not cover.
+        let mut one = [0u8; 1];
+        assert_eq!(m.read(&mut one).unwrap(), 1);
+        assert_eq!(one[0], data[3]);
     }
 }

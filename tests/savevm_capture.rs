@@ -2,143 +2,21 @@
 //! running process and with `--loadvm` in a new one) writes them back; limits are enforced at
 //! startup; a writable raw drive without capture=on still refuses savevm as in QEMU.
 mod common;
-use common::monitor::Monitor;
+use common::run_vm::{assert_check, command, create_qcow2, kvm_and_qemu_img, RunVm};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 /// The tests boot guests whose timing matters: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const RAW_SIZE: usize = 1 << 20;
 
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tools_available() -> bool {
-    if !common::kvm(module_path!()) {
-        return false;
-    }
-    if Command::new("qemu-img").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: qemu-img is not installed");
-        return false;
-    }
-    true
-}
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img").args(args).output().unwrap()
-}
-
-fn create_qcow2(path: &Path) {
-    let out = qemu_img(&["create", "-f", "qcow2", path.to_str().unwrap(), "16M"]);
-    assert!(out.status.success(), "{out:?}");
-}
-
-fn run_cmd(dir: &Path, drives: &[String], loadvm: Option<&str>, run: u32) -> Command {
-    let sock = dir.join(format!("mon{run}.sock"));
-    let serial = dir.join(format!("serial{run}.txt"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
-    cmd.arg("run");
-    for d in drives {
-        cmd.args(["--drive", d]);
-    }
-    cmd.args(["--guest", "counter", "--memory", "16M"])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("--monitor")
-        .arg(format!("unix:{}", sock.display()));
-    if let Some(tag) = loadvm {
-        cmd.args(["--loadvm", tag]);
-    }
-    cmd
-}
-
-/// A running `vmsnap run` with a Unix-socket monitor.
-struct Vmm {
-    child: KillOnDrop,
-    mon: Monitor,
-    serial: PathBuf,
-}
-
-impl Vmm {
-    fn start(dir: &Path, drives: &[String], loadvm: Option<&str>, run: u32) -> Vmm {
-        let sock = dir.join(format!("mon{run}.sock"));
-        let child = run_cmd(dir, drives, loadvm, run)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut child = KillOnDrop(Some(child));
-        let mon = Monitor::connect(&sock, || {
-            let st = child.0.as_mut()?.try_wait().ok()??;
-            let out = child.0.take()?.wait_with_output().ok()?;
-            Some(format!("{st}: {}", String::from_utf8_lossy(&out.stderr)))
-        });
-        Vmm {
-            child,
-            mon,
-            serial: dir.join(format!("serial{run}.txt")),
-        }
-    }
-
-    /// Sends a command; returns its reply and the VM status after it.
-    fn cmd(&mut self, line: &str) -> (String, String) {
-        self.mon.cmd(line)
-    }
-
-    fn ok(&mut self, line: &str) -> String {
-        self.mon.ok(line)
-    }
-
-    fn last_tick(&self) -> Option<u64> {
-        let text = std::fs::read_to_string(&self.serial).unwrap_or_default();
-        common::ticks::ticks_of(&text).last().copied()
-    }
-
-    /// Waits until a tick above `n` has been printed.
-    fn wait_past(&self, n: u64) {
-        let start = Instant::now();
-        while !self.last_tick().is_some_and(|t| t > n) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no tick past {n}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn quit(mut self) {
-        self.mon.quit();
-        let child = self.child.0.take().unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 fn pattern() -> Vec<u8> {
     (0..RAW_SIZE as u32)
         .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
         .collect()
-}
-
-fn assert_check(path: &Path) {
-    let out = qemu_img(&["check", path.to_str().unwrap()]);
-    assert!(out.status.success(), "qemu-img check: {out:?}");
 }
 
 /// The VM state stream of snapshot `tag` on `image`.
@@ -160,7 +38,7 @@ fn stream_of(image: &Path, tag: &str) -> Vec<u8> {
 #[test]
 fn captured_raw_contents_return_on_loadvm() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -175,7 +53,7 @@ fn captured_raw_contents_return_on_loadvm() {
     ];
     let changed = vec![0xeeu8; RAW_SIZE];
 
-    let mut vm = Vmm::start(dir.path(), &drives, None, 1);
+    let mut vm = RunVm::start(dir.path(), &drives, 1, None, 1);
     vm.wait_past(3);
     vm.ok("savevm s1");
     // The raw drive takes no part in the disk snapshots.
@@ -241,7 +119,7 @@ fn captured_raw_contents_return_on_loadvm() {
 
     // --loadvm in a new process writes them back before the guest runs.
     assert_eq!(std::fs::read(&raw).unwrap(), changed);
-    let vm = Vmm::start(dir.path(), &drives, Some("s1"), 2);
+    let vm = RunVm::start(dir.path(), &drives, 1, Some("s1"), 2);
     assert!(std::fs::read(&raw).unwrap() == saved, "--loadvm");
     vm.wait_past(1);
     vm.quit();
@@ -250,7 +128,7 @@ fn captured_raw_contents_return_on_loadvm() {
     // A captured drive of another size: the stream is refused before anything changes.
     let small = vec![0x11u8; RAW_SIZE / 2];
     std::fs::write(&raw, &small).unwrap();
-    let mut vm = Vmm::start(dir.path(), &drives, None, 3);
+    let mut vm = RunVm::start(dir.path(), &drives, 1, None, 3);
     vm.wait_past(3);
     let before = vm.last_tick().unwrap();
     let (reply, status) = vm.cmd("loadvm s1");
@@ -268,7 +146,7 @@ fn captured_raw_contents_return_on_loadvm() {
 
 /// Runs `vmsnap run` expecting it to refuse to start; returns its stderr.
 fn refused_at_startup(dir: &Path, drives: &[String]) -> String {
-    let out = run_cmd(dir, drives, None, 9)
+    let out = command(dir, drives, 1, None, 9)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -296,8 +174,7 @@ fn capture_on_is_refused_above_64_mib_and_on_qcow2() {
             && err.contains("0x4100000"),
         "{err}"
     );
-    if Command::new("qemu-img").arg("--version").output().is_err() {
-        eprintln!("SKIPPED (qcow2 part): qemu-img is not installed");
+    if !common::require("capture_on_is_refused (qcow2 part)", &["qemu-img"]) {
         return;
     }
     create_qcow2(&d0);
@@ -313,7 +190,7 @@ fn capture_on_is_refused_above_64_mib_and_on_qcow2() {
 #[test]
 fn a_writable_raw_drive_without_capture_still_refuses_savevm() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -325,7 +202,7 @@ fn a_writable_raw_drive_without_capture_still_refuses_savevm() {
         format!("file={}", d0.display()),
         format!("file={},format=raw,capture=off", raw.display()),
     ];
-    let mut vm = Vmm::start(dir.path(), &drives, None, 1);
+    let mut vm = RunVm::start(dir.path(), &drives, 1, None, 1);
     vm.wait_past(2);
     let (reply, status) = vm.cmd("savevm s1");
     assert_eq!(

@@ -1,11 +1,11 @@
 //! savevm / loadvm / delvm of the counter guest through `vmsnap run`'s monitor, checked with
 //! the guest's own tick counter and checks, `qemu-img` and the inspector.
 mod common;
-use common::monitor::Monitor;
+use common::run_vm::{assert_check, create_qcow2, kvm_and_qemu_img, RunVm};
 use common::ticks::ticks_of;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,147 +14,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const REC_MAGIC: u64 = 0x524e_5443_4b43_4954;
 
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tools_available() -> bool {
-    if !common::kvm(module_path!()) {
-        return false;
-    }
-    if Command::new("qemu-img").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: qemu-img is not installed");
-        return false;
-    }
-    true
-}
-
 fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img").args(args).output().unwrap()
-}
-
-fn create_qcow2(path: &Path) {
-    let out = qemu_img(&["create", "-f", "qcow2", path.to_str().unwrap(), "16M"]);
-    assert!(out.status.success(), "{out:?}");
-}
-
-/// A running `vmsnap run` with a Unix-socket monitor.
-struct Vmm {
-    child: KillOnDrop,
-    mon: Monitor,
-    serial: PathBuf,
-}
-
-impl Vmm {
-    fn start(dir: &Path, drives: &[String], smp: u32, loadvm: Option<&str>, run: u32) -> Vmm {
-        let sock = dir.join(format!("mon{run}.sock"));
-        let serial = dir.join(format!("serial{run}.txt"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
-        cmd.arg("run");
-        for d in drives {
-            cmd.args(["--drive", d]);
-        }
-        cmd.args(["--guest", "counter", "--memory", "16M", "--smp"])
-            .arg(smp.to_string())
-            .arg("--serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("--monitor")
-            .arg(format!("unix:{}", sock.display()));
-        if let Some(tag) = loadvm {
-            cmd.args(["--loadvm", tag]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut child = KillOnDrop(Some(child));
-        let mon = Monitor::connect(&sock, || {
-            let st = child.0.as_mut()?.try_wait().ok()??;
-            let out = child.0.take()?.wait_with_output().ok()?;
-            Some(format!("{st}: {}", String::from_utf8_lossy(&out.stderr)))
-        });
-        Vmm { child, mon, serial }
-    }
-
-    /// Sends a command and returns its reply (everything printed before the status line of
-    /// an `info status` sent right after it) and that status.
-    fn cmd(&mut self, line: &str) -> (String, String) {
-        self.mon.cmd(line)
-    }
-
-    fn serial_text(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    fn ticks(&self) -> Vec<u64> {
-        ticks_of(&self.serial_text())
-    }
-
-    /// Waits until a tick above `n` has been printed.
-    fn wait_past(&self, n: u64) {
-        let start = Instant::now();
-        while !self.ticks().last().is_some_and(|&t| t > n) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no tick past {n}:\n{}",
-                self.serial_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits until the serial output has a `CHECK` line; returns the text.
-    fn wait_check(&self) -> String {
-        let start = Instant::now();
-        loop {
-            let t = self.serial_text();
-            if t.contains("CHECK ") {
-                return t;
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "no CHECK:\n{t}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops the guest; returns the last tick printed.
-    fn stop(&mut self) -> u64 {
-        let (r, st) = self.cmd("stop");
-        assert_eq!((r.as_str(), st.as_str()), ("", "paused"));
-        *self.ticks().last().expect("no tick before stop")
-    }
-
-    fn ok(&mut self, line: &str) -> String {
-        self.mon.ok(line)
-    }
-
-    fn quit(mut self) {
-        self.mon.quit();
-        let child = self.child.0.take().unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-fn assert_check(path: &Path) {
-    let out = qemu_img(&["check", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "qemu-img check {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 /// The disk record `{magic, N, !N}` in sector 1 of `tag` (qemu-img convert of the snapshot).
@@ -177,14 +38,14 @@ fn disk_record(dir: &Path, image: &Path, tag: &str) -> Option<u64> {
 
 fn continuity(smp: u32) {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     create_qcow2(&img);
     let drives = [format!("file={}", img.display())];
-    let mut vm = Vmm::start(dir.path(), &drives, smp, None, 1);
+    let mut vm = RunVm::start(dir.path(), &drives, smp, None, 1);
     vm.wait_past(10);
     let printed = vm.stop();
     vm.ok("savevm s1");
@@ -215,7 +76,7 @@ fn continuity(smp: u32) {
 
     for (tag, run) in [("s1", 2), ("live", 3)] {
         let (n, _) = guest_counters(&img, tag, smp as usize, 1);
-        let vm = Vmm::start(dir.path(), &drives, smp, Some(tag), run);
+        let vm = RunVm::start(dir.path(), &drives, smp, Some(tag), run);
         vm.wait_past(n + 1);
         let text = vm.wait_check();
         let ticks = ticks_of(&text);
@@ -260,12 +121,12 @@ fn savevm_then_loadvm_in_a_new_process_continues_at_the_next_tick_2_vcpus() {
 }
 
 /// Ticks printed after byte `from` of the serial output.
-fn ticks_after(vm: &Vmm, from: usize) -> Vec<u64> {
+fn ticks_after(vm: &RunVm, from: usize) -> Vec<u64> {
     ticks_of(vm.serial_text().get(from..).unwrap_or(""))
 }
 
 /// Waits for a tick printed after byte `from`; returns the first one.
-fn first_tick_after(vm: &Vmm, from: usize) -> u64 {
+fn first_tick_after(vm: &RunVm, from: usize) -> u64 {
     let start = Instant::now();
     loop {
         if let Some(&t) = ticks_after(vm, from).first() {
@@ -279,14 +140,14 @@ fn first_tick_after(vm: &Vmm, from: usize) -> u64 {
 #[test]
 fn loadvm_in_the_running_process_goes_back_and_forth_between_two_snapshots() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     create_qcow2(&img);
     let drives = [format!("file={}", img.display())];
-    let mut vm = Vmm::start(dir.path(), &drives, 2, None, 1);
+    let mut vm = RunVm::start(dir.path(), &drives, 2, None, 1);
     vm.wait_past(5);
     vm.ok("savevm a");
     let (na, _) = guest_counters(&img, "a", 2, 1);
@@ -369,14 +230,14 @@ fn extract_stream(image: &Path, tag: &str, out: &Path) {
 #[test]
 fn snapshots_decode_with_the_inspector_and_analyze_migration() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     create_qcow2(&img);
     let drives = [format!("file={}", img.display())];
-    let mut vm = Vmm::start(dir.path(), &drives, 2, None, 1);
+    let mut vm = RunVm::start(dir.path(), &drives, 2, None, 1);
     vm.wait_past(3);
     vm.ok("savevm s1");
     vm.quit();
@@ -445,7 +306,7 @@ fn snapshot_list(img: &Path) -> String {
 #[test]
 fn two_qcow2_disks_get_the_snapshot_with_the_vm_state_on_the_first() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -456,7 +317,7 @@ fn two_qcow2_disks_get_the_snapshot_with_the_vm_state_on_the_first() {
         format!("file={}", d0.display()),
         format!("file={},format=qcow2", d1.display()),
     ];
-    let mut vm = Vmm::start(dir.path(), &drives, 1, None, 1);
+    let mut vm = RunVm::start(dir.path(), &drives, 1, None, 1);
     vm.wait_past(3);
     vm.ok("savevm both");
     let (n, _) = guest_counters(&d0, "both", 1, 2);
@@ -472,7 +333,7 @@ fn two_qcow2_disks_get_the_snapshot_with_the_vm_state_on_the_first() {
     assert!(!row0.contains(" 0 B "), "{l0}");
     assert!(row1.contains(" 0 B "), "{l1}");
 
-    let vm = Vmm::start(dir.path(), &drives, 1, Some("both"), 2);
+    let vm = RunVm::start(dir.path(), &drives, 1, Some("both"), 2);
     assert_eq!(first_tick_after(&vm, 0), n + 1);
     vm.quit();
 }
@@ -480,7 +341,7 @@ fn two_qcow2_disks_get_the_snapshot_with_the_vm_state_on_the_first() {
 #[test]
 fn a_writable_raw_disk_refuses_savevm_and_a_read_only_one_is_skipped() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -493,7 +354,7 @@ fn a_writable_raw_disk_refuses_savevm_and_a_read_only_one_is_skipped() {
         format!("file={}", d0.display()),
         format!("file={},format=raw", raw.display()),
     ];
-    let mut vm = Vmm::start(dir.path(), &drives, 1, None, 1);
+    let mut vm = RunVm::start(dir.path(), &drives, 1, None, 1);
     vm.wait_past(3);
     let (reply, status) = vm.cmd("savevm s1");
     assert_eq!(
@@ -516,7 +377,7 @@ fn a_writable_raw_disk_refuses_savevm_and_a_read_only_one_is_skipped() {
         format!("file={}", d0.display()),
         format!("file={},format=raw,readonly=on", raw.display()),
     ];
-    let mut vm = Vmm::start(dir.path(), &drives, 1, None, 2);
+    let mut vm = RunVm::start(dir.path(), &drives, 1, None, 2);
     vm.wait_past(3);
     vm.ok("savevm s1");
     vm.quit();
@@ -526,7 +387,7 @@ fn a_writable_raw_disk_refuses_savevm_and_a_read_only_one_is_skipped() {
 
 /// Sends a bad request and checks the exact error, that the VM still runs, and that it goes
 /// on counting from where it was (no jump back).
-fn refused(vm: &mut Vmm, line: &str, expected: &str) {
+fn refused(vm: &mut RunVm, line: &str, expected: &str) {
     let before = *vm.ticks().last().expect("ticks before the request");
     let (reply, status) = vm.cmd(line);
     assert_eq!(reply.trim_end(), expected, "{line}");
@@ -539,7 +400,7 @@ fn refused(vm: &mut Vmm, line: &str, expected: &str) {
 #[test]
 fn bad_loadvm_requests_are_refused_and_the_vm_runs_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -552,7 +413,7 @@ fn bad_loadvm_requests_are_refused_and_the_vm_runs_on() {
         format!("file={}", d1.display()),
     ];
     // A snapshot of a 1-vCPU, 1-disk VM, a disk-only one, and one only on d0.
-    let mut vm = Vmm::start(dir.path(), &one, 1, None, 1);
+    let mut vm = RunVm::start(dir.path(), &one, 1, None, 1);
     vm.wait_past(3);
     vm.ok("savevm onecpu");
     vm.quit();
@@ -561,7 +422,7 @@ fn bad_loadvm_requests_are_refused_and_the_vm_runs_on() {
         assert!(out.status.success(), "{out:?}");
     }
 
-    let mut vm = Vmm::start(dir.path(), &two, 1, None, 2);
+    let mut vm = RunVm::start(dir.path(), &two, 1, None, 2);
     vm.wait_past(3);
     refused(
         &mut vm,
@@ -581,7 +442,7 @@ fn bad_loadvm_requests_are_refused_and_the_vm_runs_on() {
     vm.quit();
 
     // The same disk, but a VM with 2 vCPUs: the stream lacks cpu 1.
-    let mut vm = Vmm::start(dir.path(), &one, 2, None, 3);
+    let mut vm = RunVm::start(dir.path(), &one, 2, None, 3);
     vm.wait_past(3);
     refused(
         &mut vm,
@@ -612,14 +473,14 @@ fn bad_loadvm_requests_are_refused_and_the_vm_runs_on() {
 #[test]
 fn a_corrupted_vm_state_is_refused_and_the_vm_runs_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let d0 = dir.path().join("d0.qcow2");
     create_qcow2(&d0);
     let one = [format!("file={}", d0.display())];
-    let mut vm = Vmm::start(dir.path(), &one, 1, None, 1);
+    let mut vm = RunVm::start(dir.path(), &one, 1, None, 1);
     vm.wait_past(3);
     vm.ok("savevm s1");
     vm.quit();
@@ -636,7 +497,7 @@ fn a_corrupted_vm_state_is_refused_and_the_vm_runs_on() {
     assert!(hits > 0, "section name not found in the image");
     std::fs::write(&d0, &bytes).unwrap();
 
-    let mut vm = Vmm::start(dir.path(), &one, 1, None, 2);
+    let mut vm = RunVm::start(dir.path(), &one, 1, None, 2);
     vm.wait_past(3);
     let before = *vm.ticks().last().unwrap();
     let (reply, status) = vm.cmd("loadvm s1");
@@ -669,13 +530,13 @@ fn a_corrupted_vm_state_is_refused_and_the_vm_runs_on() {
 #[test]
 fn monitor_answers_malformed_snapshot_commands_like_qemu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools_available() {
+    if !kvm_and_qemu_img(module_path!()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     create_qcow2(&img);
-    let mut vm = Vmm::start(dir.path(), &[format!("file={}", img.display())], 1, None, 1);
+    let mut vm = RunVm::start(dir.path(), &[format!("file={}", img.display())], 1, None, 1);
     let (r, _) = vm.cmd("loadvm");
     assert_eq!(r.trim_end(), "Parameter 'name' is missing");
     let (r, _) = vm.cmd("savevm a b");

@@ -1,0 +1,166 @@
+//! A `vmsnap run` of the counter guest (16 MiB) with its serial console in a file and its
+//! monitor on a Unix socket, as the savevm tests drive it. Killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::monitor::Monitor;
+use super::ticks::ticks_of;
+
+/// KVM and qemu-img are both there; says loudly what is missing otherwise.
+pub fn kvm_and_qemu_img(what: &str) -> bool {
+    super::kvm(what) && super::require(what, &["qemu-img"])
+}
+
+/// A fresh 16 MiB qcow2 image made by qemu-img.
+pub fn create_qcow2(path: &Path) {
+    super::qemu_img(&["create", "-f", "qcow2", super::s(path), "16M"]).ok();
+}
+
+/// `qemu-img check` of `path` passes.
+pub fn assert_check(path: &Path) {
+    let out = super::qemu_img(&["check", super::s(path)]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "qemu-img check {}: {}{}",
+        path.display(),
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// The command line of run number `run` in `dir` (monitor `mon{run}.sock`, serial
+/// `serial{run}.txt`).
+pub fn command(dir: &Path, drives: &[String], smp: u32, loadvm: Option<&str>, run: u32) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
+    cmd.arg("run");
+    for d in drives {
+        cmd.args(["--drive", d]);
+    }
+    cmd.args(["--guest", "counter", "--memory", "16M", "--smp"])
+        .arg(smp.to_string())
+        .arg("--serial")
+        .arg(format!(
+            "file:{}",
+            dir.join(format!("serial{run}.txt")).display()
+        ))
+        .arg("--monitor")
+        .arg(format!(
+            "unix:{}",
+            dir.join(format!("mon{run}.sock")).display()
+        ));
+    if let Some(tag) = loadvm {
+        cmd.args(["--loadvm", tag]);
+    }
+    cmd
+}
+
+/// A running `vmsnap run`.
+pub struct RunVm {
+    child: Option<Child>,
+    mon: Monitor,
+    serial: PathBuf,
+}
+
+impl Drop for RunVm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl RunVm {
+    /// Starts run number `run` (see [`command`]) and connects to its monitor.
+    pub fn start(dir: &Path, drives: &[String], smp: u32, loadvm: Option<&str>, run: u32) -> RunVm {
+        let mut child = command(dir, drives, smp, loadvm, run)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mon = Monitor::connect(&dir.join(format!("mon{run}.sock")), || {
+            let st = child.try_wait().ok()??;
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut()?, &mut err).ok()?;
+            Some(format!("{st}: {err}"))
+        });
+        RunVm {
+            child: Some(child),
+            mon,
+            serial: dir.join(format!("serial{run}.txt")),
+        }
+    }
+
+    /// Sends a command; returns its reply and the VM status after it.
+    pub fn cmd(&mut self, line: &str) -> (String, String) {
+        self.mon.cmd(line)
+    }
+
+    /// Sends a command whose reply must not be an error; returns the reply.
+    pub fn ok(&mut self, line: &str) -> String {
+        self.mon.ok(line)
+    }
+
+    /// The serial console so far.
+    pub fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// The ticks printed so far.
+    pub fn ticks(&self) -> Vec<u64> {
+        ticks_of(&self.serial_text())
+    }
+
+    /// The last tick printed.
+    pub fn last_tick(&self) -> Option<u64> {
+        self.ticks().last().copied()
+    }
+
+    /// Waits until a tick above `n` has been printed.
+    pub fn wait_past(&self, n: u64) {
+        let start = Instant::now();
+        while !self.last_tick().is_some_and(|t| t > n) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no tick past {n}:\n{}",
+                self.serial_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the serial output has a `CHECK` line; returns the text.
+    pub fn wait_check(&self) -> String {
+        let start = Instant::now();
+        loop {
+            let t = self.serial_text();
+            if t.contains("CHECK ") {
+                return t;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "no CHECK:\n{t}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the guest; returns the last tick printed.
+    pub fn stop(&mut self) -> u64 {
+        let (r, st) = self.cmd("stop");
+        assert_eq!((r.as_str(), st.as_str()), ("", "paused"));
+        self.last_tick().expect("no tick before stop")
+    }
+
+    /// Quits through the monitor; the process must exit with success.
+    pub fn quit(mut self) {
+        self.mon.quit();
+        let child = self.child.take().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

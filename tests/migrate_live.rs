@@ -4,6 +4,7 @@
 //! checks prove that the destination continues exactly where the source stopped.
 mod common;
 use common::monitor::Monitor;
+use common::run_vm::{assert_check, create_qcow2, kvm_and_qemu_img};
 use common::ticks::ticks_of;
 
 use std::path::{Path, PathBuf};
@@ -16,14 +17,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn kvm_available(test: &str) -> bool {
-    common::kvm(test) && common::require(test, &["qemu-img"])
-}
-
-fn create_qcow2(path: &Path) {
-    common::qemu_img(&["create", "-f", "qcow2", common::s(path), "16M"]).ok();
 }
 
 /// A `vmsnap run` with a Unix-socket monitor; killed on drop.
@@ -174,10 +167,6 @@ fn field(info: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no '{key}' in:\n{info}"))
 }
 
-fn assert_image_clean(img: &Path) {
-    common::qemu_img(&["check", common::s(img)]).ok();
-}
-
 /// Migrates a running source to a destination listening on `uri` (which the destination
 /// binds), checks the ticks, the statuses and `info migrate`.
 fn live_round_trip(uri: &str, prefixes: (&[&str], &[&str])) {
@@ -241,13 +230,13 @@ fn live_round_trip(uri: &str, prefixes: (&[&str], &[&str])) {
     assert_eq!(st, "paused (postmigrate)");
     src.quit();
     dst.quit();
-    assert_image_clean(&img);
+    assert_check(&img);
 }
 
 #[test]
 fn tcp_and_unix_on_loopback() {
     let _g = serial();
-    if !kvm_available("tcp_and_unix_on_loopback") {
+    if !kvm_and_qemu_img("tcp_and_unix_on_loopback") {
         return;
     }
     let port = {
@@ -265,7 +254,7 @@ fn tcp_and_unix_on_loopback() {
 #[test]
 fn file_and_exec_round_trips_decode_with_the_inspector_and_qemu() {
     let _g = serial();
-    if !kvm_available("file_and_exec_round_trips") {
+    if !kvm_and_qemu_img("file_and_exec_round_trips") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -321,13 +310,13 @@ fn file_and_exec_round_trips_decode_with_the_inspector_and_qemu() {
     let third_text = third.wait_for("CHECK OK", 20);
     continues(&mid_text, &third_text);
     third.quit();
-    assert_image_clean(&img);
+    assert_check(&img);
 }
 
 #[test]
 fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     let _g = serial();
-    if !kvm_available("killing_the_destination") {
+    if !kvm_and_qemu_img("killing_the_destination") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -428,13 +417,13 @@ fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     assert_eq!(dst.status(), "running");
     src.quit();
     dst.quit();
-    assert_image_clean(&img);
+    assert_check(&img);
 }
 
 #[test]
 fn a_partial_stream_never_starts_a_guest() {
     let _g = serial();
-    if !kvm_available("a_partial_stream_never_starts_a_guest") {
+    if !kvm_and_qemu_img("a_partial_stream_never_starts_a_guest") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -486,7 +475,7 @@ fn a_partial_stream_never_starts_a_guest() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("load of migration failed"), "{err}");
     assert_eq!(std::fs::read_to_string(&serial).unwrap_or_default(), "");
-    assert_image_clean(&img);
+    assert_check(&img);
 }
 
 /// Two network namespaces joined by a veth pair, removed on drop.
@@ -533,7 +522,7 @@ impl Drop for Netns {
 #[test]
 fn across_two_network_namespaces() {
     let _g = serial();
-    if !kvm_available("across_two_network_namespaces") {
+    if !kvm_and_qemu_img("across_two_network_namespaces") {
         return;
     }
     // `ip netns add` needs root.
@@ -555,7 +544,7 @@ fn across_two_network_namespaces() {
 #[test]
 fn lz4_capability_compresses_ram_pages_and_the_destination_continues() {
     let _g = serial();
-    if !kvm_available("lz4_capability") {
+    if !kvm_and_qemu_img("lz4_capability") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -623,13 +612,13 @@ fn lz4_capability_compresses_ram_pages_and_the_destination_continues() {
     )
     .ok();
     assert!(!plain_human.stdout.contains("x-vmsnap-lz4"));
-    assert_image_clean(&img);
+    assert_check(&img);
 }
 
 #[test]
 fn savevm_honours_the_lz4_capability_and_loadvm_reads_it() {
     let _g = serial();
-    if !kvm_available("savevm_lz4") {
+    if !kvm_and_qemu_img("savevm_lz4") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -687,7 +676,7 @@ fn savevm_honours_the_lz4_capability_and_loadvm_reads_it() {
     )
     .ok();
     assert!(human.stdout.contains("x-vmsnap-lz4"), "{}", human.stdout);
-    assert_image_clean(&img);
+    assert_check(&img);
 }
 
 /// A 64 MiB source on a fresh qcow2 disk in `dir`, past its fifth tick.
@@ -708,7 +697,7 @@ fn running_source(dir: &Path) -> (PathBuf, Vmm) {
 #[test]
 fn migrate_cancel_answers_while_the_connect_hangs() {
     let _g = serial();
-    if !kvm_available("migrate_cancel_answers_while_the_connect_hangs") {
+    if !kvm_and_qemu_img("migrate_cancel_answers_while_the_connect_hangs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -743,13 +732,13 @@ fn migrate_cancel_answers_while_the_connect_hangs() {
     let n = *ticks_of(&src.serial_text()).last().unwrap();
     src.wait_ticks(n + 5);
     src.quit();
-    assert_image_clean(&img);
+    assert_check(&img);
 }
 
 #[test]
 fn a_failure_after_the_disk_handover_gives_the_disks_back_to_the_source() {
     let _g = serial();
-    if !kvm_available("a_failure_after_the_disk_handover_gives_the_disks_back_to_the_source") {
+    if !kvm_and_qemu_img("a_failure_after_the_disk_handover_gives_the_disks_back_to_the_source") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -783,5 +772,5 @@ fn a_failure_after_the_disk_handover_gives_the_disks_back_to_the_source() {
     src.ok("savevm after");
     assert!(src.ok("info snapshots").contains("after"));
     src.quit();
-    assert_image_clean(&img);
+    assert_check(&img);
 }

@@ -12,6 +12,19 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+/// Writes `len` zero bytes at `offset`, 1 MiB at a time.
+fn write_zeroes<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(zeroes.len() as u64) as usize;
+        s.write_at(pos, &zeroes[..n])?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 /// Byte storage under an image driver.
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Current length in bytes.
@@ -45,15 +58,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
     /// Gives `[offset, offset + len)` back to the host; reads as zero afterwards.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeroes = vec![0u8; len.min(1 << 20) as usize];
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let n = (end - pos).min(zeroes.len() as u64) as usize;
-            self.write_at(pos, &zeroes[..n])?;
-            pos += n as u64;
-        }
-        Ok(())
+        write_zeroes(self, offset, len)
     }
     /// The host path, for messages and locks (None for memory).
     fn path(&self) -> Option<&Path> {
@@ -185,14 +190,7 @@ impl Storage for FileStorage {
         if self.discard(offset, len).is_ok() {
             return Ok(());
         }
-        let zeroes = vec![0u8; len.min(1 << 20) as usize];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
-            self.write_at(pos, &zeroes[..n])?;
-            pos += n as u64;
-        }
-        Ok(())
+        write_zeroes(self, offset, len)
     }
 
     fn path(&self) -> Option<&Path> {

@@ -35,7 +35,10 @@ impl Discards {
     /// Forgets `[start, start + n)`: those clusters were allocated again.
     pub(crate) fn remove(&mut self, start: u64, n: u64) {
         let end = start + n;
-        let mut kept = Vec::with_capacity(self.ranges.len());
+        if !self.ranges.iter().any(|&(a, b)| a < end && b > start) {
+            return; // the common case while writing: fresh clusters past the freed ones
+        }
+        let mut kept = Vec::with_capacity(self.ranges.len() + 1);
         for &(a, b) in &self.ranges {
             if b <= start || a >= end {
                 kept.push((a, b));

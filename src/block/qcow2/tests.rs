@@ -647,6 +647,13 @@ fn save_state(img: &mut Qcow2, name: &str, len: usize, byte: u8) {
     img.snapshot_create(&p).unwrap();
 }
 
+/// Whether the first `len` bytes of snapshot `name`'s VM state are all `byte`.
+fn state_is(img: &mut Qcow2, name: &str, len: usize, byte: u8) -> bool {
+    let mut back = vec![0u8; len];
+    img.snapshot_vmstate_read(name, 0, &mut back).unwrap();
+    back.iter().all(|&b| b == byte)
+}
+
 #[test]
 fn reserved_vmstate_area_needs_no_flush_while_the_state_is_written() {
     for o in all_opts() {
@@ -671,9 +678,7 @@ fn reserved_vmstate_area_needs_no_flush_while_the_state_is_written() {
         p.vm_state_size = len as u64;
         img.snapshot_create(&p).unwrap();
         assert_clean(&mut img);
-        let mut back = vec![0u8; len];
-        img.snapshot_vmstate_read("s", 0, &mut back).unwrap();
-        assert!(back.iter().all(|&b| b == 0x5a), "{o:?}");
+        assert!(state_is(&mut img, "s", len, 0x5a), "{o:?}");
     }
 }
 
@@ -688,7 +693,6 @@ fn a_deleted_snapshots_space_is_reused_and_discarded() {
         let end = mem.data().len();
         let before = mem.data();
         img.snapshot_delete("a").unwrap();
-        // Every cluster that held a's state now reads as zero in the file.
         // Every host cluster that held a's state now reads as zero in the file.
         let cs = o.cluster_size as usize;
         let held: Vec<usize> = (0..before.len() / cs)
@@ -713,11 +717,8 @@ fn a_deleted_snapshots_space_is_reused_and_discarded() {
             "{o:?}: file grew by {grown} instead of reusing"
         );
         assert_clean(&mut img);
-        let mut back = vec![0u8; len];
-        img.snapshot_vmstate_read("b", 0, &mut back).unwrap();
-        assert!(back.iter().all(|&b| b == 0x22), "{o:?}");
-        img.snapshot_vmstate_read("c", 0, &mut back).unwrap();
-        assert!(back.iter().all(|&b| b == 0x33), "{o:?}");
+        assert!(state_is(&mut img, "b", len, 0x22), "{o:?}");
+        assert!(state_is(&mut img, "c", len, 0x33), "{o:?}");
     }
 }
 
@@ -760,14 +761,11 @@ fn a_discard_scope_punches_only_what_stays_free() {
         img.snapshot_delete("a").unwrap();
         save_state(&mut img, "a", len / 2, 0x33);
         img.end_discards(true).unwrap();
-        let mut back = vec![0u8; len / 2];
-        img.snapshot_vmstate_read("a", 0, &mut back).unwrap();
         assert!(
-            back.iter().all(|&b| b == 0x33),
+            state_is(&mut img, "a", len / 2, 0x33),
             "{o:?}: reused space was punched"
         );
-        img.snapshot_vmstate_read("b", 0, &mut back).unwrap();
-        assert!(back.iter().all(|&b| b == 0x22), "{o:?}");
+        assert!(state_is(&mut img, "b", len / 2, 0x22), "{o:?}");
         // What the new state did not take back was punched.
         let left = mem.data().iter().filter(|&&b| b == 0x11).count();
         assert!(

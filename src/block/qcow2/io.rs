@@ -10,6 +10,7 @@ use super::entry::{
     subcluster_kind, ClusterKind, L1Entry, L2Entry, BITMAP_ALL_ALLOC, BITMAP_ALL_ZEROES,
     L1_RESERVED, OFLAG_COPIED, OFLAG_ZERO,
 };
+use super::overlap::ol;
 use super::{corrupt, Qcow2, Qcow2Error};
 use crate::block::Result;
 
@@ -59,14 +60,15 @@ impl Qcow2 {
     pub(crate) fn l2_set(&mut self, l2: u64, idx: u64, e: L2Entry, bitmap: u64) -> Result<()> {
         let es = self.layout.l2_entry_size() as usize;
         let ext = self.layout.extended_l2;
-        let t = self.load_l2(l2)?;
         let p = idx as usize * es;
+        self.overlap_check(ol::ACTIVE_L2, l2 + p as u64, es as u64)?;
+        let t = self.load_l2(l2)?;
         BigEndian::write_u64(&mut t[p..], e.0);
         if ext {
             BigEndian::write_u64(&mut t[p + 8..], bitmap);
         }
         let bytes = t[p..p + es].to_vec();
-        self.swrite(l2 + p as u64, &bytes)
+        self.swrite_meta(ol::ACTIVE_L2, l2 + p as u64, &bytes)
     }
 
     /// Writes consecutive entries from `first` of the L2 table at `l2` with one write.
@@ -78,9 +80,10 @@ impl Qcow2 {
     ) -> Result<()> {
         let es = self.layout.l2_entry_size() as usize;
         let ext = self.layout.extended_l2;
-        let t = self.load_l2(l2)?;
         let start = first as usize * es;
         let end = start + entries.len() * es;
+        self.overlap_check(ol::ACTIVE_L2, l2 + start as u64, (end - start) as u64)?;
+        let t = self.load_l2(l2)?;
         if end > t.len() {
             return Err(corrupt(format!(
                 "L2 update of {} entries from index {first} runs past the table at {l2:#x}",
@@ -95,7 +98,7 @@ impl Qcow2 {
             }
         }
         let bytes = t[start..end].to_vec();
-        self.swrite(l2 + start as u64, &bytes)
+        self.swrite_meta(ol::ACTIVE_L2, l2 + start as u64, &bytes)
     }
 
     /// The L2 entry mapping `guest` through `l1` (None: the active table).
@@ -262,7 +265,7 @@ impl Qcow2 {
             let old = e.l2_offset();
             self.load_l2(old)?.clone()
         };
-        self.swrite(new, &content)?;
+        self.swrite_meta(ol::ACTIVE_L2, new, &content)?;
         self.l2_cache.insert(new, content);
         self.write_l1_entry(i1 as usize, L1Entry::new(new, true).0)?;
         if e.l2_offset() != 0 {

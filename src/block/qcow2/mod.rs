@@ -24,6 +24,8 @@ pub mod entry;
 pub mod header;
 mod io;
 pub mod layout;
+mod overlap;
+mod preflight;
 mod refbatch;
 mod refcount;
 pub mod snapshot;
@@ -70,6 +72,25 @@ pub enum Qcow2Error {
     /// The image carries the corrupt bit and cannot be opened for writing.
     #[error("qcow2: Image is corrupt; cannot be opened read/write (run 'vmsnap check -r all')")]
     MarkedCorrupt,
+    /// A write would have gone over metadata (QEMU `qcow2_pre_write_overlap_check`).
+    #[error(
+        "Preventing invalid write on metadata (overlaps with {what}): {len} bytes at host offset \
+         {offset:#x} would hit the cluster at {cluster:#x}; nothing was written there, the \
+         image is damaged (run 'vmsnap check -r all')"
+    )]
+    MetadataOverlap {
+        /// QEMU's name of the structure hit ("refcount block", "active L1 table", ...).
+        what: &'static str,
+        /// Host offset of the refused write.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The first metadata cluster it would have hit.
+        cluster: u64,
+    },
+    /// A snapshot operation found the tables it would change inconsistent and changed nothing.
+    #[error("{0}; nothing was changed (run 'vmsnap check' for details, 'vmsnap check -r all' to repair)")]
+    Refused(String),
     /// A refcount would overflow the refcount width.
     #[error("refcount of cluster {cluster:#x} would exceed the {bits}-bit refcount width")]
     RefcountOverflow {
@@ -233,6 +254,8 @@ pub struct Qcow2 {
     pub(crate) unflushed: AtomicBool,
     /// Last decompressed cluster (host offset of its descriptor, bytes).
     pub(crate) decompressed: Option<(u64, Vec<u8>)>,
+    /// Metadata clusters by category, for the overlap check before every write.
+    pub(crate) overlap: std::sync::Mutex<overlap::OverlapState>,
     path: Option<PathBuf>,
 }
 
@@ -516,6 +539,7 @@ impl Qcow2 {
             run_hint: 0,
             end_cluster: file_len.div_ceil(cs),
             decompressed: None,
+            overlap: overlap::new_state(),
             path: None,
             header,
         };
@@ -598,7 +622,7 @@ impl Qcow2 {
         if self.read_only {
             Err(Error::ReadOnly)
         } else {
-            Ok(())
+            self.not_refused()
         }
     }
 
@@ -608,7 +632,15 @@ impl Qcow2 {
             .map_err(|e| Error::io(format!("read at host offset {offset:#x}"), e))
     }
 
+    /// Writes guest data: it may overlap no metadata.
     pub(crate) fn swrite(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.swrite_meta(overlap::ol::DATA, offset, buf)
+    }
+
+    /// Writes to storage after checking that the write touches no metadata other than the
+    /// categories in `ign` (the structure being written).
+    pub(crate) fn swrite_meta(&self, ign: u8, offset: u64, buf: &[u8]) -> Result<()> {
+        self.overlap_check(ign, offset, buf.len() as u64)?;
         self.unflushed.store(true, Ordering::Relaxed);
         self.storage
             .write_at(offset, buf)
@@ -630,7 +662,7 @@ impl Qcow2 {
     /// the bits it does not know; vmsnap maintains none, e.g. no persistent bitmaps).
     fn clear_autoclear(&mut self) -> Result<()> {
         if self.header.version >= 3 && self.header.autoclear_features != 0 {
-            self.swrite(header::OFF_AUTOCLEAR, &[0u8; 8])?;
+            self.swrite_meta(overlap::ol::MAIN_HEADER, header::OFF_AUTOCLEAR, &[0u8; 8])?;
             self.sflush()?;
             self.header.autoclear_features = 0;
         }
@@ -643,12 +675,13 @@ impl Qcow2 {
             return Ok(());
         }
         self.writable()?;
+        self.preflight_dirty_repair()?;
         self.check(Some(Repair::All))?;
         let bits = self.header.incompatible_features & !INCOMPAT_DIRTY;
         let mut b = [0u8; 8];
         BigEndian::write_u64(&mut b, bits);
         self.sflush()?;
-        self.swrite(header::OFF_INCOMPAT, &b)?;
+        self.swrite_meta(overlap::ol::MAIN_HEADER, header::OFF_INCOMPAT, &b)?;
         self.sflush()?;
         self.header.incompatible_features = bits;
         Ok(())
@@ -659,19 +692,23 @@ impl Qcow2 {
         let mut b = [0u8; 12];
         BigEndian::write_u32(&mut b[0..4], size);
         BigEndian::write_u64(&mut b[4..12], offset);
-        self.swrite(header::OFF_L1, &b)?;
+        self.swrite_meta(overlap::ol::MAIN_HEADER, header::OFF_L1, &b)?;
         self.sflush()?;
         self.header.l1_size = size;
         self.header.l1_table_offset = offset;
+        self.tables_changed();
         Ok(())
     }
 
     /// Writes one active L1 entry through to storage.
     pub(crate) fn write_l1_entry(&mut self, index: usize, value: u64) -> Result<()> {
+        let off = self.header.l1_table_offset + index as u64 * 8;
+        self.overlap_check(overlap::ol::ACTIVE_L1, off, 8)?;
         self.l1[index] = value;
+        self.tables_changed();
         let mut b = [0u8; 8];
         BigEndian::write_u64(&mut b, value);
-        self.swrite(self.header.l1_table_offset + index as u64 * 8, &b)
+        self.swrite_meta(overlap::ol::ACTIVE_L1, off, &b)
     }
 
     /// Grows the active L1 table to at least `min_size` entries (QEMU `qcow2_grow_l1_table`):
@@ -705,12 +742,13 @@ impl Qcow2 {
         for (i, e) in table.iter().enumerate() {
             BigEndian::write_u64(&mut raw[i * 8..], *e);
         }
-        self.swrite(new_off, &raw)?;
+        self.swrite_meta(overlap::ol::ACTIVE_L1, new_off, &raw)?;
         self.sflush()?;
         let old_off = self.header.l1_table_offset;
         let old_bytes = cur * 8;
         self.commit_l1_header(new_size as u32, new_off)?;
         self.l1 = table;
+        self.tables_changed();
         if old_bytes > 0 {
             self.free_range(old_off, old_bytes)?;
         }

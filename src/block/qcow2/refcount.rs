@@ -18,6 +18,7 @@
 use byteorder::{BigEndian, ByteOrder};
 
 use super::header::OFF_REFTABLE;
+use super::overlap::ol;
 use super::refbatch::{DirtyBlock, DirtyBlocks};
 use super::{corrupt, Qcow2, Qcow2Error};
 use crate::block::Result;
@@ -152,7 +153,7 @@ impl Qcow2 {
         };
         for (off, b) in d.drain_sorted() {
             if let Some((lo, hi)) = b.range() {
-                self.swrite(off + lo as u64, &b.data[lo..hi])?;
+                self.swrite_meta(ol::REFCOUNT_BLOCK, off + lo as u64, &b.data[lo..hi])?;
             }
             self.rb_cache.insert(off, b.data);
         }
@@ -198,10 +199,11 @@ impl Qcow2 {
             let (a, b) = set_in_block(&mut block.data, idx, order, value);
             block.touch(a, b);
         } else {
+            self.overlap_check(ol::REFCOUNT_BLOCK, block_off, self.layout.cluster_size())?;
             let block = self.load_refblock(block_off)?;
             let (a, b) = set_in_block(block, idx, order, value);
             let bytes = block[a..b].to_vec();
-            self.swrite(block_off + a as u64, &bytes)?;
+            self.swrite_meta(ol::REFCOUNT_BLOCK, block_off + a as u64, &bytes)?;
         }
         if value == 0 {
             self.free_hint = self.free_hint.min(cluster);
@@ -283,12 +285,17 @@ impl Qcow2 {
             1,
         );
         let off = block_cluster * cs;
-        self.swrite(off, &block)?;
+        self.swrite_meta(ol::REFCOUNT_BLOCK, off, &block)?;
         self.rb_cache.insert(off, block);
         let mut b = [0u8; 8];
         BigEndian::write_u64(&mut b, off);
-        self.swrite(self.header.refcount_table_offset + rt * 8, &b)?;
+        self.swrite_meta(
+            ol::REFCOUNT_TABLE,
+            self.header.refcount_table_offset + rt * 8,
+            &b,
+        )?;
         self.reftable[rt as usize] = off;
+        self.tables_changed();
         self.end_cluster = self.end_cluster.max(block_cluster + 1);
         Ok(true)
     }
@@ -359,7 +366,7 @@ impl Qcow2 {
                 );
             }
             let off = block_cluster * cs;
-            self.swrite(off, &block)?;
+            self.swrite_meta(ol::REFCOUNT_BLOCK, off, &block)?;
             self.rb_cache.insert(off, block);
             table[rt as usize] = off;
         }
@@ -374,7 +381,7 @@ impl Qcow2 {
                 let block = self.load_refblock(block_off)?;
                 let (a, b) = set_in_block(block, (c % per_block) as usize, order, 1);
                 let bytes = block[a..b].to_vec();
-                self.swrite(block_off + a as u64, &bytes)?;
+                self.swrite_meta(ol::REFCOUNT_BLOCK, block_off + a as u64, &bytes)?;
             }
         }
         let mut raw = vec![0u8; (rt_clusters * cs) as usize];
@@ -382,18 +389,19 @@ impl Qcow2 {
             BigEndian::write_u64(&mut raw[i * 8..], *e);
         }
         let new_off = start * cs;
-        self.swrite(new_off, &raw)?;
+        self.swrite_meta(ol::REFCOUNT_TABLE, new_off, &raw)?;
         self.sflush()?;
         let mut hdr = [0u8; 12];
         BigEndian::write_u64(&mut hdr[0..8], new_off);
         BigEndian::write_u32(&mut hdr[8..12], rt_clusters as u32);
-        self.swrite(OFF_REFTABLE, &hdr)?;
+        self.swrite_meta(ol::MAIN_HEADER, OFF_REFTABLE, &hdr)?;
         self.sflush()?;
         let old_off = self.header.refcount_table_offset;
         let old_bytes = u64::from(self.header.refcount_table_clusters) * cs;
         self.header.refcount_table_offset = new_off;
         self.header.refcount_table_clusters = rt_clusters as u32;
         self.reftable = table;
+        self.tables_changed();
         self.end_cluster = self.end_cluster.max(area_end);
         self.free_range(old_off, old_bytes)?;
         Ok(())
@@ -449,6 +457,10 @@ impl Qcow2 {
                 self.free_hint
             };
             let start = self.find_free_run(from, n)?;
+            // A cluster with refcount 0 that still holds metadata means damaged refcounts:
+            // refuse before its count is written.
+            let cb = self.layout.cluster_bits;
+            self.overlap_check(ol::DATA, start << cb, n << cb)?;
             // Creating refcount blocks may take clusters of the run: check again if so.
             let rb = self.layout.refblock_bits();
             let mut created = false;

@@ -20,6 +20,8 @@ use byteorder::{BigEndian, ByteOrder};
 use super::entry::{ClusterKind, L1Entry, L2Entry, OFLAG_COPIED};
 use super::header::{Header, OFF_SNAPSHOTS};
 use super::layout::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
+use super::overlap::ol;
+use super::preflight::Walked;
 use super::{validate_table, Qcow2, Qcow2Error};
 use crate::block::storage::Storage;
 use crate::block::{Error, Result, SnapshotInfo, SnapshotParams};
@@ -422,8 +424,9 @@ impl Qcow2 {
     fn write_walk_batch(&mut self, l1_offset: u64, pending: &mut PendingTables) -> Result<()> {
         self.write_refcount_batch()?;
         for (off, t) in pending.drain_sorted() {
+            self.overlap_check(ol::ACTIVE_L2 | ol::INACTIVE_L2, off, t.len() as u64)?;
             self.l2_cache.forget(off);
-            self.swrite(off, &t)?;
+            self.swrite_meta(ol::ACTIVE_L2 | ol::INACTIVE_L2, off, &t)?;
             self.l2_cache.insert(off, t);
         }
         let changes = std::mem::take(&mut pending.l1_changes);
@@ -448,9 +451,15 @@ impl Qcow2 {
         for (k, v) in span.iter().enumerate() {
             BigEndian::write_u64(&mut raw[k * 8..], *v);
         }
-        self.swrite(l1_offset + lo as u64 * 8, &raw)?;
+        let which = if active {
+            ol::ACTIVE_L1
+        } else {
+            ol::INACTIVE_L1
+        };
+        self.swrite_meta(which, l1_offset + lo as u64 * 8, &raw)?;
         if active {
             self.l1[lo..=hi].copy_from_slice(&span);
+            self.tables_changed();
         }
         Ok(())
     }
@@ -472,14 +481,14 @@ impl Qcow2 {
             0
         } else {
             let off = self.alloc_clusters(self.layout.clusters_for(raw.len() as u64))?;
-            self.swrite(off, &raw)?;
+            self.swrite_meta(ol::SNAPSHOT_TABLE, off, &raw)?;
             off
         };
         self.sflush()?;
         let mut hdr = [0u8; 12];
         BigEndian::write_u32(&mut hdr[0..4], list.len() as u32);
         BigEndian::write_u64(&mut hdr[4..12], new_off);
-        self.swrite(OFF_SNAPSHOTS, &hdr)?;
+        self.swrite_meta(ol::MAIN_HEADER, OFF_SNAPSHOTS, &hdr)?;
         self.sflush()?;
         let old_off = self.header.snapshots_offset;
         let old_len: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
@@ -493,6 +502,7 @@ impl Qcow2 {
             p += s.entry_len;
         }
         self.snapshots = list;
+        self.snapshots_changed();
         if old_off != 0 && old_len > 0 {
             self.free_range(old_off, old_len)?;
         }
@@ -531,6 +541,8 @@ impl Qcow2 {
         if self.layout.max_refcount() < 2 && self.l1.iter().any(|&e| e != 0) {
             return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
         }
+        // Nothing is written unless the active tables and their counts can take the +1.
+        self.preflight(Walked::Create)?;
         let id = self.next_snapshot_id();
         // 1. Copy the active L1 table into fresh clusters.
         let l1_bytes = self.l1.len() as u64 * 8;
@@ -542,7 +554,7 @@ impl Qcow2 {
             for (i, e) in self.l1.iter().enumerate() {
                 BigEndian::write_u64(&mut raw[i * 8..], *e);
             }
-            self.swrite(off, &raw)?;
+            self.swrite_meta(ol::INACTIVE_L1, off, &raw)?;
             off
         };
         // 2. +1 on everything the active table reaches; COPIED flags cleared.
@@ -603,6 +615,7 @@ impl Qcow2 {
         if self.layout.max_refcount() < 2 && sn_l1.iter().any(|&e| e != 0) {
             return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
         }
+        self.preflight(Walked::Goto(&sn_l1))?;
         // 1. The active L1 must hold the whole snapshot table.
         self.grow_l1(u64::from(sn.l1_size), true)?;
         let mut new_l1 = self.read_snapshot_l1(&sn)?;
@@ -617,7 +630,7 @@ impl Qcow2 {
         for (i, e) in new_l1.iter().enumerate() {
             BigEndian::write_u64(&mut raw[i * 8..], *e);
         }
-        self.swrite(self.header.l1_table_offset, &raw)?;
+        self.swrite_meta(ol::ACTIVE_L1, self.header.l1_table_offset, &raw)?;
         self.sflush()?;
         // 4. −1 on what the old active table reached (still in memory).
         let active_off = self.header.l1_table_offset;
@@ -625,6 +638,7 @@ impl Qcow2 {
         self.walk_l1(active_off, size, Walk::Dec)?;
         // 5. Switch the in-memory table and fix COPIED flags.
         self.l1 = new_l1;
+        self.tables_changed();
         self.walk_l1(active_off, size, Walk::FixCopied)?;
         self.sflush()
     }
@@ -635,8 +649,9 @@ impl Qcow2 {
         self.repair_if_dirty()?;
         let idx = self.find_snapshot(id_or_name)?;
         let sn = self.snapshots[idx].clone();
-        // Validate the snapshot's L1 table before the entry is dropped.
-        self.read_snapshot_l1(&sn)?;
+        // Validate the snapshot's tables and the counts before the entry is dropped.
+        let sn_l1 = self.read_snapshot_l1(&sn)?;
+        self.preflight(Walked::Delete(idx, &sn_l1))?;
         // 1. Publish the table without the entry: from here on only leaks are possible.
         let mut list = self.snapshots.clone();
         list.remove(idx);

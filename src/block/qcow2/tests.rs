@@ -621,7 +621,7 @@ fn check_reports_shared_table_findings_per_reference() {
     img.sread(l2 + 8, &mut e).unwrap();
     let bad = BigEndian::read_u64(&e) | 0x200;
     BigEndian::write_u64(&mut e, bad);
-    img.swrite(l2 + 8, &e).unwrap();
+    img.storage.write_at(l2 + 8, &e).unwrap();
     img.flush().unwrap();
     drop(img);
     let mut img = Qcow2::open_storage(Box::new(mem), true).unwrap();

@@ -70,6 +70,8 @@ pub struct PvBlock {
     drive: Box<dyn BlockDriver>,
     mem: GuestMemoryMmap,
     dirty: Arc<DmaDirtyLog>,
+    /// Block-layer errors so far (the first few are reported on stderr).
+    io_errors: u64,
 }
 
 impl fmt::Debug for PvBlock {
@@ -90,7 +92,22 @@ impl PvBlock {
             drive,
             mem,
             dirty,
+            io_errors: 0,
         }
+    }
+
+    /// Reports why a request got [`STATUS_IO_ERROR`] (e.g. a write refused because it would
+    /// overwrite qcow2 metadata): the guest sees only the status, the operator reads this.
+    /// After 8 reports only every 1024th is printed, so a guest retrying cannot flood stderr.
+    fn io_error(&mut self, what: &str, e: &crate::block::Error) -> u32 {
+        self.io_errors += 1;
+        if self.io_errors <= 8 || self.io_errors % 1024 == 0 {
+            eprintln!(
+                "vmsnap: pvblock: {what} failed, the guest gets an I/O error ({} so far): {e}",
+                self.io_errors
+            );
+        }
+        STATUS_IO_ERROR
     }
 
     /// The drive behind the device (for flushing it before a snapshot).
@@ -113,7 +130,7 @@ impl PvBlock {
         if cmd == CMD_FLUSH {
             return match self.drive.flush() {
                 Ok(()) => STATUS_OK,
-                Err(_) => STATUS_IO_ERROR,
+                Err(e) => self.io_error("flush", &e),
             };
         }
         if cmd != CMD_READ && cmd != CMD_WRITE {
@@ -135,8 +152,8 @@ impl PvBlock {
         // len <= MAX_SECTORS * 512, so the buffer is bounded.
         let mut buf = vec![0u8; len as usize];
         if cmd == CMD_READ {
-            if self.drive.read_at(offset, &mut buf).is_err() {
-                return STATUS_IO_ERROR;
+            if let Err(e) = self.drive.read_at(offset, &mut buf) {
+                return self.io_error(&format!("read of {len} bytes at {offset:#x}"), &e);
             }
             if self.mem.write_slice(&buf, gpa).is_err() {
                 return STATUS_BAD_REQUEST;
@@ -149,8 +166,8 @@ impl PvBlock {
             if self.mem.read_slice(&mut buf, gpa).is_err() {
                 return STATUS_BAD_REQUEST;
             }
-            if self.drive.write_at(offset, &buf).is_err() {
-                return STATUS_IO_ERROR;
+            if let Err(e) = self.drive.write_at(offset, &buf) {
+                return self.io_error(&format!("write of {len} bytes at {offset:#x}"), &e);
             }
         }
         STATUS_OK

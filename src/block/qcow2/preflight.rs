@@ -68,14 +68,14 @@ impl Qcow2 {
             }
         }
         // References held by every table (damaged other tables count what can be read).
-        let mut all = Counts::new();
-        self.count_lenient(&active, file_len, &mut all)?;
+        let mut l1s = vec![active];
         for i in 0..self.snapshots.len() {
             let sn = self.snapshots[i].clone();
             if let Ok(l1) = self.read_snapshot_l1(&sn) {
-                self.count_lenient(&l1, file_len, &mut all)?;
+                l1s.push(l1);
             }
         }
+        let all = self.count_all(&l1s, file_len)?;
         let max = self.layout.max_refcount();
         let mut clusters: Vec<u64> = walked.keys().copied().collect();
         clusters.sort_unstable();
@@ -190,11 +190,12 @@ impl Qcow2 {
                     }
                     ClusterKind::Compressed => {
                         let (s, end) = e.compressed_range(self.layout.csize_shift());
-                        if end > file_len {
+                        // The descriptor counts whole sectors; the last may end past EOF.
+                        if s >= file_len {
                             return Err(refused(format!(
                                 "entry {j} of the L2 table at {l2:#x} (reached from {table}): \
-                                 compressed data at {s:#x}..{end:#x} lies beyond the end of the \
-                                 file ({file_len:#x})"
+                                 compressed data at {s:#x} lies beyond the end of the file \
+                                 ({file_len:#x})"
                             )));
                         }
                         for c in (s & !511) / cs..=(end - 1) / cs {
@@ -208,31 +209,41 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Adds the references of a table not being changed; entries that cannot be valid are
-    /// skipped (they are reported by `check`, and the operation does not touch them).
-    fn count_lenient(&mut self, l1: &[u64], file_len: u64, counts: &mut Counts) -> Result<()> {
+    /// The references all of `l1s` hold, as `qemu-img check` counts them. Each distinct L2
+    /// table is read once and its entries counted once per L1 entry naming it (snapshots
+    /// mostly share their L2 tables). Entries that cannot be valid are skipped: `check`
+    /// reports them, and the operation does not touch them.
+    fn count_all(&mut self, l1s: &[Vec<u64>], file_len: u64) -> Result<Counts> {
         let cs = self.layout.cluster_size();
-        for &raw in l1 {
-            let l2 = L1Entry(raw).l2_offset();
-            if l2 == 0 || raw & L1_RESERVED != 0 || l2 % cs != 0 || l2 + cs > file_len {
-                continue;
+        let mut tables: HashMap<u64, u64> = HashMap::new();
+        for l1 in l1s {
+            for &raw in l1 {
+                let l2 = L1Entry(raw).l2_offset();
+                if l2 != 0 && raw & L1_RESERVED == 0 && l2 % cs == 0 && l2 + cs <= file_len {
+                    *tables.entry(l2).or_default() += 1;
+                }
             }
-            *counts.entry(l2 / cs).or_default() += 1;
+        }
+        let mut order: Vec<(u64, u64)> = tables.into_iter().collect();
+        order.sort_unstable();
+        let mut counts = Counts::new();
+        let es = self.layout.l2_entry_size() as usize;
+        for (l2, n) in order {
+            *counts.entry(l2 / cs).or_default() += n;
             let t = self.read_l2_table(l2)?;
-            let es = self.layout.l2_entry_size() as usize;
             for p in (0..t.len()).step_by(es) {
                 let e = L2Entry(u64::from_be_bytes(
                     t[p..p + 8].try_into().unwrap_or_default(),
                 ));
                 match e.kind(self.layout.extended_l2) {
                     ClusterKind::Normal | ClusterKind::ZeroAlloc => {
-                        *counts.entry(e.offset() / cs).or_default() += 1;
+                        *counts.entry(e.offset() / cs).or_default() += n;
                     }
                     ClusterKind::Compressed => {
                         let (s, end) = e.compressed_range(self.layout.csize_shift());
-                        if end <= file_len {
+                        if s < file_len {
                             for c in (s & !511) / cs..=(end - 1) / cs {
-                                *counts.entry(c).or_default() += 1;
+                                *counts.entry(c).or_default() += n;
                             }
                         }
                     }
@@ -240,7 +251,7 @@ impl Qcow2 {
                 }
             }
         }
-        Ok(())
+        Ok(counts)
     }
 
     /// Why a cluster at `off` cannot be what a table says it is, if it cannot.

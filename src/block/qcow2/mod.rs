@@ -922,4 +922,6 @@ impl SnapshotStore for Qcow2 {
 }
 
 #[cfg(test)]
+mod damage_tests;
+#[cfg(test)]
 mod tests;

@@ -325,6 +325,42 @@ mod tests {
     }
 
     #[test]
+    fn refused_qcow2_write_is_an_io_error_and_the_device_goes_on() {
+        use crate::block::qcow2::{CreateOptions, Qcow2};
+        use crate::block::{MemStorage, Storage};
+        let store = MemStorage::new();
+        let opts = CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        };
+        Qcow2::create_on(Box::new(store.clone()), &opts).unwrap();
+        // iotests 060: L1 entry 0 names the L1 table itself (0x30000) as its L2 table.
+        let l1 = 0x30000u64;
+        store
+            .write_at(l1, &((1u64 << 63) | l1).to_be_bytes())
+            .unwrap();
+        let drive = Qcow2::open_storage(Box::new(store.clone()), false).unwrap();
+        let before = store.data();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut d = PvBlock::new(Box::new(drive), mem, Arc::new(DmaDirtyLog::new(0x10000)));
+        out(&mut d, 8, 0x1000);
+        out(&mut d, 12, 1);
+        out(&mut d, 16, CMD_WRITE);
+        assert_eq!(status(&mut d), STATUS_IO_ERROR);
+        assert_eq!(d.io_errors, 1);
+        assert_eq!(before, store.data(), "the refused write changed the image");
+        // The device keeps serving: reads work, flush works, writes keep failing.
+        out(&mut d, 16, CMD_READ);
+        assert_eq!(status(&mut d), STATUS_OK);
+        out(&mut d, 16, CMD_FLUSH);
+        assert_eq!(status(&mut d), STATUS_OK);
+        out(&mut d, 0, 100);
+        out(&mut d, 16, CMD_WRITE);
+        assert_eq!(status(&mut d), STATUS_IO_ERROR);
+        assert_eq!(before, store.data());
+    }
+
+    #[test]
     fn detached_drive_fails_requests_until_attached() {
         let (mut d, _dir) = device();
         let drive = d.detach();

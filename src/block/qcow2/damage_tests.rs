@@ -1,0 +1,158 @@
+//! Unit tests of the write-side refusals (`overlap`, `preflight`) on in-memory storage:
+//! every refusal leaves the storage's bytes as they were.
+
+use super::*;
+use crate::block::storage::Storage;
+use crate::block::MemStorage;
+
+fn image_with_data() -> (MemStorage, Qcow2) {
+    let mem = MemStorage::new();
+    let opts = CreateOptions {
+        size: 16 << 20,
+        ..Default::default()
+    };
+    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+    let mut img = Qcow2::open_storage(Box::new(mem.clone()), false).unwrap();
+    img.write_at(0, &[0x11; 65536]).unwrap();
+    img.flush().unwrap();
+    (mem, img)
+}
+
+fn reopen(mem: &MemStorage) -> Qcow2 {
+    Qcow2::open_storage(Box::new(mem.clone()), false).unwrap()
+}
+
+fn poke64(mem: &MemStorage, off: u64, v: u64) {
+    mem.write_at(off, &v.to_be_bytes()).unwrap();
+}
+
+fn params(name: &str) -> SnapshotParams {
+    SnapshotParams {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn guest_write_over_a_refcount_block_is_refused_and_writes_nothing() {
+    let (mem, img) = image_with_data();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let rb = img.reftable[0];
+    drop(img);
+    poke64(&mem, l2, entry::OFLAG_COPIED | rb);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    let e = img.write_at(512, &[0x2a; 512]).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::Qcow2(Qcow2Error::MetadataOverlap { what: "refcount block", offset, .. })
+                if *offset == rb + 512
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("vmsnap check -r all"), "{e}");
+    assert_eq!(before, mem.data());
+    // The open image takes no more writes, even harmless ones; reads still work.
+    assert!(img.write_at(8 << 20, &[1; 512]).is_err());
+    assert!(img.snapshot_create(&params("x")).is_err());
+    assert_eq!(before, mem.data());
+    let mut b = [0u8; 512];
+    img.read_at(1 << 20, &mut b).unwrap();
+}
+
+#[test]
+fn allocation_over_the_header_is_refused_before_its_refcount_is_written() {
+    let (mem, img) = image_with_data();
+    let rt = img.header.refcount_table_offset;
+    drop(img);
+    poke64(&mem, rt, 0);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    let e = img.write_at(8 << 20, &[1; 4096]).unwrap_err();
+    assert!(e.to_string().contains("overlaps with qcow2_header"), "{e}");
+    assert_eq!(before, mem.data());
+}
+
+#[test]
+fn snapshot_delete_and_goto_refuse_to_free_a_shared_cluster_counted_once() {
+    let (mem, mut img) = image_with_data();
+    img.snapshot_create(&params("s1")).unwrap();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let (e, _) = img.l2_get(l2, 0).unwrap();
+    let data = img.layout.cluster_index(e.offset());
+    assert_eq!(img.get_refcount(data).unwrap(), 2);
+    img.set_refcount(data, 1).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    for r in [
+        img.snapshot_delete("s1"),
+        img.snapshot_goto("s1"),
+        img.snapshot_create(&params("s2")).map(drop),
+    ] {
+        let e = r.unwrap_err();
+        let want = format!(
+            "the cluster at host offset {:#x} has refcount 1 but 2 references",
+            data << img.layout.cluster_bits
+        );
+        assert!(e.to_string().contains(&want), "{e}");
+        assert_eq!(before, mem.data());
+    }
+    // After a repair the same delete goes through and the data survives.
+    img.check(Some(Repair::All)).unwrap();
+    img.snapshot_delete("s1").unwrap();
+    let mut b = vec![0u8; 65536];
+    img.read_at(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x11));
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
+
+#[test]
+fn snapshot_create_refuses_an_l2_entry_past_the_end_of_the_file() {
+    let (mem, img) = image_with_data();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    drop(img);
+    poke64(&mem, l2 + 8, entry::OFLAG_COPIED | (1 << 40));
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    let e = img.snapshot_create(&params("x")).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("data cluster at 0x10000000000 lies beyond the end of the file"),
+        "{e}"
+    );
+    assert_eq!(before, mem.data());
+    // Nothing was refused at the write level: the image still takes guest writes.
+    img.write_at(4 << 20, &[7; 512]).unwrap();
+}
+
+#[test]
+fn overlap_map_follows_tables_as_they_move() {
+    // L1 growth, refcount table growth (512-byte clusters), snapshot table rewrites and
+    // goto/delete each move metadata; freed clusters are reused by later writes, which
+    // must not be refused.
+    let mem = MemStorage::new();
+    let opts = CreateOptions {
+        size: 64 << 20,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+    let mut img = Qcow2::open_storage(Box::new(mem.clone()), false).unwrap();
+    for round in 0..4u8 {
+        for k in 0..64u64 {
+            img.write_at(k * 300_000 % (60 << 20), &[round; 4096])
+                .unwrap();
+        }
+        img.snapshot_create(&params(&format!("s{round}"))).unwrap();
+        if round % 2 == 1 {
+            img.snapshot_goto(&format!("s{}", round - 1)).unwrap();
+            img.snapshot_delete(&format!("s{}", round - 1)).unwrap();
+        }
+    }
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmsnap::block::{open_image, BlockDriver, OpenOptions};
 use vmsnap::vmm::devices::{SerialCapture, SerialOut};
 use vmsnap::vmm::guest::counter;
-use vmsnap::vmm::page_server::{LoadState, PageSource, PageSourceError, PAGE};
+use vmsnap::vmm::page_server::{LoadState, PageSink, PageSource, PageSourceError, PAGE};
 use vmsnap::vmm::{Guest, Vm, VmConfig, VmStatus};
 
 const MEM: u64 = 16 << 20;
@@ -43,10 +43,7 @@ impl PageSource for Copy {
         Ok(true)
     }
 
-    fn fill(
-        &self,
-        sink: &mut dyn FnMut(u64, u64, Option<&[u8]>) -> bool,
-    ) -> Result<(), PageSourceError> {
+    fn fill(&self, sink: &mut PageSink<'_>) -> Result<(), PageSourceError> {
         std::thread::sleep(self.hold);
         for (i, chunk) in self.ram.chunks(64 * PAGE as usize).enumerate() {
             let off = i as u64 * 64 * PAGE;

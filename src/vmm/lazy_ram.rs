@@ -40,6 +40,7 @@ impl Vm {
         let threads: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.as_pthread_t()).collect();
         let what = what.to_string();
         let on_fail = Box::new(move |why: &str| {
+            eprintln!("vmsnap: {what} failed: {why}; the VM is stopped");
             ctl.fail(format!("{what}: {why}"));
             for &t in &threads {
                 // SAFETY: the vCPU threads are joined only in `Vm::shutdown`, which stops

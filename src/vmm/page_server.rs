@@ -27,6 +27,10 @@ use super::uffd::UffdFd;
 /// Page size of lazy RAM.
 pub const PAGE: u64 = 4096;
 
+/// Receives runs of pages from [`PageSource::fill`]: `(offset, len, data)`; `data` is
+/// `None` for zero pages. Returns false to stop the fill.
+pub type PageSink<'a> = dyn FnMut(u64, u64, Option<&[u8]>) -> bool + 'a;
+
 /// Where the pages come from.
 pub trait PageSource: Send + Sync {
     /// Reads the page at RAM offset `offset` (page aligned) into `buf` (one page). Returns
@@ -37,10 +41,7 @@ pub trait PageSource: Send + Sync {
     /// `sink(offset, len, Some(data))` with `len` bytes of data, or `sink(offset, len, None)`
     /// for zero pages. Stops early if `sink` returns false. Then verifies what only a whole
     /// pass can (a checksum); an error fails the load.
-    fn fill(
-        &self,
-        sink: &mut dyn FnMut(u64, u64, Option<&[u8]>) -> bool,
-    ) -> Result<(), PageSourceError>;
+    fn fill(&self, sink: &mut PageSink<'_>) -> Result<(), PageSourceError>;
 }
 
 /// A page source failed; the message names what (the snapshot, the offset).
@@ -298,7 +299,7 @@ impl Shared {
                 return false;
             }
             let ok = off.checked_add(len).is_some_and(|end| end <= self.len)
-                && data.is_none_or(|d| d.len() as u64 == len);
+                && data.map_or(true, |d| d.len() as u64 == len);
             if !ok {
                 err = Some(format!("page run {off:#x}+{len:#x} outside guest RAM"));
                 return false;

@@ -193,6 +193,10 @@ pub struct RunArgs {
     /// Resume from this snapshot (of every disk) instead of booting.
     #[arg(long, value_name = "TAG")]
     pub loadvm: Option<String>,
+    /// How --loadvm brings RAM in: lazy (resume first, fill on demand and in the
+    /// background; needs a snapshot saved by this vmsnap, else eager) or eager.
+    #[arg(long, value_name = "MODE", default_value = "lazy")]
+    pub loadvm_mode: snapshot::lazy::LoadMode,
     /// Guest RAM (e.g. 64M, 1G; a bare number is MiB).
     #[arg(long, short = 'm', default_value = "64M")]
     pub memory: MemSize,
@@ -267,8 +271,11 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         source,
     })?;
     if let Some(tag) = &args.loadvm {
-        timed("loadvm", |p| snapshot::loadvm_with_progress(&vm, tag, p))
-            .map_err(RunError::Loadvm)?;
+        let paths = drive_paths(args.drives.iter().map(|d| (&d.file, d.format)));
+        timed("loadvm", |p| {
+            snapshot::lazy::loadvm(&vm, tag, args.loadvm_mode, &paths, p)
+        })
+        .map_err(RunError::Loadvm)?;
     }
     let reopen: Vec<DriveOpen> = args
         .drives
@@ -427,10 +434,23 @@ fn serve(
     }
 }
 
+/// The drives' paths for a lazy loadvm's own open of the VM-state image.
+fn drive_paths<'a>(
+    drives: impl Iterator<Item = (&'a PathBuf, Option<Format>)>,
+) -> Vec<snapshot::lazy::DrivePath> {
+    drives
+        .map(|(path, format)| snapshot::lazy::DrivePath {
+            path: path.clone(),
+            format,
+        })
+        .collect()
+}
+
 /// Monitor commands of the snapshot layer, then the VMM's own.
 const SNAPSHOT_HELP: &str = "\
 savevm [tag] -- save a VM snapshot; without a tag, a name is made from the date
-loadvm tag  -- restore a VM snapshot from its tag
+loadvm [-e] tag -- restore a VM snapshot from its tag (lazily: RAM is filled after the resume; -e: read all RAM first)
+info loadvm -- show the status of the last loadvm
 delvm tag   -- delete a VM snapshot from its tag
 info snapshots -- show the currently saved VM snapshots";
 
@@ -537,6 +557,13 @@ fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<Stri
 pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
     let vm = cx.vm;
     let words: Vec<&str> = line.split_whitespace().collect();
+    // A lazy loadvm still filling RAM is finished first by anything that saves or moves RAM
+    // or changes the snapshots (its snapshot's clusters stay in use until then).
+    if let ["savevm" | "delvm" | "loadvm" | "migrate", ..] = words.as_slice() {
+        if let Err(e) = snapshot::lazy::settle(vm) {
+            return Outcome::Continue(format!("Error: {e}"));
+        }
+    }
     if let Some(r) = execute_migrate(cx, line, &words) {
         return Outcome::Continue(r.unwrap_or_else(|e| e));
     }
@@ -545,6 +572,10 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
     let save_opts = snapshot::SaveOptions {
         lz4: cx.mig.capabilities().lz4(),
     };
+    let paths = drive_paths(cx.mig.drives().iter().map(|d| (&d.path, d.format)));
+    let lazy_load = |tag: &str, mode, p: snapshot::ProgressFn<'_>| {
+        snapshot::lazy::loadvm(vm, tag, mode, &paths, p).map(|()| String::new())
+    };
     let result = match words.as_slice() {
         ["savevm"] => timed("savevm", |p| {
             snapshot::savevm_with_options(vm, None, &save_opts, p).map(|_| String::new())
@@ -552,9 +583,13 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
         ["savevm", tag] => timed("savevm", |p| {
             snapshot::savevm_with_options(vm, Some(tag), &save_opts, p).map(|_| String::new())
         }),
-        ["loadvm", tag] => timed("loadvm", |p| {
-            snapshot::loadvm_with_progress(vm, tag, p).map(|()| String::new())
+        ["loadvm", "-e", tag] => timed("loadvm", |p| {
+            lazy_load(tag, snapshot::lazy::LoadMode::Eager, p)
         }),
+        ["loadvm", tag] => timed("loadvm", |p| {
+            lazy_load(tag, snapshot::lazy::LoadMode::Lazy, p)
+        }),
+        ["info", "loadvm"] => Ok(snapshot::lazy::info_loadvm(vm)),
         ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
         ["info", "snapshots"] => snapshot::info_snapshots(vm),
         ["loadvm" | "delvm"] => Ok("Parameter 'name' is missing".to_string()),

@@ -12,5 +12,6 @@
 #![deny(unsafe_code)]
 
 pub mod integrity;
+pub mod page_index_record;
 pub mod transfer;
 pub mod validate;

@@ -16,6 +16,7 @@
 
 pub mod analyze;
 pub mod configuration;
+pub mod page_index;
 pub mod protocol;
 pub mod qemu_file;
 pub mod ram;

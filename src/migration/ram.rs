@@ -512,6 +512,7 @@ pub struct RamWriter {
     last_block: Option<String>,
     lz4: bool,
     packed: Vec<u8>,
+    recorder: Option<super::page_index::PageRecorder>,
 }
 
 impl RamWriter {
@@ -524,7 +525,14 @@ impl RamWriter {
             last_block: None,
             lz4: false,
             packed: Vec::new(),
+            recorder: None,
         })
+    }
+
+    /// Records where each page written by [`RamWriter::write_page`] lands in the stream
+    /// (its last copy), for a page index.
+    pub fn set_recorder(&mut self, recorder: Option<super::page_index::PageRecorder>) {
+        self.recorder = recorder;
     }
 
     /// Sends pages with data as [`RAM_SAVE_FLAG_LZ4`] records when that makes them smaller
@@ -626,10 +634,19 @@ impl RamWriter {
         if is_zero(data) {
             self.header(f, block, addr, fl::ZERO, false)?;
             f.put_u8(0)?;
+            if let Some(r) = &self.recorder {
+                r.page(block, addr, None);
+            }
         } else if self.lz4 {
             self.write_lz4_page(f, block, addr, data)?;
+            if let Some(r) = &self.recorder {
+                r.page_unindexable(block);
+            }
         } else {
             self.header(f, block, addr, fl::PAGE, false)?;
+            if let Some(r) = &self.recorder {
+                r.page(block, addr, Some(f.position()));
+            }
             f.put_buffer(data)?;
         }
         Ok(())

@@ -23,6 +23,7 @@ pub struct RamState<'m> {
     /// Check mode: where page data is read to and dropped.
     scratch: Vec<u8>,
     lz4: bool,
+    recorder: Option<super::page_index::PageRecorder>,
 }
 
 #[derive(Debug)]
@@ -144,6 +145,7 @@ impl<'m> RamState<'m> {
             pages_per_round: 0,
             scratch: Vec::new(),
             lz4: false,
+            recorder: None,
         }
     }
 
@@ -151,6 +153,11 @@ impl<'m> RamState<'m> {
     /// [`super::ram::LZ4_CAPABILITY`]. Loading needs nothing: the stream says so.
     pub fn set_lz4(&mut self, on: bool) {
         self.lz4 = on;
+    }
+
+    /// Records where each saved page lands in the stream (see [`super::page_index`]).
+    pub fn set_recorder(&mut self, recorder: super::page_index::PageRecorder) {
+        self.recorder = Some(recorder);
     }
 
     fn page_mut(&mut self, block: &str, addr: u64) -> std::result::Result<&mut [u8], String> {
@@ -175,6 +182,7 @@ impl IterativeState for RamState<'_> {
     fn save_setup(&mut self, f: &mut Sink<'_>) -> std::result::Result<(), String> {
         let mut w = RamWriter::new(self.page_size, false).map_err(|e| e.to_string())?;
         w.set_lz4(self.lz4);
+        w.set_recorder(self.recorder.clone());
         let infos: Vec<RamBlockInfo> = self
             .blocks
             .iter()

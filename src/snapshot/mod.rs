@@ -24,6 +24,8 @@
 
 pub mod capture;
 pub mod disks;
+pub mod lazy;
+pub mod lazy_index;
 pub mod list;
 pub mod progress;
 pub mod state_io;
@@ -31,8 +33,8 @@ pub mod state_io;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::block::{self, BlockSet, SnapshotInfo, SnapshotParams};
-use crate::interop::integrity::{self, CrcReader, CrcWriter};
-use crate::migration::snapshot_io::{VmstateReader, VmstateSource, VmstateWriter};
+use crate::interop::integrity::{self, CrcReader};
+use crate::migration::snapshot_io::{VmstateReader, VmstateSource};
 use crate::vmm::{Vm, VmError, VmState, VmStatus};
 use progress::Counting;
 pub use progress::{Progress, ProgressFn};
@@ -242,32 +244,30 @@ fn save_replacing(
 ) -> Result<SnapshotInfo> {
     let contents = capture::read_all(set, captured)?;
     disks::delete(set, inc, name)?;
-    // The state is checksummed as it streams; the record goes into the snapshot entry's
-    // extra data (formats/snapshot-integrity.md).
-    let (size, crc) = {
+    // The state is checksummed as it streams and its RAM pages indexed; both records go
+    // into the snapshot entry's extra data (formats/snapshot-integrity.md,
+    // formats/lazy-loadvm.md).
+    let saved = {
         let (_, store) = disks::store(set, inc[0])?;
         let total = vm.ram().len() as u64;
         store
             .vmstate_reserve(state_size_hint(total))
             .map_err(|e| SnapshotError::Save(StateIoError::Io(std::io::Error::other(e))))?;
-        let mut w = CrcWriter::new(Counting::new(VmstateWriter::new(store), total, progress));
-        let n = state_io::write_state_opts(state, vm.ram(), &contents, opts.lz4, &mut w)
-            .map_err(SnapshotError::Save)?;
-        std::io::Write::flush(&mut w).map_err(|e| SnapshotError::Save(StateIoError::Io(e)))?;
-        let (len, crc) = w.finish();
-        debug_assert_eq!(len, n);
-        (n, crc)
+        lazy_index::write(store, state, vm.ram(), &contents, opts.lz4, progress)
+            .map_err(SnapshotError::Save)?
     };
     let params = SnapshotParams {
         name: name.to_string(),
-        vm_state_size: size,
+        vm_state_size: saved.size,
         date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
         date_nsec: now.subsec_nanos(),
         vm_clock_nsec: state.arch.clock.clock,
         icount: None,
-        extra_tail: integrity::tail_for(crc, size),
+        extra_tail: saved.extra_tail.clone(),
     };
-    disks::create(set, inc, &params)
+    let info = disks::create(set, inc, &params)?;
+    saved.drop_index_from_active(disks::store(set, inc[0])?.1);
+    Ok(info)
 }
 
 /// About how large the VM state of a guest with `ram` bytes of RAM gets: every page with its

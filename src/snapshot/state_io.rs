@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use crate::migration::ram_state::RamState;
-use crate::migration::savevm::{load_state, save_state, DeviceState, IterativeState, Registry};
+use crate::migration::savevm::{load_state, DeviceState, IterativeState, Registry, SaveSession};
 use crate::migration::stream::StreamError;
 use crate::migration::Value;
 use crate::vmm::vmstate::{self, VmStateMapError};
@@ -91,6 +91,31 @@ pub fn write_state_opts(
     lz4: bool,
     out: &mut dyn Write,
 ) -> Result<u64, StateIoError> {
+    Ok(write_state_recorded(state, ram, captured, lz4, None, out)?.0)
+}
+
+/// Where the parts of a stream written by [`write_state_recorded`] are: what a lazy loadvm
+/// reads to get the devices without the RAM pages in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLayout {
+    /// End of the header, configuration and RAM setup (START) section.
+    pub setup_end: u64,
+    /// Start of the last RAM section (END), after which come the devices, EOF and vmdesc.
+    pub ram_end_section: u64,
+    /// Stream length.
+    pub len: u64,
+}
+
+/// [`write_state_opts`], recording where every RAM page lands into `recorder` (see
+/// [`crate::migration::page_index`]); also returns the stream's layout.
+pub fn write_state_recorded(
+    state: &VmState,
+    ram: &[u8],
+    captured: &[CapturedDrive],
+    lz4: bool,
+    recorder: Option<crate::migration::page_index::PageRecorder>,
+    out: &mut dyn Write,
+) -> Result<(u64, StreamLayout), StateIoError> {
     let sections = vmstate::to_sections(state);
     let mut slots: Vec<Slot> = sections
         .iter()
@@ -102,6 +127,9 @@ pub fn write_state_opts(
         .collect();
     let mut ram_state = RamState::for_save(vec![(RAM_BLOCK.to_string(), ram)], PAGE_SIZE);
     ram_state.set_lz4(lz4);
+    if let Some(r) = recorder {
+        ram_state.set_recorder(r);
+    }
     let mut reg = Registry::new(vmstate::MACHINE);
     reg.page_size = PAGE_SIZE;
     if lz4 {
@@ -115,7 +143,20 @@ pub fn write_state_opts(
         let vmsd = Arc::new(vmstate::capture_vmsd(c.data.len() as u64));
         reg.register_device(vmstate::CAPTURE_IDSTR, instance(c.index), vmsd, slot);
     }
-    Ok(save_state(&mut reg, out)?)
+    // save_state's steps, noting where the RAM setup ends and the last RAM section starts.
+    let mut session = SaveSession::begin(&mut reg, out)?;
+    let setup_end = session.position();
+    while !session.iterate()? {}
+    let ram_end_section = session.position();
+    let len = session.complete()?;
+    Ok((
+        len,
+        StreamLayout {
+            setup_end,
+            ram_end_section,
+            len,
+        },
+    ))
 }
 
 fn instance(index: usize) -> u32 {

@@ -15,10 +15,13 @@
 
 pub mod devices;
 pub mod guest;
+mod lazy_ram;
 pub mod memory;
 pub mod monitor;
+pub mod page_server;
 pub mod run_control;
 pub mod termination;
+pub mod uffd;
 pub mod vcpu;
 mod vcpu_thread;
 pub mod vm;
@@ -156,6 +159,8 @@ pub const MAX_VCPUS: usize = guest::long_mode::MAX_VCPUS;
 /// A running (or paused) virtual machine.
 #[derive(Debug)]
 pub struct Vm {
+    /// Guest RAM being loaded lazily, and the last load's progress (`info loadvm`).
+    lazy: Mutex<lazy_ram::LazySlot>,
     vm: VmFd,
     mem: GuestMemoryMmap,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
@@ -265,6 +270,7 @@ impl Vm {
 
         let ctl = Arc::new(RunControl::new(config.vcpus));
         let mut vm = Vm {
+            lazy: Mutex::new(lazy_ram::LazySlot::default()),
             vm,
             mem,
             vcpus,
@@ -548,6 +554,7 @@ impl Vm {
 
     /// Stops the vCPU threads and joins them. Also done on drop.
     pub fn shutdown(&mut self) {
+        self.stop_lazy_ram();
         self.ctl.request_exit();
         self.kick_all();
         for t in self.threads.drain(..) {

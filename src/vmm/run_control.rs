@@ -277,6 +277,17 @@ impl RunControl {
         self.cond.notify_all();
     }
 
+    /// Records a fatal error found outside the vCPU threads (a lazy RAM load that failed)
+    /// and stops the vCPUs; the caller kicks them.
+    pub fn fail(&self, why: String) {
+        let mut f = self.lock();
+        if f.failure.is_none() {
+            f.failure = Some(why);
+        }
+        f.pause = true;
+        self.cond.notify_all();
+    }
+
     /// Asks every thread to leave.
     pub fn request_exit(&self) {
         self.lock().exit = true;

@@ -76,7 +76,20 @@ impl Drop for RunVm {
 impl RunVm {
     /// Starts run number `run` (see [`command`]) and connects to its monitor.
     pub fn start(dir: &Path, drives: &[String], smp: u32, loadvm: Option<&str>, run: u32) -> RunVm {
+        Self::start_with(dir, drives, smp, loadvm, run, &[])
+    }
+
+    /// [`RunVm::start`] with more arguments for `vmsnap run`.
+    pub fn start_with(
+        dir: &Path,
+        drives: &[String],
+        smp: u32,
+        loadvm: Option<&str>,
+        run: u32,
+        extra: &[&str],
+    ) -> RunVm {
         let mut child = command(dir, drives, smp, loadvm, run)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

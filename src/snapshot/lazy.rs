@@ -1,0 +1,495 @@
+//! Lazy loadvm: the guest resumes once the device state is loaded, and its RAM is filled
+//! from the snapshot on first touch and by a background pass (`vmm::page_server`).
+//!
+//! ```text
+//!  loadvm TAG (lazy):  stop → [disks] TAG on every disk, VM state on the first →
+//!     extra data: kind-1 checksum + kind-2 page index record (else: eager loadvm) →
+//!     index body read and CRC-checked → stream [0, setup_end) + [ram_end_section, end)
+//!     parsed as a load would (devices, captured drives; RAM pages there skipped) →
+//!     goto on every disk → captured drives written back → guest RAM dropped and served
+//!     from the snapshot (SnapshotPages) → device states → resume
+//!  background:  the whole stream read once in order: pages installed where not resident
+//!     yet, CRC-32 compared with the kind-1 record at the end; a mismatch or read error
+//!     stops the VM ("failed"), naming the snapshot
+//! ```
+//!
+//! Pages come from a second, read-only and lock-free open of the image that holds the VM
+//! state, read through the snapshot's own L1 table: the fault handler never waits for the
+//! VM's block devices (a vCPU doing disk I/O may hold them while touching a missing page),
+//! and the snapshot's clusters cannot change while it exists. While a fill runs, every
+//! snapshot or migration command first waits for it ([`settle`]), so no `delvm` or
+//! `savevm` frees those clusters under the reader; other processes are kept out by the
+//! image lock the VM holds.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::block::{self, BlockDriver, Format, OpenOptions, SnapshotInfo, SnapshotStore};
+use crate::interop::integrity::{self, IntegrityError, StateChecksum};
+use crate::interop::page_index_record::PageIndexRecord;
+use crate::migration::page_index::{PageIndex, ZERO};
+use crate::vmm::page_server::{FillStatus, LoadState, PageSink, PageSource, PageSourceError};
+use crate::vmm::Vm;
+
+use super::progress::ProgressFn;
+use super::state_io::{self, StateIoError, PAGE_SIZE};
+use super::{capture, disks, Result, SnapshotError};
+
+/// How loadvm brings RAM in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadMode {
+    /// Resume first, fill RAM on demand and in the background (needs the snapshot's page
+    /// index; without one the load is eager).
+    #[default]
+    Lazy,
+    /// Read all of RAM, then resume.
+    Eager,
+}
+
+impl std::str::FromStr for LoadMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "lazy" => Ok(LoadMode::Lazy),
+            "eager" => Ok(LoadMode::Eager),
+            _ => Err(format!("unknown loadvm mode '{s}' (eager or lazy)")),
+        }
+    }
+}
+
+/// An image path as `vmsnap run --drive` opened it, for the page source's own open.
+#[derive(Debug, Clone)]
+pub struct DrivePath {
+    /// The image.
+    pub path: PathBuf,
+    /// Its format, if forced.
+    pub format: Option<Format>,
+}
+
+/// The last loadvm's mode and tag, for `info loadvm`.
+static LAST: Mutex<Option<(String, &'static str)>> = Mutex::new(None);
+
+fn set_last(tag: &str, mode: &'static str) {
+    *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some((tag.to_string(), mode));
+}
+
+/// `loadvm TAG` in `mode`. `drives` are the VM's drive paths in `--drive` order (a lazy
+/// load opens the VM-state image once more, read-only); without them the load is eager.
+pub fn loadvm(
+    vm: &Vm,
+    tag: &str,
+    mode: LoadMode,
+    drives: &[DrivePath],
+    progress: ProgressFn<'_>,
+) -> Result<()> {
+    let started = Instant::now();
+    settle(vm)?;
+    if mode == LoadMode::Lazy && !drives.is_empty() {
+        let lazy = super::stopped(vm, || load_lazily(vm, tag, drives, started))?;
+        if lazy {
+            set_last(tag, "lazy");
+            return Ok(());
+        }
+    }
+    super::loadvm_with_progress(vm, tag, progress)?;
+    let pages = vm.ram().len() as u64 / PAGE_SIZE;
+    vm.record_ram_load(Arc::new(FillStatus::completed(
+        pages,
+        started,
+        started.elapsed(),
+    )));
+    set_last(tag, "eager");
+    Ok(())
+}
+
+/// Waits for a lazy load still filling RAM (commands that save RAM, move it, or change the
+/// snapshots under the reader call this first). Fails if that load failed.
+pub fn settle(vm: &Vm) -> Result<()> {
+    if vm.lazy_ram_active() {
+        let tag = LAST
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(t, _)| t.clone())
+            .unwrap_or_default();
+        eprintln!(
+            "vmsnap: snapshot '{tag}' is still being loaded lazily: finishing its fill first"
+        );
+    }
+    match vm.finish_lazy_ram() {
+        Some(LoadState::Failed(why)) => Err(SnapshotError::Failed(why)),
+        _ => Ok(()),
+    }
+}
+
+/// `info loadvm`: the last load's status, pages resident/total, time to resume and total
+/// time.
+pub fn info_loadvm(vm: &Vm) -> String {
+    let Some(r) = vm.ram_load_report() else {
+        return "No loadvm has run".to_string();
+    };
+    let (tag, mode) = LAST
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default();
+    let ms = |d: std::time::Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    let mut out = format!(
+        "status: {}\nsnapshot: {tag}\nmode: {mode}\npages resident: {}/{}\ntime to resume: {}\ntotal time: {}",
+        r.state.word(),
+        r.resident,
+        r.total,
+        r.resume_time.map(ms).unwrap_or_else(|| "-".into()),
+        ms(r.total_time),
+    );
+    if let LoadState::Failed(why) = &r.state {
+        out.push_str(&format!("\nerror: {why}"));
+    }
+    out
+}
+
+/// What a lazy load needs, found and checked before anything changes.
+struct Plan {
+    checksum: StateChecksum,
+    info: SnapshotInfo,
+    checked: state_io::CheckedState,
+}
+
+/// The lazy steps once the VM is stopped. `Ok(false)`: the snapshot has no page index
+/// (nothing changed; load it eagerly).
+fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Result<bool> {
+    let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
+    let ram_len = vm.ram().len() as u64;
+    let captured = vm.captured_drives();
+    let found = vm.with_block_set(|set| -> Result<Option<(Plan, Arc<SnapshotPages>)>> {
+        let inc = disks::included(set, &captured)?;
+        let specs = capture::specs(set, &captured)?;
+        if !disks::has_snapshot(set, &inc, tag)? {
+            return Err(SnapshotError::Missing(tag.to_string()));
+        }
+        let (_, store) = disks::store(set, inc[0])?;
+        let info = disks::find(&store.snapshot_list(), tag)
+            .ok_or_else(|| SnapshotError::Missing(tag.to_string()))?;
+        if info.vm_state_size == 0 {
+            return Err(SnapshotError::DiskOnly);
+        }
+        let Some((plan, index)) = plan(store, info, tag, ram_len, |r| {
+            state_io::check_state_with(vcpus, ndrives, &specs, ram_len, r)
+        })?
+        else {
+            return Ok(None);
+        };
+        let Some(drive) = drives.get(inc[0]) else {
+            return Ok(None);
+        };
+        let pages = Arc::new(SnapshotPages::open(drive, tag, &plan, index)?);
+        disks::goto(set, &inc, tag)?;
+        capture::write_back(set, &specs, &plan.checked.captured)?;
+        Ok(Some((plan, pages)))
+    })?;
+    let Some((plan, pages)) = found else {
+        return Ok(false);
+    };
+    let incomplete = |e: SnapshotError| SnapshotError::LoadIncomplete(Box::new(e));
+    let status = vm
+        .load_ram_lazily(pages, started, &format!("loadvm of snapshot '{tag}'"))
+        .map_err(|e| incomplete(e.into()))?;
+    vm.restore_state(&plan.checked.state)
+        .map_err(|e| incomplete(e.into()))?;
+    status.set_resumed();
+    Ok(true)
+}
+
+/// Reads and checks everything a lazy load needs from snapshot `info` in `store`: the
+/// records, the index (CRC), the device part of the stream (parsed by `check`).
+fn plan(
+    store: &mut dyn SnapshotStore,
+    info: SnapshotInfo,
+    tag: &str,
+    ram_len: u64,
+    check: impl FnOnce(&mut dyn Read) -> std::result::Result<state_io::CheckedState, StateIoError>,
+) -> Result<Option<(Plan, PageIndex)>> {
+    let damaged = |source| SnapshotError::Damaged {
+        tag: tag.to_string(),
+        source,
+    };
+    let bad = |what: String| {
+        damaged(IntegrityError::Read {
+            snapshot: tag.to_string(),
+            source: std::io::Error::other(what),
+        })
+    };
+    let tail = store
+        .snapshot_extra_tail(&info.id)
+        .map_err(|source| damaged(source.into()))?;
+    let (Some(checksum), Some(record)) = (
+        integrity::parse_tail(&tail).map_err(damaged)?,
+        PageIndexRecord::find(&tail).map_err(damaged)?,
+    ) else {
+        return Ok(None);
+    };
+    let len = info.vm_state_size;
+    let pages = ram_len / record.page_size;
+    if record.page_size != PAGE_SIZE || record.ram_len != ram_len {
+        // Another RAM size (the load would be refused) or page size: the eager path says why.
+        return Ok(None);
+    }
+    if checksum.state_len != len {
+        return Err(damaged(IntegrityError::LengthMismatch {
+            snapshot: tag.to_string(),
+            recorded: checksum.state_len,
+            actual: len,
+        }));
+    }
+    if record.index_len != pages * 8
+        || record.index_offset < len
+        || record.setup_end > record.ram_end_section
+        || record.ram_end_section > len
+    {
+        return Err(bad(format!(
+            "page index record does not fit the VM state: {record:?}"
+        )));
+    }
+    let mut body = vec![0u8; usize::try_from(record.index_len).unwrap_or(0)];
+    store
+        .snapshot_vmstate_read(&info.id, record.index_offset, &mut body)
+        .map_err(|source| SnapshotError::Read {
+            tag: tag.to_string(),
+            source,
+        })?;
+    let crc = crc32fast::hash(&body);
+    if crc != record.index_crc {
+        return Err(bad(format!(
+            "page index is damaged: CRC32 is {crc:#010x}, stored {:#010x}",
+            record.index_crc
+        )));
+    }
+    let index = PageIndex::decode(&body, pages, PAGE_SIZE, len).map_err(|e| bad(e.to_string()))?;
+    drop(body);
+    let ranges = [(0, record.setup_end), (record.ram_end_section, len)];
+    let mut parts = AreaReader {
+        store,
+        id: &info.id,
+        ranges,
+        at: 0,
+    };
+    let checked = match check(&mut parts) {
+        Ok(c) => c,
+        Err(e) => {
+            // Devices that do not parse: damage, if the whole state's checksum says so.
+            return match integrity::verify_snapshot(store, &info.id) {
+                Err(IntegrityError::Mismatch {
+                    expected, actual, ..
+                }) => Err(damaged(IntegrityError::Mismatch {
+                    snapshot: tag.to_string(),
+                    expected,
+                    actual,
+                })),
+                _ => Err(SnapshotError::Load(e)),
+            };
+        }
+    };
+    Ok(Some((
+        Plan {
+            checksum,
+            info,
+            checked,
+        },
+        index,
+    )))
+}
+
+/// Reads ranges of a snapshot's VM state one after the other, as one stream.
+struct AreaReader<'a> {
+    store: &'a mut dyn SnapshotStore,
+    id: &'a str,
+    ranges: [(u64, u64); 2],
+    at: usize,
+}
+
+impl Read for AreaReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while let Some((from, to)) = self.ranges.get_mut(self.at) {
+            if *from >= *to {
+                self.at += 1;
+                continue;
+            }
+            let n = usize::try_from(*to - *from)
+                .unwrap_or(usize::MAX)
+                .min(out.len())
+                .min(1 << 20);
+            self.store
+                .snapshot_vmstate_read(self.id, *from, &mut out[..n])
+                .map_err(std::io::Error::other)?;
+            *from += n as u64;
+            return Ok(n);
+        }
+        Ok(0)
+    }
+}
+
+/// Guest RAM pages from a snapshot's VM state, through a read-only open of its image.
+struct SnapshotPages {
+    tag: String,
+    id: String,
+    image: Mutex<Box<dyn BlockDriver>>,
+    entries: Vec<u64>,
+    state_len: u64,
+    checksum: StateChecksum,
+}
+
+/// Pages per run handed to the page server by the fill (256 KiB).
+const RUN_PAGES: usize = 64;
+/// Bytes of stream read at a time by the fill.
+const FILL_CHUNK: u64 = 4 << 20;
+
+impl SnapshotPages {
+    fn open(drive: &DrivePath, tag: &str, plan: &Plan, index: PageIndex) -> Result<Self> {
+        let opts = OpenOptions {
+            read_only: true,
+            format: drive.format,
+            force_share: true,
+        };
+        let image = block::open_image(&drive.path, opts).map_err(|source| SnapshotError::Read {
+            tag: tag.to_string(),
+            source,
+        })?;
+        Ok(SnapshotPages {
+            tag: tag.to_string(),
+            id: plan.info.id.clone(),
+            image: Mutex::new(image),
+            entries: index.entries,
+            state_len: plan.info.vm_state_size,
+            checksum: plan.checksum,
+        })
+    }
+
+    fn read(&self, pos: u64, buf: &mut [u8]) -> std::result::Result<(), PageSourceError> {
+        let mut image = self.image.lock().unwrap_or_else(|e| e.into_inner());
+        let store = image.snapshots().ok_or_else(|| {
+            PageSourceError(format!("snapshot '{}': image lost its snapshots", self.tag))
+        })?;
+        store
+            .snapshot_vmstate_read(&self.id, pos, buf)
+            .map_err(|e| {
+                PageSourceError(format!(
+                    "snapshot '{}': reading the VM state at {pos:#x}: {e}",
+                    self.tag
+                ))
+            })
+    }
+
+    /// Hands runs of zero (or absent) pages to `sink`.
+    fn fill_zero(&self, sink: &mut PageSink<'_>) -> bool {
+        let mut p = 0;
+        while p < self.entries.len() {
+            if self.entries[p] > ZERO {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < self.entries.len() && self.entries[p] <= ZERO && p - start < 4096 {
+                p += 1;
+            }
+            let n = (p - start) as u64;
+            if !sink(start as u64 * PAGE_SIZE, n * PAGE_SIZE, None) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl PageSource for SnapshotPages {
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<bool, PageSourceError> {
+        let page = usize::try_from(offset / PAGE_SIZE).unwrap_or(usize::MAX);
+        match self.entries.get(page) {
+            Some(&pos) if pos > ZERO => self.read(pos, buf).map(|()| true),
+            Some(_) => Ok(false),
+            None => Err(PageSourceError(format!(
+                "snapshot '{}': page {offset:#x} is outside guest RAM",
+                self.tag
+            ))),
+        }
+    }
+
+    /// Zero pages first, then the whole stream once in order: each page's last copy is
+    /// handed on as the pass reaches it, and the CRC-32 of all bytes is compared with the
+    /// snapshot's checksum record at the end.
+    fn fill(&self, sink: &mut PageSink<'_>) -> std::result::Result<(), PageSourceError> {
+        if !self.fill_zero(sink) {
+            return Ok(());
+        }
+        let mut order: Vec<(u64, u32)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, &pos)| pos > ZERO)
+            .map(|(p, &pos)| (pos, u32::try_from(p).unwrap_or(u32::MAX)))
+            .collect();
+        order.sort_unstable();
+        let ps = PAGE_SIZE as usize;
+        let mut crc = crc32fast::Hasher::new();
+        // `window` holds stream bytes [base, base + window.len()).
+        let (mut window, mut base, mut read_to) = (Vec::new(), 0u64, 0u64);
+        let mut run: Vec<u8> = Vec::with_capacity(RUN_PAGES * ps);
+        let mut run_start: Option<u64> = None;
+        let mut next = 0;
+        while read_to < self.state_len || next < order.len() {
+            if read_to < self.state_len {
+                let n = FILL_CHUNK.min(self.state_len - read_to);
+                let old = window.len();
+                window.resize(old + usize::try_from(n).unwrap_or(0), 0);
+                self.read(read_to, &mut window[old..])?;
+                crc.update(&window[old..]);
+                read_to += n;
+            }
+            // Every page whose data is in the window now.
+            while let Some(&(pos, page)) = order.get(next) {
+                if pos + PAGE_SIZE > read_to {
+                    break;
+                }
+                let at = usize::try_from(pos - base).unwrap_or(usize::MAX);
+                let page = u64::from(page);
+                let contiguous = run_start.is_some_and(|s| {
+                    s + (run.len() / ps) as u64 == page && run.len() < RUN_PAGES * ps
+                });
+                if !contiguous {
+                    if let Some(s) = run_start.take() {
+                        if !sink(s * PAGE_SIZE, run.len() as u64, Some(&run)) {
+                            return Ok(());
+                        }
+                    }
+                    run.clear();
+                    run_start = Some(page);
+                }
+                run.extend_from_slice(&window[at..at + ps]);
+                next += 1;
+            }
+            if read_to >= self.state_len && order.get(next).is_some() {
+                return Err(PageSourceError(format!(
+                    "snapshot '{}': page data past the end of the VM state",
+                    self.tag
+                )));
+            }
+            // Keep only what the next page still needs.
+            let keep_from = order
+                .get(next)
+                .map_or(read_to, |&(pos, _)| pos.min(read_to));
+            let drop = usize::try_from(keep_from - base)
+                .unwrap_or(0)
+                .min(window.len());
+            window.drain(..drop);
+            base += drop as u64;
+        }
+        if let Some(s) = run_start {
+            if !sink(s * PAGE_SIZE, run.len() as u64, Some(&run)) {
+                return Ok(());
+            }
+        }
+        integrity::verify(&self.tag, &self.checksum, self.state_len, crc.finalize())
+            .map_err(|e| PageSourceError(e.to_string()))
+    }
+}

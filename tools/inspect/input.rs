@@ -4,8 +4,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use vmsnap::block::vmstate_io::VmstateReader;
 use vmsnap::block::{open_image, BlockDriver, OpenOptions};
-use vmsnap::migration::snapshot_io::VmstateReader;
 
 use crate::mapped::MappedFile;
 use crate::pages::ReadAt;

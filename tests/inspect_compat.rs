@@ -79,7 +79,7 @@ fn changed_size_and_removed_fields_are_named() {
         ),
         "{text}"
     );
-    assert!(text.contains("\n1 incompatibilities: "), "{text}");
+    assert!(text.contains("\nincompatible (1 findings): "), "{text}");
 
     let removed = with_vmdesc(dir.path(), "removed.bin", &pc, |d| {
         device(d, "timer")["fields"]

@@ -270,7 +270,7 @@ pub fn render_human(r: &Report) -> String {
         out.push_str(&format!("{} can load what {} saved\n", r.dst, r.src));
     } else {
         out.push_str(&format!(
-            "{} incompatibilities: {} cannot load what {} saved\n",
+            "incompatible ({} findings): {} cannot load what {} saved\n",
             r.errors.len(),
             r.dst,
             r.src

@@ -473,7 +473,7 @@ pub fn write_core(side: &mut Side, out: &Path) -> Result<String, crate::InspectE
     let file = File::create(&tmp).map_err(io(&tmp))?;
     let mut src = side.input.read_at()?;
     let mut reader = PageReader::new(&mut *src);
-    let r = write_to(&file, &regs, &idx, &regions, &mut reader)
+    let r = write_to(&file, &tmp, &regs, &idx, &regions, &mut reader)
         .and_then(|s| {
             file.sync_all().map(|()| s).map_err(|e| CoreError::Io {
                 path: tmp.display().to_string(),
@@ -506,13 +506,14 @@ fn partial_name(out: &Path) -> PathBuf {
 /// Writes headers, notes and the non-zero pages; returns (bytes of page data, zero pages).
 fn write_to(
     file: &File,
+    path: &Path,
     regs: &[Regs],
     idx: &PageIndex,
     regions: &[Region],
     pages: &mut PageReader<'_>,
 ) -> Result<(u64, u64), CoreError> {
     let ioe = |source| CoreError::Io {
-        path: "core".into(),
+        path: path.display().to_string(),
         source,
     };
     let mut notes = Vec::new();

@@ -396,8 +396,8 @@ fn page_size_other_than_4k_is_found_through_the_vmdesc() {
 
 #[test]
 fn snapshot_second_ram_equals_the_guest_pattern() {
+    use vmsnap::block::vmstate_io::VmstateReader;
     use vmsnap::block::{open_image, OpenOptions};
-    use vmsnap::migration::snapshot_io::VmstateReader;
 
     let dir = tempfile::tempdir().unwrap();
     let image = unpack(dir.path(), "snap-basic.qcow2.gz");

@@ -30,7 +30,7 @@ fn random_ram(dir: &Path) -> (PathBuf, Vec<u8>) {
 /// Snapshot `tag`'s RAM, decoded from its VM state (eagerly, by the library).
 fn snapshot_ram(image: &Path, tag: &str) -> Vec<u8> {
     use vmsnap::block::{open_image, OpenOptions};
-    use vmsnap::migration::snapshot_io::VmstateReader;
+    use vmsnap::block::vmstate_io::VmstateReader;
     let opts = OpenOptions {
         read_only: true,
         force_share: true,

@@ -7,11 +7,11 @@ use std::process::Command;
 use std::sync::Arc;
 
 use vmsnap::block::qcow2::{CreateOptions, Qcow2};
+use vmsnap::block::vmstate_io::{VmstateReader, VmstateWriter};
 use vmsnap::block::{open_image, OpenOptions, SnapshotParams};
 use vmsnap::migration::analyze::{analyze, AnalyzeOptions};
 use vmsnap::migration::ram_state::RamState;
 use vmsnap::migration::savevm::{load_state, save_state, Registry};
-use vmsnap::migration::snapshot_io::{VmstateReader, VmstateWriter};
 use vmsnap::migration::vmdesc::to_python_json;
 use vmsnap::migration::{Count, Field, VMStateDescription, Value};
 

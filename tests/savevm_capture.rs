@@ -21,8 +21,8 @@ fn pattern() -> Vec<u8> {
 
 /// The VM state stream of snapshot `tag` on `image`.
 fn stream_of(image: &Path, tag: &str) -> Vec<u8> {
+    use vmsnap::block::vmstate_io::VmstateReader;
     use vmsnap::block::{open_image, OpenOptions};
-    use vmsnap::migration::snapshot_io::VmstateReader;
     let opts = OpenOptions {
         read_only: true,
         force_share: true,

@@ -93,8 +93,8 @@ fn continuity(smp: u32) {
 /// The counter guest's `last` (the last tick it handled) and `disk_n` (the N of the last
 /// disk record it wrote) in snapshot `tag`'s RAM.
 fn guest_counters(image: &Path, tag: &str, vcpus: usize, drives: usize) -> (u64, u64) {
+    use vmsnap::block::vmstate_io::VmstateReader;
     use vmsnap::block::{open_image, OpenOptions};
-    use vmsnap::migration::snapshot_io::VmstateReader;
     use vmsnap::vmm::guest::counter::{DISK_N_ADDR, LAST_ADDR};
     // Shared: the image may still be open in a running vmsnap.
     let opts = OpenOptions {
@@ -214,8 +214,8 @@ fn loadvm_in_the_running_process_goes_back_and_forth_between_two_snapshots() {
 
 /// Copies snapshot `tag`'s VM state out of `image` into a stream file.
 fn extract_stream(image: &Path, tag: &str, out: &Path) {
+    use vmsnap::block::vmstate_io::VmstateReader;
     use vmsnap::block::{open_image, OpenOptions};
-    use vmsnap::migration::snapshot_io::VmstateReader;
     let opts = OpenOptions {
         read_only: true,
         ..Default::default()

@@ -11,7 +11,8 @@
 //!
 //! Every driver serves guest I/O through [`BlockDriver`]. Drivers that keep internal snapshots
 //! (only qcow2) also expose [`SnapshotStore`] through [`BlockDriver::snapshots`], mirroring
-//! QEMU's `bdrv_can_snapshot()`.
+//! QEMU's `bdrv_can_snapshot()`. [`vmstate_io`] reads and writes a vmstate area as
+//! `std::io::Read`/`Write`, which is all the migration stream codec sees of it.
 #![deny(unsafe_code)]
 
 pub mod blockset;
@@ -19,6 +20,7 @@ pub mod lock;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod vmstate_io;
 
 use std::fmt;
 use std::path::Path;

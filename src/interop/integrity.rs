@@ -18,8 +18,8 @@
 //! inside a record of a newer version, and treat a tail that does not start with the magic as
 //! "no record" (somebody else's data). Spec: `formats/snapshot-integrity.md`.
 
+use crate::block::vmstate_io::VmstateReader;
 use crate::block::SnapshotStore;
-use crate::migration::snapshot_io::VmstateReader;
 
 /// Magic of every record.
 pub const RECORD_MAGIC: [u8; 4] = *b"VSNX";

@@ -12,8 +12,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use super::integrity::{self, CrcReader, IntegrityError, StateChecksum};
 use super::validate::{validate_stream, StreamSummary, ValidateError};
 use crate::block::blockset::find_snapshot;
+use crate::block::vmstate_io::{VmstateReader, VmstateWriter, CHUNK};
 use crate::block::{BlockSet, BlockSetError, SnapshotParams, SnapshotStore};
-use crate::migration::snapshot_io::{VmstateReader, VmstateWriter, CHUNK};
 
 /// The pass a progress report belongs to; each counts bytes from 0 up to the state's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,6 @@
 //! - [`stream`]: walking a whole stream record by record; the decoded stream model.
 //! - [`ram_state`]: guest RAM as a save-state entry (save from / load into memory slices).
 //! - [`savevm`]: `save_state` / `load_state` over a registry of save-state entries.
-//! - [`snapshot_io`]: `Read`/`Write` adapters over a qcow2 vmstate area.
 //! - [`analyze`]: the output of `analyze-migration.py` (`--dump state|desc`, `-m`, `-x`).
 #![deny(unsafe_code)]
 
@@ -22,7 +21,6 @@ pub mod qemu_file;
 pub mod ram;
 pub mod ram_state;
 pub mod savevm;
-pub mod snapshot_io;
 pub mod stream;
 pub mod value;
 pub mod vmdesc;

@@ -15,7 +15,7 @@ use crate::block::SnapshotStore;
 use crate::interop::integrity::{self, CrcWriter};
 use crate::interop::page_index_record::PageIndexRecord;
 use crate::migration::page_index::PageRecorder;
-use crate::migration::snapshot_io::VmstateWriter;
+use crate::block::vmstate_io::VmstateWriter;
 use crate::vmm::VmState;
 
 use super::progress::{Counting, ProgressFn};

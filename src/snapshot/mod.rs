@@ -32,9 +32,9 @@ pub mod state_io;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::block::vmstate_io::{VmstateReader, VmstateSource};
 use crate::block::{self, BlockSet, SnapshotInfo, SnapshotParams};
 use crate::interop::integrity::{self, CrcReader};
-use crate::migration::snapshot_io::{VmstateReader, VmstateSource};
 use crate::vmm::{Vm, VmError, VmState, VmStatus};
 use progress::Counting;
 pub use progress::{Progress, ProgressFn};

@@ -4,10 +4,11 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use vmsnap::block::vmstate_io::VmstateReader;
 use vmsnap::block::{open_image, BlockDriver, OpenOptions};
-use vmsnap::migration::snapshot_io::VmstateReader;
 
 use crate::mapped::MappedFile;
+use crate::pages::ReadAt;
 
 /// Failures opening the input.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,61 @@ impl Input {
                     });
                 }
                 Ok(Box::new(r))
+            }
+        }
+    }
+}
+
+/// Positioned reads of a snapshot's VM state.
+struct SnapshotAt<'a> {
+    store: &'a mut dyn vmsnap::block::SnapshotStore,
+    id: String,
+    size: u64,
+}
+
+impl ReadAt for SnapshotAt<'_> {
+    fn read_at(&mut self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if pos.saturating_add(buf.len() as u64) > self.size {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.store
+            .snapshot_vmstate_read(&self.id, pos, buf)
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Positioned reads of a stream file.
+struct FileAt<'a>(&'a File);
+
+impl ReadAt for FileAt<'_> {
+    fn read_at(&mut self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self.0, buf, pos)
+    }
+}
+
+impl Input {
+    /// Positioned reads of the stream bytes (for page bodies found by [`crate::pages::index`]).
+    pub fn read_at(&mut self) -> Result<Box<dyn ReadAt + '_>, InputError> {
+        match self {
+            Input::File(_, f) => Ok(Box::new(FileAt(f))),
+            Input::Snapshot { path, tag, image } => {
+                let path = path.display().to_string();
+                let format = image.format().to_string();
+                let store = image.snapshots().ok_or_else(|| InputError::NoSnapshots {
+                    path: path.clone(),
+                    format,
+                })?;
+                let list = store.snapshot_list();
+                let info = list
+                    .iter()
+                    .find(|s| &s.id == tag)
+                    .or_else(|| list.iter().find(|s| &s.name == tag))
+                    .ok_or_else(|| InputError::Image {
+                        path,
+                        source: vmsnap::block::Error::SnapshotNotFound(tag.clone()),
+                    })?;
+                let (id, size) = (info.id.clone(), info.vm_state_size);
+                Ok(Box::new(SnapshotAt { store, id, size }))
             }
         }
     }

@@ -2,20 +2,27 @@
 //!
 //! `vmsnap-inspect FILE` reads a migration stream file; `vmsnap-inspect IMAGE --snapshot TAG`
 //! reads the VM state of a qcow2 internal snapshot, read-only and without KVM. `--output json`
-//! prints what QEMU's `analyze-migration.py` prints for the same input.
+//! prints what QEMU's `analyze-migration.py` prints for the same input. `A --diff B` compares
+//! two streams or snapshots (`IMAGE@TAG`), `SRC --compat DST` checks that DST can load what SRC
+//! wrote, and `--dump-guest-memory OUT.elf` writes the guest's RAM and registers as an ELF core.
 
+mod compat;
+mod core;
+mod diff;
 mod human;
 mod input;
 mod integrity;
 mod mapped;
+mod pages;
+mod side;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 
-use vmsnap::migration::analyze::{analyze, analyze_stream, Analysis, AnalyzeError, AnalyzeOptions};
-use vmsnap::migration::stream::{ErrorKind, StreamReader};
+use vmsnap::migration::analyze::{AnalyzeError, AnalyzeOptions};
+use vmsnap::migration::stream::ErrorKind;
 use vmsnap::migration::vmdesc::to_python_json;
 
 /// `QFI\xfb`, the first bytes of a qcow2 image.
@@ -43,8 +50,21 @@ enum Output {
 #[derive(Debug, Parser)]
 #[command(name = "vmsnap-inspect", version)]
 struct Cli {
-    /// Migration stream file, or a qcow2 image with --snapshot.
+    /// Migration stream file, or a qcow2 image with --snapshot (with --diff, --compat and
+    /// --dump-guest-memory also IMAGE@TAG).
     input: PathBuf,
+    /// Compare with B (a stream file or IMAGE@TAG); exit status as cmp: 0 same, 1 different,
+    /// 2 trouble.
+    #[arg(long, value_name = "B", conflicts_with_all = ["compat", "dump", "memory", "extract"])]
+    diff: Option<String>,
+    /// Check that a VM with DST's descriptions (a stream file or IMAGE@TAG) can load what
+    /// INPUT's VM saved (QEMU's vmstate-static-checker.py rules); exit 1 naming each
+    /// incompatibility, 2 on trouble.
+    #[arg(long, value_name = "DST", conflicts_with_all = ["dump", "memory", "extract"])]
+    compat: Option<String>,
+    /// Write guest RAM and vCPU registers as an ELF core, as QEMU's dump-guest-memory does.
+    #[arg(long, value_name = "OUT.elf", conflicts_with_all = ["diff", "compat", "dump", "memory", "extract"])]
+    dump_guest_memory: Option<PathBuf>,
     /// Read the VM state of this snapshot (id or name) of the qcow2 image INPUT.
     #[arg(long, value_name = "TAG")]
     snapshot: Option<String>,
@@ -64,7 +84,7 @@ struct Cli {
 
 /// Failures of the inspector.
 #[derive(Debug, thiserror::Error)]
-enum InspectError {
+pub enum InspectError {
     #[error(transparent)]
     Input(#[from] input::InputError),
     #[error(transparent)]
@@ -83,6 +103,10 @@ enum InspectError {
     Qcow2WithoutSnapshot,
     #[error("writing to stdout: {0}")]
     Stdout(#[source] std::io::Error),
+    #[error("{label}: {reason}")]
+    Side { label: String, reason: String },
+    #[error(transparent)]
+    Core(#[from] core::CoreError),
 }
 
 fn run(cli: &Cli) -> Result<(), InspectError> {
@@ -104,22 +128,9 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
         page_size: None,
     };
     let mut holder = input::open(&cli.input, cli.snapshot.as_deref())?;
-    let mut analysis = analyze_input(&mut holder, &opts)?;
-    if analysis.stopped_in_ram() {
-        // The page size is only stated in the vmdesc at the end: try the other sizes QEMU
-        // targets use and keep the one the vmdesc confirms.
-        for ps in [8192, 16384, 65536, 1024, 2048] {
-            let retry = AnalyzeOptions {
-                page_size: Some(ps),
-                ..opts.clone()
-            };
-            let a = analyze_input(&mut holder, &retry)?;
-            if a.error.is_none() && a.vmdesc_page_size() == Some(ps) {
-                eprintln!("note: RAM decoded with the vmdesc's page size {ps:#x}");
-                analysis = a;
-                break;
-            }
-        }
+    let (analysis, retried) = side::analyze_best(&mut holder, &opts)?;
+    if let Some(ps) = retried {
+        eprintln!("note: RAM decoded with the vmdesc's page size {ps:#x}");
     }
     if cli.extract.is_some() {
         // The listing analyze-migration.py -x prints (names relative to DIR).
@@ -158,16 +169,62 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
     emit(&text)
 }
 
-/// Analyzes the input: a stream file through a mapping with seeks over page bodies, anything
-/// else by reading it.
-fn analyze_input(
-    holder: &mut input::Input,
-    opts: &AnalyzeOptions,
-) -> Result<Analysis, InspectError> {
-    if let Some(m) = holder.mapped() {
-        return Ok(analyze_stream(StreamReader::new_seekable(m), opts)?);
+/// The left side: INPUT with --snapshot, else INPUT as a stream file or IMAGE@TAG.
+fn left_side(cli: &Cli) -> Result<side::Side, InspectError> {
+    match &cli.snapshot {
+        Some(tag) => side::Side::open(&cli.input, Some(tag)),
+        None => {
+            let (path, tag) = side::parse_spec(&cli.input.to_string_lossy());
+            side::Side::open(&path, tag.as_deref())
+        }
     }
-    Ok(analyze(holder.reader()?, opts)?)
+}
+
+fn right_side(spec: &str) -> Result<side::Side, InspectError> {
+    let (path, tag) = side::parse_spec(spec);
+    side::Side::open(&path, tag.as_deref())
+}
+
+/// `--diff`/`--compat`: true when the sides are the same / compatible.
+fn run_compare(cli: &Cli) -> Result<bool, InspectError> {
+    let output = cli.output.unwrap_or(Output::Human);
+    let mut a = left_side(cli)?;
+    if let Some(spec) = &cli.diff {
+        let mut b = right_side(spec)?;
+        let report = diff::diff(&mut a, &mut b)?;
+        let text = match output {
+            Output::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+            Output::Human => diff::render_human(&report),
+        };
+        emit(&text)?;
+        return Ok(report.is_same());
+    }
+    let spec = cli.compat.as_deref().unwrap_or_default();
+    let b = right_side(spec)?;
+    let report = compat::check(&a, &b);
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        Output::Human => compat::render_human(&report),
+    };
+    emit(&text)?;
+    Ok(report.compatible())
+}
+
+/// `--dump-guest-memory`.
+fn run_core(cli: &Cli, out: &std::path::Path) -> Result<(), InspectError> {
+    let mut a = left_side(cli)?;
+    let summary = core::write_core(&mut a, out)?;
+    eprintln!("{summary}");
+    Ok(())
+}
+
+fn report_error(e: &InspectError) {
+    eprintln!("vmsnap-inspect: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        eprintln!("  caused by: {s}");
+        src = s.source();
+    }
 }
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error.
@@ -182,6 +239,26 @@ fn emit(text: &str) -> Result<(), InspectError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.diff.is_some() || cli.compat.is_some() {
+        // Exit status as cmp: 0 same (compatible), 1 different (incompatible), 2 trouble.
+        return match run_compare(&cli) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                report_error(&e);
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Some(out) = &cli.dump_guest_memory {
+        return match run_core(&cli, out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                report_error(&e);
+                ExitCode::FAILURE
+            }
+        };
+    }
     // vmsnap's CRC32 record of a snapshot's VM state: warn before decoding, fail after.
     let damaged = cli
         .snapshot
@@ -194,12 +271,7 @@ fn main() -> ExitCode {
         Ok(()) if damaged.is_some() => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmsnap-inspect: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                eprintln!("  caused by: {s}");
-                src = s.source();
-            }
+            report_error(&e);
             ExitCode::FAILURE
         }
     }

@@ -27,6 +27,13 @@ if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   echo "== installing iproute2"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends iproute2 >/dev/null || true
 fi
+# gdb and readelf (binutils) to read vmsnap-inspect's ELF cores (tests/inspect_core.rs skips
+# loudly without).
+if ! { command -v gdb >/dev/null && command -v readelf >/dev/null; } \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing gdb and binutils"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends gdb binutils >/dev/null || true
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -102,6 +102,20 @@ fn inspector_vs_script(h: &mut Harness) {
         ));
         h.measure(name, &mut || Ok(()), &mut vmsnap, note);
     }
+    // --diff of the stream against itself: the worst case for equal sides, every data page
+    // is read on both (only pages both send as the same fill byte are skipped).
+    let mut diff = || {
+        peak_rss_of(
+            Command::new(inspect_bin()).args([&file, "--diff", &file]),
+            &rss_file,
+        )
+    };
+    h.measure(
+        "inspect --diff (1.1 GiB stream against itself)",
+        &mut || Ok(()),
+        &mut diff,
+        "every data page read on both sides",
+    );
     let _ = std::fs::remove_file(&path);
 }
 

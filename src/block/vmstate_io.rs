@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::block::SnapshotStore;
+use super::SnapshotStore;
 
 /// Chunk size of the adapters (1 MiB).
 pub const CHUNK: usize = 1 << 20;

@@ -449,6 +449,7 @@ impl Qcow2 {
                 self.free_hint
             };
             let start = self.find_free_run(from, n)?;
+            self.check_room(start, n)?;
             // Creating refcount blocks may take clusters of the run: check again if so.
             let rb = self.layout.refblock_bits();
             let mut created = false;

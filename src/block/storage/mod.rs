@@ -6,14 +6,51 @@
 
 mod file;
 mod memory;
+pub mod nbd;
+pub mod nbd_uri;
 
 pub use file::FileStorage;
 pub use memory::{Fault, MemStorage};
+pub use nbd::{NbdError, NbdStorage};
+pub use nbd_uri::NbdUri;
 
 use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::Path;
+
+/// Whether `path` is an NBD URI (QEMU's syntax) rather than a host file name.
+pub fn is_nbd(path: &Path) -> bool {
+    path.to_str().is_some_and(NbdUri::is_nbd)
+}
+
+/// Opens the storage `path` names: an NBD export for `nbd://…` and `nbd+unix://…`, else a
+/// host file.
+///
+/// # Errors
+/// The file's open error, or an [`NbdError`] (wrapped).
+pub fn open(path: &Path, writable: bool) -> io::Result<Box<dyn Storage>> {
+    match path.to_str().filter(|s| NbdUri::is_nbd(s)) {
+        Some(uri) => Ok(Box::new(
+            NbdStorage::open(uri, writable).map_err(io::Error::other)?,
+        )),
+        None => Ok(Box::new(FileStorage::open(path, writable)?)),
+    }
+}
+
+/// Storage for a new image: a created (or truncated) host file, or an existing NBD export,
+/// whose size the server fixes.
+///
+/// # Errors
+/// As [`open`].
+pub fn create(path: &Path) -> io::Result<Box<dyn Storage>> {
+    match path.to_str().filter(|s| NbdUri::is_nbd(s)) {
+        Some(uri) => Ok(Box::new(
+            NbdStorage::open(uri, true).map_err(io::Error::other)?,
+        )),
+        None => Ok(Box::new(FileStorage::create(path)?)),
+    }
+}
 
 /// Writes `len` zero bytes at `offset`, 1 MiB at a time.
 pub(crate) fn write_zeroes<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
@@ -40,6 +77,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, growing the storage if needed.
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// The most bytes the storage can ever hold, for storage of a fixed size (an NBD export);
+    /// `None` when it grows on demand (a file, memory).
+    fn capacity(&self) -> Option<u64> {
+        None
+    }
     /// Truncates or extends to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes everything written so far durable (`fdatasync`).

@@ -153,6 +153,7 @@ pub struct Proxy {
     sock: PathBuf,
     /// Bytes forwarded from clients to the server so far.
     pub sent: Arc<AtomicU64>,
+    limit: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -163,8 +164,10 @@ impl Proxy {
         let _ = std::fs::remove_file(sock);
         let l = UnixListener::bind(sock).unwrap();
         let sent = Arc::new(AtomicU64::new(0));
+        let limit = Arc::new(AtomicU64::new(after));
         let stop = Arc::new(AtomicBool::new(false));
         let (server, sent2, stop2) = (server.to_path_buf(), sent.clone(), stop.clone());
+        let limit2 = limit.clone();
         std::thread::spawn(move || {
             for c in l.incoming() {
                 let Ok(client) = c else { return };
@@ -177,15 +180,22 @@ impl Proxy {
                 let (c2, u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
                 // server -> client, unmetered
                 let back = std::thread::spawn(move || copy_plain(u2, c2));
-                copy_metered(client, up, after, cut, &sent2);
+                copy_metered(client, up, &limit2, cut, &sent2);
                 let _ = back.join();
             }
         });
         Proxy {
             sock: sock.to_path_buf(),
             sent,
+            limit,
             stop,
         }
+    }
+
+    /// Cuts once `more` further bytes have gone from the client to the server.
+    pub fn cut_after(&self, more: u64) {
+        let now = self.sent.load(Ordering::SeqCst);
+        self.limit.store(now.saturating_add(more), Ordering::SeqCst);
     }
 
     /// The URI of the proxied export.
@@ -209,11 +219,17 @@ fn copy_plain(mut from: UnixStream, mut to: UnixStream) {
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
-fn copy_metered(mut from: UnixStream, mut to: UnixStream, after: u64, cut: Cut, sent: &AtomicU64) {
+fn copy_metered(
+    mut from: UnixStream,
+    mut to: UnixStream,
+    limit: &AtomicU64,
+    cut: Cut,
+    sent: &AtomicU64,
+) {
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let done = sent.load(Ordering::SeqCst);
-        let left = after.saturating_sub(done);
+        let left = limit.load(Ordering::SeqCst).saturating_sub(done);
         if left == 0 {
             match cut {
                 Cut::Close => {

@@ -178,6 +178,16 @@ fn savevm_on_host_a_and_loadvm_on_host_b_over_the_store() {
     srv.stop();
     let mut tcp = QemuNbd::start(&img, Transport::Tcp);
     loads_and_continues(dir.path(), "b", tcp.uri(), "s1", last);
+    // The inspector and `vmstate export` read the snapshot's state straight off the store.
+    let inspect = common::run(
+        env!("CARGO_BIN_EXE_vmsnap-inspect"),
+        &[tcp.uri(), "--snapshot", "s1"],
+    )
+    .ok();
+    assert!(inspect.stdout.contains("ram"), "{inspect:#?}");
+    let out = dir.path().join("s1.mig");
+    common::vmsnap(&["vmstate", "export", "-o", s(&out), tcp.uri(), "s1"]).ok();
+    assert!(std::fs::read(&out).unwrap().starts_with(b"QEVM"));
     tcp.stop();
     assert_check(&img);
     let l = qemu_img(&["snapshot", "-l", s(&img)]).ok().stdout;
@@ -270,4 +280,53 @@ fn server_gone_mid_savevm_fails_it_and_committed_snapshots_still_load() {
     let mut back = QemuNbd::start(&img, Transport::Unix);
     loads_and_continues(dir.path(), "b", back.uri(), "good", last);
     back.stop();
+}
+
+#[test]
+fn server_gone_mid_migration_fails_it_and_the_source_runs_on() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools("server_gone_mid_migration_fails_it_and_the_source_runs_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = store(dir.path());
+    let sock = dir.path().join("shared.sock");
+    let mut srv = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-t", "--shared=4", "-k", s(&sock), s(&img)])
+        .spawn()
+        .unwrap();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let direct = format!("nbd+unix:///?socket={}", s(&sock));
+    // The source reaches the store through a proxy; the destination directly.
+    let proxy = Proxy::start(&dir.path().join("p.sock"), &sock, u64::MAX, Cut::Close);
+    let mut a = Vmm::start(dir.path(), "a", &proxy.uri(), &[]);
+    a.wait_past(10);
+    a.ok("stop");
+    a.ok("savevm before");
+    a.ok("cont");
+    let mig = format!("tcp:127.0.0.1:{}", free_port());
+    let _b = Vmm::start(dir.path(), "b", &direct, &["--incoming", &mig]);
+    // The source's store goes away as the migration starts: its disks cannot be flushed
+    // for the handover, so the migration fails and the source runs on.
+    proxy.cut_after(0);
+    let t = Instant::now();
+    let (r, st) = a.cmd(&format!("migrate {mig}"));
+    eprintln!("migrate: {r}");
+    assert!(r.starts_with("Error: ") && r.contains("NBD"), "{r}");
+    assert_eq!(st, "running");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let info = a.ok("info migrate");
+    assert!(info.contains("Migration status: failed ("), "{info}");
+    let n = *ticks_of(&a.text()).last().unwrap();
+    a.wait_past(n + 3);
+    drop(a);
+    drop(_b);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let c = qemu_img(&["check", s(&img)]);
+    assert!(matches!(c.code, Some(0) | Some(3)), "{c:#?}");
+    let l = qemu_img(&["snapshot", "-l", s(&img)]).ok().stdout;
+    assert!(l.contains("before"), "{l}");
 }

@@ -3,12 +3,14 @@
 //! prints medians and ratios and never fails on a slow number.
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
-//! Cases: `limits` (always first), `block`, `vm`, `inspect`, `migrate`; none named = all.
+//! Cases: `limits` (always first), `block`, `vm`, `inspect`, `migrate`, `nbd`; none named =
+//! all.
 
 mod block_cases;
 mod harness;
 mod inspect_cases;
 mod migrate_cases;
+mod nbd_cases;
 #[path = "../synthetic_ram.rs"]
 mod synthetic_ram;
 mod vm_cases;
@@ -23,6 +25,7 @@ const CASES: &[Case] = &[
     ("vm", vm_cases::run),
     ("inspect", inspect_cases::run),
     ("migrate", migrate_cases::run),
+    ("nbd", nbd_cases::run),
 ];
 
 fn main() {
@@ -51,7 +54,9 @@ fn main() {
                     })
             }
             "-h" | "--help" => {
-                println!("usage: tools/scripts/bench.sh [block|vm|inspect|migrate ...] [--runs N]");
+                println!(
+                    "usage: tools/scripts/bench.sh [block|vm|inspect|migrate|nbd ...] [--runs N]"
+                );
                 return;
             }
             other => wanted.push(other.to_string()),

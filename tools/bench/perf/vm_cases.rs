@@ -46,13 +46,13 @@ enum Side {
 }
 
 /// A monitor connection (QEMU HMP or vmsnap's monitor; both line-based).
-struct Monitor {
-    stream: UnixStream,
+pub(crate) struct Monitor {
+    pub(crate) stream: UnixStream,
     reader: BufReader<UnixStream>,
 }
 
 impl Monitor {
-    fn connect(path: &Path, child: &mut Child, log: &Path) -> Result<Monitor, String> {
+    pub(crate) fn connect(path: &Path, child: &mut Child, log: &Path) -> Result<Monitor, String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(s) = UnixStream::connect(path) {
@@ -74,7 +74,7 @@ impl Monitor {
 
     /// Sends `line` then `info status`; returns everything read until the status answer and
     /// the time this took.
-    fn cmd(&mut self, line: &str) -> Result<(String, Duration), String> {
+    pub(crate) fn cmd(&mut self, line: &str) -> Result<(String, Duration), String> {
         let t = Instant::now();
         self.stream
             .write_all(format!("{line}\ninfo status\n").as_bytes())
@@ -98,7 +98,7 @@ impl Monitor {
     }
 
     /// [`Monitor::cmd`], failing if the answer carries an error.
-    fn timed(&mut self, line: &str) -> Result<Duration, String> {
+    pub(crate) fn timed(&mut self, line: &str) -> Result<Duration, String> {
         let (out, d) = self.cmd(line)?;
         if out.contains("Error") || out.contains("rror:") {
             return Err(format!("{line}: {}", out.trim()));

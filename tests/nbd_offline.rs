@@ -208,3 +208,29 @@ fn read_only_and_missing_exports_are_refused() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_second_client_is_held_off_while_the_first_holds_the_export() {
+    if !tools("a_second_client_is_held_off_while_the_first_holds_the_export") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_in_export(dir.path(), "16M", 4 << 20);
+    let srv = QemuNbd::start(&img, Transport::Unix);
+    // Another client (a VMM on some host) holds the export.
+    let mut holder = std::os::unix::net::UnixStream::connect(srv.socket()).unwrap();
+    nbd::client::handshake(&mut holder, b"").unwrap();
+    let r = std::process::Command::new(common::vmsnap_bin())
+        .args(["snapshot", "-c", "x", srv.uri()])
+        .env("VMSNAP_NBD_TIMEOUT", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is another client using the export"),
+        "{stderr}"
+    );
+    drop(holder);
+    vmsnap(&["snapshot", "-c", "x", srv.uri()]).ok();
+}

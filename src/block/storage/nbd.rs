@@ -69,6 +69,13 @@ pub enum NbdError {
         #[source]
         source: io::Error,
     },
+    /// The server accepted the connection but did not negotiate within the timeout: it is
+    /// most likely serving another client (`qemu-nbd` serves one at a time by default).
+    #[error(
+        "NBD server for '{0}' did not answer the handshake within the timeout: is another \
+         client using the export? (qemu-nbd serves one client at a time unless --shared)"
+    )]
+    Busy(String),
     /// Writable use of an export the server marks read-only.
     #[error("NBD export '{0}' is read-only")]
     ReadOnly(String),
@@ -224,7 +231,16 @@ impl NbdStorage {
             r: BufReader::with_capacity(64 << 10, sock.try_clone().map_err(hs)?),
             w: BufWriter::with_capacity(64 << 10, sock),
         };
-        let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(hs)?;
+        let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(|e| {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                NbdError::Busy(uri.to_string())
+            } else {
+                hs(e)
+            }
+        })?;
         if writable && export.readonly {
             return Err(NbdError::ReadOnly(uri.to_string()));
         }

@@ -247,16 +247,18 @@ pub struct OpenOptions {
     pub force_share: bool,
 }
 
-/// Probes the format of an image file: qcow2 if it starts with the magic, raw otherwise.
+/// Probes the format of an image (a file or an NBD export): qcow2 if it starts with the
+/// magic, raw otherwise.
 pub fn probe_format(path: &Path) -> Result<Format> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)
+    let s = storage::open(path, false)
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
-    let mut magic = [0u8; 4];
-    let n = f
-        .read(&mut magic)
+    let len = s
+        .len()
         .map_err(|e| Error::io(format!("Could not read '{}'", path.display()), e))?;
-    Ok(if n == 4 && magic == qcow2::QCOW_MAGIC.to_be_bytes() {
+    let mut magic = [0u8; 4];
+    s.read_at(0, &mut magic)
+        .map_err(|e| Error::io(format!("Could not read '{}'", path.display()), e))?;
+    Ok(if len >= 4 && magic == qcow2::QCOW_MAGIC.to_be_bytes() {
         Format::Qcow2
     } else {
         Format::Raw

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::storage::{FileStorage, Storage};
+use super::storage::{self, Storage};
 use super::{check_range, lock, BlockDriver, Error, Format, OpenOptions, Result};
 
 /// A raw image.
@@ -19,14 +19,14 @@ impl Raw {
     /// # Errors
     /// I/O errors opening the file, or [`Error::Locked`].
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self> {
-        let storage = FileStorage::open(path, !opts.read_only)
+        let storage = storage::open(path, !opts.read_only)
             .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
         if !opts.force_share {
             if let Some(f) = storage.file() {
                 lock::lock_image(f, &path.display().to_string(), !opts.read_only)?;
             }
         }
-        Self::from_storage(Box::new(storage), opts.read_only)
+        Self::from_storage(storage, opts.read_only)
     }
 
     /// Wraps any storage as a raw disk.
@@ -49,7 +49,7 @@ impl Raw {
     /// # Errors
     /// I/O errors creating or sizing the file.
     pub fn create(path: &Path, size: u64) -> Result<()> {
-        let s = FileStorage::create(path)
+        let s = storage::create(path)
             .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
         s.set_len(size)
             .map_err(|e| Error::io(format!("Could not resize '{}'", path.display()), e))

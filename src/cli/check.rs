@@ -204,15 +204,25 @@ pub fn check_command(args: &CheckArgs) -> Result<i32, CheckError> {
         eprintln!("{m}");
     }
     let damaged = vmstate_integrity(q.as_mut());
+    let room = q.fixed_size().zip(q.room_left().ok().flatten());
     match args.output {
         OutputFormat::Json => {
             let mut v = report_json(&report, &name);
             if let (Value::Object(m), false) = (&mut v, damaged.is_empty()) {
                 m.insert("vmstate-damaged".into(), json!(damaged));
             }
+            if let (Value::Object(m), Some((size, left))) = (&mut v, room) {
+                m.insert("export-size".into(), json!(size));
+                m.insert("room-left".into(), json!(left));
+            }
             println!("{}", super::json_text(&v))
         }
-        OutputFormat::Human => print!("{}", report_human(&report)),
+        OutputFormat::Human => {
+            print!("{}", report_human(&report));
+            if let Some((size, left)) = room {
+                println!("Room left on the export: {left} of {size} bytes");
+            }
+        }
     }
     Ok(exit_code_with_vmstate(exit_code(&report), &damaged))
 }

@@ -50,6 +50,8 @@ pub struct InfoReport {
     pub qcow2: Option<ImageInfo>,
     /// Snapshots in table order.
     pub snapshots: Vec<SnapshotInfo>,
+    /// On fixed-size storage (an NBD export): its size and the bytes still free in it.
+    pub room: Option<(u64, u64)>,
 }
 
 impl InfoReport {
@@ -95,6 +97,10 @@ impl InfoReport {
             "dirty-flag".into(),
             json!(self.qcow2.as_ref().is_some_and(|q| q.dirty)),
         );
+        if let Some((size, room)) = self.room {
+            m.insert("export-size".into(), json!(size));
+            m.insert("room-left".into(), json!(room));
+        }
         Value::Object(m)
     }
 
@@ -108,6 +114,13 @@ impl InfoReport {
             self.virtual_size,
             size_to_str(self.actual_size)
         );
+        if let Some((size, room)) = self.room {
+            s.push_str(&format!(
+                "export size: {} ({size} bytes)\nroom left: {} ({room} bytes)\n",
+                size_to_str(size),
+                size_to_str(room)
+            ));
+        }
         if let Some(q) = &self.qcow2 {
             s.push_str(&format!("cluster_size: {}\n", q.cluster_size));
             if let Some(b) = &q.backing_file {
@@ -150,6 +163,13 @@ pub fn gather(args: &InfoArgs) -> Result<InfoReport, InfoError> {
         Image::Qcow2(q) => Some(q.info()),
         Image::Raw(_) => None,
     };
+    let room = match &mut img {
+        Image::Qcow2(q) => match (q.fixed_size(), q.room_left().map_err(open_err)?) {
+            (Some(size), Some(room)) => Some((size, room)),
+            _ => None,
+        },
+        Image::Raw(_) => None,
+    };
     let driver = img.driver();
     let snapshots = driver
         .snapshots()
@@ -162,6 +182,7 @@ pub fn gather(args: &InfoArgs) -> Result<InfoReport, InfoError> {
         actual_size: actual_size(&args.image),
         qcow2,
         snapshots,
+        room,
     })
 }
 

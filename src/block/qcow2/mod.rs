@@ -28,6 +28,7 @@ mod overlap;
 mod preflight;
 mod refbatch;
 mod refcount;
+mod room;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::storage::{FileStorage, Storage};
+use super::storage::{self, Storage};
 use super::{
     lock, BlockDriver, Error, Format, OpenOptions, Result, SnapshotInfo, SnapshotParams,
     SnapshotStore,
@@ -120,6 +121,32 @@ pub enum Qcow2Error {
         snap_size: u64,
         /// Current size.
         disk_size: u64,
+    },
+    /// New clusters would end past the end of fixed-size storage (an NBD export).
+    #[error(
+        "export full: {len:#x} bytes of new clusters from {offset:#x} do not fit in the \
+         storage's fixed size of {size} bytes"
+    )]
+    ExportFull {
+        /// Host offset of the first new cluster.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The storage's size.
+        size: u64,
+    },
+    /// VM state about to be saved cannot fit in what is left of fixed-size storage.
+    #[error(
+        "export full: {len} bytes of VM state do not fit in the {room} bytes left of the \
+         storage's fixed size of {size} bytes"
+    )]
+    VmStateNoRoom {
+        /// VM state size announced.
+        len: u64,
+        /// Free bytes below the storage's end.
+        room: u64,
+        /// The storage's size.
+        size: u64,
     },
     /// A compressed cluster could not be decompressed.
     #[error("could not decompress cluster at host offset {offset:#x}: {reason}")]
@@ -265,9 +292,9 @@ impl Qcow2 {
     /// # Errors
     /// Invalid options, or I/O errors.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        let storage = FileStorage::create(path)
+        let storage = storage::create(path)
             .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
-        Self::create_on(Box::new(storage), opts)
+        Self::create_on(storage, opts)
     }
 
     /// Formats `storage` as a new empty image.
@@ -427,14 +454,14 @@ impl Qcow2 {
     /// # Errors
     /// I/O errors, lock conflicts, or any header or table validation error.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self> {
-        let storage = FileStorage::open(path, !opts.read_only)
+        let storage = storage::open(path, !opts.read_only)
             .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
         if !opts.force_share {
             if let Some(f) = storage.file() {
                 lock::lock_image(f, &path.display().to_string(), !opts.read_only)?;
             }
         }
-        let mut img = Self::open_inner(Box::new(storage), opts.read_only, false)?;
+        let mut img = Self::open_inner(storage, opts.read_only, false)?;
         img.path = Some(path.to_path_buf());
         img.open_backing()?;
         Ok(img)
@@ -889,6 +916,7 @@ impl SnapshotStore for Qcow2 {
         if len == 0 {
             return Ok(());
         }
+        self.check_vmstate_room(len)?;
         // One L1 growth now, while little is unflushed, instead of one every half L1 range
         // of state (growth factor 1.5) with flushes behind the state already written.
         let last = self.vm_state_offset().saturating_add(len - 1);

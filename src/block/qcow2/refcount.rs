@@ -461,6 +461,7 @@ impl Qcow2 {
             // refuse before its count is written.
             let cb = self.layout.cluster_bits;
             self.overlap_check(ol::DATA, start << cb, n << cb)?;
+            self.check_room(start, n)?;
             // Creating refcount blocks may take clusters of the run: check again if so.
             let rb = self.layout.refblock_bits();
             let mut created = false;

@@ -3,14 +3,15 @@
 //! prints medians and ratios and never fails on a slow number.
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
-//! Cases: `limits` (always first), `block`, `vm`, `inspect`, `migrate`, `loadvm`; none named
-//! = all.
+//! Cases: `limits` (always first), `block`, `vm`, `inspect`, `migrate`, `loadvm`, `nbd`;
+//! none named = all.
 
 mod block_cases;
 mod harness;
 mod inspect_cases;
 mod loadvm_cases;
 mod migrate_cases;
+mod nbd_cases;
 #[path = "../synthetic_ram.rs"]
 mod synthetic_ram;
 mod vm_cases;
@@ -26,6 +27,7 @@ const CASES: &[Case] = &[
     ("inspect", inspect_cases::run),
     ("migrate", migrate_cases::run),
     ("loadvm", loadvm_cases::run),
+    ("nbd", nbd_cases::run),
 ];
 
 fn main() {
@@ -54,7 +56,9 @@ fn main() {
                     })
             }
             "-h" | "--help" => {
-                println!("usage: tools/scripts/bench.sh [block|vm|inspect|migrate|loadvm ...] [--runs N]");
+                println!(
+                    "usage: tools/scripts/bench.sh [block|vm|inspect|migrate|loadvm|nbd ...] [--runs N]"
+                );
                 return;
             }
             other => wanted.push(other.to_string()),

@@ -3,9 +3,11 @@
 //! prints medians and ratios and never fails on a slow number.
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
-//! Cases: `limits` (always first), `block`, `vm`, `inspect`, `migrate`; none named = all.
+//! Cases: `limits` (always first), `block`, `convert`, `vm`, `inspect`, `migrate`; none named =
+//! all.
 
 mod block_cases;
+mod convert_cases;
 mod harness;
 mod inspect_cases;
 mod migrate_cases;
@@ -20,6 +22,7 @@ type Case = (&'static str, fn(&mut Harness));
 
 const CASES: &[Case] = &[
     ("block", block_cases::run),
+    ("convert", convert_cases::run),
     ("vm", vm_cases::run),
     ("inspect", inspect_cases::run),
     ("migrate", migrate_cases::run),
@@ -51,7 +54,9 @@ fn main() {
                     })
             }
             "-h" | "--help" => {
-                println!("usage: tools/scripts/bench.sh [block|vm|inspect|migrate ...] [--runs N]");
+                println!(
+                    "usage: tools/scripts/bench.sh [block|convert|vm|inspect|migrate ...] [--runs N]"
+                );
                 return;
             }
             other => wanted.push(other.to_string()),

@@ -14,6 +14,7 @@
 //! Names and outputs follow `qemu-img`/`qemu-io` so that scripts and tests can compare them.
 
 pub mod check;
+pub mod convert;
 pub mod create;
 pub mod image;
 pub mod info;
@@ -53,6 +54,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Export a snapshot's VM state as a migration file, or import one as a snapshot.
     Vmstate(vmstate::VmstateArgs),
+    /// Convert an image (like `qemu-img convert`), keeping its internal snapshots.
+    Convert(convert::ConvertArgs),
 }
 
 /// `--output` of the reporting subcommands.
@@ -89,6 +92,9 @@ pub enum CliError {
     /// `vmstate` failed.
     #[error(transparent)]
     Vmstate(#[from] vmstate::VmstateError),
+    /// `convert` failed.
+    #[error(transparent)]
+    Convert(#[from] convert::ConvertError),
 }
 
 /// Runs the command line; returns the process exit code on success (0, or a `check` status).
@@ -106,6 +112,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Io(a) => io::io_command(&a).map(|()| 0).map_err(Into::into),
         Command::Run(a) => run::run_command(a).map_err(Into::into),
         Command::Vmstate(a) => vmstate::vmstate_command(&a).map(|()| 0).map_err(Into::into),
+        Command::Convert(a) => convert::convert_command(&a).map(|()| 0).map_err(Into::into),
     }
 }
 

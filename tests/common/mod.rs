@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod monitor;
+pub mod qemu;
 pub mod run_vm;
 pub mod ticks;
 

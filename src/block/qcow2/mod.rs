@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod check;
+pub mod copy;
 mod discard;
 pub mod entry;
 pub mod header;

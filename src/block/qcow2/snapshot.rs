@@ -86,7 +86,7 @@ impl Snapshot {
             * 8
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.resize(start + self.encoded_len(), 0);
         let b = &mut out[start..];

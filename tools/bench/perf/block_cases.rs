@@ -89,7 +89,7 @@ pub fn run(h: &mut Harness) {
 }
 
 /// Writes the base image with a single qemu-io process, unless it exists already.
-fn make_base(path: &Path) -> Result<(), String> {
+pub(crate) fn make_base(path: &Path) -> Result<(), String> {
     if path.exists() {
         return Ok(());
     }
@@ -114,7 +114,7 @@ fn make_base(path: &Path) -> Result<(), String> {
 
 /// 1 MiB aligned offsets, one in each of `WRITES` equal slots of the disk, at a
 /// pseudo-random place within the slot (so the writes neither overlap nor line up).
-fn write_offsets() -> impl Iterator<Item = u64> {
+pub(crate) fn write_offsets() -> impl Iterator<Item = u64> {
     let slot_mib = (VIRTUAL_SIZE >> 20) / WRITES;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     (0..WRITES).map(move |i| {

@@ -3,10 +3,11 @@
 //! prints medians and ratios and never fails on a slow number.
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
-//! Cases: `limits` (always first), `block`, `vm`, `inspect`, `migrate`, `loadvm`, `nbd`;
-//! none named = all.
+//! Cases: `limits` (always first), `block`, `convert`, `vm`, `inspect`, `migrate`, `loadvm`,
+//! `nbd`; none named = all.
 
 mod block_cases;
+mod convert_cases;
 mod harness;
 mod inspect_cases;
 mod loadvm_cases;
@@ -23,6 +24,7 @@ type Case = (&'static str, fn(&mut Harness));
 
 const CASES: &[Case] = &[
     ("block", block_cases::run),
+    ("convert", convert_cases::run),
     ("vm", vm_cases::run),
     ("inspect", inspect_cases::run),
     ("migrate", migrate_cases::run),
@@ -57,7 +59,7 @@ fn main() {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: tools/scripts/bench.sh [block|vm|inspect|migrate|loadvm|nbd ...] [--runs N]"
+                    "usage: tools/scripts/bench.sh [block|convert|vm|inspect|migrate|loadvm|nbd ...] [--runs N]"
                 );
                 return;
             }

@@ -27,6 +27,7 @@ pub mod layout;
 mod refbatch;
 mod refcount;
 pub mod snapshot;
+mod snaptable;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -99,12 +99,13 @@ impl StoredCounts {
         let rt = (c >> q.layout.refblock_bits()) as usize;
         if self.block.as_ref().map(|(b, _)| *b) != Some(rt) {
             self.block = None;
-            let off = q.reftable.get(rt).copied().unwrap_or(0) & OFFSET_MASK;
-            if off == 0 {
-                return Ok(0);
+            let raw = q.reftable.get(rt).copied().unwrap_or(0);
+            let off = raw & OFFSET_MASK;
+            if off == 0 || off != raw & !0x1ff {
+                return stored_refcount(q, c);
             }
             // Through the refcount cache first: a bad block is reported as before.
-            let v = q.get_refcount(c)?;
+            let v = stored_refcount(q, c)?;
             match q.refblock_copy(off) {
                 Some(d) => self.block = Some((rt, d)),
                 None => return Ok(v),
@@ -119,4 +120,28 @@ impl StoredCounts {
     pub(super) fn forget(&mut self) {
         self.block = None;
     }
+}
+
+/// The stored refcount of cluster `c` as QEMU's `qcow2_get_refcount` reads it: the
+/// refcount table entry's offset is every bit but the 9 reserved ones; an offset past what a
+/// file can hold (bit 63) fails with an I/O error, one past the end of the file reads as
+/// zeroes, an unaligned one fails.
+///
+/// # Errors
+/// Those failures, and I/O errors.
+pub(super) fn stored_refcount(q: &mut Qcow2, c: u64) -> Result<u64> {
+    let rt = (c >> q.layout.refblock_bits()) as usize;
+    let raw = q.reftable.get(rt).copied().unwrap_or(0);
+    let off = raw & !0x1ff;
+    if off > i64::MAX as u64 - q.layout.cluster_size() {
+        return Err(crate::block::Error::io(
+            format!("refcount block at {off:#x}"),
+            std::io::Error::from_raw_os_error(5),
+        ));
+    }
+    if off != raw & OFFSET_MASK {
+        // Bits 56-62: far past the end of any file, reads as zeroes.
+        return Ok(0);
+    }
+    q.get_refcount(c)
 }

@@ -5,7 +5,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::super::entry::{ClusterKind, L1Entry, L2Entry, OFLAG_COPIED};
 use super::super::Qcow2;
-use super::refs::{Refs, StoredCounts};
+use super::refs::{stored_refcount, Refs, StoredCounts};
 use super::{bump, bump_fixed, CheckReport, Repair};
 use crate::block::Result;
 
@@ -94,7 +94,7 @@ impl Qcow2 {
             if l2 == 0 || l2 % cs != 0 {
                 continue;
             }
-            let Ok(stored) = self.get_refcount(l2 >> bits) else {
+            let Ok(stored) = stored_refcount(self, l2 >> bits) else {
                 continue;
             };
             let should = stored == 1;
@@ -134,7 +134,7 @@ impl Qcow2 {
                 if le.offset() % cs != 0 {
                     continue;
                 }
-                let Ok(stored) = self.get_refcount(le.offset() >> bits) else {
+                let Ok(stored) = stored_refcount(self, le.offset() >> bits) else {
                     continue;
                 };
                 let should = stored == 1;

@@ -47,6 +47,8 @@ pub const OFF_AUTOCLEAR: u64 = 88;
 
 /// Incompatible feature bit 0: refcounts may be stale (lazy refcounts).
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// Autoclear bit 1: the external data file is a valid raw image (needs a data file).
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 /// Incompatible feature bit 1: the image was marked corrupt.
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
 /// Incompatible feature bit 2: guest data lives in an external file.

@@ -31,6 +31,7 @@ mod refbatch;
 mod refcount;
 mod room;
 pub mod snapshot;
+mod snaptable;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,7 +46,10 @@ use super::{
 use cache::MetaCache;
 pub use check::{CheckReport, Repair};
 pub use header::QCOW_MAGIC;
-use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
+use header::{
+    Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+};
 use layout::{Layout, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use snapshot::Snapshot;
 
@@ -493,18 +497,24 @@ impl Qcow2 {
             )
             .into());
         }
+        if header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
+            return Err(
+                Qcow2Error::InvalidHeader("data-file-raw requires a data file".into()).into(),
+            );
+        }
         if !read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(Qcow2Error::MarkedCorrupt.into());
         }
         // Refcount table.
         let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
-        validate_table(
+        validate_table_at(
             "Refcount table",
             header.refcount_table_offset,
             rt_bytes,
             MAX_REFTABLE_BYTES.max(cs),
             cs,
             file_len,
+            read_only,
         )?;
         if header.refcount_table_clusters == 0 {
             return Err(Qcow2Error::InvalidTable {
@@ -533,13 +543,14 @@ impl Qcow2 {
         }
         let l1_bytes = u64::from(header.l1_size) * 8;
         if header.l1_size > 0 {
-            validate_table(
+            validate_table_at(
                 "Active L1 table",
                 header.l1_table_offset,
                 l1_bytes,
                 MAX_L1_BYTES,
                 cs,
                 file_len,
+                read_only,
             )?;
         }
         let l1 = read_table(&*storage, header.l1_table_offset, u64::from(header.l1_size))?;
@@ -822,6 +833,31 @@ pub(crate) fn validate_table(
     cluster_size: u64,
     file_len: u64,
 ) -> Result<()> {
+    validate_table_at(
+        what,
+        offset,
+        bytes,
+        max_bytes,
+        cluster_size,
+        file_len,
+        false,
+    )
+}
+
+/// [`validate_table`], or with `lenient` only what QEMU's `qcow2_validate_table` checks
+/// (alignment and size limit; offset 0 and tables past the end of the file, which read as
+/// zeroes, are accepted). Read-only opens are lenient, so that `info`, `snapshot -l` and
+/// `check` see what qemu-img sees; writable opens are not, as writes would go over the
+/// header or extend the file under the table.
+pub(crate) fn validate_table_at(
+    what: &'static str,
+    offset: u64,
+    bytes: u64,
+    max_bytes: u64,
+    cluster_size: u64,
+    file_len: u64,
+    lenient: bool,
+) -> Result<()> {
     let err = |reason: String| {
         Err(Qcow2Error::InvalidTable {
             what,
@@ -833,11 +869,11 @@ pub(crate) fn validate_table(
     if bytes > max_bytes {
         return err(format!("too large ({bytes} bytes, limit {max_bytes})"));
     }
-    if offset % cluster_size != 0 || offset == 0 && bytes > 0 {
+    if offset % cluster_size != 0 || offset == 0 && bytes > 0 && !lenient {
         return err("offset invalid (not cluster aligned or zero)".into());
     }
     match offset.checked_add(bytes) {
-        Some(end) if end <= file_len => Ok(()),
+        Some(end) if end <= file_len || lenient && end <= i64::MAX as u64 => Ok(()),
         _ => err(format!(
             "extends beyond the end of the file ({file_len:#x} bytes)"
         )),

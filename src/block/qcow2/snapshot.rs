@@ -18,7 +18,7 @@
 use byteorder::{BigEndian, ByteOrder};
 
 use super::entry::{ClusterKind, L1Entry, L2Entry, OFLAG_COPIED};
-use super::header::{Header, OFF_SNAPSHOTS};
+use super::header::OFF_SNAPSHOTS;
 use super::layout::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
 use super::overlap::ol;
 use super::preflight::Walked;
@@ -56,8 +56,12 @@ pub struct Snapshot {
     pub unknown_extra: Vec<u8>,
     /// Offset of this entry in the table on disk.
     pub entry_offset: u64,
-    /// Length of this entry on disk.
+    /// Length of this entry on disk, padded to 8 bytes.
     pub entry_len: u64,
+    /// Length of this entry on disk without the padding (the table ends there).
+    pub unpadded_len: u64,
+    /// `extra_data_size` as stored (QEMU calls a v3 entry with less than 16 incomplete).
+    pub extra_data_size: u32,
 }
 
 impl Snapshot {
@@ -80,10 +84,33 @@ impl Snapshot {
         &self.unknown_extra
     }
 
-    /// Serialised length of the entry.
+    /// Serialised length of the entry, padded.
     fn encoded_len(&self) -> usize {
-        (40 + KNOWN_EXTRA + self.unknown_extra.len() + self.id.len() + self.name.len()).div_ceil(8)
-            * 8
+        self.unpadded_encoded_len().div_ceil(8) * 8
+    }
+
+    /// Serialised length of the entry without padding.
+    fn unpadded_encoded_len(&self) -> usize {
+        40 + KNOWN_EXTRA + self.unknown_extra.len() + self.id.len() + self.name.len()
+    }
+
+    /// Why this entry's L1 table cannot be used, as `qemu-img check` words it, or `None`
+    /// when it is cluster aligned and within QEMU's size limit. Entries like these are
+    /// listed (QEMU opens such images) but cannot be applied, read or deleted safely.
+    pub fn l1_problem(&self, cluster_size: u64) -> Option<String> {
+        if self.l1_table_offset % cluster_size != 0 {
+            Some(format!(
+                "snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                self.id, self.name, self.l1_table_offset
+            ))
+        } else if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            Some(format!(
+                "snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
+                self.id, self.name, self.l1_size
+            ))
+        } else {
+            None
+        }
     }
 
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
@@ -112,142 +139,7 @@ impl Snapshot {
     }
 }
 
-fn table_err(offset: u64, reason: String) -> Error {
-    Qcow2Error::InvalidTable {
-        what: "Snapshot table",
-        offset,
-        reason,
-    }
-    .into()
-}
-
-/// Reads and validates the snapshot table. Every length is checked against the table bound
-/// before anything is allocated from it.
-pub(crate) fn read_table(
-    storage: &dyn Storage,
-    h: &Header,
-    file_len: u64,
-) -> Result<Vec<Snapshot>> {
-    if h.nb_snapshots == 0 {
-        return Ok(Vec::new());
-    }
-    if h.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(table_err(
-            h.snapshots_offset,
-            format!(
-                "has too many entries ({} > {MAX_SNAPSHOTS})",
-                h.nb_snapshots
-            ),
-        ));
-    }
-    let cs = 1u64 << h.cluster_bits;
-    // Minimal size of the table: 40-byte headers plus 24 bytes of v3 extra data each.
-    let min_entry = if h.version >= 3 { 64 } else { 40 };
-    let min_bytes = u64::from(h.nb_snapshots) * min_entry;
-    validate_table(
-        "Snapshot table",
-        h.snapshots_offset,
-        min_bytes,
-        MAX_SNAPSHOT_TABLE_BYTES,
-        cs,
-        file_len,
-    )?;
-    let max_bytes = (file_len - h.snapshots_offset).min(MAX_SNAPSHOT_TABLE_BYTES);
-    // Read in growing chunks so a lying header cannot make us allocate more than the file has.
-    let mut buf = vec![0u8; max_bytes.min(min_bytes.max(64 * 1024)) as usize];
-    storage
-        .read_at(h.snapshots_offset, &mut buf)
-        .map_err(|e| Error::io("read snapshot table", e))?;
-    let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
-    let mut pos = 0usize;
-    for i in 0..h.nb_snapshots {
-        // `end` is the entry's end without padding: QEMU does not write the last entry's
-        // padding, so a table may end up to 7 bytes short of its padded size.
-        let need = |buf: &mut Vec<u8>, end: usize| -> Result<()> {
-            if end as u64 > max_bytes {
-                return Err(table_err(
-                    h.snapshots_offset,
-                    format!("entry {i} extends beyond the end of the file or the 64 MiB limit"),
-                ));
-            }
-            let end = end.div_ceil(8) * 8;
-            if end > buf.len() {
-                let old = buf.len();
-                let new_len = (end.max(old * 2) as u64).min(max_bytes.div_ceil(8) * 8) as usize;
-                buf.resize(new_len, 0);
-                storage
-                    .read_at(h.snapshots_offset + old as u64, &mut buf[old..])
-                    .map_err(|e| Error::io("read snapshot table", e))?;
-            }
-            Ok(())
-        };
-        need(&mut buf, pos + 40)?;
-        let e = &buf[pos..pos + 40];
-        let l1_table_offset = BigEndian::read_u64(&e[0..]);
-        let l1_size = BigEndian::read_u32(&e[8..]);
-        let id_len = BigEndian::read_u16(&e[12..]) as usize;
-        let name_len = BigEndian::read_u16(&e[14..]) as usize;
-        let date_sec = BigEndian::read_u32(&e[16..]);
-        let date_nsec = BigEndian::read_u32(&e[20..]);
-        let vm_clock_nsec = BigEndian::read_u64(&e[24..]);
-        let vm_state_32 = BigEndian::read_u32(&e[32..]);
-        let extra_size = BigEndian::read_u32(&e[36..]);
-        if extra_size > MAX_SNAPSHOT_EXTRA {
-            return Err(table_err(
-                h.snapshots_offset + pos as u64,
-                format!("entry {i}: Too much extra metadata in snapshot table entry ({extra_size} > {MAX_SNAPSHOT_EXTRA} bytes)"),
-            ));
-        }
-        let extra_size = extra_size as usize;
-        let unpadded = 40 + extra_size + id_len + name_len;
-        let total = unpadded.div_ceil(8) * 8;
-        need(&mut buf, pos + unpadded)?;
-        let extra = &buf[pos + 40..pos + 40 + extra_size];
-        let vm_state_size = if extra_size >= 8 {
-            BigEndian::read_u64(&extra[0..])
-        } else {
-            u64::from(vm_state_32)
-        };
-        let disk_size = if extra_size >= 16 {
-            BigEndian::read_u64(&extra[8..])
-        } else {
-            h.size
-        };
-        let icount = if extra_size >= 24 {
-            BigEndian::read_u64(&extra[16..])
-        } else {
-            u64::MAX
-        };
-        let unknown_extra = extra.get(KNOWN_EXTRA..).unwrap_or(&[]).to_vec();
-        let ids = pos + 40 + extra_size;
-        let id = String::from_utf8_lossy(&buf[ids..ids + id_len]).into_owned();
-        let name =
-            String::from_utf8_lossy(&buf[ids + id_len..ids + id_len + name_len]).into_owned();
-        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(table_err(
-                h.snapshots_offset + pos as u64,
-                format!("snapshot '{name}': Snapshot L1 table too large ({l1_size} entries)"),
-            ));
-        }
-        out.push(Snapshot {
-            l1_table_offset,
-            l1_size,
-            id,
-            name,
-            date_sec,
-            date_nsec,
-            vm_clock_nsec,
-            vm_state_size,
-            disk_size,
-            icount,
-            unknown_extra,
-            entry_offset: h.snapshots_offset + pos as u64,
-            entry_len: total as u64,
-        });
-        pos += total;
-    }
-    Ok(out)
-}
+pub(crate) use super::snaptable::read_table;
 
 /// Memory a walk may hold in changed tables and refcount blocks before writing them.
 pub(crate) const WALK_BATCH_BYTES: usize = 32 << 20;
@@ -499,6 +391,8 @@ impl Qcow2 {
         for s in &mut list {
             s.entry_offset = p;
             s.entry_len = s.encoded_len() as u64;
+            s.unpadded_len = s.unpadded_encoded_len() as u64;
+            s.extra_data_size = (KNOWN_EXTRA + s.unknown_extra.len()) as u32;
             p += s.entry_len;
         }
         self.snapshots = list;
@@ -576,6 +470,8 @@ impl Qcow2 {
             unknown_extra: p.extra_tail.clone(),
             entry_offset: 0,
             entry_len: 0,
+            unpadded_len: 0,
+            extra_data_size: 0,
         };
         let mut list = self.snapshots.clone();
         list.push(sn.clone());

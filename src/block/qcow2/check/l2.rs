@@ -1,0 +1,154 @@
+//! Checking one L2 table's entries (QEMU's `check_refcounts_l2`).
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::super::entry::{ClusterKind, L2Entry, BITMAP_ALL_ALLOC, OFLAG_ZERO};
+use super::super::Qcow2;
+use super::refs::Refs;
+use super::CheckReport;
+use crate::block::Result;
+
+/// Reserved bits of a standard (not compressed) L2 entry.
+const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+/// What checking one L2 table found, replayed for every further L1 entry that reaches the
+/// same table: a table shared by the active layer and N snapshots is read and walked once.
+#[derive(Debug, Default)]
+pub(super) struct L2Findings {
+    messages: Vec<String>,
+    corruptions: u64,
+    check_errors: u64,
+    allocated: u64,
+    compressed: u64,
+    fragmented: u64,
+}
+
+impl L2Findings {
+    /// Reports the findings for one reference (statistics only for the active layer).
+    pub(super) fn apply(&self, r: &mut CheckReport, stats: bool) {
+        r.messages.extend(self.messages.iter().cloned());
+        r.corruptions += self.corruptions;
+        r.check_errors += self.check_errors;
+        if stats {
+            r.allocated_clusters += self.allocated;
+            r.compressed_clusters += self.compressed;
+            r.fragmented_clusters += self.fragmented;
+        }
+    }
+
+    fn corruption(&mut self, msg: String) {
+        self.corruptions += 1;
+        self.messages.push(msg);
+    }
+}
+
+impl Qcow2 {
+    /// Checks one L2 table read in one piece, adding `times` references to each cluster it
+    /// points to. Findings are returned rather than reported, to be replayed per reference.
+    pub(super) fn check_l2(&mut self, l2: u64, refs: &mut Refs, times: u64) -> Result<L2Findings> {
+        let mut f = L2Findings::default();
+        let table = match self.read_l2_table(l2) {
+            Ok(t) => t,
+            Err(_) => {
+                f.check_errors += 1;
+                f.messages
+                    .push("ERROR: I/O error in check_refcounts_l2".to_string());
+                return Ok(f);
+            }
+        };
+        let es = self.layout.l2_entry_size() as usize;
+        let ext = self.layout.extended_l2;
+        // QEMU counts fragmentation within each L2 table.
+        let mut next_contiguous = 0u64;
+        for (i, p) in (0..table.len()).step_by(es).enumerate() {
+            let e = L2Entry(BigEndian::read_u64(&table[p..]));
+            let bm = if ext {
+                BigEndian::read_u64(&table[p + 8..])
+            } else {
+                0
+            };
+            self.check_l2_entry(i, e, bm, refs, times, &mut f, &mut next_contiguous);
+        }
+        Ok(f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_l2_entry(
+        &self,
+        i: usize,
+        e: L2Entry,
+        bm: u64,
+        refs: &mut Refs,
+        times: u64,
+        f: &mut L2Findings,
+        next_contiguous: &mut u64,
+    ) {
+        let cs = self.layout.cluster_size();
+        let ext = self.layout.extended_l2;
+        let kind = e.kind(ext);
+        if kind != ClusterKind::Compressed && e.0 & L2_STD_RESERVED != 0 {
+            f.corruption(format!(
+                "ERROR found l2 entry with reserved bits set: {:x}",
+                e.0
+            ));
+        }
+        match kind {
+            ClusterKind::Compressed => {
+                let shift = self.layout.csize_shift();
+                if e.copied() {
+                    f.corruption(format!(
+                        "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                        e.0 & ((1u64 << shift) - 1)
+                    ));
+                }
+                if bm != 0 {
+                    f.corruption(format!(
+                        "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={:#x}",
+                        e.0
+                    ));
+                    return;
+                }
+                let (s, end) = e.compressed_range(shift);
+                if let Err(m) = refs.inc_by(s, end - s, times) {
+                    f.corruption(m);
+                }
+                f.allocated += 1;
+                f.compressed += 1;
+                f.fragmented += 1;
+            }
+            ClusterKind::Normal | ClusterKind::ZeroAlloc => {
+                let off = e.offset();
+                if (bm >> 32) & bm != 0 {
+                    f.corruption(format!(
+                        "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                    ));
+                }
+                if off % cs != 0 {
+                    let data = if ext {
+                        bm & BITMAP_ALL_ALLOC != 0
+                    } else {
+                        e.0 & OFLAG_ZERO == 0
+                    };
+                    f.corruption(format!(
+                        "ERROR offset={off:x}: {} cluster is not properly aligned; L2 entry corrupted.",
+                        if data { "Data" } else { "Preallocated" }
+                    ));
+                }
+                f.allocated += 1;
+                if *next_contiguous != 0 && off != *next_contiguous {
+                    f.fragmented += 1;
+                }
+                *next_contiguous = off + cs;
+                if let Err(m) = refs.inc_by(off, cs, times) {
+                    f.corruption(m);
+                }
+            }
+            ClusterKind::Unallocated if bm & BITMAP_ALL_ALLOC != 0 => {
+                f.corruption(
+                    "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
+                );
+            }
+            _ => {}
+        }
+    }
+}

@@ -22,8 +22,7 @@ use super::header::OFF_SNAPSHOTS;
 use super::layout::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
 use super::overlap::ol;
 use super::preflight::Walked;
-use super::{validate_table, Qcow2, Qcow2Error};
-use crate::block::storage::Storage;
+use super::{Qcow2, Qcow2Error};
 use crate::block::{Error, Result, SnapshotInfo, SnapshotParams};
 
 /// Size of the extra data fields QEMU knows.

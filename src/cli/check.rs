@@ -81,17 +81,18 @@ fn insert_nonzero(m: &mut Map<String, Value>, key: &str, v: u64) {
 }
 
 /// `qemu-img check --output=json`'s object: optional counters only when non-zero, keys in
-/// the order QEMU 7.2 prints them (where the fixtures show it).
+/// the order QEMU 7.2 prints them (its QDict's hash-bucket order, checked against qemu-img
+/// on damaged and repaired images).
 pub fn report_json(r: &CheckReport, filename: &str) -> Value {
     let mut m = Map::new();
     insert_nonzero(&mut m, "image-end-offset", r.image_end_offset);
     insert_nonzero(&mut m, "compressed-clusters", r.compressed_clusters);
     insert_nonzero(&mut m, "total-clusters", r.total_clusters);
+    insert_nonzero(&mut m, "corruptions", r.corruptions);
+    insert_nonzero(&mut m, "corruptions-fixed", r.corruptions_fixed);
     m.insert("check-errors".into(), json!(r.check_errors));
     insert_nonzero(&mut m, "leaks", r.leaks);
-    insert_nonzero(&mut m, "corruptions", r.corruptions);
     insert_nonzero(&mut m, "leaks-fixed", r.leaks_fixed);
-    insert_nonzero(&mut m, "corruptions-fixed", r.corruptions_fixed);
     insert_nonzero(&mut m, "allocated-clusters", r.allocated_clusters);
     m.insert("filename".into(), json!(filename));
     m.insert("format".into(), json!("qcow2"));

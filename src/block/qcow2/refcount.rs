@@ -317,8 +317,20 @@ impl Qcow2 {
                     .map_err(|e| crate::block::Error::io("image size", e))?,
             ),
         );
+        let too_big = || -> crate::block::Error {
+            Qcow2Error::InvalidTable {
+                what: "Refcount table",
+                offset: self.header.refcount_table_offset,
+                reason: "would exceed QEMU's 8 MiB limit".into(),
+            }
+            .into()
+        };
         let (rt_clusters, new_blocks) = loop {
             let rt_clusters = want.div_ceil(entries_per_cluster);
+            // Before sizing anything by it: a damaged entry can ask for a huge table.
+            if rt_clusters.saturating_mul(cs) > super::MAX_REFTABLE_BYTES {
+                return Err(too_big());
+            }
             // Blocks needed for [start, start + rt_clusters + m): iterate to a fixed point.
             let mut m = 0u64;
             let blocks = loop {
@@ -342,14 +354,6 @@ impl Qcow2 {
             }
             want = need;
         };
-        if rt_clusters * cs > super::MAX_REFTABLE_BYTES {
-            return Err(Qcow2Error::InvalidTable {
-                what: "Refcount table",
-                offset: self.header.refcount_table_offset,
-                reason: "would exceed QEMU's 8 MiB limit".into(),
-            }
-            .into());
-        }
         let area_end = start + rt_clusters + new_blocks.len() as u64;
         let mut table = self.reftable.clone();
         table.resize((rt_clusters * entries_per_cluster) as usize, 0);

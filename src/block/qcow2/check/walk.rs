@@ -185,7 +185,7 @@ impl Qcow2 {
                 r.corruption(format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
-                continue;
+                // QEMU still reads a table there and checks what it finds.
             }
             if !refs.fits(l2, cs) {
                 continue;

@@ -297,3 +297,78 @@ fn qemu_loadvm_of_a_converted_snapshot_restores_guest_ram() {
         "RAM after -loadvm of the compressed copy differs"
     );
 }
+
+/// Images QEMU's tools make here, beyond the fixtures: extended L2 with subcluster writes, zero
+/// and discarded subclusters and a compressed cluster; and an overlay on a backing file (the
+/// output is flattened, as `qemu-img convert` flattens it).
+#[test]
+fn extended_l2_and_backing_file_sources() {
+    if !require(
+        "extended_l2_and_backing_file_sources",
+        &["qemu-img", "qemu-io"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let (x, base, ov, out) = (p("x.qcow2"), p("base.qcow2"), p("ov.qcow2"), p("out.qcow2"));
+    let io = |img: &Path, cmds: &[&str]| {
+        qemu_io(
+            "qcow2",
+            img,
+            &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        )
+        .ok();
+    };
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        s(&x),
+        "16M",
+    ])
+    .ok();
+    io(
+        &x,
+        &[
+            "write -P 0x11 0 8k",
+            "write -P 0x12 100k 2k",
+            "write -z 200k 64k",
+        ],
+    );
+    qemu_img(&["snapshot", "-c", "a", s(&x)]).ok();
+    io(
+        &x,
+        &[
+            "write -P 0x21 4k 2k",
+            "write -c -P 0x22 1M 64k",
+            "discard 100k 2k",
+        ],
+    );
+    qemu_img(&["snapshot", "-c", "b", s(&x)]).ok();
+    io(&x, &["write -P 0x31 2M 6k"]);
+    for v in [
+        &[][..],
+        &["-o", "extended_l2=on"],
+        &["-o", "cluster_size=4k"],
+        &["-c"],
+    ] {
+        convert(&x, &out, v);
+        assert_same_tree(&x, &out, dir.path(), &format!("extended L2 {v:?}"));
+        assert!(allocated(&out) * 10 <= allocated(&x) * 11, "{v:?}");
+    }
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]).ok();
+    io(&base, &["write -P 0x55 0 4M"]);
+    let b = format!("backing_file={},backing_fmt=qcow2", s(&base));
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &b, s(&ov)]).ok();
+    io(&ov, &["write -P 0x66 1M 64k"]);
+    qemu_img(&["snapshot", "-c", "s", s(&ov)]).ok();
+    io(&ov, &["write -P 0x77 2M 64k"]);
+    convert(&ov, &out, &[]);
+    assert_same_tree(&ov, &out, dir.path(), "overlay");
+    let info = qemu_img(&["info", s(&out)]).ok().stdout;
+    assert!(!info.contains("backing file"), "{info}");
+}

@@ -16,6 +16,7 @@ use super::super::layout::{Layout, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHO
 use super::super::refcount::set_in_block;
 use super::super::snapshot::Snapshot;
 use super::super::Compat;
+use super::writer::write_sparse;
 use super::{CopyError, CopyOptions, Result};
 use crate::block::storage::Storage;
 
@@ -170,12 +171,7 @@ pub(super) fn write_tail(
         }
     }
     // Writing: L2 tables, L1 tables, snapshot table, refcount table and blocks.
-    let w = |off: u64, b: &[u8]| {
-        out.write_at(off, b).map_err(|source| CopyError::Write {
-            offset: off,
-            source,
-        })
-    };
+    let w = |off: u64, b: &[u8]| write_sparse(out, off, b);
     let mut batch = Vec::with_capacity((8 << 20).min(store.tables.len() * cs as usize));
     let mut batch_at = l2_first * cs;
     for t in &store.tables {

@@ -6,6 +6,10 @@ use super::super::layout::Layout;
 use super::{CopyError, Result};
 use crate::block::storage::Storage;
 
+/// Granularity of the holes left for all-zero parts of the data area.
+const SPARSE_BLOCK: usize = 4096;
+/// An all-zero block to compare against.
+static ZERO_BLOCK: [u8; SPARSE_BLOCK] = [0; SPARSE_BLOCK];
 /// Buffered bytes written out at once.
 const FLUSH_AT: usize = 8 << 20;
 /// QEMU inflates zlib clusters with a 4 KiB window (`inflateInit2(-12)`): deflate output
@@ -63,12 +67,7 @@ impl<'a> DataWriter<'a> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.out
-            .write_at(self.buf_start, &self.buf)
-            .map_err(|source| CopyError::Write {
-                offset: self.buf_start,
-                source,
-            })?;
+        write_sparse(self.out, self.buf_start, &self.buf)?;
         self.buf_start += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
@@ -107,6 +106,34 @@ impl<'a> DataWriter<'a> {
         self.flush()?;
         Ok(self.pos())
     }
+}
+
+/// Writes `buf` at `at` in a new file, leaving out its all-zero blocks: they read as zeroes
+/// without taking space (as the unwritten subclusters and table tails of a QEMU image).
+pub(super) fn write_sparse(out: &dyn Storage, at: u64, buf: &[u8]) -> Result<()> {
+    let blocks: Vec<bool> = buf
+        .chunks(SPARSE_BLOCK)
+        .map(|b| b != &ZERO_BLOCK[..b.len()])
+        .collect();
+    let mut i = 0;
+    while i < blocks.len() {
+        if !blocks[i] {
+            i += 1;
+            continue;
+        }
+        let j = (i..blocks.len())
+            .find(|&j| !blocks[j])
+            .unwrap_or(blocks.len());
+        let (s, e) = (i * SPARSE_BLOCK, (j * SPARSE_BLOCK).min(buf.len()));
+        let off = at + s as u64;
+        out.write_at(off, &buf[s..e])
+            .map_err(|source| CopyError::Write {
+                offset: off,
+                source,
+            })?;
+        i = j;
+    }
+    Ok(())
 }
 
 /// `data` compressed, if the result is at most `limit` bytes.

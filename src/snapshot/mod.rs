@@ -25,7 +25,9 @@
 pub mod capture;
 pub mod disks;
 pub mod list;
+pub mod live;
 pub mod progress;
+pub mod save_info;
 pub mod state_io;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

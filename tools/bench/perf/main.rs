@@ -3,7 +3,8 @@
 //! prints medians and ratios and never fails on a slow number.
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
-//! Cases: `limits` (always first), `block`, `vm`, `inspect`, `migrate`; none named = all.
+//! Cases: `limits` (always first), `block`, `vm`, `vm-live`, `inspect`, `migrate`; none named
+//! = all.
 
 mod block_cases;
 mod harness;
@@ -12,6 +13,7 @@ mod migrate_cases;
 #[path = "../synthetic_ram.rs"]
 mod synthetic_ram;
 mod vm_cases;
+mod vm_live_cases;
 
 use harness::Harness;
 
@@ -21,6 +23,7 @@ type Case = (&'static str, fn(&mut Harness));
 const CASES: &[Case] = &[
     ("block", block_cases::run),
     ("vm", vm_cases::run),
+    ("vm-live", vm_live_cases::run),
     ("inspect", inspect_cases::run),
     ("migrate", migrate_cases::run),
 ];
@@ -51,7 +54,7 @@ fn main() {
                     })
             }
             "-h" | "--help" => {
-                println!("usage: tools/scripts/bench.sh [block|vm|inspect|migrate ...] [--runs N]");
+                println!("usage: tools/scripts/bench.sh [block|vm|vm-live|inspect|migrate ...] [--runs N]");
                 return;
             }
             other => wanted.push(other.to_string()),

@@ -46,13 +46,13 @@ enum Side {
 }
 
 /// A monitor connection (QEMU HMP or vmsnap's monitor; both line-based).
-struct Monitor {
+pub(crate) struct Monitor {
     stream: UnixStream,
     reader: BufReader<UnixStream>,
 }
 
 impl Monitor {
-    fn connect(path: &Path, child: &mut Child, log: &Path) -> Result<Monitor, String> {
+    pub(crate) fn connect(path: &Path, child: &mut Child, log: &Path) -> Result<Monitor, String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(s) = UnixStream::connect(path) {
@@ -74,7 +74,7 @@ impl Monitor {
 
     /// Sends `line` then `info status`; returns everything read until the status answer and
     /// the time this took.
-    fn cmd(&mut self, line: &str) -> Result<(String, Duration), String> {
+    pub(crate) fn cmd(&mut self, line: &str) -> Result<(String, Duration), String> {
         let t = Instant::now();
         self.stream
             .write_all(format!("{line}\ninfo status\n").as_bytes())
@@ -98,13 +98,45 @@ impl Monitor {
     }
 
     /// [`Monitor::cmd`], failing if the answer carries an error.
-    fn timed(&mut self, line: &str) -> Result<Duration, String> {
+    pub(crate) fn timed(&mut self, line: &str) -> Result<Duration, String> {
         let (out, d) = self.cmd(line)?;
         if out.contains("Error") || out.contains("rror:") {
             return Err(format!("{line}: {}", out.trim()));
         }
         Ok(d)
     }
+}
+
+impl Monitor {
+    /// Sends raw bytes (a `quit` nobody waits an answer for).
+    pub(crate) fn stream_write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(data)
+    }
+}
+
+/// QEMU's `savevm` time for `mib` MiB of RAM from `ram_file` (fresh image, one process):
+/// the vm-live cases' reference.
+pub(crate) fn qemu_savevm_time(h: &Harness, ram_file: &Path, mib: u64) -> Result<Duration, String> {
+    let mut s = Setup {
+        ram_file: ram_file.to_path_buf(),
+        ram_bytes: mib << 20,
+        image: h.path("qlive.qcow2"),
+        sock: h.path("qlive.sock"),
+        log: h.path("qlive.log"),
+        qemu_accel: "kvm",
+    };
+    s.qemu_accel = qemu_accel(&s).ok_or("qemu-system-x86_64 does not start")?;
+    create_image(&s)?;
+    let mut child = spawn(Side::Qemu, &s, s.qemu_accel)?;
+    let r = Monitor::connect(&s.sock, &mut child, &s.log).and_then(|mut m| {
+        m.cmd("")?;
+        let d = m.timed("savevm t")?;
+        let _ = m.stream_write(b"quit\n");
+        Ok(d)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    r
 }
 
 /// Paths and sizes shared by the runs.

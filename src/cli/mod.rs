@@ -21,6 +21,7 @@ pub mod info;
 pub mod io;
 pub mod localtime;
 pub mod run;
+pub mod savevm;
 pub mod size;
 pub mod snapshot;
 pub mod table;

@@ -448,7 +448,9 @@ fn drive_paths<'a>(
 
 /// Monitor commands of the snapshot layer, then the VMM's own.
 const SNAPSHOT_HELP: &str = "\
-savevm [tag] -- save a VM snapshot; without a tag, a name is made from the date
+savevm [-l] [tag] -- save a VM snapshot; without a tag, a name is made from the date;
+                  -l: live, the guest runs while its RAM is written
+info savevm -- show the status of the last savevm
 loadvm [-e] tag -- restore a VM snapshot from its tag (lazily: RAM is filled after the resume; -e: read all RAM first)
 info loadvm -- show the status of the last loadvm
 delvm tag   -- delete a VM snapshot from its tag
@@ -569,20 +571,24 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
     }
     // savevm honours the x-vmsnap-lz4 migration capability, as QEMU's savevm honours the
     // migration capabilities that change the stream.
-    let save_opts = snapshot::SaveOptions {
-        lz4: cx.mig.capabilities().lz4(),
+    let save = |tag: Option<&str>, live: bool| {
+        let mut reply = Ok(String::new());
+        let _ = timed("savevm", |p| {
+            reply = super::savevm::savevm(cx, tag, live, p);
+            Ok(())
+        });
+        Outcome::Continue(reply.unwrap_or_else(|e| e))
     };
     let paths = drive_paths(cx.mig.drives().iter().map(|d| (&d.path, d.format)));
     let lazy_load = |tag: &str, mode, p: snapshot::ProgressFn<'_>| {
         snapshot::lazy::loadvm(vm, tag, mode, &paths, p).map(|()| String::new())
     };
     let result = match words.as_slice() {
-        ["savevm"] => timed("savevm", |p| {
-            snapshot::savevm_with_options(vm, None, &save_opts, p).map(|_| String::new())
-        }),
-        ["savevm", tag] => timed("savevm", |p| {
-            snapshot::savevm_with_options(vm, Some(tag), &save_opts, p).map(|_| String::new())
-        }),
+        ["savevm"] => return save(None, false),
+        ["savevm", "-l"] => return save(None, true),
+        ["savevm", "-l", tag] => return save(Some(tag), true),
+        ["savevm", tag] => return save(Some(tag), false),
+        ["info", "savevm"] => Ok(super::savevm::info_savevm()),
         ["loadvm", "-e", tag] => timed("loadvm", |p| {
             lazy_load(tag, snapshot::lazy::LoadMode::Eager, p)
         }),

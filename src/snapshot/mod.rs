@@ -27,7 +27,9 @@ pub mod disks;
 pub mod lazy;
 pub mod lazy_index;
 pub mod list;
+pub mod live;
 pub mod progress;
+pub mod save_info;
 pub mod state_io;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

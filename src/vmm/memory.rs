@@ -1,5 +1,13 @@
-//! Guest RAM: one anonymous mmap (vm-memory) registered as KVM memory slot 0 at GPA 0,
-//! optionally filled from a file first (`vmsnap run --mem-path`).
+//! Guest RAM: one anonymous mmap, optionally filled from a file first (`vmsnap run
+//! --mem-path`), mapped into the guest as QEMU's pc machine maps its one `pc.ram` block:
+//! all of it from GPA 0 (KVM slot 0) when it fits below the 32-bit PCI hole, else the first
+//! 3 GiB from GPA 0 and the rest from 4 GiB up (slot 1). The RAM offsets the migration
+//! stream uses are offsets into the one mapping, whatever the GPA.
+//!
+//! ```text
+//!  host mapping:  [0 ............ below)[below ............ size)
+//!  guest (GPA):   [0 ............ below)  hole  [4G ... 4G + size - below)
+//! ```
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,10 +20,63 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Smallest guest RAM accepted.
 pub const MIN_MEM_SIZE: u64 = 2 << 20;
-/// Largest guest RAM accepted: 2 GiB, below the KVM TSS/identity-map pages at 0xfffb_d000
-/// (the built-in guests map and use only the first GiB; the rest is plain memory that
-/// savevm/loadvm move like any other).
-pub const MAX_MEM_SIZE: u64 = 2 << 30;
+/// Largest guest RAM accepted: 64 GiB (the built-in guests map and use only the first GiB;
+/// the rest is plain memory, allocated by the host when first touched, that savevm/loadvm
+/// move like any other).
+pub const MAX_MEM_SIZE: u64 = 64 << 30;
+/// QEMU's default `max-ram-below-4g`: RAM smaller than this lies wholly below 4 GiB.
+pub const MAX_RAM_BELOW_4G: u64 = 0xe000_0000;
+/// Where RAM below 4 GiB ends when it does not fit (pc-i440fx's `gigabyte_align`).
+pub const LOWMEM_SPLIT: u64 = 0xc000_0000;
+/// GPA of the RAM above the 32-bit hole.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+
+/// QEMU's pc machine RAM split (hw/i386/pc_piix.c `pc_init1`, pc-i440fx with
+/// `gigabyte_align`): RAM of at least [`MAX_RAM_BELOW_4G`] gets [`LOWMEM_SPLIT`] bytes below
+/// 4 GiB and the rest above; smaller RAM lies wholly below. Returns (below, above).
+pub fn split(size: u64) -> (u64, u64) {
+    if size >= MAX_RAM_BELOW_4G {
+        (LOWMEM_SPLIT, size - LOWMEM_SPLIT)
+    } else {
+        (size, 0)
+    }
+}
+
+/// The RAM offset (into the one mapping, as the stream counts) of guest-physical `gpa` in a
+/// guest with `size` bytes of RAM, or `None` in the hole or beyond RAM.
+pub fn ram_offset(gpa: u64, size: u64) -> Option<u64> {
+    let (below, above) = split(size);
+    if gpa < below {
+        Some(gpa)
+    } else if gpa >= HIGH_RAM_START && gpa - HIGH_RAM_START < above {
+        Some(gpa - HIGH_RAM_START + below)
+    } else {
+        None
+    }
+}
+
+/// An anonymous mapping that two guest regions share and that vm-memory does not own:
+/// unmapped on drop.
+#[derive(Debug)]
+pub struct RamMapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; the pointer is only used to unmap it on drop.
+unsafe impl Send for RamMapping {}
+// SAFETY: as above; `RamMapping` offers no access to the memory.
+unsafe impl Sync for RamMapping {}
+
+impl Drop for RamMapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` are the mapping made in `create_split`, unmapped only here;
+        // its owner (the VM) drops it after the guest memory regions that point into it.
+        unsafe {
+            libc::munmap(self.addr.cast(), self.len);
+        }
+    }
+}
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +140,70 @@ pub enum MemoryError {
     },
 }
 
-/// Allocates guest RAM of `size` bytes.
-pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// Allocates guest RAM of `size` bytes, laid out as [`split`] says. With RAM above 4 GiB the
+/// returned [`RamMapping`] owns the memory and must outlive the regions.
+pub fn create_ram(size: u64) -> Result<(GuestMemoryMmap, Option<RamMapping>), MemoryError> {
     if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&size) || size % 4096 != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    match split(size) {
+        (_, 0) => Ok((create(size)?, None)),
+        (below, above) => create_split(size, below, above).map(|(m, o)| (m, Some(o))),
+    }
+}
+
+/// One anonymous mapping of `size` bytes seen as two guest regions: `below` bytes at GPA 0,
+/// `above` bytes at [`HIGH_RAM_START`].
+fn create_split(
+    size: u64,
+    below: u64,
+    above: u64,
+) -> Result<(GuestMemoryMmap, RamMapping), MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks; checked below.
+    let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
+    if addr == libc::MAP_FAILED {
+        return Err(MemoryError::Allocate {
+            size,
+            source: vm_memory::mmap::Error::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(
+                std::io::Error::last_os_error(),
+            )),
+        });
+    }
+    let owner = RamMapping {
+        addr: addr.cast(),
+        len,
+    };
+    // SAFETY: as in `create`: advice only, on the live mapping just made.
+    unsafe {
+        libc::madvise(addr, len, libc::MADV_HUGEPAGE);
+    }
+    let alloc = |source| MemoryError::Allocate { size, source };
+    let region = |offset: u64, n: u64, gpa: u64| {
+        // SAFETY: `[addr + offset, addr + offset + n)` lies inside the mapping `owner` keeps
+        // alive (the VM holds it past its guest memory); the two regions do not overlap.
+        let r = unsafe {
+            vm_memory::MmapRegion::build_raw(
+                owner.addr.add(offset as usize),
+                n as usize,
+                prot,
+                flags,
+            )
+        }
+        .map_err(|e| alloc(vm_memory::mmap::Error::MmapRegion(e)))?;
+        vm_memory::GuestRegionMmap::new(r, GuestAddress(gpa)).map_err(alloc)
+    };
+    let low = region(0, below, 0)?;
+    let high = region(below, above, HIGH_RAM_START)?;
+    let mem = GuestMemoryMmap::from_regions(vec![low, high]).map_err(alloc)?;
+    Ok((mem, owner))
+}
+
+/// Allocates guest RAM of `size` bytes as one region at GPA 0 (RAM below the PCI hole).
+pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&size) || size % 4096 != 0 || split(size).1 != 0 {
         return Err(MemoryError::BadSize(size));
     }
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
@@ -190,11 +312,13 @@ pub fn dirty_bitmap(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, Memory
 }
 
 /// Guest pages written by the VMM itself (device DMA), which KVM's dirty log cannot see.
-/// Same layout as [`dirty_bitmap`] for the single slot at GPA 0; only recorded while enabled.
+/// Same layout as [`dirty_bitmap`] (bits per page of the RAM mapping); only recorded while
+/// enabled.
 #[derive(Debug)]
 pub struct DmaDirtyLog {
     enabled: AtomicBool,
     words: Vec<AtomicU64>,
+    mem_size: u64,
 }
 
 impl DmaDirtyLog {
@@ -204,6 +328,7 @@ impl DmaDirtyLog {
         DmaDirtyLog {
             enabled: AtomicBool::new(false),
             words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            mem_size,
         }
     }
 
@@ -222,7 +347,12 @@ impl DmaDirtyLog {
         }
         let first = gpa / PAGE_SIZE;
         let last = gpa.saturating_add(len - 1) / PAGE_SIZE;
-        for page in first..=last {
+        for gpage in first..=last {
+            // Bits are per page of the RAM mapping, as the stream and KVM's slots count.
+            let Some(page) = ram_offset(gpage * PAGE_SIZE, self.mem_size).map(|o| o / PAGE_SIZE)
+            else {
+                continue;
+            };
             if let Some(w) = self.words.get((page / 64) as usize) {
                 w.fetch_or(1 << (page % 64), Ordering::SeqCst);
             }
@@ -279,6 +409,37 @@ mod tests {
         assert!(err.to_string().contains("0x400000"), "{err}");
         let err = fill_from_file(&m, &dir.path().join("missing")).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn ram_is_split_around_the_pci_hole_as_qemu_pc() {
+        // hw/i386/pc_piix.c: below 3.5 GiB all low; from 3.5 GiB on, 3 GiB low.
+        assert_eq!(split(2 << 30), (2 << 30, 0));
+        assert_eq!(split(0xdfff_f000), (0xdfff_f000, 0));
+        assert_eq!(split(0xe000_0000), (0xc000_0000, 0x2000_0000));
+        assert_eq!(split(5 << 30), (3 << 30, 2 << 30));
+        assert_eq!(ram_offset(0x1000, 5 << 30), Some(0x1000));
+        assert_eq!(ram_offset(3 << 30, 5 << 30), None);
+        assert_eq!(
+            ram_offset((4 << 30) + 0x1000, 5 << 30),
+            Some((3 << 30) + 0x1000)
+        );
+        assert_eq!(ram_offset(6 << 30, 5 << 30), None);
+        let (mem, owner) = create_ram(5 << 30).unwrap();
+        assert!(owner.is_some());
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, [(0, 3 << 30), (4 << 30, 2 << 30)]);
+        // One mapping: the high region starts where the low one ends.
+        let lo = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        let hi = mem.get_host_address(GuestAddress(4 << 30)).unwrap() as usize;
+        assert_eq!(hi - lo, 3 << 30);
+        // DMA to high RAM is logged at its RAM offset.
+        let log = DmaDirtyLog::new(5 << 30);
+        log.set_enabled(true);
+        log.mark((4 << 30) + 64 * 4096, 1);
+        let words = log.take();
+        assert_eq!(words[((3u64 << 30) / 4096 / 64 + 1) as usize], 1);
+        assert!(matches!(create(5 << 30), Err(MemoryError::BadSize(_))));
     }
 
     #[test]

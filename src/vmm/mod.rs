@@ -181,6 +181,10 @@ pub struct Vm {
     pause_reason: Mutex<Option<&'static str>>,
     // Keeps /dev/kvm open for as long as the VM exists.
     _kvm: Kvm,
+    /// The mapping under guest RAM when it is split around the PCI hole (see
+    /// `memory::create_ram`). Declared last: dropped after `mem` and the devices' clones of
+    /// it, once the vCPU threads are joined.
+    _ram_owner: Option<memory::RamMapping>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -214,7 +218,7 @@ impl Vm {
             source,
         })?;
         vm::create_irqchip_and_pit(&vm)?;
-        let mem = memory::create(config.mem_size)?;
+        let (mem, ram_owner) = memory::create_ram(config.mem_size)?;
         if let Some(path) = ram_file {
             memory::fill_from_file(&mem, path)?;
         }
@@ -284,6 +288,7 @@ impl Vm {
             captured: Mutex::new(Vec::new()),
             pause_reason: Mutex::new(None),
             _kvm: kvm,
+            _ram_owner: ram_owner,
         };
         vm.spawn_threads()?;
         Ok(vm)
@@ -444,14 +449,22 @@ impl Vm {
     /// while the VM is paused for a consistent picture.
     pub fn ram(&self) -> &[u8] {
         let region = self.mem.iter().next();
+        let len = self.ram_len();
         match region {
-            // SAFETY: the region is one anonymous mapping of `len()` bytes owned by `self.mem`,
-            // which lives as long as the returned borrow of `self`. The vCPUs may write it
+            // SAFETY: the regions are one anonymous mapping of `len` bytes, the first region
+            // at its start (memory::create_ram), owned by `self.mem` or `self._ram_owner`,
+            // which live as long as the returned borrow of `self`. The vCPUs may write it
             // concurrently while running (callers read it while paused, when they cannot);
             // the bytes are plain data, every value is valid.
-            Some(r) => unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) },
+            Some(r) => unsafe { std::slice::from_raw_parts(r.as_ptr(), len) },
             None => &[],
         }
+    }
+
+    /// Bytes of guest RAM (all regions: they are one mapping).
+    fn ram_len(&self) -> usize {
+        let len: u64 = self.mem.iter().map(|r| r.len()).sum();
+        usize::try_from(len).unwrap_or(0)
     }
 
     /// Lends guest RAM as a mutable byte slice to `f`, for loading it. The vCPUs must be
@@ -459,14 +472,16 @@ impl Vm {
     /// vCPU's port I/O).
     pub fn with_ram_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
         self.ensure_parked("writing guest RAM")?;
+        let len = self.ram_len();
         let Some(r) = self.mem.iter().next() else {
             return Ok(f(&mut []));
         };
-        // SAFETY: the region is one anonymous mapping of `len()` bytes owned by `self.mem`,
-        // alive for the whole call. Every vCPU is parked (checked above) and the device
-        // models only access RAM from inside a vCPU's exit, so nothing else touches the
-        // memory while `f` holds the slice; the slice does not escape `f`.
-        let mem = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) };
+        // SAFETY: the regions are one anonymous mapping of `len` bytes, the first region at
+        // its start (memory::create_ram), alive for the whole call. Every vCPU is parked
+        // (checked above) and the device models only access RAM from inside a vCPU's exit,
+        // so nothing else touches the memory while `f` holds the slice; the slice does not
+        // escape `f`.
+        let mem = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), len) };
         Ok(f(mem))
     }
 

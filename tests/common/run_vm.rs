@@ -34,12 +34,24 @@ pub fn assert_check(path: &Path) {
 /// The command line of run number `run` in `dir` (monitor `mon{run}.sock`, serial
 /// `serial{run}.txt`).
 pub fn command(dir: &Path, drives: &[String], smp: u32, loadvm: Option<&str>, run: u32) -> Command {
+    command_with_memory(dir, drives, smp, loadvm, run, "16M")
+}
+
+/// [`command`] with `memory` of guest RAM.
+pub fn command_with_memory(
+    dir: &Path,
+    drives: &[String],
+    smp: u32,
+    loadvm: Option<&str>,
+    run: u32,
+    memory: &str,
+) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
     cmd.arg("run");
     for d in drives {
         cmd.args(["--drive", d]);
     }
-    cmd.args(["--guest", "counter", "--memory", "16M", "--smp"])
+    cmd.args(["--guest", "counter", "--memory", memory, "--smp"])
         .arg(smp.to_string())
         .arg("--serial")
         .arg(format!(
@@ -79,7 +91,8 @@ impl RunVm {
         Self::start_with(dir, drives, smp, loadvm, run, &[])
     }
 
-    /// [`RunVm::start`] with more arguments for `vmsnap run`.
+    /// [`RunVm::start`] with more `vmsnap run` arguments (`--mem-path`, `--dirty-rate`,
+    /// `--memory SIZE` instead of 16M).
     pub fn start_with(
         dir: &Path,
         drives: &[String],
@@ -88,8 +101,16 @@ impl RunVm {
         run: u32,
         extra: &[&str],
     ) -> RunVm {
-        let mut child = command(dir, drives, smp, loadvm, run)
-            .args(extra)
+        let at = extra.iter().position(|a| *a == "--memory");
+        let memory = at.and_then(|i| extra.get(i + 1)).copied().unwrap_or("16M");
+        let rest: Vec<&str> = extra
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !matches!(at, Some(a) if *i == a || *i == a + 1))
+            .map(|(_, a)| *a)
+            .collect();
+        let mut child = command_with_memory(dir, drives, smp, loadvm, run, memory)
+            .args(rest)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -223,9 +223,14 @@ impl Qcow2 {
     /// were computed from, and a crash leaves counts at or above the references, as the
     /// cluster-by-cluster order did.
     fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, walk: Walk) -> Result<()> {
+        self.walk_l1_upto(l1_offset, l1_size, usize::MAX, walk)
+    }
+
+    /// [`Qcow2::walk_l1`] over the first `end` L1 entries only.
+    fn walk_l1_upto(&mut self, l1_offset: u64, l1_size: u32, end: usize, walk: Walk) -> Result<()> {
         self.begin_refcount_batch();
         let mut pending = PendingTables::default();
-        let r = self.walk_l1_batched(l1_offset, l1_size, walk, &mut pending);
+        let r = self.walk_l1_batched(l1_offset, l1_size, end, walk, &mut pending);
         let r = r.and_then(|()| self.write_walk_batch(l1_offset, &mut pending));
         let ok = r.is_ok();
         let end = self.end_refcount_batch(ok);
@@ -236,6 +241,7 @@ impl Qcow2 {
         &mut self,
         l1_offset: u64,
         l1_size: u32,
+        end: usize,
         walk: Walk,
         pending: &mut PendingTables,
     ) -> Result<()> {
@@ -253,7 +259,7 @@ impl Qcow2 {
         };
         let es = self.layout.l2_entry_size() as usize;
         let ext = self.layout.extended_l2;
-        for (i, &raw_l1) in l1.iter().enumerate() {
+        for (i, &raw_l1) in l1.iter().enumerate().take(end) {
             let l2 = L1Entry(raw_l1).l2_offset();
             if l2 == 0 {
                 continue;
@@ -450,10 +456,23 @@ impl Qcow2 {
             self.swrite_meta(ol::INACTIVE_L1, off, &raw)?;
             off
         };
-        // 2. +1 on everything the active table reaches; COPIED flags cleared.
+        // 2. +1 on everything the active table reaches below the VM state area; COPIED
+        // flags cleared. With VM state, the area's L2 tables move to the snapshot instead:
+        // the L1 copy references them and the active L1 drops them, so every cluster keeps
+        // its number of references and none needs a count change (a crash before the table
+        // is published leaks them, never more).
         let active_off = self.header.l1_table_offset;
         let active_size = self.l1.len() as u32;
-        self.walk_l1(active_off, active_size, Walk::Inc)?;
+        let moved = if p.vm_state_size > 0 {
+            let idx = self.layout.l1_vm_state_index(self.header.size);
+            usize::try_from(idx)
+                .unwrap_or(usize::MAX)
+                .min(self.l1.len())
+        } else {
+            self.l1.len()
+        };
+        self.walk_l1_upto(active_off, active_size, moved, Walk::Inc)?;
+        self.drop_active_l1_from(moved)?;
         // 3. Publish the new table (flush, header commit, free old table).
         let sn = Snapshot {
             l1_table_offset: l1_off,
@@ -475,20 +494,29 @@ impl Qcow2 {
         let mut list = self.snapshots.clone();
         list.push(sn.clone());
         self.publish_table(list)?;
-        // 4. The VM state is not needed in the active layer any more.
-        if p.vm_state_size > 0 {
-            let cs = self.layout.cluster_size();
-            let off = self.vm_state_offset();
-            let len = p.vm_state_size.div_ceil(cs) * cs;
-            self.zero_vmstate(off, len)?;
-        }
         self.sflush()?;
         Ok(sn.info())
     }
 
-    /// Discards whole clusters of the VM state area of the active layer.
-    fn zero_vmstate(&mut self, off: u64, len: u64) -> Result<()> {
-        self.zero_guest(off, len, true)
+    /// Clears the active L1 entries from index `from` on (the VM state area that moved to a
+    /// new snapshot), in memory and with one write.
+    fn drop_active_l1_from(&mut self, from: usize) -> Result<()> {
+        let Some(tail) = self.l1.get(from..) else {
+            return Ok(());
+        };
+        if tail.iter().all(|&e| e == 0) {
+            return Ok(());
+        }
+        for &e in tail {
+            let l2 = L1Entry(e).l2_offset();
+            if l2 != 0 {
+                self.l2_cache.forget(l2);
+            }
+        }
+        let zeros = vec![0u8; tail.len() * 8];
+        self.swrite(self.header.l1_table_offset + from as u64 * 8, &zeros)?;
+        self.l1[from..].fill(0);
+        Ok(())
     }
 
     /// Reverts the active layer to a snapshot (QEMU `qcow2_snapshot_goto`).

@@ -3,8 +3,8 @@
 //! prints medians and ratios and never fails on a slow number.
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
-//! Cases: `limits` (always first), `block`, `convert`, `vm`, `inspect`, `migrate`, `loadvm`,
-//! `nbd`; none named = all.
+//! Cases: `limits` (always first), `block`, `convert`, `vm`, `vm-live`, `inspect`, `migrate`,
+//! `loadvm`, `nbd`; none named = all.
 
 mod block_cases;
 mod convert_cases;
@@ -16,6 +16,7 @@ mod nbd_cases;
 #[path = "../synthetic_ram.rs"]
 mod synthetic_ram;
 mod vm_cases;
+mod vm_live_cases;
 
 use harness::Harness;
 
@@ -26,6 +27,7 @@ const CASES: &[Case] = &[
     ("block", block_cases::run),
     ("convert", convert_cases::run),
     ("vm", vm_cases::run),
+    ("vm-live", vm_live_cases::run),
     ("inspect", inspect_cases::run),
     ("migrate", migrate_cases::run),
     ("loadvm", loadvm_cases::run),
@@ -59,7 +61,7 @@ fn main() {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: tools/scripts/bench.sh [block|convert|vm|inspect|migrate|loadvm|nbd ...] [--runs N]"
+                    "usage: tools/scripts/bench.sh [block|convert|vm|vm-live|inspect|migrate|loadvm|nbd ...] [--runs N]"
                 );
                 return;
             }

@@ -107,6 +107,38 @@ impl Monitor {
     }
 }
 
+impl Monitor {
+    /// Sends raw bytes (a `quit` nobody waits an answer for).
+    pub(crate) fn stream_write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(data)
+    }
+}
+
+/// QEMU's `savevm` time for `mib` MiB of RAM from `ram_file` (fresh image, one process):
+/// the vm-live cases' reference.
+pub(crate) fn qemu_savevm_time(h: &Harness, ram_file: &Path, mib: u64) -> Result<Duration, String> {
+    let mut s = Setup {
+        ram_file: ram_file.to_path_buf(),
+        ram_bytes: mib << 20,
+        image: h.path("qlive.qcow2"),
+        sock: h.path("qlive.sock"),
+        log: h.path("qlive.log"),
+        qemu_accel: "kvm",
+    };
+    s.qemu_accel = qemu_accel(&s).ok_or("qemu-system-x86_64 does not start")?;
+    create_image(&s)?;
+    let mut child = spawn(Side::Qemu, &s, s.qemu_accel)?;
+    let r = Monitor::connect(&s.sock, &mut child, &s.log).and_then(|mut m| {
+        m.cmd("")?;
+        let d = m.timed("savevm t")?;
+        let _ = m.stream_write(b"quit\n");
+        Ok(d)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    r
+}
+
 /// Paths and sizes shared by the runs.
 struct Setup {
     ram_file: PathBuf,

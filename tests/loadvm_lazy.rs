@@ -29,8 +29,8 @@ fn random_ram(dir: &Path) -> (PathBuf, Vec<u8>) {
 
 /// Snapshot `tag`'s RAM, decoded from its VM state (eagerly, by the library).
 fn snapshot_ram(image: &Path, tag: &str) -> Vec<u8> {
-    use vmsnap::block::{open_image, OpenOptions};
     use vmsnap::block::vmstate_io::VmstateReader;
+    use vmsnap::block::{open_image, OpenOptions};
     let opts = OpenOptions {
         read_only: true,
         force_share: true,

@@ -35,8 +35,8 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Snapshot `tag`'s guest RAM, read with the library's loader.
 fn snapshot_ram(image: &Path, tag: &str) -> Vec<u8> {
+    use vmsnap::block::vmstate_io::VmstateReader;
     use vmsnap::block::{open_image, OpenOptions};
-    use vmsnap::migration::snapshot_io::VmstateReader;
     let opts = OpenOptions {
         read_only: true,
         force_share: true,

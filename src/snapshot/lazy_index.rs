@@ -11,11 +11,11 @@
 //! Once the snapshot is created, the index is dropped from the active layer like the state
 //! itself; the snapshot's own L1 table keeps it.
 
+use crate::block::vmstate_io::VmstateWriter;
 use crate::block::SnapshotStore;
 use crate::interop::integrity::{self, CrcWriter};
 use crate::interop::page_index_record::PageIndexRecord;
 use crate::migration::page_index::PageRecorder;
-use crate::block::vmstate_io::VmstateWriter;
 use crate::vmm::VmState;
 
 use super::progress::{Counting, ProgressFn};

@@ -21,6 +21,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::block::vmstate_io::CHUNK as AREA_CHUNK;
 use crate::block::{SnapshotInfo, SnapshotParams};
 use crate::interop::integrity::{self, CrcWriter};
 use crate::migrate::converge::{BandwidthMeter, StopRule};
@@ -28,7 +29,6 @@ use crate::migrate::live_ram::{GuestRam, LiveRam, LiveRamEntry};
 use crate::migration::ram::LZ4_CAPABILITY;
 use crate::migration::ram_state::RamState;
 use crate::migration::savevm::{DeviceState, Registry, SaveSession};
-use crate::migration::snapshot_io::CHUNK as AREA_CHUNK;
 use crate::migration::Value;
 use crate::vmm::{vmstate, Vm, VmStatus};
 

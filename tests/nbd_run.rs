@@ -119,7 +119,8 @@ impl Vmm {
         let start = Instant::now();
         loop {
             let t = self.text();
-            if t.contains("CHECK ") {
+            // The whole line: a half-printed "CHECK O" must not be judged.
+            if t.find("CHECK ").is_some_and(|i| t[i..].contains('\n')) {
                 return t;
             }
             assert!(start.elapsed() < Duration::from_secs(30), "no CHECK:\n{t}");

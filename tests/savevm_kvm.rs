@@ -176,7 +176,11 @@ fn loadvm_in_the_running_process_goes_back_and_forth_between_two_snapshots() {
     vm.ok("loadvm a");
     vm.ok("cont");
     let start = Instant::now();
-    while !vm.serial_text()[from..].contains("CHECK") {
+    // Wait for the whole CHECK line, so a half-printed "CHECK F" is not missed.
+    while !vm.serial_text()[from..]
+        .find("CHECK ")
+        .is_some_and(|i| vm.serial_text()[from + i..].contains('\n'))
+    {
         assert!(start.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }

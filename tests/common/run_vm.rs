@@ -171,7 +171,8 @@ impl RunVm {
         let start = Instant::now();
         loop {
             let t = self.serial_text();
-            if t.contains("CHECK ") {
+            // The whole line: a half-printed "CHECK O" must not be judged.
+            if t.find("CHECK ").is_some_and(|i| t[i..].contains('\n')) {
                 return t;
             }
             assert!(start.elapsed() < Duration::from_secs(20), "no CHECK:\n{t}");

@@ -514,8 +514,14 @@ impl Qcow2 {
             }
         }
         let zeros = vec![0u8; tail.len() * 8];
-        self.swrite(self.header.l1_table_offset + from as u64 * 8, &zeros)?;
+        self.swrite_meta(
+            ol::ACTIVE_L1,
+            self.header.l1_table_offset + from as u64 * 8,
+            &zeros,
+        )?;
         self.l1[from..].fill(0);
+        // Those L2 tables are the new snapshot's now, no longer active ones.
+        self.tables_changed();
         Ok(())
     }
 

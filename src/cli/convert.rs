@@ -69,6 +69,11 @@ pub enum ConvertError {
     /// Options that do not go together.
     #[error("{0}")]
     Unsupported(String),
+    /// The source is damaged: copying it would carry the damage on, or read past its end.
+    #[error(
+        "'{0}' is damaged ({1} corruptions, {2} check errors): run 'vmsnap check {0}'; convert copies only images that check clean or with leaks"
+    )]
+    Damaged(String, u64, u64),
     /// SRC and DST name the same file.
     #[error("'{0}' is both the source and the output")]
     SameFile(String),
@@ -119,6 +124,20 @@ pub fn convert_command(args: &ConvertArgs) -> Result<(), ConvertError> {
     };
     let mut img = Image::open(&args.src, in_fmt, open)
         .map_err(|e| ConvertError::Open(src_name.clone(), e))?;
+    // A damaged source (a truncated file, a table past its end) opens read-only, as QEMU
+    // opens it, but is not copied: the copy would read zeroes where the data is gone.
+    if let Image::Qcow2(q) = &mut img {
+        let r = q
+            .check(None)
+            .map_err(|e| ConvertError::Open(src_name.clone(), e))?;
+        if r.corruptions > 0 || r.check_errors > 0 {
+            return Err(ConvertError::Damaged(
+                src_name,
+                r.corruptions,
+                r.check_errors,
+            ));
+        }
+    }
     let select = match (&args.snapshot, args.active_only) {
         (Some(l), _) => Select::parse_l(l),
         (None, true) => Select::Active,

@@ -231,7 +231,7 @@ impl Qcow2 {
         self.begin_refcount_batch();
         let mut pending = PendingTables::default();
         let r = self.walk_l1_batched(l1_offset, l1_size, end, walk, &mut pending);
-        let r = r.and_then(|()| self.write_walk_batch(l1_offset, &mut pending));
+        let r = r.and_then(|()| self.write_walk_batch(l1_offset, &mut pending, walk));
         let ok = r.is_ok();
         let end = self.end_refcount_batch(ok);
         r.and(end)
@@ -310,16 +310,40 @@ impl Qcow2 {
                 pending.l1_changes.push((i, new));
             }
             if pending.bytes + self.refcount_batch_bytes() > self.walk_batch_limit {
-                self.write_walk_batch(l1_offset, pending)?;
+                self.write_walk_batch(l1_offset, pending, walk)?;
             }
         }
         Ok(())
     }
 
-    /// Writes what a walk has changed so far: refcount blocks, then L2 tables, then L1
-    /// entries (the L1 table at `l1_offset`; the active one is also updated in memory).
-    fn write_walk_batch(&mut self, l1_offset: u64, pending: &mut PendingTables) -> Result<()> {
-        self.write_refcount_batch()?;
+    /// Writes what a walk has changed so far (the L1 table at `l1_offset`; the active one is
+    /// also updated in memory).
+    ///
+    /// Order, so that a crash between two writes leaves leaks at most, never a COPIED flag
+    /// on a cluster whose stored refcount is above 1 (a write would go in place into data a
+    /// snapshot shares; `qemu-img check` calls it a corruption):
+    /// - taking references (`Walk::Inc`): L2 tables, then L1 entries (COPIED cleared), then
+    ///   the refcount blocks (+1); the new references are published later, after a flush;
+    /// - dropping references: refcount blocks (−1) first, then L2 tables and L1 entries
+    ///   (COPIED set where a count came down to 1).
+    fn write_walk_batch(
+        &mut self,
+        l1_offset: u64,
+        pending: &mut PendingTables,
+        walk: Walk,
+    ) -> Result<()> {
+        if walk != Walk::Inc {
+            self.write_refcount_batch()?;
+        }
+        self.write_walk_tables(l1_offset, pending)?;
+        if walk == Walk::Inc {
+            self.write_refcount_batch()?;
+        }
+        Ok(())
+    }
+
+    /// The table part of [`Self::write_walk_batch`]: L2 tables, then L1 entries.
+    fn write_walk_tables(&mut self, l1_offset: u64, pending: &mut PendingTables) -> Result<()> {
         for (off, t) in pending.drain_sorted() {
             self.overlap_check(ol::ACTIVE_L2 | ol::INACTIVE_L2, off, t.len() as u64)?;
             self.l2_cache.forget(off);

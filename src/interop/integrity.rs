@@ -156,6 +156,34 @@ pub fn tail_for(state_crc: u32, len: u64) -> Vec<u8> {
 /// A malformed record of ours: [`IntegrityError::Truncated`], [`IntegrityError::BadLength`],
 /// [`IntegrityError::UnknownAlgorithm`].
 pub fn parse_tail(tail: &[u8]) -> Result<Option<StateChecksum>> {
+    let Some((offset, rec)) = find_record(tail, KIND_STATE_CHECKSUM)? else {
+        return Ok(None);
+    };
+    if rec.len() < STATE_CHECKSUM_LEN {
+        return Err(IntegrityError::BadLength {
+            offset,
+            record_len: u16::try_from(rec.len()).unwrap_or(u16::MAX),
+        });
+    }
+    let state_len = u64::from_be_bytes(rec[8..16].try_into().unwrap_or_default());
+    let algorithm = Algorithm::try_from(rec[16])?;
+    let checksum = u32::from_be_bytes(rec[20..24].try_into().unwrap_or_default());
+    Ok(Some(StateChecksum {
+        state_len,
+        algorithm,
+        checksum,
+    }))
+}
+
+/// Walks our records in a snapshot's extra-data tail (each: magic, kind, version, be16 length,
+/// body; lengths multiples of 8) and returns the first record of `kind` with a version of 1 or
+/// more, as its offset in `tail` and its bytes. `Ok(None)` when the tail holds no records of
+/// ours, or none of that kind before bytes that are not ours (padding, another writer's data).
+///
+/// # Errors
+/// A malformed record of ours before it: [`IntegrityError::Truncated`] or
+/// [`IntegrityError::BadLength`].
+pub(crate) fn find_record(tail: &[u8], kind: u8) -> Result<Option<(usize, &[u8])>> {
     let mut off = 0;
     while off < tail.len() {
         let rest = &tail[off..];
@@ -172,7 +200,7 @@ pub fn parse_tail(tail: &[u8]) -> Result<Option<StateChecksum>> {
             // Not ours (at the start), or padding / another writer's data after our records.
             return Ok(None);
         }
-        let (kind, version) = (rest[4], rest[5]);
+        let (k, version) = (rest[4], rest[5]);
         let record_len = u16::from_be_bytes([rest[6], rest[7]]);
         let n = usize::from(record_len);
         if n < HEADER_LEN || n % 8 != 0 || n > rest.len() {
@@ -181,21 +209,8 @@ pub fn parse_tail(tail: &[u8]) -> Result<Option<StateChecksum>> {
                 record_len,
             });
         }
-        if kind == KIND_STATE_CHECKSUM && version >= 1 {
-            if n < STATE_CHECKSUM_LEN {
-                return Err(IntegrityError::BadLength {
-                    offset: off,
-                    record_len,
-                });
-            }
-            let state_len = u64::from_be_bytes(rest[8..16].try_into().unwrap_or_default());
-            let algorithm = Algorithm::try_from(rest[16])?;
-            let checksum = u32::from_be_bytes(rest[20..24].try_into().unwrap_or_default());
-            return Ok(Some(StateChecksum {
-                state_len,
-                algorithm,
-                checksum,
-            }));
+        if k == kind && version >= 1 {
+            return Ok(Some((off, &rest[..n])));
         }
         off += n;
     }

@@ -19,7 +19,7 @@
 //! appended in higher versions; readers take the version-1 fields of any version ≥ 1.
 //! Spec: `formats/lazy-loadvm.md`.
 
-use super::integrity::{IntegrityError, RECORD_MAGIC};
+use super::integrity::{find_record, IntegrityError, RECORD_MAGIC};
 
 /// Record kind: location of the RAM page index.
 pub const KIND_PAGE_INDEX: u8 = 2;
@@ -83,52 +83,25 @@ impl PageIndexRecord {
     /// A malformed record of ours: [`IntegrityError::Truncated`] or
     /// [`IntegrityError::BadLength`].
     pub fn find(tail: &[u8]) -> Result<Option<PageIndexRecord>, IntegrityError> {
-        let mut off = 0;
-        while off < tail.len() {
-            let rest = &tail[off..];
-            if rest.len() < 8 {
-                if off == 0 {
-                    return Ok(None);
-                }
-                return Err(IntegrityError::Truncated {
-                    offset: off,
-                    len: rest.len(),
-                });
-            }
-            if rest[..4] != RECORD_MAGIC {
-                return Ok(None);
-            }
-            let (kind, version) = (rest[4], rest[5]);
-            let record_len = u16::from_be_bytes([rest[6], rest[7]]);
-            let n = usize::from(record_len);
-            let short = kind == KIND_PAGE_INDEX && n < PAGE_INDEX_LEN;
-            if n < 8 || n % 8 != 0 || n > rest.len() || short {
-                return Err(IntegrityError::BadLength {
-                    offset: off,
-                    record_len,
-                });
-            }
-            if kind == KIND_PAGE_INDEX && version >= 1 {
-                let shift = rest[48];
-                if !(9..=21).contains(&shift) {
-                    return Err(IntegrityError::BadLength {
-                        offset: off,
-                        record_len,
-                    });
-                }
-                return Ok(Some(PageIndexRecord {
-                    index_offset: be64(rest, 8),
-                    index_len: be64(rest, 16),
-                    ram_len: be64(rest, 24),
-                    setup_end: be64(rest, 32),
-                    ram_end_section: be64(rest, 40),
-                    page_size: 1 << shift,
-                    index_crc: u32::from_be_bytes([rest[52], rest[53], rest[54], rest[55]]),
-                }));
-            }
-            off += n;
+        let Some((offset, rec)) = find_record(tail, KIND_PAGE_INDEX)? else {
+            return Ok(None);
+        };
+        let shift = rec.get(48).copied().unwrap_or(0);
+        if rec.len() < PAGE_INDEX_LEN || !(9..=21).contains(&shift) {
+            return Err(IntegrityError::BadLength {
+                offset,
+                record_len: u16::try_from(rec.len()).unwrap_or(u16::MAX),
+            });
         }
-        Ok(None)
+        Ok(Some(PageIndexRecord {
+            index_offset: be64(rec, 8),
+            index_len: be64(rec, 16),
+            ram_len: be64(rec, 24),
+            setup_end: be64(rec, 32),
+            ram_end_section: be64(rec, 40),
+            page_size: 1 << shift,
+            index_crc: u32::from_be_bytes([rec[52], rec[53], rec[54], rec[55]]),
+        }))
     }
 }
 

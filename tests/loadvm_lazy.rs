@@ -49,19 +49,6 @@ fn last_handled(ram: &[u8]) -> u64 {
     u64::from_le_bytes(ram[a..a + 8].try_into().unwrap())
 }
 
-/// Polls `info loadvm` until it is no longer `active`; returns the reply.
-fn wait_loaded(vm: &mut RunVm) -> String {
-    let start = Instant::now();
-    loop {
-        let r = vm.ok("info loadvm");
-        if !r.contains("status: active") {
-            return r;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Waits for the first tick after the load and a `CHECK OK`; returns the first tick.
 fn continues(vm: &RunVm, n: u64) -> u64 {
     vm.wait_past(n + 1);
@@ -113,7 +100,7 @@ fn lazy_loadvm_in_a_new_process_resumes_at_the_next_tick_with_every_byte_of_ram(
     // and saves the loaded RAM (compared below).
     vm.ok("savevm s2");
     assert_eq!(continues(&vm, n), n + 1);
-    let info = wait_loaded(&mut vm);
+    let info = vm.wait_loaded();
     assert!(info.contains("status: completed"), "{info}");
     assert!(info.contains("mode: lazy"), "{info}");
     assert!(info.contains("pages resident: 4096/4096"), "{info}");
@@ -172,7 +159,7 @@ fn lazy_loadvm_in_the_running_process_and_eager_loads() {
         "ticks after loadvm: {t:?} (want {})",
         n + 1
     );
-    let info = wait_loaded(&mut vm);
+    let info = vm.wait_loaded();
     assert!(
         info.contains("status: completed") && info.contains("mode: lazy"),
         "{info}"
@@ -271,7 +258,7 @@ fn a_damaged_index_is_refused_and_damaged_ram_stops_the_vm() {
     damage(&img, &ram[12 << 20..(12 << 20) + 64], 7);
     let before = std::fs::read(&img).unwrap();
     let mut vm = RunVm::start(dir.path(), &drives, 1, Some("s1"), 2);
-    let info = wait_loaded(&mut vm);
+    let info = vm.wait_loaded();
     assert!(info.contains("status: failed"), "{info}");
     assert!(
         info.contains("snapshot 's1'") && info.contains("VM state is damaged"),

@@ -196,6 +196,13 @@ fn live_save_and_resume(dirty_rate: &str) {
         text.contains("CHECK OK") && !text.contains("CHECK FAIL"),
         "{text}"
     );
+    // The live save recorded a page index, so the load was lazy (not the eager fallback of
+    // a snapshot without one), and the background fill completed.
+    let loaded = vm.wait_loaded();
+    assert!(
+        loaded.contains("mode: lazy") && loaded.contains("status: completed"),
+        "{loaded}"
+    );
     vm.stop();
     vm.ok("savevm s2");
     let info = vm.ok("info savevm");

@@ -219,13 +219,6 @@ pub trait SnapshotStore {
         let _ = len;
         Ok(())
     }
-    /// Drops `[pos, pos + len)` of the active layer's vmstate area (whole clusters around
-    /// it), as snapshot creation drops the VM state itself: for data kept past the VM state
-    /// (vmsnap's page index) once the snapshot holds it. A hint: the default keeps it.
-    fn vmstate_discard(&mut self, pos: u64, len: u64) -> Result<()> {
-        let _ = (pos, len);
-        Ok(())
-    }
     /// Writes VM state into the active layer's vmstate area at `pos`.
     fn vmstate_write(&mut self, pos: u64, buf: &[u8]) -> Result<()>;
     /// Reads VM state from the active layer's vmstate area at `pos`.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
+use crate::migration::page_index::PageRecorder;
 use crate::migration::ram::{is_zero, RamBlockInfo, RamRecord, RamWriter};
 use crate::migration::savevm::{handler_err, IterativeState, Sink, Source};
 use crate::migration::stream::{self, ErrorKind, Event, StreamError};
@@ -140,6 +141,8 @@ pub struct LiveRam<'m, M: PageSource + ?Sized> {
     pub counters: RamCounters,
     /// Send pages with data LZ4-compressed (the registry must announce the capability).
     pub lz4: bool,
+    /// Where each page's last copy lands in the stream, for a page index (live savevm).
+    pub recorder: Option<PageRecorder>,
 }
 
 impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
@@ -166,6 +169,7 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
             page: vec![0; page_size as usize],
             zero: vec![0; page_size as usize],
             lz4: false,
+            recorder: None,
             pagemap: match mem.anonymous_base() {
                 Some(base) if page_size == 4096 => Pagemap::open().map(|p| (p, base)),
                 _ => None,
@@ -331,6 +335,7 @@ impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
         let mut ram = self.0.borrow_mut();
         let mut w = RamWriter::new(ram.page_size, false).map_err(|e| e.to_string())?;
         w.set_lz4(ram.lz4);
+        w.set_recorder(ram.recorder.take());
         let info = RamBlockInfo {
             idstr: ram.block.clone(),
             used_length: ram.total_bytes(),
@@ -353,6 +358,12 @@ impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
 
     fn save_complete(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
         let mut ram = self.0.borrow_mut();
+        // The END section names its block again rather than continuing the last PART's: a
+        // lazy loadvm parses the stream from the END section on without the PARTs before it.
+        ram.writer
+            .as_mut()
+            .ok_or("RAM sent before setup")?
+            .name_next_block();
         ram.send(f, u64::MAX, Duration::MAX)?;
         let w = ram.writer.as_mut().ok_or("RAM sent before setup")?;
         w.write_eos(f).map_err(|e| e.to_string())

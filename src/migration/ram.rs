@@ -535,6 +535,12 @@ impl RamWriter {
         self.recorder = recorder;
     }
 
+    /// The next page record names its block even if the one before was of the same block
+    /// (no CONTINUE flag), so that the stream can be read from there on.
+    pub fn name_next_block(&mut self) {
+        self.last_block = None;
+    }
+
     /// Sends pages with data as [`RAM_SAVE_FLAG_LZ4`] records when that makes them smaller
     /// (off by default). The stream must announce [`LZ4_CAPABILITY`] in its configuration.
     pub fn set_lz4(&mut self, on: bool) {

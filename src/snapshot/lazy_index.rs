@@ -8,8 +8,9 @@
 //!  extra data:    kind 1 (CRC32 of the stream) | kind 2 (where the index is, its CRC32)
 //! ```
 //!
-//! Once the snapshot is created, the index is dropped from the active layer like the state
-//! itself; the snapshot's own L1 table keeps it.
+//! Snapshot creation moves the whole vmstate area (state and index) from the active layer to
+//! the snapshot's own L1 table. `savevm -l` records the index the same way while its pre-copy
+//! rounds write the stream (each page's last copy is the one the index keeps).
 
 use crate::block::vmstate_io::VmstateWriter;
 use crate::block::SnapshotStore;
@@ -19,7 +20,7 @@ use crate::migration::page_index::PageRecorder;
 use crate::vmm::VmState;
 
 use super::progress::{Counting, ProgressFn};
-use super::state_io::{self, CapturedDrive, StateIoError, PAGE_SIZE, RAM_BLOCK};
+use super::state_io::{self, CapturedDrive, StateIoError, StreamLayout, PAGE_SIZE, RAM_BLOCK};
 
 /// Where the index goes: the first page boundary after the state.
 fn index_offset(state_len: u64) -> u64 {
@@ -33,8 +34,6 @@ pub struct SavedState {
     pub size: u64,
     /// The extra-data tail for the snapshot entry (checksum and, if any, index records).
     pub extra_tail: Vec<u8>,
-    /// The index's place in the vmstate area, if one was written.
-    pub index: Option<(u64, u64)>,
 }
 
 /// Writes `state` and `ram` as a stream from vmstate offset 0, checksummed, and (unless the
@@ -47,7 +46,7 @@ pub fn write(
     lz4: bool,
     progress: ProgressFn<'_>,
 ) -> Result<SavedState, StateIoError> {
-    let recorder = (!lz4).then(|| PageRecorder::new(RAM_BLOCK, ram.len() as u64, PAGE_SIZE));
+    let recorder = (!lz4).then(|| new_recorder(ram.len() as u64));
     let (size, crc, layout) = {
         let total = ram.len() as u64;
         let mut w = CrcWriter::new(Counting::new(VmstateWriter::new(store), total, progress));
@@ -59,42 +58,42 @@ pub fn write(
         (n, crc, layout)
     };
     let mut extra_tail = integrity::tail_for(crc, size);
-    let Some(index) = recorder.and_then(|r| r.index()) else {
-        return Ok(SavedState {
-            size,
-            extra_tail,
-            index: None,
-        });
+    if let Some(r) = recorder {
+        extra_tail.extend(store_index(store, &r, ram.len() as u64, &layout)?);
+    }
+    Ok(SavedState { size, extra_tail })
+}
+
+/// A recorder for the guest RAM block of a VM with `ram_len` bytes of RAM.
+pub fn new_recorder(ram_len: u64) -> PageRecorder {
+    PageRecorder::new(RAM_BLOCK, ram_len, PAGE_SIZE)
+}
+
+/// Stores the index `recorder` collected while the stream of `layout` was written into the
+/// vmstate area past the stream, and returns the kind-2 extra-data record that finds it
+/// (nothing if a page went out in a form the index cannot point at).
+pub fn store_index(
+    store: &mut dyn SnapshotStore,
+    recorder: &PageRecorder,
+    ram_len: u64,
+    layout: &StreamLayout,
+) -> Result<Vec<u8>, StateIoError> {
+    let Some(index) = recorder.index() else {
+        return Ok(Vec::new());
     };
     let body = index.encode();
-    let at = index_offset(size);
+    let at = index_offset(layout.len);
     store
         .vmstate_write(at, &body)
         .map_err(|e| StateIoError::Io(std::io::Error::other(e)))?;
     let record = PageIndexRecord {
         index_offset: at,
         index_len: body.len() as u64,
-        ram_len: ram.len() as u64,
+        ram_len,
         setup_end: layout.setup_end,
         ram_end_section: layout.ram_end_section,
         page_size: PAGE_SIZE,
         index_crc: crc32fast::hash(&body),
     };
-    extra_tail.extend_from_slice(&record.encode());
-    Ok(SavedState {
-        size,
-        extra_tail,
-        index: Some((at, body.len() as u64)),
-    })
-}
-
-impl SavedState {
-    /// After the snapshot was created: drops the index from the active layer (the snapshot
-    /// keeps it). Only space is at stake: an error leaves it allocated, nothing else.
-    pub fn drop_index_from_active(&self, store: &mut dyn SnapshotStore) {
-        if let Some((at, len)) = self.index {
-            // The cluster the state ends in was dropped with the state.
-            let _ = store.vmstate_discard(at, len);
-        }
-    }
+    Ok(record.encode())
 }

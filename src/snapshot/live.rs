@@ -26,6 +26,7 @@ use crate::block::{SnapshotInfo, SnapshotParams};
 use crate::interop::integrity::{self, CrcWriter};
 use crate::migrate::converge::{BandwidthMeter, StopRule};
 use crate::migrate::live_ram::{GuestRam, LiveRam, LiveRamEntry};
+use crate::migration::page_index::PageRecorder;
 use crate::migration::ram::LZ4_CAPABILITY;
 use crate::migration::ram_state::RamState;
 use crate::migration::savevm::{DeviceState, Registry, SaveSession};
@@ -34,8 +35,10 @@ use crate::vmm::{vmstate, Vm, VmStatus};
 
 use super::progress::Counting;
 use super::save_info::{SaveInfo, SaveStatus};
-use super::state_io::{StateIoError, PAGE_SIZE, RAM_BLOCK};
-use super::{capture, default_name, disks, state_size_hint, ProgressFn, Result, SnapshotError};
+use super::state_io::{StateIoError, StreamLayout, PAGE_SIZE, RAM_BLOCK};
+use super::{
+    capture, default_name, disks, lazy_index, state_size_hint, ProgressFn, Result, SnapshotError,
+};
 
 /// Most bytes one pre-copy round writes before the loop looks at the dirty log again.
 const ROUND: u64 = 16 << 20;
@@ -253,14 +256,31 @@ fn live(
                 buf: Vec::with_capacity(AREA_CHUNK),
             };
             let mut w = CrcWriter::new(Counting::new(area, total, progress));
-            let (size, clock) =
-                precopy_and_stop(vm, &specs, opts, &mut w, &mut down, info, report)?;
+            let recorder = (!opts.lz4).then(|| lazy_index::new_recorder(total));
+            let (layout, clock) = precopy_and_stop(
+                vm,
+                &specs,
+                opts,
+                recorder.clone(),
+                &mut w,
+                &mut down,
+                info,
+                report,
+            )?;
             w.flush().map_err(save_err)?;
             let (len, crc) = w.finish();
-            debug_assert_eq!(len, size);
-            Ok((size, crc, clock))
+            debug_assert_eq!(len, layout.len);
+            let size = layout.len;
+            let mut extra_tail = integrity::tail_for(crc, size);
+            if let Some(r) = recorder {
+                extra_tail.extend(vm.with_block_set(|set| -> Result<Vec<u8>> {
+                    let (_, store) = disks::store(set, inc[0])?;
+                    lazy_index::store_index(store, &r, total, &layout).map_err(save_err)
+                })?);
+            }
+            Ok((size, extra_tail, clock))
         })
-        .and_then(|(size, crc, clock)| {
+        .and_then(|(size, extra_tail, clock)| {
             let params = SnapshotParams {
                 name: name.to_string(),
                 vm_state_size: size,
@@ -268,7 +288,7 @@ fn live(
                 date_nsec: now.subsec_nanos(),
                 vm_clock_nsec: clock,
                 icount: None,
-                extra_tail: integrity::tail_for(crc, size),
+                extra_tail,
             };
             vm.with_block_set(|set| disks::create(set, &inc, &params))
         });
@@ -298,24 +318,27 @@ fn live(
 }
 
 /// Header and RAM setup, pre-copy rounds while the guest runs, then the pause (recorded in
-/// `down`) and the rest of the stream; returns the stream length and the VM clock at the
-/// pause. The guest stays paused on
-/// return, also on error once it was paused.
+/// `down`) and the rest of the stream; returns the stream's layout (for the page index
+/// `recorder` collects) and the VM clock at the pause. The guest stays paused on return,
+/// also on error once it was paused.
+#[allow(clippy::too_many_arguments)]
 fn precopy_and_stop(
     vm: &Vm,
     specs: &[super::state_io::CaptureSpec],
     opts: &LiveOptions,
+    recorder: Option<PageRecorder>,
     out: &mut dyn Write,
     down: &mut Option<Instant>,
     info: &mut SaveInfo,
     report: &mut dyn FnMut(&SaveInfo),
-) -> Result<(u64, u64)> {
+) -> Result<(StreamLayout, u64)> {
     let start = Instant::now();
     // Pages dirtied before now are dirty in the live RAM state anyway.
     vm.take_dirty_bitmap()?;
     let ram_src = GuestRam(vm.ram());
     let ram = RefCell::new(LiveRam::new(&ram_src, RAM_BLOCK, PAGE_SIZE));
     ram.borrow_mut().lz4 = opts.lz4;
+    ram.borrow_mut().recorder = recorder;
     let layout = vmstate::layout(vm.vcpu_count(), vm.drive_count());
     let values: Vec<RefCell<Option<Value>>> = layout.iter().map(|_| RefCell::new(None)).collect();
     let cap_values: Vec<RefCell<Option<Value>>> =
@@ -338,6 +361,7 @@ fn precopy_and_stop(
         reg.register_device(vmstate::CAPTURE_IDSTR, inst, vmsd, slot);
     }
     let mut session = SaveSession::begin(&mut reg, out).map_err(save_err)?;
+    let setup_end = session.position();
     info.status = SaveStatus::Active;
     report(info);
 
@@ -388,8 +412,14 @@ fn precopy_and_stop(
     for (v, c) in cap_values.iter().zip(&contents) {
         *v.borrow_mut() = Some(vmstate::capture_value(&c.name, &c.data));
     }
-    let size = session.complete().map_err(save_err)?;
-    Ok((size, state.arch.clock.clock))
+    let ram_end_section = session.position();
+    let len = session.complete().map_err(save_err)?;
+    let layout = StreamLayout {
+        setup_end,
+        ram_end_section,
+        len,
+    };
+    Ok((layout, state.arch.clock.clock))
 }
 
 #[cfg(test)]

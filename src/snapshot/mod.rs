@@ -265,11 +265,9 @@ fn save_replacing(
         date_nsec: now.subsec_nanos(),
         vm_clock_nsec: state.arch.clock.clock,
         icount: None,
-        extra_tail: saved.extra_tail.clone(),
+        extra_tail: saved.extra_tail,
     };
-    let info = disks::create(set, inc, &params)?;
-    saved.drop_index_from_active(disks::store(set, inc[0])?.1);
-    Ok(info)
+    disks::create(set, inc, &params)
 }
 
 /// About how large the VM state of a guest with `ram` bytes of RAM gets: every page with its

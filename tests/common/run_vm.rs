@@ -138,6 +138,21 @@ impl RunVm {
         self.mon.ok(line)
     }
 
+    /// Polls `info loadvm` until the last load is no longer `active` (its background fill
+    /// ended); returns the reply.
+    #[allow(dead_code)]
+    pub fn wait_loaded(&mut self) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let r = self.ok("info loadvm");
+            if !r.contains("status: active") {
+                return r;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(60), "{r}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The serial console so far.
     pub fn serial_text(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()

@@ -959,17 +959,6 @@ impl SnapshotStore for Qcow2 {
         let last = self.vm_state_offset().saturating_add(len - 1);
         self.grow_l1(self.layout.l1_index(last) + 1, true)
     }
-    fn vmstate_discard(&mut self, pos: u64, len: u64) -> Result<()> {
-        self.writable()?;
-        let cs = self.layout.cluster_size();
-        let start = pos / cs * cs;
-        let end = pos.saturating_add(len).div_ceil(cs) * cs;
-        if end > start {
-            let off = self.vm_state_offset() + start;
-            self.zero_guest(off, end - start, true)?;
-        }
-        Ok(())
-    }
     fn vmstate_write(&mut self, pos: u64, buf: &[u8]) -> Result<()> {
         self.writable()?;
         let off = self.vm_state_offset() + pos;

@@ -280,3 +280,43 @@ fn a_damaged_index_is_refused_and_damaged_ram_stops_the_vm() {
     let pos = |b: &[u8]| b.windows(64).position(|w| w[8..] == needle[8..]);
     assert_eq!(pos(&before), pos(&after));
 }
+
+#[test]
+fn a_migration_started_during_the_lazy_fill_sends_the_loaded_ram() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, drives, ram, n) = saved_guest(dir.path());
+    // A fresh process without the RAM file loads s1 lazily and is migrated at once, most
+    // likely while the fill still runs (16 MiB; not asserted, it races): the migration
+    // finishes the fill first. Either way the stream must carry the snapshot's RAM.
+    let mut vm = RunVm::start(dir.path(), &drives, 1, Some("s1"), 2);
+    let stream = dir.path().join("vm.mig");
+    let (reply, status) = vm.cmd(&format!("migrate file:{}", stream.display()));
+    assert_eq!(
+        (reply.trim_end(), status.as_str()),
+        ("", "paused (postmigrate)")
+    );
+    let info = vm.wait_loaded();
+    assert!(
+        info.contains("status: completed") && info.contains("mode: lazy"),
+        "{info}"
+    );
+    vm.quit();
+    // The destination continues after the snapshot's tick, and the RAM it received is the
+    // snapshot's.
+    let uri = format!("file:{}", stream.display());
+    let mut dst = RunVm::start_with(dir.path(), &drives, 1, None, 3, &["--incoming", &uri]);
+    assert!(continues(&dst, n) > n);
+    dst.stop();
+    dst.ok("savevm s3");
+    dst.quit();
+    assert_check(&img);
+    let moved = snapshot_ram(&img, "s3");
+    assert!(
+        moved[UNTOUCHED..] == ram[UNTOUCHED..],
+        "RAM outside the working area differs after migrating during the lazy fill"
+    );
+}

@@ -113,12 +113,16 @@ impl Run {
 
 /// Runs a program with arguments, `TZ=UTC` so that dates are comparable.
 pub fn run(prog: &str, args: &[&str]) -> Run {
-    let o = Command::new(prog)
-        .args(args)
+    run_command(Command::new(prog).args(args))
+}
+
+/// Runs a prepared command to its end, `TZ=UTC`, nothing on its standard input.
+pub fn run_command(cmd: &mut Command) -> Run {
+    let o = cmd
         .env("TZ", "UTC")
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
     Run::from(o)
 }
 

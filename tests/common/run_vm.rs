@@ -109,8 +109,15 @@ impl RunVm {
             .filter(|(i, _)| !matches!(at, Some(a) if *i == a || *i == a + 1))
             .map(|(_, a)| *a)
             .collect();
-        let mut child = command_with_memory(dir, drives, smp, loadvm, run, memory)
-            .args(rest)
+        let mut cmd = command_with_memory(dir, drives, smp, loadvm, run, memory);
+        cmd.args(rest);
+        Self::spawn(cmd, dir, run)
+    }
+
+    /// Starts a prepared command line of run number `run` in `dir` (one from [`command`],
+    /// perhaps with more arguments or run on another host) and connects to its monitor.
+    pub fn spawn(mut cmd: Command, dir: &Path, run: u32) -> RunVm {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

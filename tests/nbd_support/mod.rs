@@ -4,6 +4,8 @@
 //! "going away" at a chosen point, without timing luck).
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -1,7 +1,5 @@
 //! `vmsnap run`: boot a built-in guest under KVM with disks, a serial console and a monitor.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +7,9 @@ use std::time::Duration;
 
 use crate::block::{self, Format, OpenOptions};
 use crate::migrate::{self, uri::Listener, DriveOpen, MigrateUri, Migrator};
+use crate::monitor::{self, drive_paths, Cx};
 use crate::snapshot;
 use crate::vmm::devices::SerialOut;
-use crate::vmm::monitor::{self, Outcome};
 use crate::vmm::termination;
 use crate::vmm::{Guest, Vm, VmConfig, VmError, VmStatus};
 
@@ -42,6 +40,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// Serving the monitor failed.
+    #[error(transparent)]
+    Serve(#[from] monitor::MonitorError),
     /// Flushing the drives before exiting failed.
     #[error("flushing the drives: {0}")]
     Flush(#[source] block::Error),
@@ -272,7 +273,7 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     })?;
     if let Some(tag) = &args.loadvm {
         let paths = drive_paths(args.drives.iter().map(|d| (&d.file, d.format)));
-        timed("loadvm", |p| {
+        monitor::hmp::timed("loadvm", |p| {
             snapshot::lazy::loadvm(&vm, tag, args.loadvm_mode, &paths, p)
         })
         .map_err(RunError::Loadvm)?;
@@ -312,9 +313,13 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
             None => wait_for_failure(&vm),
             Some(MonitorSpec::Stdio) => {
                 let stdin = std::io::stdin();
-                serve(cx, stdin.lock(), std::io::stdout(), true).map(|()| 0)
+                monitor::serve::serve(cx, stdin.lock(), std::io::stdout(), true)
+                    .map(|()| 0)
+                    .map_err(RunError::from)
             }
-            Some(MonitorSpec::Unix(path)) => serve_unix(cx, path).map(|()| 0),
+            Some(MonitorSpec::Unix(path)) => monitor::serve::serve_unix(cx, path)
+                .map(|()| 0)
+                .map_err(RunError::from),
         };
         done.store(true, Ordering::SeqCst);
         mig.shutdown();
@@ -333,15 +338,6 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     }
     flushed?;
     result
-}
-
-/// What the monitor acts on: the VM and its migration state.
-#[derive(Debug, Clone, Copy)]
-pub struct Cx<'a> {
-    /// The VM.
-    pub vm: &'a Vm,
-    /// Its migration state.
-    pub mig: &'a Migrator,
 }
 
 /// The incoming migration thread: a failed or partial stream ends the process with a
@@ -399,287 +395,6 @@ fn wait_for_failure(vm: &Vm) -> Result<i32, RunError> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Serves monitor commands from `input` until `quit` or end of input (which also quits).
-fn serve(
-    cx: Cx<'_>,
-    input: impl BufRead,
-    mut out: impl Write,
-    prompt: bool,
-) -> Result<(), RunError> {
-    let io = |what| move |source| RunError::Monitor { what, source };
-    writeln!(out, "vmsnap monitor - type 'help' for more information").map_err(io("write"))?;
-    let mut lines = input.lines();
-    loop {
-        if prompt {
-            write!(out, "(vmsnap) ").map_err(io("write"))?;
-        }
-        out.flush().map_err(io("flush"))?;
-        let Some(line) = lines.next() else {
-            return Ok(());
-        };
-        let line = line.map_err(io("read"))?;
-        let (reply, quit) = match execute(cx, &line) {
-            Outcome::Continue(r) => (r, false),
-            Outcome::Quit(r) => (r, true),
-        };
-        if !reply.is_empty() {
-            writeln!(out, "{reply}").map_err(io("write"))?;
-        }
-        if quit {
-            out.flush().map_err(io("flush"))?;
-            return Ok(());
-        }
-    }
-}
-
-/// The drives' paths for a lazy loadvm's own open of the VM-state image.
-fn drive_paths<'a>(
-    drives: impl Iterator<Item = (&'a PathBuf, Option<Format>)>,
-) -> Vec<snapshot::lazy::DrivePath> {
-    drives
-        .map(|(path, format)| snapshot::lazy::DrivePath {
-            path: path.clone(),
-            format,
-        })
-        .collect()
-}
-
-/// Monitor commands of the snapshot layer, then the VMM's own.
-const SNAPSHOT_HELP: &str = "\
-savevm [-l] [tag] -- save a VM snapshot; without a tag, a name is made from the date;
-                  -l: live, the guest runs while its RAM is written
-info savevm -- show the status of the last savevm
-loadvm [-e] tag -- restore a VM snapshot from its tag (lazily: RAM is filled after the resume; -e: read all RAM first)
-info loadvm -- show the status of the last loadvm
-delvm tag   -- delete a VM snapshot from its tag
-info snapshots -- show the currently saved VM snapshots";
-
-/// Monitor commands of live migration.
-const MIGRATE_HELP: &str = "\
-migrate [-d] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d: do not wait
-migrate_cancel -- cancel the current VM migration
-migrate_set_parameter parameter value -- set a migration parameter (max-bandwidth, downtime-limit, ...)
-migrate_set_capability capability state -- enable or disable a migration capability
-info migrate -- show migration status
-info migrate_parameters -- show current migration parameters
-info migrate_capabilities -- show current migration capabilities";
-
-/// `migrate [-d] URI`: the URI is the rest of the line (an exec command may have spaces),
-/// optionally in double quotes.
-fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
-    let rest = rest.trim();
-    let (detach, uri) = match rest.strip_prefix("-d") {
-        Some(u) if u.starts_with(char::is_whitespace) => (true, u.trim()),
-        _ => (false, rest),
-    };
-    let uri = uri
-        .strip_prefix('"')
-        .and_then(|u| u.strip_suffix('"'))
-        .unwrap_or(uri);
-    if uri.is_empty() {
-        return "Parameter 'uri' is missing".to_string();
-    }
-    if let Err(e) = cx.mig.start(uri) {
-        return format!("Error: {e}");
-    }
-    if detach {
-        return String::new();
-    }
-    match cx.mig.wait().status {
-        migrate::Status::Failed(why) => format!("Error: {why}"),
-        migrate::Status::Cancelled => "Error: migration cancelled".to_string(),
-        _ => String::new(),
-    }
-}
-
-/// Migration commands, or None for other lines.
-fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<String, String>> {
-    let err = |e: migrate::CommandError| format!("Error: {e}");
-    Some(match words {
-        ["migrate", ..] if cx.vm.pause_reason() == Some("inmigrate") => {
-            Err("Error: the guest is still being received (incoming migration)".to_string())
-        }
-        ["migrate", ..] => {
-            let rest = line.trim_start().strip_prefix("migrate").unwrap_or("");
-            Ok(migrate_command(cx, rest))
-        }
-        ["migrate_cancel"] => {
-            cx.mig.cancel();
-            Ok(String::new())
-        }
-        ["migrate_set_parameter", name, value] => cx
-            .mig
-            .set_parameter(name, value)
-            .map(|()| String::new())
-            .map_err(err),
-        ["migrate_set_capability", name, state] => cx
-            .mig
-            .set_capability(name, state)
-            .map(|()| String::new())
-            .map_err(err),
-        ["migrate_set_parameter" | "migrate_set_capability", ..] => {
-            Ok(format!("{}: expected NAME VALUE", words[0]))
-        }
-        ["info", "migrate"] => Ok(cx.mig.info().to_hmp()),
-        ["info", "migrate_parameters"] => Ok(cx.mig.parameters().to_hmp()),
-        ["info", "migrate_capabilities"] => Ok(cx.mig.capabilities().to_hmp()),
-        ["cont" | "c"] if cx.vm.pause_reason() == Some("inmigrate") => {
-            Err("Error: the guest starts once the incoming migration is loaded".to_string())
-        }
-        ["cont" | "c"] if cx.mig.is_active() => {
-            // QEMU lets the guest run again during the iterations; the final copy stops it.
-            let Outcome::Continue(r) = monitor::execute(cx.vm, line) else {
-                return None;
-            };
-            Ok(r)
-        }
-        ["cont" | "c"] if cx.mig.drives_inactive() => match cx.mig.reactivate(cx.vm) {
-            Ok(()) => {
-                let Outcome::Continue(r) = monitor::execute(cx.vm, line) else {
-                    return None;
-                };
-                Ok(r)
-            }
-            Err(e) => Err(err(e)),
-        },
-        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.is_active() => {
-            Err(format!("Error: {}", migrate::CommandError::Busy))
-        }
-        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.drives_inactive() => {
-            Err(format!("Error: {}", migrate::CommandError::Inactive))
-        }
-        _ => return None,
-    })
-}
-
-/// Runs one monitor line: snapshot and migration commands here, the rest in
-/// [`monitor::execute`].
-pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
-    let vm = cx.vm;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    // A lazy loadvm still filling RAM is finished first by anything that saves or moves RAM
-    // or changes the snapshots (its snapshot's clusters stay in use until then).
-    if let ["savevm" | "delvm" | "loadvm" | "migrate", ..] = words.as_slice() {
-        if let Err(e) = snapshot::lazy::settle(vm) {
-            return Outcome::Continue(format!("Error: {e}"));
-        }
-    }
-    if let Some(r) = execute_migrate(cx, line, &words) {
-        return Outcome::Continue(r.unwrap_or_else(|e| e));
-    }
-    // savevm honours the x-vmsnap-lz4 migration capability, as QEMU's savevm honours the
-    // migration capabilities that change the stream.
-    let save = |tag: Option<&str>, live: bool| {
-        let mut reply = Ok(String::new());
-        let _ = timed("savevm", |p| {
-            reply = super::savevm::savevm(cx, tag, live, p);
-            Ok(())
-        });
-        Outcome::Continue(reply.unwrap_or_else(|e| e))
-    };
-    let paths = drive_paths(cx.mig.drives().iter().map(|d| (&d.path, d.format)));
-    let lazy_load = |tag: &str, mode, p: snapshot::ProgressFn<'_>| {
-        snapshot::lazy::loadvm(vm, tag, mode, &paths, p).map(|()| String::new())
-    };
-    let result = match words.as_slice() {
-        ["savevm"] => return save(None, false),
-        ["savevm", "-l"] => return save(None, true),
-        ["savevm", "-l", tag] => return save(Some(tag), true),
-        ["savevm", tag] => return save(Some(tag), false),
-        ["info", "savevm"] => Ok(super::savevm::info_savevm()),
-        ["loadvm", "-e", tag] => timed("loadvm", |p| {
-            lazy_load(tag, snapshot::lazy::LoadMode::Eager, p)
-        }),
-        ["loadvm", tag] => timed("loadvm", |p| {
-            lazy_load(tag, snapshot::lazy::LoadMode::Lazy, p)
-        }),
-        ["info", "loadvm"] => Ok(snapshot::lazy::info_loadvm(vm)),
-        ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
-        ["info", "snapshots"] => snapshot::info_snapshots(vm),
-        ["loadvm" | "delvm"] => Ok("Parameter 'name' is missing".to_string()),
-        ["savevm" | "loadvm" | "delvm", ..] => Ok(format!(
-            "{}: extraneous characters at the end of line",
-            words[0]
-        )),
-        ["help" | "?"] => {
-            let Outcome::Continue(base) = monitor::execute(vm, line) else {
-                return Outcome::Continue(String::new());
-            };
-            Ok(format!("{base}\n{SNAPSHOT_HELP}\n{MIGRATE_HELP}"))
-        }
-        _ => return monitor::execute(vm, line),
-    };
-    Outcome::Continue(match result {
-        Ok(reply) => reply,
-        Err(e) => format!("Error: {e}"),
-    })
-}
-
-/// Runs a long snapshot operation, showing its progress on standard error once it has taken
-/// more than a second (the monitor itself answers when it is done, as QEMU's HMP does).
-fn timed<T>(
-    what: &str,
-    f: impl FnOnce(snapshot::ProgressFn<'_>) -> snapshot::Result<T>,
-) -> snapshot::Result<T> {
-    let start = std::time::Instant::now();
-    let mut shown = false;
-    let mut report = |p: snapshot::Progress| {
-        if start.elapsed() > Duration::from_secs(1) {
-            shown = true;
-            let pct = p.done.saturating_mul(100) / p.total.max(1);
-            eprint!(
-                "\r{what}: {} MiB of {} MiB ({pct}%)",
-                p.done >> 20,
-                p.total >> 20
-            );
-        }
-    };
-    let r = f(&mut report);
-    if shown || start.elapsed() > Duration::from_secs(1) {
-        eprintln!("\r{what}: done in {:.1} s", start.elapsed().as_secs_f64());
-    }
-    r
-}
-
-fn serve_unix(cx: Cx<'_>, path: &std::path::Path) -> Result<(), RunError> {
-    let io = |what| move |source| RunError::Monitor { what, source };
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(io("bind"))?;
-    let result = loop {
-        let (stream, _) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) => break Err(io("accept")(e)),
-        };
-        let reader = match stream.try_clone() {
-            Ok(r) => BufReader::new(r),
-            Err(e) => break Err(io("accept")(e)),
-        };
-        // A client that merely disconnects leaves the VM running for the next one.
-        let mut quit = false;
-        let mut lines = reader.lines();
-        let mut w = &stream;
-        let _ = writeln!(w, "vmsnap monitor - type 'help' for more information");
-        while let Some(Ok(line)) = lines.next() {
-            let (reply, q) = match execute(cx, &line) {
-                Outcome::Continue(r) => (r, false),
-                Outcome::Quit(r) => (r, true),
-            };
-            if !reply.is_empty() {
-                let _ = writeln!(w, "{reply}");
-            }
-            if q {
-                quit = true;
-                break;
-            }
-        }
-        if quit {
-            break Ok(());
-        }
-    };
-    let _ = std::fs::remove_file(path);
-    result
 }
 
 #[cfg(test)]

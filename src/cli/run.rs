@@ -69,6 +69,8 @@ pub struct DriveSpec {
     /// Keep the whole contents in the VM state on savevm, write them back on loadvm (raw
     /// drives of at most 64 MiB; beyond QEMU).
     pub capture: bool,
+    /// The QMP node name (`drive<i>` when absent).
+    pub node_name: Option<String>,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -86,6 +88,7 @@ impl FromStr for DriveSpec {
         let mut format = None;
         let mut readonly = false;
         let mut capture = false;
+        let mut node_name = None;
         for opt in s.split(',') {
             let (k, v) = opt
                 .split_once('=')
@@ -95,6 +98,7 @@ impl FromStr for DriveSpec {
                 "format" => format = Some(v.parse::<Format>().map_err(|e| e.to_string())?),
                 "readonly" => readonly = on_off(k, v)?,
                 "capture" => capture = on_off(k, v)?,
+                "node-name" => node_name = Some(v.to_string()),
                 other => return Err(format!("unknown drive option '{other}'")),
             }
         }
@@ -107,6 +111,7 @@ impl FromStr for DriveSpec {
             format,
             readonly,
             capture,
+            node_name,
         })
     }
 }
@@ -183,7 +188,8 @@ impl FromStr for MonitorSpec {
 /// Arguments of `vmsnap run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`. Repeat for more
+    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on][,node-name=NAME]`
+    /// (NAME is the QMP node name, `drive<i>` by default). Repeat for more
     /// disks. `capture=on` (raw, at most 64 MiB): savevm keeps the drive's contents in the VM
     /// state and loadvm writes them back.
     #[arg(long = "drive", value_name = "SPEC")]
@@ -214,6 +220,10 @@ pub struct RunArgs {
     /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
     #[arg(long)]
     pub monitor: Option<MonitorSpec>,
+    /// QMP server: `unix:PATH[,server=on,wait=off]` or `tcp:HOST:PORT[,server=on,wait=off]`
+    /// (QEMU's `-qmp` syntax; the VM never waits for a client).
+    #[arg(long, value_name = "SPEC")]
+    pub qmp: Option<monitor::qmp::QmpSpec>,
     /// Make the counter guest dirty this many MiB of RAM per second (0 = off), spread over
     /// all RAM from 2 MiB up. A restored state (--loadvm, --incoming) brings its own setting.
     #[arg(long, value_name = "MIB", default_value_t = 0)]
@@ -301,11 +311,27 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
             None
         }
     };
-    let cx = Cx { vm: &vm, mig: &mig };
+    let nodes: Vec<String> = args
+        .drives
+        .iter()
+        .map(|d| d.node_name.clone().unwrap_or_default())
+        .collect();
+    let cx = Cx {
+        vm: &vm,
+        mig: &mig,
+        nodes: &nodes,
+    };
+    let qmp = match &args.qmp {
+        Some(spec) => Some(monitor::qmp::QmpListener::bind(spec)?),
+        None => None,
+    };
     let done = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         s.spawn(|| watch_termination(cx, &done));
         s.spawn(|| mig.serve(&vm));
+        if let Some(l) = qmp {
+            s.spawn(|| monitor::qmp::serve(cx, l, &done));
+        }
         if let Some(l) = listener {
             s.spawn(|| receive(cx, l));
         }
@@ -359,15 +385,9 @@ fn receive(cx: Cx<'_>, listener: Listener) {
     }
 }
 
-/// Stops the vCPUs and flushes every drive, as QEMU does before exiting (drives handed
-/// over to a migration destination are not touched).
+/// Stops the vCPUs and flushes every drive before exiting.
 fn stop_and_flush(cx: Cx<'_>) -> Result<(), RunError> {
-    // A VM whose vCPUs already failed still gets its disks flushed.
-    let _ = cx.vm.pause();
-    if cx.mig.drives_inactive() {
-        return Ok(());
-    }
-    cx.vm.flush_drives().map_err(RunError::Flush)
+    monitor::stop_and_flush(cx).map_err(RunError::Flush)
 }
 
 /// On SIGINT/SIGTERM: stop, flush, exit 0 (QEMU: "terminating on signal").

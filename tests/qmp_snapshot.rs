@@ -1,0 +1,150 @@
+//! QMP snapshot jobs on the counter guest, driven by QEMU's own client (qemu.qmp): the same
+//! scenario as QEMU 7.2 (testdata/qmp/qemu-snapshot.json) gives the same events, query-jobs
+//! entries and error strings, and a snapshot-load resumes the guest at the saved tick + 1.
+mod common;
+use common::qmp::{assert_greeting, assert_steps_match, fixture, sequence};
+use common::run_vm::{assert_check, create_qcow2, kvm_and_qemu_img, RunVm};
+use common::ticks::ticks_of;
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The guest's timing matters and the machine is small: one VM at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A counter guest with one qcow2 drive named `disk0` and QMP on `qmp{run}.sock`.
+fn start(dir: &Path, img: &Path, run: u32) -> RunVm {
+    let drives = [format!("file={},node-name=disk0", img.display())];
+    let qmp = format!("unix:{},server=on,wait=off", sock(dir, run).display());
+    RunVm::start_with(dir, &drives, 1, None, run, &["--qmp", &qmp])
+}
+
+fn sock(dir: &Path, run: u32) -> std::path::PathBuf {
+    dir.join(format!("qmp{run}.sock"))
+}
+
+#[test]
+fn snapshot_jobs_events_and_errors_match_qemu() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let mut vm = start(dir.path(), &img, 1);
+    vm.wait_past(3);
+    let ours = sequence(&sock(dir.path(), 1), &["snapshot", "disk0"]);
+    assert_greeting(&ours);
+    assert_steps_match(&ours, &fixture("snapshot"));
+    // The failed load left the guest stopped; it runs on after cont.
+    let (_, st) = vm.cmd("info status");
+    assert_eq!(st, "paused (restore-vm)");
+    vm.ok("cont");
+    let n = vm.last_tick().unwrap_or(0);
+    vm.wait_past(n + 2);
+    vm.quit();
+    assert_check(&img);
+}
+
+/// The `snapshot` scenario's events of job `id` in QEMU's recording.
+fn qemu_events(step: &str) -> Value {
+    let f = fixture("snapshot");
+    let s = f["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["arguments"]["job-id"] == step)
+        .unwrap();
+    s["events"].clone()
+}
+
+/// The counter guest's last handled tick in snapshot `tag`'s RAM.
+fn saved_tick(image: &Path, tag: &str) -> u64 {
+    use vmsnap::block::vmstate_io::VmstateReader;
+    use vmsnap::block::{open_image, OpenOptions};
+    use vmsnap::vmm::guest::counter::LAST_ADDR;
+    let opts = OpenOptions {
+        read_only: true,
+        force_share: true,
+        ..Default::default()
+    };
+    let mut drv = open_image(image, opts).unwrap();
+    let mut r = VmstateReader::for_snapshot(drv.snapshots().unwrap(), tag).unwrap();
+    let mut ram = vec![0u8; 16 << 20];
+    vmsnap::snapshot::state_io::read_state(1, 1, &mut ram, &mut r).unwrap();
+    let at = LAST_ADDR as usize;
+    u64::from_le_bytes(ram[at..at + 8].try_into().unwrap())
+}
+
+fn job(dir: &Path, cmd: &str, args: Value) -> Value {
+    let out = sequence(&sock(dir, 1), &["job", cmd, &args.to_string()]);
+    out["steps"][0].clone()
+}
+
+#[test]
+fn snapshot_load_resumes_at_the_saved_tick_plus_one() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let vm = start(dir.path(), &img, 1);
+    vm.wait_past(5);
+    let dev = json!({"vmstate": "disk0", "devices": ["disk0"]});
+    let mut save = json!({"job-id": "save0", "tag": "snap0"});
+    save.as_object_mut()
+        .unwrap()
+        .extend(dev.as_object().unwrap().clone());
+    let s = job(dir.path(), "snapshot-save", save.clone());
+    assert_eq!(s["events"], qemu_events("save0"), "{s:#}");
+    assert_eq!(s["query-jobs"][0]["status"], "concluded");
+    assert!(s["query-jobs"][0].get("error").is_none(), "{s:#}");
+    assert_eq!(s["job-dismiss"], json!({}));
+    let n = saved_tick(&img, "snap0");
+    vm.wait_past(n + 20);
+    let mark = vm.serial_text().len();
+    let mut load = save;
+    load["job-id"] = json!("load0");
+    let l = job(dir.path(), "snapshot-load", load);
+    assert_eq!(l["events"], qemu_events("load0"), "{l:#}");
+    assert!(l["query-jobs"][0].get("error").is_none(), "{l:#}");
+    // The first tick printed after the load is the saved one + 1, and the guest's own
+    // check of its memory passes.
+    let start = Instant::now();
+    let text = loop {
+        let t = vm.serial_text()[mark..].to_string();
+        if t.find("CHECK ").is_some_and(|i| t[i..].contains('\n')) {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no CHECK:\n{t}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Ticks printed before the load stopped the guest come first; the load's are where the
+    // count goes back.
+    let ticks = ticks_of(&text);
+    let resumed = match ticks.first() {
+        Some(&t) if t <= n + 1 => Some(t),
+        _ => ticks.windows(2).find(|w| w[1] <= w[0]).map(|w| w[1]),
+    };
+    assert_eq!(resumed, Some(n + 1), "{text}");
+    assert!(
+        text.contains("CHECK OK") && !text.contains("CHECK FAIL"),
+        "{text}"
+    );
+    let d = job(
+        dir.path(),
+        "snapshot-delete",
+        json!({"job-id": "del0", "tag": "snap0", "devices": ["disk0"]}),
+    );
+    assert_eq!(d["events"], qemu_events("del0"), "{d:#}");
+    vm.quit();
+    assert_check(&img);
+    let listed = common::qemu_img(&["snapshot", "-l", common::s(&img)]);
+    assert!(!listed.stdout.contains("snap0"), "{}", listed.stdout);
+}

@@ -148,3 +148,27 @@ fn snapshot_load_resumes_at_the_saved_tick_plus_one() {
     let listed = common::qemu_img(&["snapshot", "-l", common::s(&img)]);
     assert!(!listed.stdout.contains("snap0"), "{}", listed.stdout);
 }
+
+#[test]
+fn a_writable_raw_node_is_refused_as_qemu_refuses_it() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let drives = [
+        format!("file={},node-name=disk0", img.display()),
+        format!("file={},format=raw,node-name=raw0", raw.display()),
+    ];
+    let qmp = format!("unix:{},server=on,wait=off", sock(dir.path(), 1).display());
+    let vm = RunVm::start_with(dir.path(), &drives, 1, None, 1, &["--qmp", &qmp]);
+    vm.wait_past(2);
+    let ours = sequence(&sock(dir.path(), 1), &["rawdev", "disk0", "raw0"]);
+    assert_steps_match(&ours, &fixture("rawdev"));
+    vm.quit();
+    assert_check(&img);
+}

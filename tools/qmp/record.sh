@@ -28,6 +28,15 @@ for scenario in snapshot protocol; do
   kill %% 2>/dev/null || true
   wait 2>/dev/null || true
 done
+# A writable raw node next to the qcow2 one.
+qemu-img create -q -f qcow2 "$dir/r.qcow2" 64M
+qemu-img create -q -f raw "$dir/r.raw" 1M
+qemu_with_qmp "$dir/r.sock" "$dir/r.qcow2" \
+  -blockdev "driver=file,filename=$dir/r.raw,node-name=rawfile" \
+  -blockdev driver=raw,file=rawfile,node-name=raw0
+"$py" tools/qmp/sequence.py "$dir/r.sock" rawdev disk0 raw0 >"$out/qemu-rawdev.json"
+kill %% 2>/dev/null || true
+wait 2>/dev/null || true
 # Migration between two QEMUs over a unix socket, with the events capability on.
 qemu-img create -q -f qcow2 "$dir/m.qcow2" 64M
 qemu_with_qmp "$dir/dst.sock" "$dir/m.qcow2" -incoming "unix:$dir/mig.sock"

@@ -7,6 +7,7 @@ and against `vmsnap run --qmp` in tests/qmp_*.rs, which compare the two.
 
 Usage: sequence.py SOCKET snapshot NODE      # snapshot-save/-load/-delete, every error case
        sequence.py SOCKET migrate URI        # migrate with events on, query-migrate polling
+       sequence.py SOCKET rawdev NODE RAWNODE # a writable raw node in the jobs' devices
        sequence.py SOCKET protocol           # query-*, unknown commands, bad arguments
        sequence.py SOCKET job COMMAND JSON   # one job: events, query-jobs, job-dismiss
 """
@@ -98,6 +99,15 @@ async def snapshot(run, node):
     await run.cmd("job-dismiss", {"id": "nosuchjob"})
 
 
+async def rawdev(run, node, raw):
+    """A writable raw node among the devices: every job refuses it."""
+    both = {"vmstate": node, "devices": [node, raw]}
+    await run.job("snapshot-save", {"job-id": "r1", "tag": "t", **both})
+    await run.job("snapshot-load", {"job-id": "r2", "tag": "t", **both})
+    await run.job("snapshot-delete", {"job-id": "r3", "tag": "t", "devices": [node, raw]})
+    await run.cmd("query-status")
+
+
 async def protocol(run):
     await run.cmd("query-status")
     await run.cmd("stop", until="STOP")
@@ -151,6 +161,8 @@ async def main():
             await migrate(run, rest[0])
         elif scenario == "protocol":
             await protocol(run)
+        elif scenario == "rawdev":
+            await rawdev(run, rest[0], rest[1])
         elif scenario == "job":
             await run.job(rest[0], json.loads(rest[1]))
         else:

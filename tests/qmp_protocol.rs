@@ -214,7 +214,7 @@ fn tcp_qmp_answers() {
 }
 
 #[test]
-fn migrate_over_unix_polls_to_completed_and_the_destination_counts_on() {
+fn migrate_over_unix_to_a_deferred_destination_polls_to_completed_and_it_counts_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !kvm_and_qemu_img(module_path!()) {
         return;
@@ -224,7 +224,27 @@ fn migrate_over_unix_polls_to_completed_and_the_destination_counts_on() {
     create_qcow2(&img);
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());
     let src = start(dir.path(), &img, 1, &[]);
-    let dst = start(dir.path(), &img, 2, &["--incoming", &uri]);
+    // The destination learns its URI from QMP's migrate-incoming (`--incoming defer`).
+    let dst = start(dir.path(), &img, 2, &["--incoming", "defer"]);
+    let qmp2 = dir.path().join("qmp2.sock");
+    let args = json!({ "uri": uri }).to_string();
+    let r = sequence(&qmp2, &["cmd", "migrate-incoming", &args]);
+    assert_eq!(r["steps"][0]["return"], json!({}), "{r:#}");
+    let again = sequence(&qmp2, &["cmd", "migrate-incoming", &args]);
+    assert_eq!(
+        again["steps"][0]["error"]["desc"],
+        "The incoming migration has already been started"
+    );
+    let st = sequence(&qmp2, &["cmd", "query-status", "{}"]);
+    assert_eq!(st["steps"][0]["return"]["status"], "inmigrate");
+    let not = sequence(
+        &dir.path().join("qmp1.sock"),
+        &["cmd", "migrate-incoming", &args],
+    );
+    assert_eq!(
+        not["steps"][0]["error"]["desc"],
+        "'-incoming' was not specified on the command line"
+    );
     src.wait_past(3);
     let ours = sequence(&dir.path().join("qmp1.sock"), &["migrate", &uri]);
     let qemu = fixture("migrate");

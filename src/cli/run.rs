@@ -185,6 +185,27 @@ impl FromStr for MonitorSpec {
     }
 }
 
+/// `--incoming URI` or `--incoming defer` (QEMU's syntax).
+#[derive(Debug, Clone)]
+pub enum IncomingSpec {
+    /// Wait for QMP's `migrate-incoming URI`.
+    Defer,
+    /// Listen on this URI at once.
+    Uri(MigrateUri),
+}
+
+impl FromStr for IncomingSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "defer" {
+            return Ok(IncomingSpec::Defer);
+        }
+        s.parse()
+            .map(IncomingSpec::Uri)
+            .map_err(|e: migrate::uri::UriError| e.to_string())
+    }
+}
+
 /// Arguments of `vmsnap run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -230,9 +251,10 @@ pub struct RunArgs {
     pub dirty_rate: u64,
     /// Wait for a live migration stream (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH),
     /// load it and run the guest from there. The drives are the source's (shared storage):
-    /// they are opened without locks until the stream is loaded.
+    /// they are opened without locks until the stream is loaded. `defer`: the URI comes
+    /// later, from QMP's `migrate-incoming`.
     #[arg(long, value_name = "URI", conflicts_with = "loadvm")]
-    pub incoming: Option<MigrateUri>,
+    pub incoming: Option<IncomingSpec>,
 }
 
 /// Runs `vmsnap run`; returns the exit code.
@@ -299,12 +321,20 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         .collect();
     let mig = Migrator::new(reopen);
     let listener = match &args.incoming {
-        Some(uri) => {
+        Some(spec) => {
             mig.set_drives_inactive(true);
             vm.set_pause_reason(Some("inmigrate"));
-            let listener = Listener::bind(uri).map_err(RunError::Incoming)?;
-            migrate::incoming::announce(&listener, &mig);
-            Some(listener)
+            match spec {
+                IncomingSpec::Uri(uri) => {
+                    let listener = Listener::bind(uri).map_err(RunError::Incoming)?;
+                    migrate::incoming::announce(&listener, &mig);
+                    Some(listener)
+                }
+                IncomingSpec::Defer => {
+                    monitor::incoming::defer();
+                    None
+                }
+            }
         }
         None => {
             vm.start();
@@ -333,7 +363,7 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
             s.spawn(|| monitor::qmp::serve(cx, l, &done));
         }
         if let Some(l) = listener {
-            s.spawn(|| receive(cx, l));
+            s.spawn(|| monitor::incoming::receive(cx, l));
         }
         let r = match &args.monitor {
             None => wait_for_failure(&vm),
@@ -364,25 +394,6 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     }
     flushed?;
     result
-}
-
-/// The incoming migration thread: a failed or partial stream ends the process with a
-/// non-zero status before the guest ever runs (as QEMU does).
-fn receive(cx: Cx<'_>, listener: Listener) {
-    match migrate::incoming::run(cx.vm, listener, cx.mig) {
-        Ok(report) => {
-            cx.mig.set_drives_inactive(false);
-            eprintln!(
-                "vmsnap: incoming migration loaded {} MiB in {} ms",
-                report.bytes >> 20,
-                report.load.as_millis()
-            );
-        }
-        Err(e) => {
-            eprintln!("vmsnap: {e}");
-            std::process::exit(1);
-        }
-    }
 }
 
 /// Stops the vCPUs and flushes every drive before exiting.

@@ -19,6 +19,7 @@ pub mod events;
 pub mod fds;
 pub mod hmp;
 mod hmp_migrate;
+pub mod incoming;
 pub mod jobs;
 pub mod qmp;
 pub mod savevm;

@@ -9,6 +9,7 @@ Usage: sequence.py SOCKET snapshot NODE      # snapshot-save/-load/-delete, ever
        sequence.py SOCKET migrate URI        # migrate with events on, query-migrate polling
        sequence.py SOCKET rawdev NODE RAWNODE # a writable raw node in the jobs' devices
        sequence.py SOCKET protocol           # query-*, unknown commands, bad arguments
+       sequence.py SOCKET cmd COMMAND JSON   # one command
        sequence.py SOCKET job COMMAND JSON   # one job: events, query-jobs, job-dismiss
 """
 
@@ -163,6 +164,8 @@ async def main():
             await protocol(run)
         elif scenario == "rawdev":
             await rawdev(run, rest[0], rest[1])
+        elif scenario == "cmd":
+            await run.cmd(rest[0], json.loads(rest[1]))
         elif scenario == "job":
             await run.job(rest[0], json.loads(rest[1]))
         else:

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use super::args::Args;
 use super::{block_info, migrate_cmds, QmpCx, QmpError, Reply};
 use crate::monitor::snapshot_jobs::{self, Kind, Target};
-use crate::monitor::{events, fds, hmp, jobs, Outcome};
+use crate::monitor::{events, fds, hmp, incoming, jobs, Outcome};
 use crate::vmm::VmStatus;
 
 /// QEMU's version whose QMP shapes vmsnap follows.
@@ -36,6 +36,7 @@ pub const COMMANDS: &[&str] = &[
     "query-migrate-capabilities",
     "migrate-set-parameters",
     "query-migrate-parameters",
+    "migrate-incoming",
     "getfd",
     "closefd",
 ];
@@ -187,6 +188,14 @@ pub fn dispatch(q: &mut QmpCx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, Qm
             let _force = a.opt_bool("force")?;
             a.finish()?;
             jobs::cancel(id).map_err(job_err)?;
+            ok()
+        }
+        "migrate-incoming" => {
+            let uri = a.str("uri")?;
+            a.finish()?;
+            let listener = incoming::start_deferred(q.cx, uri).map_err(QmpError::generic)?;
+            let cx = q.cx;
+            q.run_job(Box::new(move || incoming::receive(cx, listener)));
             ok()
         }
         "getfd" => {

@@ -114,29 +114,7 @@ fn snapshot_load_resumes_at_the_saved_tick_plus_one() {
     let l = job(dir.path(), "snapshot-load", load);
     assert_eq!(l["events"], qemu_events("load0"), "{l:#}");
     assert!(l["query-jobs"][0].get("error").is_none(), "{l:#}");
-    // The first tick printed after the load is the saved one + 1, and the guest's own
-    // check of its memory passes.
-    let start = Instant::now();
-    let text = loop {
-        let t = vm.serial_text()[mark..].to_string();
-        if t.find("CHECK ").is_some_and(|i| t[i..].contains('\n')) {
-            break t;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "no CHECK:\n{t}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Ticks printed before the load stopped the guest come first; the load's are where the
-    // count goes back.
-    let ticks = ticks_of(&text);
-    let resumed = match ticks.first() {
-        Some(&t) if t <= n + 1 => Some(t),
-        _ => ticks.windows(2).find(|w| w[1] <= w[0]).map(|w| w[1]),
-    };
-    assert_eq!(resumed, Some(n + 1), "{text}");
-    assert!(
-        text.contains("CHECK OK") && !text.contains("CHECK FAIL"),
-        "{text}"
-    );
+    assert_resumed_at(&vm, mark, n + 1);
     let d = job(
         dir.path(),
         "snapshot-delete",
@@ -169,6 +147,71 @@ fn a_writable_raw_node_is_refused_as_qemu_refuses_it() {
     vm.wait_past(2);
     let ours = sequence(&sock(dir.path(), 1), &["rawdev", "disk0", "raw0"]);
     assert_steps_match(&ours, &fixture("rawdev"));
+    vm.quit();
+    assert_check(&img);
+}
+
+/// The first tick printed after the load that followed byte `mark` of the serial output is
+/// `want`, and the guest's own check of its memory passes.
+fn assert_resumed_at(vm: &RunVm, mark: usize, want: u64) {
+    let start = Instant::now();
+    let text = loop {
+        let t = vm.serial_text()[mark..].to_string();
+        if t.find("CHECK ").is_some_and(|i| t[i..].contains('\n')) {
+            break t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no CHECK:\n{t}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Ticks printed before the load stopped the guest come first; the load's are where the
+    // count goes back.
+    let ticks = ticks_of(&text);
+    let resumed = match ticks.first() {
+        Some(&t) if t <= want => Some(t),
+        _ => ticks.windows(2).find(|w| w[1] <= w[0]).map(|w| w[1]),
+    };
+    assert_eq!(resumed, Some(want), "{text}");
+    assert!(
+        text.contains("CHECK OK") && !text.contains("CHECK FAIL"),
+        "{text}"
+    );
+}
+
+#[test]
+fn vmsnap_s_live_save_and_eager_load_run_as_jobs() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    create_qcow2(&img);
+    let vm = start(dir.path(), &img, 1);
+    vm.wait_past(5);
+    let args = json!({"job-id": "live0", "tag": "l", "vmstate": "disk0", "devices": ["disk0"]});
+    let s = job(dir.path(), "x-vmsnap-snapshot-save-live", args.clone());
+    let statuses: Vec<&str> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.as_str()?.strip_prefix("JOB_STATUS_CHANGE live0 "))
+        .collect();
+    assert_eq!(
+        statuses,
+        ["created", "running", "waiting", "pending", "concluded"],
+        "{s:#}"
+    );
+    assert!(s["query-jobs"][0].get("error").is_none(), "{s:#}");
+    assert_eq!(s["query-jobs"][0]["type"], "snapshot-save");
+    let n = saved_tick(&img, "l");
+    vm.wait_past(n + 10);
+    let mark = vm.serial_text().len();
+    let mut load = args;
+    load["job-id"] = json!("load1");
+    load["mode"] = json!("eager");
+    let l = job(dir.path(), "x-vmsnap-snapshot-load", load);
+    assert!(l["query-jobs"][0].get("error").is_none(), "{l:#}");
+    assert_resumed_at(&vm, mark, n + 1);
     vm.quit();
     assert_check(&img);
 }

@@ -20,6 +20,11 @@ pub struct Target {
     pub devices: Vec<String>,
     /// Node name of the device that gets the VM state (save and load).
     pub vmstate: Option<String>,
+    /// A save keeps the guest running while its RAM is written (vmsnap's live savevm,
+    /// `x-vmsnap-snapshot-save-live`).
+    pub live: bool,
+    /// How a load brings RAM in (`x-vmsnap-snapshot-load`'s `mode`; lazy by default).
+    pub mode: snapshot::lazy::LoadMode,
 }
 
 /// Which job.
@@ -164,6 +169,13 @@ pub fn work(cx: Cx<'_>, kind: Kind, t: &Target) -> Result<(), String> {
     if kind == Kind::Save {
         ready()?;
     }
+    if t.live {
+        // The guest runs on; its final stop is reported by the QMP poller.
+        events::hold(false);
+        return super::savevm::savevm(cx, Some(&t.tag), true, &mut |_| {})
+            .map(|_| ())
+            .map_err(|e| e.trim_start_matches("Error: ").to_string());
+    }
     let was_running = vm.status() == VmStatus::Running;
     vm.pause().map_err(|e| e.to_string())?;
     events::note_running(false);
@@ -178,8 +190,8 @@ pub fn work(cx: Cx<'_>, kind: Kind, t: &Target) -> Result<(), String> {
         }
         _ => ready().and_then(|()| {
             let paths = super::drive_paths(cx.mig.drives().iter().map(|d| (&d.path, d.format)));
-            let mode = snapshot::lazy::LoadMode::Lazy;
-            snapshot::lazy::loadvm(vm, &t.tag, mode, &paths, &mut |_| {}).map_err(|e| e.to_string())
+            snapshot::lazy::loadvm(vm, &t.tag, t.mode, &paths, &mut |_| {})
+                .map_err(|e| e.to_string())
         }),
     };
     match &r {

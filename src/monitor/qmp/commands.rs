@@ -6,6 +6,7 @@ use super::args::Args;
 use super::{block_info, migrate_cmds, QmpCx, QmpError, Reply};
 use crate::monitor::snapshot_jobs::{self, Kind, Target};
 use crate::monitor::{events, fds, hmp, incoming, jobs, Outcome};
+use crate::snapshot::lazy::LoadMode;
 use crate::vmm::VmStatus;
 
 /// QEMU's version whose QMP shapes vmsnap follows.
@@ -26,6 +27,8 @@ pub const COMMANDS: &[&str] = &[
     "snapshot-save",
     "snapshot-load",
     "snapshot-delete",
+    "x-vmsnap-snapshot-save-live",
+    "x-vmsnap-snapshot-load",
     "query-jobs",
     "job-dismiss",
     "job-cancel",
@@ -83,7 +86,23 @@ fn run_control(q: &QmpCx<'_>, line: &str) -> Result<Reply, QmpError> {
     }
 }
 
+/// vmsnap's own options of a snapshot job (the `x-vmsnap-` commands).
+#[derive(Debug, Clone, Copy, Default)]
+struct Extra {
+    live: bool,
+    mode_arg: bool,
+}
+
 fn snapshot_job(q: &QmpCx<'_>, a: &Args<'_>, kind: Kind) -> Result<Reply, QmpError> {
+    snapshot_job_with(q, a, kind, Extra::default())
+}
+
+fn snapshot_job_with(
+    q: &QmpCx<'_>,
+    a: &Args<'_>,
+    kind: Kind,
+    extra: Extra,
+) -> Result<Reply, QmpError> {
     let id = a.str("job-id")?.to_string();
     let tag = a.str("tag")?.to_string();
     let vmstate = match kind {
@@ -91,6 +110,18 @@ fn snapshot_job(q: &QmpCx<'_>, a: &Args<'_>, kind: Kind) -> Result<Reply, QmpErr
         _ => Some(a.str("vmstate")?.to_string()),
     };
     let devices = a.str_list("devices")?;
+    let mode = match extra.mode_arg {
+        true => match a.opt_str("mode")? {
+            None | Some("lazy") => LoadMode::Lazy,
+            Some("eager") => LoadMode::Eager,
+            Some(other) => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'mode' does not accept value '{other}'"
+                )))
+            }
+        },
+        false => LoadMode::Lazy,
+    };
     a.finish()?;
     let name = match kind {
         Kind::Save => "snapshot-save",
@@ -103,6 +134,8 @@ fn snapshot_job(q: &QmpCx<'_>, a: &Args<'_>, kind: Kind) -> Result<Reply, QmpErr
         tag,
         devices,
         vmstate,
+        live: extra.live,
+        mode,
     };
     q.run_job(Box::new(move || {
         events::hold(true);
@@ -173,6 +206,24 @@ pub fn dispatch(q: &mut QmpCx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, Qm
         "snapshot-save" => snapshot_job(q, a, Kind::Save),
         "snapshot-load" => snapshot_job(q, a, Kind::Load),
         "snapshot-delete" => snapshot_job(q, a, Kind::Delete),
+        "x-vmsnap-snapshot-save-live" => snapshot_job_with(
+            q,
+            a,
+            Kind::Save,
+            Extra {
+                live: true,
+                ..Extra::default()
+            },
+        ),
+        "x-vmsnap-snapshot-load" => snapshot_job_with(
+            q,
+            a,
+            Kind::Load,
+            Extra {
+                mode_arg: true,
+                ..Extra::default()
+            },
+        ),
         "query-jobs" => {
             a.finish()?;
             Ok(Reply::Value(jobs::query()))

@@ -2,8 +2,10 @@
 //! scenario and a migration and sees what QEMU 7.2 gives (testdata/qmp/); a raw socket
 //! checks negotiation, `id`, malformed and oversized input, events to several clients, TCP.
 mod common;
-use common::qmp::{assert_greeting, assert_steps_match, fixture, sequence};
-use common::run_vm::{assert_check, create_qcow2, kvm_and_qemu_img, RunVm};
+use common::qmp::{
+    assert_greeting, assert_steps_match, fixture, image_dir, sequence, start_with_qmp,
+};
+use common::run_vm::{assert_check, RunVm};
 use common::ticks::assert_continues;
 
 use std::io::{BufRead, BufReader, Write};
@@ -18,24 +20,15 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn start(dir: &Path, img: &Path, run: u32, extra: &[&str]) -> RunVm {
     let drives = [format!("file={},node-name=disk0", img.display())];
-    let qmp = format!(
-        "unix:{},server=on,wait=off",
-        dir.join(format!("qmp{run}.sock")).display()
-    );
-    let mut args = vec!["--qmp", &qmp];
-    args.extend_from_slice(extra);
-    RunVm::start_with(dir, &drives, 1, None, run, &args)
+    start_with_qmp(dir, &drives, run, extra)
 }
 
 #[test]
 fn qemu_client_sees_qemu_s_replies_and_errors() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     let vm = start(dir.path(), &img, 1, &[]);
     vm.wait_past(2);
     let ours = sequence(&dir.path().join("qmp1.sock"), &["protocol"]);
@@ -95,12 +88,9 @@ impl Raw {
 #[test]
 fn negotiation_ids_bad_input_and_events_to_every_client() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     let vm = start(dir.path(), &img, 1, &[]);
     let sock = dir.path().join("qmp1.sock");
     let (mut a, greeting) = Raw::connect(&sock);
@@ -178,12 +168,9 @@ fn negotiation_ids_bad_input_and_events_to_every_client() {
 #[test]
 fn tcp_qmp_answers() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     // A free port, then vmsnap listens on it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -216,12 +203,9 @@ fn tcp_qmp_answers() {
 #[test]
 fn migrate_over_unix_to_a_deferred_destination_polls_to_completed_and_it_counts_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());
     let src = start(dir.path(), &img, 1, &[]);
     // The destination learns its URI from QMP's migrate-incoming (`--incoming defer`).

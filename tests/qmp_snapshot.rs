@@ -2,8 +2,10 @@
 //! scenario as QEMU 7.2 (testdata/qmp/qemu-snapshot.json) gives the same events, query-jobs
 //! entries and error strings, and a snapshot-load resumes the guest at the saved tick + 1.
 mod common;
-use common::qmp::{assert_greeting, assert_steps_match, fixture, sequence};
-use common::run_vm::{assert_check, create_qcow2, kvm_and_qemu_img, RunVm};
+use common::qmp::{
+    assert_greeting, assert_steps_match, fixture, image_dir, sequence, start_with_qmp,
+};
+use common::run_vm::{assert_check, RunVm};
 use common::ticks::ticks_of;
 
 use std::path::Path;
@@ -18,23 +20,19 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// A counter guest with one qcow2 drive named `disk0` and QMP on `qmp{run}.sock`.
 fn start(dir: &Path, img: &Path, run: u32) -> RunVm {
     let drives = [format!("file={},node-name=disk0", img.display())];
-    let qmp = format!("unix:{},server=on,wait=off", sock(dir, run).display());
-    RunVm::start_with(dir, &drives, 1, None, run, &["--qmp", &qmp])
+    start_with_qmp(dir, &drives, run, &[])
 }
 
 fn sock(dir: &Path, run: u32) -> std::path::PathBuf {
-    dir.join(format!("qmp{run}.sock"))
+    common::qmp::socket(dir, run)
 }
 
 #[test]
 fn snapshot_jobs_events_and_errors_match_qemu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     let mut vm = start(dir.path(), &img, 1);
     vm.wait_past(3);
     let ours = sequence(&sock(dir.path(), 1), &["snapshot", "disk0"]);
@@ -88,12 +86,9 @@ fn job(dir: &Path, cmd: &str, args: Value) -> Value {
 #[test]
 fn snapshot_load_resumes_at_the_saved_tick_plus_one() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     let vm = start(dir.path(), &img, 1);
     vm.wait_past(5);
     let dev = json!({"vmstate": "disk0", "devices": ["disk0"]});
@@ -130,20 +125,16 @@ fn snapshot_load_resumes_at_the_saved_tick_plus_one() {
 #[test]
 fn a_writable_raw_node_is_refused_as_qemu_refuses_it() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     let raw = dir.path().join("r.raw");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     let drives = [
         format!("file={},node-name=disk0", img.display()),
         format!("file={},format=raw,node-name=raw0", raw.display()),
     ];
-    let qmp = format!("unix:{},server=on,wait=off", sock(dir.path(), 1).display());
-    let vm = RunVm::start_with(dir.path(), &drives, 1, None, 1, &["--qmp", &qmp]);
+    let vm = start_with_qmp(dir.path(), &drives, 1, &[]);
     vm.wait_past(2);
     let ours = sequence(&sock(dir.path(), 1), &["rawdev", "disk0", "raw0"]);
     assert_steps_match(&ours, &fixture("rawdev"));
@@ -180,12 +171,9 @@ fn assert_resumed_at(vm: &RunVm, mark: usize, want: u64) {
 #[test]
 fn vmsnap_s_live_save_and_eager_load_run_as_jobs() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_and_qemu_img(module_path!()) {
+    let Some((dir, img)) = image_dir(module_path!()) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.qcow2");
-    create_qcow2(&img);
+    };
     let vm = start(dir.path(), &img, 1);
     vm.wait_past(5);
     let args = json!({"job-id": "live0", "tag": "l", "vmstate": "disk0", "devices": ["disk0"]});

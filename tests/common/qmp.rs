@@ -77,3 +77,32 @@ pub fn assert_steps_match(ours: &Value, qemu: &Value) {
     }
     assert_eq!(a.len(), b.len(), "number of steps");
 }
+
+/// A temp dir with a fresh qcow2 `d.qcow2`; None (said loudly) without KVM or qemu-img.
+pub fn image_dir(what: &str) -> Option<(tempfile::TempDir, PathBuf)> {
+    if !super::run_vm::kvm_and_qemu_img(what) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    super::run_vm::create_qcow2(&img);
+    Some((dir, img))
+}
+
+/// The QMP socket of run number `run` in `dir`.
+pub fn socket(dir: &Path, run: u32) -> PathBuf {
+    dir.join(format!("qmp{run}.sock"))
+}
+
+/// [`super::run_vm::RunVm::start_with`] (1 vCPU) with QMP on [`socket`] and `extra` arguments.
+pub fn start_with_qmp(
+    dir: &Path,
+    drives: &[String],
+    run: u32,
+    extra: &[&str],
+) -> super::run_vm::RunVm {
+    let qmp = format!("unix:{},server=on,wait=off", socket(dir, run).display());
+    let mut args = vec!["--qmp", &qmp];
+    args.extend_from_slice(extra);
+    super::run_vm::RunVm::start_with(dir, drives, 1, None, run, &args)
+}

@@ -444,6 +444,8 @@ mod tests {
         assert_eq!((d.format, d.readonly, d.capture), (None, false, false));
         let d: DriveSpec = "file=v.raw,format=raw,capture=on".parse().unwrap();
         assert!(d.capture);
+        let d: DriveSpec = "file=x,node-name=disk0".parse().unwrap();
+        assert_eq!(d.node_name.as_deref(), Some("disk0"));
         assert!("file=x,format=qcow2,capture=on"
             .parse::<DriveSpec>()
             .unwrap_err()

@@ -239,3 +239,40 @@ pub fn serve(cx: Cx<'_>, listener: QmpListener, done: &AtomicBool) {
         drop(tx);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qmp_specs_parse_like_qemu_s() {
+        assert_eq!(
+            "unix:/tmp/q.sock,server=on,wait=off".parse::<QmpSpec>(),
+            Ok(QmpSpec::Unix("/tmp/q.sock".into()))
+        );
+        assert_eq!(
+            "unix:/tmp/q,server,nowait".parse::<QmpSpec>(),
+            Ok(QmpSpec::Unix("/tmp/q".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:4444,server=on,wait=off".parse::<QmpSpec>(),
+            Ok(QmpSpec::Tcp("127.0.0.1:4444".into()))
+        );
+        assert!("tcp:localhost".parse::<QmpSpec>().is_err());
+        assert!("unix:/q,wait=on"
+            .parse::<QmpSpec>()
+            .unwrap_err()
+            .contains("wait=on"));
+        assert!("unix:/q,server=off".parse::<QmpSpec>().is_err());
+        assert!("stdio".parse::<QmpSpec>().is_err());
+    }
+
+    #[test]
+    fn errors_have_qemu_s_classes() {
+        assert_eq!(
+            QmpError::not_found("x").to_json(),
+            json!({"class": "CommandNotFound", "desc": "The command x has not been found"})
+        );
+        assert_eq!(QmpError::generic("m").to_json()["class"], "GenericError");
+    }
+}

@@ -136,6 +136,32 @@ fn negotiation_ids_bad_input_and_events_to_every_client() {
             break;
         }
     }
+    // getfd: a descriptor sent with SCM_RIGHTS is kept under its name until closefd.
+    {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        use std::os::fd::AsFd;
+        let (x, _y) = UnixStream::pair().unwrap();
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut anc = SendAncillaryBuffer::new(&mut space);
+        let fds = [x.as_fd()];
+        assert!(anc.push(SendAncillaryMessage::ScmRights(&fds)));
+        let msg = br#"{"execute": "getfd", "arguments": {"fdname": "f1"}}"#;
+        sendmsg(
+            &a.w,
+            &[std::io::IoSlice::new(msg)],
+            &mut anc,
+            SendFlags::empty(),
+        )
+        .unwrap();
+        assert_eq!(a.reply(), json!({"return": {}}));
+        a.send(br#"{"execute": "closefd", "arguments": {"fdname": "f1"}}"#);
+        assert_eq!(a.reply(), json!({"return": {}}));
+        a.send(br#"{"execute": "closefd", "arguments": {"fdname": "f1"}}"#);
+        assert_eq!(
+            a.reply()["error"]["desc"],
+            "File descriptor named 'f1' not found"
+        );
+    }
     // A second client; both get the events of a stop made by the HMP monitor.
     let (mut b, _) = Raw::connect(&sock);
     b.send(br#"{"execute": "qmp_capabilities"}"#);

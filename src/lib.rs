@@ -22,5 +22,6 @@ pub mod cli;
 pub mod interop;
 pub mod migrate;
 pub mod migration;
+pub mod monitor;
 pub mod snapshot;
 pub mod vmm;

@@ -21,7 +21,6 @@ pub mod info;
 pub mod io;
 pub mod localtime;
 pub mod run;
-pub mod savevm;
 pub mod size;
 pub mod snapshot;
 pub mod table;

@@ -1,7 +1,5 @@
 //! `vmsnap run`: boot a built-in guest under KVM with disks, a serial console and a monitor.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +7,9 @@ use std::time::Duration;
 
 use crate::block::{self, Format, OpenOptions};
 use crate::migrate::{self, uri::Listener, DriveOpen, MigrateUri, Migrator};
+use crate::monitor::{self, drive_paths, Cx};
 use crate::snapshot;
 use crate::vmm::devices::SerialOut;
-use crate::vmm::monitor::{self, Outcome};
 use crate::vmm::termination;
 use crate::vmm::{Guest, Vm, VmConfig, VmError, VmStatus};
 
@@ -42,6 +40,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// Serving the monitor failed.
+    #[error(transparent)]
+    Serve(#[from] monitor::MonitorError),
     /// Flushing the drives before exiting failed.
     #[error("flushing the drives: {0}")]
     Flush(#[source] block::Error),
@@ -68,6 +69,8 @@ pub struct DriveSpec {
     /// Keep the whole contents in the VM state on savevm, write them back on loadvm (raw
     /// drives of at most 64 MiB; beyond QEMU).
     pub capture: bool,
+    /// The QMP node name (`drive<i>` when absent).
+    pub node_name: Option<String>,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -85,6 +88,7 @@ impl FromStr for DriveSpec {
         let mut format = None;
         let mut readonly = false;
         let mut capture = false;
+        let mut node_name = None;
         for opt in s.split(',') {
             let (k, v) = opt
                 .split_once('=')
@@ -94,6 +98,7 @@ impl FromStr for DriveSpec {
                 "format" => format = Some(v.parse::<Format>().map_err(|e| e.to_string())?),
                 "readonly" => readonly = on_off(k, v)?,
                 "capture" => capture = on_off(k, v)?,
+                "node-name" => node_name = Some(v.to_string()),
                 other => return Err(format!("unknown drive option '{other}'")),
             }
         }
@@ -106,6 +111,7 @@ impl FromStr for DriveSpec {
             format,
             readonly,
             capture,
+            node_name,
         })
     }
 }
@@ -179,10 +185,32 @@ impl FromStr for MonitorSpec {
     }
 }
 
+/// `--incoming URI` or `--incoming defer` (QEMU's syntax).
+#[derive(Debug, Clone)]
+pub enum IncomingSpec {
+    /// Wait for QMP's `migrate-incoming URI`.
+    Defer,
+    /// Listen on this URI at once.
+    Uri(MigrateUri),
+}
+
+impl FromStr for IncomingSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "defer" {
+            return Ok(IncomingSpec::Defer);
+        }
+        s.parse()
+            .map(IncomingSpec::Uri)
+            .map_err(|e: migrate::uri::UriError| e.to_string())
+    }
+}
+
 /// Arguments of `vmsnap run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`. Repeat for more
+    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on][,node-name=NAME]`
+    /// (NAME is the QMP node name, `drive<i>` by default). Repeat for more
     /// disks. `capture=on` (raw, at most 64 MiB): savevm keeps the drive's contents in the VM
     /// state and loadvm writes them back.
     #[arg(long = "drive", value_name = "SPEC")]
@@ -213,15 +241,20 @@ pub struct RunArgs {
     /// Monitor: stdio or unix:PATH. Without one, the VM runs until a vCPU fails or SIGINT/SIGTERM.
     #[arg(long)]
     pub monitor: Option<MonitorSpec>,
+    /// QMP server: `unix:PATH[,server=on,wait=off]` or `tcp:HOST:PORT[,server=on,wait=off]`
+    /// (QEMU's `-qmp` syntax; the VM never waits for a client).
+    #[arg(long, value_name = "SPEC")]
+    pub qmp: Option<monitor::qmp::QmpSpec>,
     /// Make the counter guest dirty this many MiB of RAM per second (0 = off), spread over
     /// all RAM from 2 MiB up. A restored state (--loadvm, --incoming) brings its own setting.
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     pub dirty_rate: u64,
     /// Wait for a live migration stream (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH),
     /// load it and run the guest from there. The drives are the source's (shared storage):
-    /// they are opened without locks until the stream is loaded.
+    /// they are opened without locks until the stream is loaded. `defer`: the URI comes
+    /// later, from QMP's `migrate-incoming`.
     #[arg(long, value_name = "URI", conflicts_with = "loadvm")]
-    pub incoming: Option<MigrateUri>,
+    pub incoming: Option<IncomingSpec>,
 }
 
 /// Runs `vmsnap run`; returns the exit code.
@@ -272,7 +305,7 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     })?;
     if let Some(tag) = &args.loadvm {
         let paths = drive_paths(args.drives.iter().map(|d| (&d.file, d.format)));
-        timed("loadvm", |p| {
+        monitor::hmp::timed("loadvm", |p| {
             snapshot::lazy::loadvm(&vm, tag, args.loadvm_mode, &paths, p)
         })
         .map_err(RunError::Loadvm)?;
@@ -288,33 +321,61 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         .collect();
     let mig = Migrator::new(reopen);
     let listener = match &args.incoming {
-        Some(uri) => {
+        Some(spec) => {
             mig.set_drives_inactive(true);
             vm.set_pause_reason(Some("inmigrate"));
-            let listener = Listener::bind(uri).map_err(RunError::Incoming)?;
-            migrate::incoming::announce(&listener, &mig);
-            Some(listener)
+            match spec {
+                IncomingSpec::Uri(uri) => {
+                    let listener = Listener::bind(uri).map_err(RunError::Incoming)?;
+                    migrate::incoming::announce(&listener, &mig);
+                    Some(listener)
+                }
+                IncomingSpec::Defer => {
+                    monitor::incoming::defer();
+                    None
+                }
+            }
         }
         None => {
             vm.start();
             None
         }
     };
-    let cx = Cx { vm: &vm, mig: &mig };
+    let nodes: Vec<String> = args
+        .drives
+        .iter()
+        .map(|d| d.node_name.clone().unwrap_or_default())
+        .collect();
+    let cx = Cx {
+        vm: &vm,
+        mig: &mig,
+        nodes: &nodes,
+    };
+    let qmp = match &args.qmp {
+        Some(spec) => Some(monitor::qmp::QmpListener::bind(spec)?),
+        None => None,
+    };
     let done = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         s.spawn(|| watch_termination(cx, &done));
         s.spawn(|| mig.serve(&vm));
+        if let Some(l) = qmp {
+            s.spawn(|| monitor::qmp::serve(cx, l, &done));
+        }
         if let Some(l) = listener {
-            s.spawn(|| receive(cx, l));
+            s.spawn(|| monitor::incoming::receive(cx, l));
         }
         let r = match &args.monitor {
             None => wait_for_failure(&vm),
             Some(MonitorSpec::Stdio) => {
                 let stdin = std::io::stdin();
-                serve(cx, stdin.lock(), std::io::stdout(), true).map(|()| 0)
+                monitor::serve::serve(cx, stdin.lock(), std::io::stdout(), true)
+                    .map(|()| 0)
+                    .map_err(RunError::from)
             }
-            Some(MonitorSpec::Unix(path)) => serve_unix(cx, path).map(|()| 0),
+            Some(MonitorSpec::Unix(path)) => monitor::serve::serve_unix(cx, path)
+                .map(|()| 0)
+                .map_err(RunError::from),
         };
         done.store(true, Ordering::SeqCst);
         mig.shutdown();
@@ -335,43 +396,9 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
     result
 }
 
-/// What the monitor acts on: the VM and its migration state.
-#[derive(Debug, Clone, Copy)]
-pub struct Cx<'a> {
-    /// The VM.
-    pub vm: &'a Vm,
-    /// Its migration state.
-    pub mig: &'a Migrator,
-}
-
-/// The incoming migration thread: a failed or partial stream ends the process with a
-/// non-zero status before the guest ever runs (as QEMU does).
-fn receive(cx: Cx<'_>, listener: Listener) {
-    match migrate::incoming::run(cx.vm, listener, cx.mig) {
-        Ok(report) => {
-            cx.mig.set_drives_inactive(false);
-            eprintln!(
-                "vmsnap: incoming migration loaded {} MiB in {} ms",
-                report.bytes >> 20,
-                report.load.as_millis()
-            );
-        }
-        Err(e) => {
-            eprintln!("vmsnap: {e}");
-            std::process::exit(1);
-        }
-    }
-}
-
-/// Stops the vCPUs and flushes every drive, as QEMU does before exiting (drives handed
-/// over to a migration destination are not touched).
+/// Stops the vCPUs and flushes every drive before exiting.
 fn stop_and_flush(cx: Cx<'_>) -> Result<(), RunError> {
-    // A VM whose vCPUs already failed still gets its disks flushed.
-    let _ = cx.vm.pause();
-    if cx.mig.drives_inactive() {
-        return Ok(());
-    }
-    cx.vm.flush_drives().map_err(RunError::Flush)
+    monitor::stop_and_flush(cx).map_err(RunError::Flush)
 }
 
 /// On SIGINT/SIGTERM: stop, flush, exit 0 (QEMU: "terminating on signal").
@@ -401,287 +428,6 @@ fn wait_for_failure(vm: &Vm) -> Result<i32, RunError> {
     }
 }
 
-/// Serves monitor commands from `input` until `quit` or end of input (which also quits).
-fn serve(
-    cx: Cx<'_>,
-    input: impl BufRead,
-    mut out: impl Write,
-    prompt: bool,
-) -> Result<(), RunError> {
-    let io = |what| move |source| RunError::Monitor { what, source };
-    writeln!(out, "vmsnap monitor - type 'help' for more information").map_err(io("write"))?;
-    let mut lines = input.lines();
-    loop {
-        if prompt {
-            write!(out, "(vmsnap) ").map_err(io("write"))?;
-        }
-        out.flush().map_err(io("flush"))?;
-        let Some(line) = lines.next() else {
-            return Ok(());
-        };
-        let line = line.map_err(io("read"))?;
-        let (reply, quit) = match execute(cx, &line) {
-            Outcome::Continue(r) => (r, false),
-            Outcome::Quit(r) => (r, true),
-        };
-        if !reply.is_empty() {
-            writeln!(out, "{reply}").map_err(io("write"))?;
-        }
-        if quit {
-            out.flush().map_err(io("flush"))?;
-            return Ok(());
-        }
-    }
-}
-
-/// The drives' paths for a lazy loadvm's own open of the VM-state image.
-fn drive_paths<'a>(
-    drives: impl Iterator<Item = (&'a PathBuf, Option<Format>)>,
-) -> Vec<snapshot::lazy::DrivePath> {
-    drives
-        .map(|(path, format)| snapshot::lazy::DrivePath {
-            path: path.clone(),
-            format,
-        })
-        .collect()
-}
-
-/// Monitor commands of the snapshot layer, then the VMM's own.
-const SNAPSHOT_HELP: &str = "\
-savevm [-l] [tag] -- save a VM snapshot; without a tag, a name is made from the date;
-                  -l: live, the guest runs while its RAM is written
-info savevm -- show the status of the last savevm
-loadvm [-e] tag -- restore a VM snapshot from its tag (lazily: RAM is filled after the resume; -e: read all RAM first)
-info loadvm -- show the status of the last loadvm
-delvm tag   -- delete a VM snapshot from its tag
-info snapshots -- show the currently saved VM snapshots";
-
-/// Monitor commands of live migration.
-const MIGRATE_HELP: &str = "\
-migrate [-d] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d: do not wait
-migrate_cancel -- cancel the current VM migration
-migrate_set_parameter parameter value -- set a migration parameter (max-bandwidth, downtime-limit, ...)
-migrate_set_capability capability state -- enable or disable a migration capability
-info migrate -- show migration status
-info migrate_parameters -- show current migration parameters
-info migrate_capabilities -- show current migration capabilities";
-
-/// `migrate [-d] URI`: the URI is the rest of the line (an exec command may have spaces),
-/// optionally in double quotes.
-fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
-    let rest = rest.trim();
-    let (detach, uri) = match rest.strip_prefix("-d") {
-        Some(u) if u.starts_with(char::is_whitespace) => (true, u.trim()),
-        _ => (false, rest),
-    };
-    let uri = uri
-        .strip_prefix('"')
-        .and_then(|u| u.strip_suffix('"'))
-        .unwrap_or(uri);
-    if uri.is_empty() {
-        return "Parameter 'uri' is missing".to_string();
-    }
-    if let Err(e) = cx.mig.start(uri) {
-        return format!("Error: {e}");
-    }
-    if detach {
-        return String::new();
-    }
-    match cx.mig.wait().status {
-        migrate::Status::Failed(why) => format!("Error: {why}"),
-        migrate::Status::Cancelled => "Error: migration cancelled".to_string(),
-        _ => String::new(),
-    }
-}
-
-/// Migration commands, or None for other lines.
-fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<String, String>> {
-    let err = |e: migrate::CommandError| format!("Error: {e}");
-    Some(match words {
-        ["migrate", ..] if cx.vm.pause_reason() == Some("inmigrate") => {
-            Err("Error: the guest is still being received (incoming migration)".to_string())
-        }
-        ["migrate", ..] => {
-            let rest = line.trim_start().strip_prefix("migrate").unwrap_or("");
-            Ok(migrate_command(cx, rest))
-        }
-        ["migrate_cancel"] => {
-            cx.mig.cancel();
-            Ok(String::new())
-        }
-        ["migrate_set_parameter", name, value] => cx
-            .mig
-            .set_parameter(name, value)
-            .map(|()| String::new())
-            .map_err(err),
-        ["migrate_set_capability", name, state] => cx
-            .mig
-            .set_capability(name, state)
-            .map(|()| String::new())
-            .map_err(err),
-        ["migrate_set_parameter" | "migrate_set_capability", ..] => {
-            Ok(format!("{}: expected NAME VALUE", words[0]))
-        }
-        ["info", "migrate"] => Ok(cx.mig.info().to_hmp()),
-        ["info", "migrate_parameters"] => Ok(cx.mig.parameters().to_hmp()),
-        ["info", "migrate_capabilities"] => Ok(cx.mig.capabilities().to_hmp()),
-        ["cont" | "c"] if cx.vm.pause_reason() == Some("inmigrate") => {
-            Err("Error: the guest starts once the incoming migration is loaded".to_string())
-        }
-        ["cont" | "c"] if cx.mig.is_active() => {
-            // QEMU lets the guest run again during the iterations; the final copy stops it.
-            let Outcome::Continue(r) = monitor::execute(cx.vm, line) else {
-                return None;
-            };
-            Ok(r)
-        }
-        ["cont" | "c"] if cx.mig.drives_inactive() => match cx.mig.reactivate(cx.vm) {
-            Ok(()) => {
-                let Outcome::Continue(r) = monitor::execute(cx.vm, line) else {
-                    return None;
-                };
-                Ok(r)
-            }
-            Err(e) => Err(err(e)),
-        },
-        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.is_active() => {
-            Err(format!("Error: {}", migrate::CommandError::Busy))
-        }
-        ["savevm" | "loadvm" | "delvm", ..] if cx.mig.drives_inactive() => {
-            Err(format!("Error: {}", migrate::CommandError::Inactive))
-        }
-        _ => return None,
-    })
-}
-
-/// Runs one monitor line: snapshot and migration commands here, the rest in
-/// [`monitor::execute`].
-pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
-    let vm = cx.vm;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    // A lazy loadvm still filling RAM is finished first by anything that saves or moves RAM
-    // or changes the snapshots (its snapshot's clusters stay in use until then).
-    if let ["savevm" | "delvm" | "loadvm" | "migrate", ..] = words.as_slice() {
-        if let Err(e) = snapshot::lazy::settle(vm) {
-            return Outcome::Continue(format!("Error: {e}"));
-        }
-    }
-    if let Some(r) = execute_migrate(cx, line, &words) {
-        return Outcome::Continue(r.unwrap_or_else(|e| e));
-    }
-    // savevm honours the x-vmsnap-lz4 migration capability, as QEMU's savevm honours the
-    // migration capabilities that change the stream.
-    let save = |tag: Option<&str>, live: bool| {
-        let mut reply = Ok(String::new());
-        let _ = timed("savevm", |p| {
-            reply = super::savevm::savevm(cx, tag, live, p);
-            Ok(())
-        });
-        Outcome::Continue(reply.unwrap_or_else(|e| e))
-    };
-    let paths = drive_paths(cx.mig.drives().iter().map(|d| (&d.path, d.format)));
-    let lazy_load = |tag: &str, mode, p: snapshot::ProgressFn<'_>| {
-        snapshot::lazy::loadvm(vm, tag, mode, &paths, p).map(|()| String::new())
-    };
-    let result = match words.as_slice() {
-        ["savevm"] => return save(None, false),
-        ["savevm", "-l"] => return save(None, true),
-        ["savevm", "-l", tag] => return save(Some(tag), true),
-        ["savevm", tag] => return save(Some(tag), false),
-        ["info", "savevm"] => Ok(super::savevm::info_savevm()),
-        ["loadvm", "-e", tag] => timed("loadvm", |p| {
-            lazy_load(tag, snapshot::lazy::LoadMode::Eager, p)
-        }),
-        ["loadvm", tag] => timed("loadvm", |p| {
-            lazy_load(tag, snapshot::lazy::LoadMode::Lazy, p)
-        }),
-        ["info", "loadvm"] => Ok(snapshot::lazy::info_loadvm(vm)),
-        ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
-        ["info", "snapshots"] => snapshot::info_snapshots(vm),
-        ["loadvm" | "delvm"] => Ok("Parameter 'name' is missing".to_string()),
-        ["savevm" | "loadvm" | "delvm", ..] => Ok(format!(
-            "{}: extraneous characters at the end of line",
-            words[0]
-        )),
-        ["help" | "?"] => {
-            let Outcome::Continue(base) = monitor::execute(vm, line) else {
-                return Outcome::Continue(String::new());
-            };
-            Ok(format!("{base}\n{SNAPSHOT_HELP}\n{MIGRATE_HELP}"))
-        }
-        _ => return monitor::execute(vm, line),
-    };
-    Outcome::Continue(match result {
-        Ok(reply) => reply,
-        Err(e) => format!("Error: {e}"),
-    })
-}
-
-/// Runs a long snapshot operation, showing its progress on standard error once it has taken
-/// more than a second (the monitor itself answers when it is done, as QEMU's HMP does).
-fn timed<T>(
-    what: &str,
-    f: impl FnOnce(snapshot::ProgressFn<'_>) -> snapshot::Result<T>,
-) -> snapshot::Result<T> {
-    let start = std::time::Instant::now();
-    let mut shown = false;
-    let mut report = |p: snapshot::Progress| {
-        if start.elapsed() > Duration::from_secs(1) {
-            shown = true;
-            let pct = p.done.saturating_mul(100) / p.total.max(1);
-            eprint!(
-                "\r{what}: {} MiB of {} MiB ({pct}%)",
-                p.done >> 20,
-                p.total >> 20
-            );
-        }
-    };
-    let r = f(&mut report);
-    if shown || start.elapsed() > Duration::from_secs(1) {
-        eprintln!("\r{what}: done in {:.1} s", start.elapsed().as_secs_f64());
-    }
-    r
-}
-
-fn serve_unix(cx: Cx<'_>, path: &std::path::Path) -> Result<(), RunError> {
-    let io = |what| move |source| RunError::Monitor { what, source };
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(io("bind"))?;
-    let result = loop {
-        let (stream, _) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) => break Err(io("accept")(e)),
-        };
-        let reader = match stream.try_clone() {
-            Ok(r) => BufReader::new(r),
-            Err(e) => break Err(io("accept")(e)),
-        };
-        // A client that merely disconnects leaves the VM running for the next one.
-        let mut quit = false;
-        let mut lines = reader.lines();
-        let mut w = &stream;
-        let _ = writeln!(w, "vmsnap monitor - type 'help' for more information");
-        while let Some(Ok(line)) = lines.next() {
-            let (reply, q) = match execute(cx, &line) {
-                Outcome::Continue(r) => (r, false),
-                Outcome::Quit(r) => (r, true),
-            };
-            if !reply.is_empty() {
-                let _ = writeln!(w, "{reply}");
-            }
-            if q {
-                quit = true;
-                break;
-            }
-        }
-        if quit {
-            break Ok(());
-        }
-    };
-    let _ = std::fs::remove_file(path);
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,6 +444,8 @@ mod tests {
         assert_eq!((d.format, d.readonly, d.capture), (None, false, false));
         let d: DriveSpec = "file=v.raw,format=raw,capture=on".parse().unwrap();
         assert!(d.capture);
+        let d: DriveSpec = "file=x,node-name=disk0".parse().unwrap();
+        assert_eq!(d.node_name.as_deref(), Some("disk0"));
         assert!("file=x,format=qcow2,capture=on"
             .parse::<DriveSpec>()
             .unwrap_err()

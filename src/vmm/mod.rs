@@ -17,7 +17,6 @@ pub mod devices;
 pub mod guest;
 mod lazy_ram;
 pub mod memory;
-pub mod monitor;
 pub mod page_server;
 pub mod run_control;
 pub mod termination;

@@ -4,6 +4,7 @@
 
 pub mod monitor;
 pub mod qemu;
+pub mod qmp;
 pub mod run_vm;
 pub mod ticks;
 

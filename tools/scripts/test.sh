@@ -34,6 +34,15 @@ if ! { command -v gdb >/dev/null && command -v readelf >/dev/null; } \
   echo "== installing gdb and binutils"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends gdb binutils >/dev/null || true
 fi
+# QEMU's Python QMP client (qemu.qmp from PyPI) in a virtualenv under target/, for
+# tests/qmp_*.rs, which fail loudly without it.
+if ! tools/qmp/venv.sh >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing python3-venv"
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null || true
+  fi
+  tools/qmp/venv.sh >/dev/null || echo "!! qemu.qmp could not be installed: tests/qmp_*.rs will fail"
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -3,11 +3,11 @@
 //! Supported now: `info status`, `info registers`, `stop`, `cont` (alias `c`), `quit` (alias
 //! `q`), `help`.
 //! `savevm`/`loadvm`/`delvm`/`info snapshots` belong to the snapshot layer, above the VMM:
-//! `vmsnap run` handles them (`cli::run::execute`) before passing other lines here; called
+//! the HMP front end handles them ([`super::hmp::execute`]) before passing other lines here; called
 //! directly, this module answers them, and `migrate`, with a clear "not available".
 
-use super::vcpu::VcpuState;
-use super::{Vm, VmStatus};
+use crate::vmm::vcpu::VcpuState;
+use crate::vmm::{Vm, VmStatus};
 
 /// What the caller should do after a command.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use crate::snapshot::live::{self, LiveOptions};
 use crate::snapshot::save_info::{self, SaveInfo, SaveStatus};
 use crate::snapshot::{self, ProgressFn, SaveOptions};
 
-use super::run::Cx;
+use super::Cx;
 
 /// QEMU's message for a savevm while a migration runs (`QERR_MIGRATION_ACTIVE`).
 pub const MIGRATION_ACTIVE: &str = "There's a migration process in progress";

@@ -523,6 +523,7 @@ fn execute_migrate(cx: Cx<'_>, line: &str, words: &[&str]) -> Option<Result<Stri
             Ok(format!("{}: expected NAME VALUE", words[0]))
         }
         ["info", "migrate"] => Ok(cx.mig.info().to_hmp()),
+        [cmd @ ("getfd" | "closefd"), name] => Ok(migrate::fd_registry::command(cmd, name)),
         ["info", "migrate_parameters"] => Ok(cx.mig.parameters().to_hmp()),
         ["info", "migrate_capabilities"] => Ok(cx.mig.capabilities().to_hmp()),
         ["cont" | "c"] if cx.vm.pause_reason() == Some("inmigrate") => {
@@ -643,6 +644,20 @@ fn timed<T>(
     r
 }
 
+/// A monitor connection's reader that keeps the descriptors sent with SCM_RIGHTS for
+/// `getfd` (see `migrate::fd_registry`).
+struct FdPassingReader(std::os::unix::net::UnixStream);
+
+impl std::io::Read for FdPassingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let (n, fds) = crate::vmm::fd_passing::recv_with_fds(&self.0, buf)?;
+        for fd in fds {
+            migrate::fd_registry::received(fd);
+        }
+        Ok(n)
+    }
+}
+
 fn serve_unix(cx: Cx<'_>, path: &std::path::Path) -> Result<(), RunError> {
     let io = |what| move |source| RunError::Monitor { what, source };
     let _ = std::fs::remove_file(path);
@@ -653,7 +668,7 @@ fn serve_unix(cx: Cx<'_>, path: &std::path::Path) -> Result<(), RunError> {
             Err(e) => break Err(io("accept")(e)),
         };
         let reader = match stream.try_clone() {
-            Ok(r) => BufReader::new(r),
+            Ok(r) => BufReader::new(FdPassingReader(r)),
             Err(e) => break Err(io("accept")(e)),
         };
         // A client that merely disconnects leaves the VM running for the next one.

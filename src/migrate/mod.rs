@@ -16,6 +16,7 @@
 
 pub mod converge;
 pub mod disks;
+pub mod fd_registry;
 pub mod incoming;
 pub mod info;
 pub mod live_ram;

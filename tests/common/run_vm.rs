@@ -109,8 +109,14 @@ impl RunVm {
             .filter(|(i, _)| !matches!(at, Some(a) if *i == a || *i == a + 1))
             .map(|(_, a)| *a)
             .collect();
-        let mut child = command_with_memory(dir, drives, smp, loadvm, run, memory)
-            .args(rest)
+        let mut cmd = command_with_memory(dir, drives, smp, loadvm, run, memory);
+        cmd.args(rest);
+        Self::spawn(cmd, dir, run)
+    }
+
+    /// Starts `cmd` (from [`command`], adjusted by the caller) as run number `run`.
+    pub fn spawn(mut cmd: Command, dir: &Path, run: u32) -> RunVm {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -131,6 +137,11 @@ impl RunVm {
     /// Sends a command; returns its reply and the VM status after it.
     pub fn cmd(&mut self, line: &str) -> (String, String) {
         self.mon.cmd(line)
+    }
+
+    /// Sends a command with a descriptor (SCM_RIGHTS); returns its reply and the status.
+    pub fn cmd_with_fd(&mut self, line: &str, fd: std::os::fd::BorrowedFd<'_>) -> (String, String) {
+        self.mon.cmd_with_fd(line, fd)
     }
 
     /// Sends a command whose reply must not be an error; returns the reply.

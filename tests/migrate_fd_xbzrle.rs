@@ -14,14 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// The number after `key` in `info migrate`.
-fn field(info: &str, key: &str) -> u64 {
-    info.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no '{key}' in:\n{info}"))
-}
+use common::info_field as field;
 
 #[test]
 fn getfd_errors_are_qemus() {

@@ -231,14 +231,7 @@ impl<R: Read> StreamReader<R> {
 
     /// Consumes the pending XBZRLE body and applies it to `page` (one page long).
     fn apply_xbzrle(&mut self, page: &mut [u8]) -> Result<()> {
-        let at = self.f.position();
-        let len = self.pending_page as usize;
-        self.packed.resize(len, 0);
-        self.f
-            .read_exact(&mut self.packed)
-            .map_err(|e| self.err(e.into()))?;
-        self.pending_page = 0;
-        self.pending_xbzrle = false;
+        let (at, _) = self.read_packed()?;
         let page_size = self.ram.page_size();
         if page.len() as u64 != page_size {
             return Err(self.err_at(
@@ -260,6 +253,21 @@ impl<R: Read> StreamReader<R> {
         Ok(())
     }
 
+    /// Reads the pending encoded (LZ4 or XBZRLE) page body into `packed`; returns its stream
+    /// offset and length.
+    fn read_packed(&mut self) -> Result<(u64, usize)> {
+        let at = self.f.position();
+        let len = self.pending_page as usize;
+        self.packed.resize(len, 0);
+        self.f
+            .read_exact(&mut self.packed)
+            .map_err(|e| self.err(e.into()))?;
+        self.pending_page = 0;
+        self.pending_lz4 = false;
+        self.pending_xbzrle = false;
+        Ok((at, len))
+    }
+
     /// Consumes the pending page body into `dst`: raw bytes, or LZ4 data decompressed into a
     /// `dst` of exactly one page.
     fn read_pending_into(&mut self, dst: &mut [u8]) -> Result<()> {
@@ -271,14 +279,7 @@ impl<R: Read> StreamReader<R> {
             self.pending_page -= n as u64;
             return Ok(());
         }
-        let at = self.f.position();
-        let len = self.pending_page as usize;
-        self.packed.resize(len, 0);
-        self.f
-            .read_exact(&mut self.packed)
-            .map_err(|e| self.err(e.into()))?;
-        self.pending_page = 0;
-        self.pending_lz4 = false;
+        let (at, len) = self.read_packed()?;
         let page_size = self.ram.page_size();
         let reason = match lz4_flex::block::decompress_into(&self.packed, dst) {
             Ok(n) if n as u64 == page_size => return Ok(()),

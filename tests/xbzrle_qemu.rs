@@ -121,6 +121,19 @@ fn inspect_extracts_and_dumps_memory_with_xbzrle_pages_applied() {
     let extracted = std::fs::read(x.join("pc.ram")).unwrap();
     assert_ram_equal(&extracted, &testdata("qemu-xbzrle.ram.zst"));
 
+    // The human summary counts the XBZRLE records (4096 in this stream, as QEMU's
+    // `info migrate` reported "xbzrle pages: 4096").
+    let out = inspect(&[mig.to_str().unwrap()]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    let row = human
+        .split_once("XBZRLE (deltas of re-sent pages)\n")
+        .and_then(|(_, t)| t.lines().nth(1))
+        .unwrap_or_else(|| panic!("no XBZRLE table:\n{human}"));
+    assert_eq!(
+        row.split_whitespace().take(2).collect::<Vec<_>>(),
+        ["pc.ram", "4096"]
+    );
+
     let out = inspect(&[mig.to_str().unwrap(), "--memory"]);
     assert!(
         out.status.success(),

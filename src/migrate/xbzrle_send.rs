@@ -146,3 +146,63 @@ impl XbzrleSender {
         self.prev = (i.cache_miss, pages_sent, i.pages, i.bytes);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::qemu_file::QemuFileReader;
+    use crate::migration::ram::{RamBlockInfo, RamHeader, RamReader};
+
+    #[test]
+    fn misses_then_deltas_that_the_reader_applies() {
+        let mut out: Vec<u8> = Vec::new();
+        let mut f: Sink<'_> = Sink::new(&mut out);
+        let mut w = RamWriter::new(4096, false).unwrap();
+        let block = RamBlockInfo {
+            idstr: "pc.ram".into(),
+            used_length: 2 * 4096,
+            mr_addr: None,
+        };
+        w.write_mem_size(&mut f, std::slice::from_ref(&block))
+            .unwrap();
+        let mut x = XbzrleSender::new(1 << 20, 4096);
+        let mut page = vec![7u8; 4096];
+        let mut save = |x: &mut XbzrleSender, page: &[u8], age| {
+            x.save(&mut w, &mut f, "pc.ram", 4096, page, age).unwrap()
+        };
+        // First round: off. Then a miss (cached), an unchanged page, a delta.
+        assert_eq!(save(&mut x, &page, 1), Outcome::Normal);
+        x.round_complete();
+        assert_eq!(save(&mut x, &page, 2), Outcome::Normal);
+        assert_eq!(save(&mut x, &page, 3), Outcome::Unchanged);
+        page[100..108].copy_from_slice(b"changed!");
+        assert_eq!(save(&mut x, &page, 4), Outcome::Encoded);
+        // Everything different: an overflow, sent whole (the cache follows).
+        let other = vec![9u8; 4096];
+        assert_eq!(save(&mut x, &other, 5), Outcome::Normal);
+        let i = x.info();
+        assert_eq!((i.cache_miss, i.pages, i.overflow), (1, 3, 1));
+        // one delta record: name (1 + 6) + encoding byte + be16 + runs (2 + 8 bytes)
+        assert_eq!(i.bytes, 7 + 3 + 10 + 4096);
+        x.update_rates(5);
+        assert!((x.info().cache_miss_rate - 0.2).abs() < 1e-9);
+        f.flush().unwrap();
+        drop(f);
+
+        let mut r = QemuFileReader::new(&out[..]);
+        let mut rr = RamReader::new(4096, false).unwrap();
+        assert!(matches!(
+            rr.read_header(&mut r).unwrap(),
+            RamHeader::MemSize { .. }
+        ));
+        assert!(matches!(
+            rr.read_header(&mut r).unwrap(),
+            RamHeader::Page { addr: 4096, .. }
+        ));
+        let len = rr.xbzrle_len().expect("an XBZRLE record");
+        let data = r.get_vec(len).unwrap();
+        let mut dst = vec![7u8; 4096];
+        crate::migration::xbzrle::decode(&data, &mut dst).unwrap();
+        assert_eq!(dst, page);
+    }
+}

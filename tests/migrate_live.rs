@@ -158,14 +158,7 @@ fn continues(src: &str, dst: &str) -> (u64, u64) {
     common::ticks::assert_continues(src, dst)
 }
 
-/// The number after `key` in `info migrate`.
-fn field(info: &str, key: &str) -> u64 {
-    info.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no '{key}' in:\n{info}"))
-}
+use common::info_field as field;
 
 /// Migrates a running source to a destination listening on `uri` (which the destination
 /// binds), checks the ticks, the statuses and `info migrate`.

@@ -18,6 +18,7 @@ use crate::migration::savevm::{handler_err, IterativeState, Sink, Source};
 use crate::migration::stream::{self, ErrorKind, Event, StreamError};
 
 use super::pagemap::Pagemap;
+use super::xbzrle_send::{Outcome, XbzrleSender};
 
 /// Where pages are read from.
 pub trait PageSource {
@@ -111,6 +112,8 @@ pub struct RamCounters {
     pub zero_pages: u64,
     /// Pages sent with their data ("normal").
     pub normal_pages: u64,
+    /// Pages sent as XBZRLE records.
+    pub xbzrle_pages: u64,
     /// Dirty bitmap syncs so far (the setup counts as the first).
     pub dirty_syncs: u64,
 }
@@ -143,6 +146,8 @@ pub struct LiveRam<'m, M: PageSource + ?Sized> {
     pub lz4: bool,
     /// Where each page's last copy lands in the stream, for a page index (live savevm).
     pub recorder: Option<PageRecorder>,
+    /// Re-sent pages as XBZRLE deltas (the `xbzrle` capability), when set.
+    pub xbzrle: Option<XbzrleSender>,
 }
 
 impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
@@ -170,6 +175,7 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
             zero: vec![0; page_size as usize],
             lz4: false,
             recorder: None,
+            xbzrle: None,
             pagemap: match mem.anonymous_base() {
                 Some(base) if page_size == 4096 => Pagemap::open().map(|p| (p, base)),
                 _ => None,
@@ -291,6 +297,9 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
                 }
                 wrapped = true;
                 self.cursor = 0;
+                if let Some(x) = self.xbzrle.as_mut() {
+                    x.round_complete();
+                }
                 continue;
             };
             let (word, bit) = ((page / 64) as usize, page % 64);
@@ -304,6 +313,13 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
                 self.counters.zero_pages += 1;
                 w.write_page(f, &self.block, addr, &self.zero)
                     .map_err(|e| e.to_string())?;
+                if let Some(x) = self.xbzrle.as_mut() {
+                    x.zero_page(addr, self.counters.dirty_syncs);
+                }
+                continue;
+            }
+            if self.xbzrle.is_some() {
+                self.send_xbzrle(w, f, addr)?;
                 continue;
             }
             let mem = self.mem;
@@ -320,6 +336,42 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
                 self.counters.normal_pages += 1;
             }
             w.write_page(f, &self.block, addr, data)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+impl<M: PageSource + ?Sized> LiveRam<'_, M> {
+    /// Sends the page at `addr` with XBZRLE on: from a stable copy (the page the cache
+    /// holds must be the page the destination gets), as ZERO, XBZRLE or a normal page.
+    fn send_xbzrle(
+        &mut self,
+        w: &mut RamWriter,
+        f: &mut Sink<'_>,
+        addr: u64,
+    ) -> Result<(), String> {
+        let age = self.counters.dirty_syncs;
+        self.mem.read_page(addr, &mut self.page)?;
+        let Some(x) = self.xbzrle.as_mut() else {
+            return Ok(());
+        };
+        let outcome = if is_zero(&self.page) {
+            self.counters.zero_pages += 1;
+            x.zero_page(addr, age);
+            Outcome::Normal
+        } else {
+            let o = x.save(w, f, &self.block, addr, &self.page, age)?;
+            match o {
+                Outcome::Encoded => self.counters.xbzrle_pages += 1,
+                Outcome::Normal => self.counters.normal_pages += 1,
+                Outcome::Unchanged => {}
+            }
+            o
+        };
+        if outcome == Outcome::Normal {
+            // A ZERO record for a zero page, else the page with its data.
+            w.write_page(f, &self.block, addr, &self.page)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -364,6 +416,9 @@ impl<M: PageSource + ?Sized> IterativeState for LiveRamEntry<'_, '_, M> {
             .as_mut()
             .ok_or("RAM sent before setup")?
             .name_next_block();
+        if let Some(x) = ram.xbzrle.as_mut() {
+            x.last_stage = true;
+        }
         ram.send(f, u64::MAX, Duration::MAX)?;
         let w = ram.writer.as_mut().ok_or("RAM sent before setup")?;
         w.write_eos(f).map_err(|e| e.to_string())

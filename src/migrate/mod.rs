@@ -5,7 +5,8 @@
 //!  monitor ──start/cancel/info──▶ Migrator ◀──serve(vm)── migration thread
 //!                                    │                         │ source::migrate
 //!                                    │ params, capabilities    ├─ uri::Outgoing (tcp/unix/exec/file)
-//!                                    │ MigrationInfo           ├─ live_ram (dirty-log driven RAM)
+//!                                    │ MigrationInfo           ├─ live_ram (dirty-log driven RAM,
+//!                                    │                         │  xbzrle_send for re-sent pages)
 //!                                    ▼                         ├─ converge (bandwidth, limit, throttle)
 //!                                 info::to_hmp                 └─ disks (lock handover)
 //!  --incoming URI ──▶ incoming::run: uri::Listener → load_state → activate disks → resume
@@ -15,6 +16,7 @@
 
 pub mod converge;
 pub mod disks;
+pub mod fd_registry;
 pub mod incoming;
 pub mod info;
 pub mod live_ram;
@@ -22,6 +24,7 @@ pub mod pagemap;
 pub mod params;
 pub mod source;
 pub mod uri;
+pub mod xbzrle_send;
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
@@ -236,6 +239,7 @@ impl Migrator {
                             params: st.params.clone(),
                             auto_converge: st.caps.auto_converge(),
                             lz4: st.caps.lz4(),
+                            xbzrle: st.caps.xbzrle(),
                             drives: self.drives.clone(),
                         };
                     }

@@ -42,6 +42,9 @@ pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 /// Largest `downtime-limit` QEMU accepts (2000 s).
 pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 
+/// QEMU 7.2's default `xbzrle-cache-size`: 64 MiB.
+pub const DEFAULT_XBZRLE_CACHE_SIZE: u64 = 64 << 20;
+
 /// The parameters vmsnap uses (others are printed with QEMU's defaults).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parameters {
@@ -59,6 +62,8 @@ pub struct Parameters {
     pub cpu_throttle_increment: u8,
     /// Highest throttle, percent.
     pub max_cpu_throttle: u8,
+    /// Bytes of the source's XBZRLE page cache (a power of two, at least one page).
+    pub xbzrle_cache_size: u64,
 }
 
 impl Default for Parameters {
@@ -70,6 +75,7 @@ impl Default for Parameters {
             cpu_throttle_initial: 20,
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
+            xbzrle_cache_size: DEFAULT_XBZRLE_CACHE_SIZE,
         }
     }
 }
@@ -78,6 +84,12 @@ impl Default for Parameters {
 /// (`qemu_strtosz_MiB`): a number, possibly fractional, with an optional suffix B, K, M, G,
 /// T, P or E (binary units, any case); without a suffix the unit is MiB.
 pub fn parse_size_mib(s: &str) -> Result<u64> {
+    parse_size(s, 20)
+}
+
+/// Parses a size with `qemu_strtosz`'s syntax; a number without suffix is in units of
+/// `1 << default_shift` bytes.
+fn parse_size(s: &str, default_shift: u32) -> Result<u64> {
     let bad = || ParamError::InvalidSize(s.to_string());
     let t = s.trim();
     let split = t
@@ -88,7 +100,7 @@ pub fn parse_size_mib(s: &str) -> Result<u64> {
         return Err(bad());
     }
     let shift = match suffix {
-        "" => 20,
+        "" => default_shift,
         "B" | "b" => 0,
         "K" | "k" => 10,
         "M" | "m" => 20,
@@ -161,6 +173,18 @@ impl Parameters {
             "max-cpu-throttle" => {
                 self.max_cpu_throttle = parse_percent("max_cpu_throttle", value, 1, 99)?
             }
+            "xbzrle-cache-size" => {
+                // HMP reads this one in bytes (visit_type_size); QEMU checks it against the
+                // target page size, vmsnap's is 4 KiB.
+                let n = parse_size(value, 0)?;
+                if n < 4096 || !n.is_power_of_two() {
+                    return Err(ParamError::OutOfRange {
+                        name: "xbzrle_cache_size",
+                        expects: "a power of two no less than the target page size",
+                    });
+                }
+                self.xbzrle_cache_size = n;
+            }
             other if QEMU_OTHER_PARAMETERS.contains(&other) => {
                 return Err(ParamError::Unsupported(other.to_string()))
             }
@@ -196,7 +220,7 @@ impl Parameters {
              block-incremental: off\n\
              multifd-channels: 2\n\
              multifd-compression: none\n\
-             xbzrle-cache-size: 67108864 bytes\n\
+             xbzrle-cache-size: {} bytes\n\
              max-postcopy-bandwidth: 0\n\
              tls-authz: ''",
             self.throttle_trigger_threshold,
@@ -205,6 +229,7 @@ impl Parameters {
             self.max_cpu_throttle,
             self.max_bandwidth,
             self.downtime_limit_ms,
+            self.xbzrle_cache_size,
         );
         s
     }
@@ -230,7 +255,6 @@ const QEMU_OTHER_PARAMETERS: &[&str] = &[
     "multifd-compression",
     "multifd-zlib-level",
     "multifd-zstd-level",
-    "xbzrle-cache-size",
     "max-postcopy-bandwidth",
     "block-bitmap-mapping",
 ];
@@ -263,6 +287,7 @@ pub const QEMU_CAPABILITIES: &[&str] = &[
 /// Capabilities vmsnap implements (others can only be set to off). Capabilities beyond
 /// QEMU's are added to [`EXTRA_CAPABILITIES`] and listed after QEMU's.
 pub const SUPPORTED_CAPABILITIES: &[&str] = &[
+    "xbzrle",
     "auto-converge",
     "events",
     crate::migration::ram::LZ4_CAPABILITY,
@@ -295,6 +320,11 @@ impl Capabilities {
     /// Shorthand for the `x-vmsnap-lz4` capability.
     pub fn lz4(&self) -> bool {
         self.is_on(crate::migration::ram::LZ4_CAPABILITY)
+    }
+
+    /// Shorthand for the xbzrle capability.
+    pub fn xbzrle(&self) -> bool {
+        self.is_on("xbzrle")
     }
 
     /// Shorthand for the auto-converge capability.
@@ -374,6 +404,16 @@ mod tests {
         assert!(p.set("cpu-throttle-initial", "0").is_err());
         assert!(p.to_hmp().contains("cpu-throttle-initial: 30\n"));
         assert_eq!(p.to_hmp().lines().count(), 24);
+        assert!(p.to_hmp().contains("xbzrle-cache-size: 67108864 bytes\n"));
+        p.set("xbzrle-cache-size", "8M").unwrap();
+        p.set("xbzrle-cache-size", "65536").unwrap();
+        assert_eq!(p.xbzrle_cache_size, 65536);
+        for bad in ["1024", "12288"] {
+            assert_eq!(
+                p.set("xbzrle-cache-size", bad).unwrap_err().to_string(),
+                "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size"
+            );
+        }
     }
 
     #[test]
@@ -392,11 +432,13 @@ mod tests {
         assert!(c.lz4() && c.to_hmp().ends_with("\nx-vmsnap-lz4: on"));
         c.set("auto-converge", "off").unwrap();
         assert!(!c.auto_converge());
+        c.set("xbzrle", "on").unwrap();
+        assert!(c.xbzrle() && c.to_hmp().starts_with("xbzrle: on\n"));
+        c.set("xbzrle", "off").unwrap();
         assert!(matches!(
-            c.set("xbzrle", "on"),
+            c.set("postcopy-ram", "on"),
             Err(ParamError::Unsupported(_))
         ));
-        c.set("xbzrle", "off").unwrap();
         assert!(matches!(
             c.set("bogus", "on"),
             Err(ParamError::UnknownName(_))

@@ -23,6 +23,7 @@ use super::info::{MigrationInfo, RamInfo, Status};
 use super::live_ram::{GuestRam, LiveRam, LiveRamEntry};
 use super::params::Parameters;
 use super::uri::{Aborter, MigrateUri, Outgoing, UriError};
+use super::xbzrle_send::XbzrleSender;
 
 /// Why a migration did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,8 @@ pub struct Job {
     pub auto_converge: bool,
     /// The `x-vmsnap-lz4` capability: RAM pages LZ4-compressed.
     pub lz4: bool,
+    /// The `xbzrle` capability: re-sent pages as XBZRLE deltas.
+    pub xbzrle: bool,
     /// How to reopen the drives if the handover must be undone.
     pub drives: Vec<DriveOpen>,
 }
@@ -271,6 +274,12 @@ fn run(
     let ram_src = GuestRam(vm.ram());
     let ram = RefCell::new(LiveRam::new(&ram_src, RAM_BLOCK, PAGE_SIZE));
     ram.borrow_mut().lz4 = job.lz4;
+    if job.xbzrle {
+        ram.borrow_mut().xbzrle = Some(XbzrleSender::new(
+            job.params.xbzrle_cache_size,
+            PAGE_SIZE as usize,
+        ));
+    }
     let layout = vmstate::layout(vm.vcpu_count(), vm.drive_count());
     let values: Vec<RefCell<Option<Value>>> = layout.iter().map(|_| RefCell::new(None)).collect();
     let mut slots: Vec<Slot<'_>> = values.iter().map(Slot).collect();
@@ -313,6 +322,7 @@ fn run(
             ),
             setup_ms: Some(setup_ms),
             ram: Some(ram_info(&r, pos, elapsed, meter, period, (pos, 0))),
+            xbzrle: r.xbzrle.as_ref().map(XbzrleSender::info),
             cpu_throttle_percentage: job.auto_converge.then_some(period.throttle),
             ..MigrationInfo::default()
         });
@@ -334,7 +344,7 @@ fn run(
         }
         let sent_pages = {
             let c = ram.borrow().counters;
-            c.normal_pages + c.zero_pages
+            c.normal_pages + c.zero_pages + c.xbzrle_pages
         };
         meter.update(now, pos, sent_pages);
         let limit = params.downtime_limit_ms;
@@ -344,6 +354,9 @@ fn run(
         if pending <= meter.threshold(limit) && (pending == 0 || !rule.settling()) {
             let bitmap = vm.take_dirty_bitmap()?;
             let newly = ram.borrow_mut().sync(&bitmap);
+            if let Some(x) = ram.borrow_mut().xbzrle.as_mut() {
+                x.update_rates(sent_pages);
+            }
             if let Some(pct) = period.on_sync(now, pos, newly, PAGE_SIZE) {
                 vm.set_throttle(pct);
             }
@@ -398,6 +411,7 @@ fn run(
             &period,
             (precopy, total - precopy),
         )),
+        xbzrle: r.xbzrle.as_ref().map(XbzrleSender::info),
         ..MigrationInfo::default()
     };
     Ok(Completed { info })

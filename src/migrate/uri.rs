@@ -1,8 +1,13 @@
-//! Migration URIs (`tcp:HOST:PORT`, `unix:PATH`, `exec:COMMAND`, `file:PATH`) and the
+//! Migration URIs (`tcp:HOST:PORT`, `unix:PATH`, `exec:COMMAND`, `file:PATH`, `fd:NAME`) and the
 //! channels they open: [`Outgoing`] on the source, [`Listener`] on the destination.
 //!
 //! `exec:` runs `sh -c COMMAND` as QEMU does: the source writes the stream to its standard
 //! input, the destination reads the stream from its standard output.
+//!
+//! `fd:` (QEMU's `migration/fd.c`): the source sends over the descriptor the monitor's
+//! `getfd NAME` received ([`super::fd_registry`]), the destination reads descriptor number N
+//! it inherited (`--incoming fd:N`). A socket is used as one (shut down on cancel and at the
+//! end); anything else (a pipe) is written and read as a file.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -26,6 +31,12 @@ pub enum UriError {
     /// An empty path or command.
     #[error("'{0}' needs a path or command after the colon")]
     Empty(String),
+    /// `fd:NAME` names no descriptor passed with `getfd`.
+    #[error(transparent)]
+    Fd(#[from] super::fd_registry::FdError),
+    /// `--incoming fd:N` with N not a descriptor number (QEMU's wording).
+    #[error("Invalid file descriptor number '{0}'")]
+    BadFdNumber(String),
     /// Connecting, listening, spawning or opening failed.
     #[error("{what} '{target}': {source}")]
     Io {
@@ -58,6 +69,8 @@ pub enum MigrateUri {
     Exec(String),
     /// `file:PATH`.
     File(PathBuf),
+    /// `fd:NAME` (source: a name given to `getfd`; destination: a descriptor number).
+    Fd(String),
 }
 
 impl FromStr for MigrateUri {
@@ -87,6 +100,7 @@ impl FromStr for MigrateUri {
             "unix" => Ok(MigrateUri::Unix(PathBuf::from(rest))),
             "exec" => Ok(MigrateUri::Exec(rest.to_string())),
             "file" => Ok(MigrateUri::File(PathBuf::from(rest))),
+            "fd" => Ok(MigrateUri::Fd(rest.to_string())),
             _ => Err(UriError::UnknownProtocol(s.to_string())),
         }
     }
@@ -102,6 +116,7 @@ impl std::fmt::Display for MigrateUri {
             MigrateUri::Unix(p) => write!(f, "unix:{}", p.display()),
             MigrateUri::Exec(c) => write!(f, "exec:{c}"),
             MigrateUri::File(p) => write!(f, "file:{}", p.display()),
+            MigrateUri::Fd(n) => write!(f, "fd:{n}"),
         }
     }
 }
@@ -221,6 +236,22 @@ impl Outgoing {
                     aborter: Aborter::Nothing,
                 })
             }
+            MigrateUri::Fd(name) => {
+                let fd = super::fd_registry::take(name)?;
+                if is_socket(&fd) {
+                    // Any socket family: only read, write and shutdown are used.
+                    let s = Arc::new(UnixStream::from(fd));
+                    limit_send_buffer(&*s);
+                    return Ok(Outgoing {
+                        w: Writer::Unix(Arc::clone(&s)),
+                        aborter: Aborter::Unix(s),
+                    });
+                }
+                Ok(Outgoing {
+                    w: Writer::File(BufWriter::with_capacity(1 << 20, File::from(fd))),
+                    aborter: Aborter::Nothing,
+                })
+            }
         }
     }
 
@@ -269,6 +300,12 @@ impl Outgoing {
             Writer::File(f) => f.flush(),
         }
     }
+}
+
+fn is_socket(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    nix::sys::stat::fstat(fd.as_raw_fd())
+        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 
 fn wait_eof(r: &mut impl Read, wait: Duration) -> io::Result<()> {
@@ -326,6 +363,8 @@ pub enum Listener {
     Exec(String),
     /// A file to read.
     File(PathBuf),
+    /// An inherited descriptor (`fd:N`).
+    Fd(File),
 }
 
 impl Listener {
@@ -345,6 +384,16 @@ impl Listener {
             }
             MigrateUri::Exec(c) => Ok(Listener::Exec(c.clone())),
             MigrateUri::File(p) => Ok(Listener::File(p.clone())),
+            MigrateUri::Fd(n) => {
+                let num: i32 = n
+                    .parse()
+                    .ok()
+                    .filter(|&v| v >= 0)
+                    .ok_or_else(|| UriError::BadFdNumber(n.clone()))?;
+                let fd = crate::vmm::fd_passing::inherited(num)
+                    .map_err(io_err("Failed to use descriptor", uri))?;
+                Ok(Listener::Fd(File::from(fd)))
+            }
         }
     }
 
@@ -354,7 +403,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.local_addr().ok().map(|a| format!("tcp:{a}")),
             Listener::Unix(_, p) => Some(format!("unix:{}", p.display())),
-            Listener::Exec(_) | Listener::File(_) => None,
+            Listener::Exec(_) | Listener::File(_) | Listener::Fd(_) => None,
         }
     }
 
@@ -385,6 +434,7 @@ impl Listener {
             Listener::File(p) => Ok(Incoming::File(
                 File::open(&p).map_err(io_err("Failed to open", p.display()))?,
             )),
+            Listener::Fd(f) => Ok(Incoming::File(f)),
         }
     }
 }

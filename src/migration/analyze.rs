@@ -80,6 +80,10 @@ pub struct BlockStats {
     pub lz4_pages: u64,
     /// Compressed bytes of those pages.
     pub lz4_bytes: u64,
+    /// Of `pages`, those sent as XBZRLE deltas.
+    pub xbzrle_pages: u64,
+    /// Encoded bytes of those pages.
+    pub xbzrle_bytes: u64,
 }
 
 /// A decoded device section.
@@ -166,10 +170,32 @@ impl Extractor {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(ioerr)?;
         }
-        let f = File::create(&path).map_err(ioerr)?;
+        // Read back too: XBZRLE pages are applied to what was extracted before.
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(ioerr)?;
         f.set_len(len).map_err(ioerr)?;
         self.files.insert(block.to_string(), f);
         Ok(())
+    }
+
+    /// Reads back what was extracted of `block` at `addr` (zeros where nothing was).
+    fn read(&mut self, block: &str, addr: u64, buf: &mut [u8]) -> Result<(), AnalyzeError> {
+        use std::io::Read as _;
+        let Some(f) = self.files.get_mut(block) else {
+            return Ok(());
+        };
+        let r = f
+            .seek(SeekFrom::Start(addr))
+            .and_then(|_| f.read_exact(buf));
+        r.map_err(|source| AnalyzeError::Extract {
+            path: block.to_string(),
+            source,
+        })
     }
 
     fn write(&mut self, block: &str, addr: u64, data: &[u8]) -> Result<(), AnalyzeError> {
@@ -183,6 +209,22 @@ impl Extractor {
             path: block.to_string(),
             source,
         })
+    }
+}
+
+/// Fills `page` from a page as [`hex_bytes`] printed it, or with the fill byte of a
+/// `Filled with` entry (pages the dump could not give stay zero).
+fn unhex_into(h: &str, page: &mut [u8]) {
+    if let Some(fill) = h.strip_prefix("Filled with 0x") {
+        let v = match fill.strip_prefix('-') {
+            Some(neg) => u8::from_str_radix(neg, 16).map(u8::wrapping_neg),
+            None => u8::from_str_radix(fill, 16),
+        };
+        page.fill(v.unwrap_or(0));
+        return;
+    }
+    for (b, x) in page.iter_mut().zip(h.split(' ')) {
+        *b = u8::from_str_radix(x, 16).unwrap_or(0);
     }
 }
 
@@ -235,6 +277,8 @@ pub fn analyze_stream<R: Read>(
     let mut open_row: Option<usize> = None;
     let mut kept = 0usize;
     let mut current_id: u32 = 0;
+    // The page an XBZRLE record applies to.
+    let mut xpage: Vec<u8> = Vec::new();
     // Reader block index → index in a.ram_blocks.
     let mut stats_of: Vec<usize> = Vec::new();
     loop {
@@ -296,10 +340,31 @@ pub fn analyze_stream<R: Read>(
                                 st.lz4_pages += 1;
                                 st.lz4_bytes += len;
                             }
+                            if let Some(len) = r.page_xbzrle_len() {
+                                st.xbzrle_pages += 1;
+                                st.xbzrle_bytes += len;
+                            }
                         }
                         if memory.is_some() || extractor.is_some() {
                             let name = block_name(&r, block);
-                            let data = match r.page_data() {
+                            let got = if r.page_xbzrle_len().is_some() {
+                                // A delta: applied to the page as extracted or dumped so far
+                                // (zero if it was never sent, as on a fresh destination).
+                                xpage.clear();
+                                xpage.resize(r.page_size() as usize, 0);
+                                if let Some(x) = extractor.as_mut() {
+                                    x.read(&name, addr, &mut xpage)?;
+                                } else if let Some(Json::String(h)) = memory
+                                    .as_ref()
+                                    .and_then(|m| m.get(&format!("{name} (0x{addr:016x})")))
+                                {
+                                    unhex_into(h, &mut xpage);
+                                }
+                                r.read_page_into(&mut xpage).map(|()| &xpage[..])
+                            } else {
+                                r.page_data()
+                            };
+                            let data = match got {
                                 Ok(d) => d,
                                 Err(e) => {
                                     a.error = Some(e);

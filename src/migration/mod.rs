@@ -10,6 +10,7 @@
 //! - [`stream`]: walking a whole stream record by record; the decoded stream model.
 //! - [`ram_state`]: guest RAM as a save-state entry (save from / load into memory slices).
 //! - [`savevm`]: `save_state` / `load_state` over a registry of save-state entries.
+//! - [`xbzrle`]: QEMU's XBZRLE delta encoding of re-sent pages and the source's page cache.
 //! - [`analyze`]: the output of `analyze-migration.py` (`--dump state|desc`, `-m`, `-x`).
 #![deny(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod stream;
 pub mod value;
 pub mod vmdesc;
 pub mod vmstate;
+pub mod xbzrle;
 
 pub use qemu_file::{QemuFileReader, QemuFileWriter};
 pub use value::Value;

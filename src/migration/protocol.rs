@@ -149,7 +149,7 @@ pub mod ram_flags {
     pub const EOS: u64 = 0x10;
     /// Same block as the previous record: no idstr.
     pub const CONTINUE: u64 = 0x20;
-    /// XBZRLE-encoded page (not supported).
+    /// XBZRLE-encoded page (`migration/xbzrle.rs`).
     pub const XBZRLE: u64 = 0x40;
     /// RDMA hook (never in files).
     pub const HOOK: u64 = 0x80;

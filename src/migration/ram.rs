@@ -125,6 +125,40 @@ pub enum RamError {
         /// What the decompressor reported.
         reason: String,
     },
+    /// An XBZRLE record with an encoding byte other than QEMU's only one.
+    #[error(
+        "Failed to load XBZRLE page - wrong compression! (encoding {encoding:#x} at {offset:#x})"
+    )]
+    XbzrleEncoding {
+        /// Record offset.
+        offset: u64,
+        /// The encoding byte.
+        encoding: u8,
+    },
+    /// An XBZRLE record longer than a page.
+    #[error("Failed to load XBZRLE page - len overflow! ({len:#x} bytes at {offset:#x}, page size {page_size:#x})")]
+    XbzrleLength {
+        /// Record offset.
+        offset: u64,
+        /// The length field.
+        len: u64,
+        /// Page size.
+        page_size: u64,
+    },
+    /// XBZRLE data that does not apply to a page.
+    #[error("Failed to load XBZRLE page - decode error! (record data at {offset:#x}: {source})")]
+    XbzrleDecode {
+        /// Offset of the encoded data.
+        offset: u64,
+        /// What was wrong.
+        source: super::xbzrle::XbzrleError,
+    },
+    /// An XBZRLE page asked for without the page's previous contents to apply it to.
+    #[error("XBZRLE page at {offset:#x} is a delta against the previous copy of the page, which this reader does not keep")]
+    XbzrleWithoutBase {
+        /// Offset of the encoded data.
+        offset: u64,
+    },
     /// Saving: page data of the wrong length.
     #[error("page of block '{block}' at {addr:#x} has {len} bytes, the page size is {page_size}")]
     BadPageLength {
@@ -237,6 +271,7 @@ pub struct RamReader {
     last_block: Option<usize>,
     lz4: bool,
     compressed: Option<usize>,
+    xbzrle: Option<usize>,
 }
 
 impl Default for RamReader {
@@ -249,6 +284,7 @@ impl Default for RamReader {
             last_block: None,
             lz4: false,
             compressed: None,
+            xbzrle: None,
         }
     }
 }
@@ -265,6 +301,7 @@ impl RamReader {
             last_block: None,
             lz4: false,
             compressed: None,
+            xbzrle: None,
         })
     }
 
@@ -282,6 +319,12 @@ impl RamReader {
     /// `len` bytes of LZ4 data rather than `page_size` raw bytes.
     pub fn compressed_len(&self) -> Option<usize> {
         self.compressed
+    }
+
+    /// For the `Page` just returned by [`Self::read_record`]: `Some(len)` when its body is
+    /// `len` bytes of XBZRLE data ([`super::xbzrle`]) to apply to the page's previous copy.
+    pub fn xbzrle_len(&self) -> Option<usize> {
+        self.xbzrle
     }
 
     /// Target page size in use.
@@ -302,7 +345,8 @@ impl RamReader {
     }
 
     /// Reads one record header. After a `Page`, exactly `page_size` bytes of data follow (or,
-    /// when [`Self::compressed_len`] says so, that many bytes of LZ4 data) and must be
+    /// when [`Self::compressed_len`] or [`Self::xbzrle_len`] says so, that many bytes of LZ4
+    /// or XBZRLE data) and must be
     /// consumed by the caller before the next call.
     pub fn read_record<R: Read>(&mut self, f: &mut QemuFileReader<R>) -> Result<RamRecord> {
         let h = self.read_header(f)?;
@@ -348,16 +392,15 @@ impl RamReader {
     /// [`Self::blocks`] (for readers that go through millions of pages).
     pub fn read_header<R: Read>(&mut self, f: &mut QemuFileReader<R>) -> Result<RamHeader> {
         self.compressed = None;
+        self.xbzrle = None;
         let offset = f.position();
         let word = f.get_be64()?;
         // Flags always fit below 0x400, and pages are at least 1 KiB: this split is exact
         // whatever the page size.
         let flags = word & 0x3ff;
         let addr = word & !0x3ff;
-        if flags & (fl::XBZRLE | fl::COMPRESS_PAGE | fl::HOOK) != 0 {
-            let name = if flags & fl::XBZRLE != 0 {
-                "XBZRLE"
-            } else if flags & fl::COMPRESS_PAGE != 0 {
+        if flags & (fl::COMPRESS_PAGE | fl::HOOK) != 0 {
+            let name = if flags & fl::COMPRESS_PAGE != 0 {
                 "COMPRESS_PAGE (the removed compress capability)"
             } else {
                 "HOOK (RDMA)"
@@ -385,7 +428,7 @@ impl RamReader {
         let cont = flags & fl::CONTINUE != 0;
         let kind = flags & !fl::CONTINUE;
         match kind {
-            fl::ZERO | fl::PAGE | RAM_SAVE_FLAG_LZ4 => {
+            fl::ZERO | fl::PAGE | RAM_SAVE_FLAG_LZ4 | fl::XBZRLE => {
                 let block = self.block_for(f, offset, cont)?;
                 let info = &self.blocks[block];
                 if addr
@@ -419,12 +462,36 @@ impl RamReader {
                     }
                     self.compressed = Some(usize::from(len));
                 }
+                if kind == fl::XBZRLE {
+                    self.xbzrle = Some(self.read_xbzrle_header(f, offset)?);
+                }
                 Ok(RamHeader::Page { block, cont, addr })
             }
             fl::EOS if !cont && addr == 0 => Ok(RamHeader::Eos),
             fl::MULTIFD_FLUSH if !cont && addr == 0 => Ok(RamHeader::MultifdFlush),
             _ => Err(RamError::UnknownFlags { offset, flags }),
         }
+    }
+
+    /// The encoding byte and length of an XBZRLE record (QEMU's `load_xbzrle` checks).
+    fn read_xbzrle_header<R: Read>(
+        &mut self,
+        f: &mut QemuFileReader<R>,
+        offset: u64,
+    ) -> Result<usize> {
+        let encoding = f.get_u8()?;
+        if encoding != super::xbzrle::ENCODING_FLAG_XBZRLE {
+            return Err(RamError::XbzrleEncoding { offset, encoding });
+        }
+        let len = f.get_be16()?;
+        if u64::from(len) > self.page_size {
+            return Err(RamError::XbzrleLength {
+                offset,
+                len: u64::from(len),
+                page_size: self.page_size,
+            });
+        }
+        Ok(usize::from(len))
     }
 
     fn block_for<R: Read>(
@@ -725,6 +792,34 @@ impl RamWriter {
         Ok(())
     }
 
+    /// Writes one page as an XBZRLE record whose data is `encoded` (from
+    /// [`super::xbzrle::encode`], at most one page long).
+    pub fn write_xbzrle_page<W: Write>(
+        &mut self,
+        f: &mut QemuFileWriter<W>,
+        block: &str,
+        addr: u64,
+        encoded: &[u8],
+    ) -> Result<()> {
+        let len = u16::try_from(encoded.len())
+            .ok()
+            .filter(|&n| u64::from(n) <= self.page_size)
+            .ok_or_else(|| RamError::BadPageLength {
+                block: block.to_string(),
+                addr,
+                len: encoded.len(),
+                page_size: self.page_size,
+            })?;
+        self.header(f, block, addr, fl::XBZRLE, false)?;
+        f.put_u8(super::xbzrle::ENCODING_FLAG_XBZRLE)?;
+        f.put_be16(len)?;
+        f.put_buffer(encoded)?;
+        if let Some(r) = &self.recorder {
+            r.page_unindexable(block);
+        }
+        Ok(())
+    }
+
     /// Writes the end-of-section marker.
     pub fn write_eos<W: Write>(&mut self, f: &mut QemuFileWriter<W>) -> Result<()> {
         f.put_be64(fl::EOS)?;
@@ -856,11 +951,7 @@ mod tests {
 
     #[test]
     fn unsupported_flags_are_named() {
-        for (flags, name) in [
-            (0x40u64, "XBZRLE"),
-            (0x100, "COMPRESS_PAGE"),
-            (0x80, "HOOK"),
-        ] {
+        for (flags, name) in [(0x100u64, "COMPRESS_PAGE"), (0x80, "HOOK")] {
             let bytes = (0x1000 | flags).to_be_bytes();
             let mut rr = RamReader::new(4096, false).unwrap();
             let err = rr

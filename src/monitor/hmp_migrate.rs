@@ -68,6 +68,7 @@ pub(super) fn execute_migrate(
             Ok(format!("{}: expected NAME VALUE", words[0]))
         }
         ["info", "migrate"] => Ok(cx.mig.info().to_hmp()),
+        [cmd @ ("getfd" | "closefd"), name] => Ok(migrate::fd_registry::command(cmd, name)),
         ["info", "migrate_parameters"] => Ok(cx.mig.parameters().to_hmp()),
         ["info", "migrate_capabilities"] => Ok(cx.mig.capabilities().to_hmp()),
         ["cont" | "c"] if cx.vm.pause_reason() == Some("inmigrate") => {

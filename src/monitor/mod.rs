@@ -16,7 +16,7 @@
 //! HMP keeps its text replies; QMP answers with QEMU 7.2's JSON shapes (formats/qmp.md).
 
 pub mod events;
-pub mod fds;
+pub mod fd_recv;
 pub mod hmp;
 mod hmp_migrate;
 pub mod incoming;

@@ -49,7 +49,7 @@ pub fn serve_unix(cx: Cx<'_>, path: &std::path::Path) -> Result<(), MonitorError
             Err(e) => break Err(io_err("accept")(e)),
         };
         let reader = match stream.try_clone() {
-            Ok(r) => BufReader::new(r),
+            Ok(r) => BufReader::new(super::fd_recv::FdPassingReader(r)),
             Err(e) => break Err(io_err("accept")(e)),
         };
         // A client that merely disconnects leaves the VM running for the next one.

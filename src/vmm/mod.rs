@@ -14,6 +14,7 @@
 //! another process. The capture is documented in `formats/vm-state-capture.md`.
 
 pub mod devices;
+pub mod fd_passing;
 pub mod guest;
 mod lazy_ram;
 pub mod memory;

@@ -303,3 +303,13 @@ pub fn rebuild(script: &str) -> Option<Vec<u8>> {
     assert!(status.success(), "{script} failed");
     Some(std::fs::read(&out).unwrap())
 }
+
+/// The number after `key` in a monitor reply such as `info migrate` (`key` includes the
+/// colon: `"xbzrle pages:"`).
+pub fn info_field(info: &str, key: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no '{key}' in:\n{info}"))
+}

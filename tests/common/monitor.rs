@@ -58,6 +58,27 @@ impl Monitor {
         }
     }
 
+    /// [`Monitor::cmd`], with descriptor `fd` sent (SCM_RIGHTS) along with the command's
+    /// bytes, as a client passes one for `getfd`.
+    pub fn cmd_with_fd(&mut self, line: &str, fd: std::os::fd::BorrowedFd<'_>) -> (String, String) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let bytes = format!("{line}\n");
+        let iov = [std::io::IoSlice::new(bytes.as_bytes())];
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let n = sendmsg::<()>(
+            self.stream.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(n, bytes.len());
+        self.cmd("")
+    }
+
     /// [`Monitor::cmd`], asserting that the reply carries no error.
     pub fn ok(&mut self, line: &str) -> String {
         let (r, _) = self.cmd(line);

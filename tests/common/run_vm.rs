@@ -140,6 +140,11 @@ impl RunVm {
         self.mon.cmd(line)
     }
 
+    /// Sends a command with a descriptor (SCM_RIGHTS); returns its reply and the status.
+    pub fn cmd_with_fd(&mut self, line: &str, fd: std::os::fd::BorrowedFd<'_>) -> (String, String) {
+        self.mon.cmd_with_fd(line, fd)
+    }
+
     /// Sends a command whose reply must not be an error; returns the reply.
     pub fn ok(&mut self, line: &str) -> String {
         self.mon.ok(line)

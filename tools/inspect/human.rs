@@ -78,28 +78,51 @@ fn render_ram(s: &mut String, a: &Analysis) {
             st.zero_pages
         );
     }
-    let lz4: Vec<_> = a
+    let lz4 = a
         .ram_blocks
         .iter()
-        .filter(|(_, st)| st.lz4_pages > 0)
-        .collect();
-    if !lz4.is_empty() {
+        .map(|(n, st)| (n, st.lz4_pages, st.lz4_bytes));
+    render_encoded(s, "LZ4 (x-vmsnap-lz4)", "compressed", lz4, a.page_size);
+    let xbzrle = a
+        .ram_blocks
+        .iter()
+        .map(|(n, st)| (n, st.xbzrle_pages, st.xbzrle_bytes));
+    render_encoded(
+        s,
+        "XBZRLE (deltas of re-sent pages)",
+        "encoded",
+        xbzrle,
+        a.page_size,
+    );
+}
+
+/// A table of the blocks with pages sent encoded: count, encoded bytes, ratio to raw pages.
+fn render_encoded<'a>(
+    s: &mut String,
+    title: &str,
+    bytes_label: &str,
+    rows: impl Iterator<Item = (&'a String, u64, u64)>,
+    page_size: u64,
+) {
+    let rows: Vec<_> = rows.filter(|r| r.1 > 0).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n{title}\n{:<32} {:>10} {:>14} {:>8}",
+        "block", "pages", bytes_label, "ratio"
+    );
+    for (name, pages, bytes) in rows {
+        let raw = pages * page_size;
         let _ = writeln!(
             s,
-            "\nLZ4 (x-vmsnap-lz4)\n{:<32} {:>10} {:>14} {:>8}",
-            "block", "pages", "compressed", "ratio"
+            "{:<32} {:>10} {:>14} {:>7.1}%",
+            name,
+            pages,
+            format!("{bytes:#x}"),
+            100.0 * bytes as f64 / raw.max(1) as f64
         );
-        for (name, st) in lz4 {
-            let raw = st.lz4_pages * a.page_size;
-            let _ = writeln!(
-                s,
-                "{:<32} {:>10} {:>14} {:>7.1}%",
-                name,
-                st.lz4_pages,
-                format!("{:#x}", st.lz4_bytes),
-                100.0 * st.lz4_bytes as f64 / raw.max(1) as f64
-            );
-        }
     }
 }
 

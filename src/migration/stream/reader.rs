@@ -53,6 +53,8 @@ pub struct StreamReader<R> {
     pending_page: u64,
     /// The pending page body is LZ4 data (`pending_page` compressed bytes).
     pending_lz4: bool,
+    /// The pending page body is XBZRLE data (`pending_page` encoded bytes).
+    pending_xbzrle: bool,
     packed: Vec<u8>,
     page: Vec<u8>,
     page_valid: bool,
@@ -102,6 +104,7 @@ impl<R: Read> StreamReader<R> {
             page_size_known: false,
             pending_page: 0,
             pending_lz4: false,
+            pending_xbzrle: false,
             packed: Vec::new(),
             page: Vec::new(),
             page_valid: false,
@@ -175,8 +178,13 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// The data of the page announced by the last `Ram` event (decompressed if it was sent
-    /// as LZ4).
+    /// as LZ4). An XBZRLE page is an error here: it needs the page's previous contents
+    /// ([`Self::read_page_into`]).
     pub fn page_data(&mut self) -> Result<&[u8]> {
+        if self.pending_xbzrle {
+            let at = self.f.position();
+            return Err(self.err(ErrorKind::Ram(RamError::XbzrleWithoutBase { offset: at })));
+        }
         if !self.page_valid {
             let mut page = std::mem::take(&mut self.page);
             page.resize(self.ram.page_size() as usize, 0);
@@ -189,8 +197,12 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Reads the pending page straight into `dst` (which must be one page long; LZ4 pages are
-    /// decompressed into it).
+    /// decompressed into it). For an XBZRLE page ([`Self::page_xbzrle_len`]) `dst` must hold
+    /// the page's previous contents: the delta is applied to it in place.
     pub fn read_page_into(&mut self, dst: &mut [u8]) -> Result<()> {
+        if self.pending_xbzrle {
+            return self.apply_xbzrle(dst);
+        }
         if self.page_valid {
             let n = dst.len().min(self.page.len());
             dst[..n].copy_from_slice(&self.page[..n]);
@@ -211,6 +223,51 @@ impl<R: Read> StreamReader<R> {
         self.ram.compressed_len().map(|n| n as u64)
     }
 
+    /// For the page announced by the last `Ram` event: `Some(len)` when it was sent as `len`
+    /// bytes of XBZRLE data (a delta against the page's previous copy).
+    pub fn page_xbzrle_len(&self) -> Option<u64> {
+        self.ram.xbzrle_len().map(|n| n as u64)
+    }
+
+    /// Consumes the pending XBZRLE body and applies it to `page` (one page long).
+    fn apply_xbzrle(&mut self, page: &mut [u8]) -> Result<()> {
+        let (at, _) = self.read_packed()?;
+        let page_size = self.ram.page_size();
+        if page.len() as u64 != page_size {
+            return Err(self.err_at(
+                at,
+                ErrorKind::Ram(RamError::BadPageLength {
+                    block: String::new(),
+                    addr: 0,
+                    len: page.len(),
+                    page_size,
+                }),
+            ));
+        }
+        crate::migration::xbzrle::decode(&self.packed, page).map_err(|source| {
+            self.err_at(
+                at,
+                ErrorKind::Ram(RamError::XbzrleDecode { offset: at, source }),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Reads the pending encoded (LZ4 or XBZRLE) page body into `packed`; returns its stream
+    /// offset and length.
+    fn read_packed(&mut self) -> Result<(u64, usize)> {
+        let at = self.f.position();
+        let len = self.pending_page as usize;
+        self.packed.resize(len, 0);
+        self.f
+            .read_exact(&mut self.packed)
+            .map_err(|e| self.err(e.into()))?;
+        self.pending_page = 0;
+        self.pending_lz4 = false;
+        self.pending_xbzrle = false;
+        Ok((at, len))
+    }
+
     /// Consumes the pending page body into `dst`: raw bytes, or LZ4 data decompressed into a
     /// `dst` of exactly one page.
     fn read_pending_into(&mut self, dst: &mut [u8]) -> Result<()> {
@@ -222,14 +279,7 @@ impl<R: Read> StreamReader<R> {
             self.pending_page -= n as u64;
             return Ok(());
         }
-        let at = self.f.position();
-        let len = self.pending_page as usize;
-        self.packed.resize(len, 0);
-        self.f
-            .read_exact(&mut self.packed)
-            .map_err(|e| self.err(e.into()))?;
-        self.pending_page = 0;
-        self.pending_lz4 = false;
+        let (at, len) = self.read_packed()?;
         let page_size = self.ram.page_size();
         let reason = match lz4_flex::block::decompress_into(&self.packed, dst) {
             Ok(n) if n as u64 == page_size => return Ok(()),
@@ -272,6 +322,7 @@ impl<R: Read> StreamReader<R> {
             self.pending_page = 0;
         }
         self.pending_lz4 = false;
+        self.pending_xbzrle = false;
         self.page_valid = false;
         let ev = match self.state {
             State::Header => self.read_header(),
@@ -436,12 +487,16 @@ impl<R: Read> StreamReader<R> {
                 let ps = infer_page_size(self.ram.blocks());
                 self.ram.set_page_size(ps).map_err(|e| self.err(e.into()))?;
             }
-            RamHeader::Page { .. } => match self.ram.compressed_len() {
-                Some(len) => {
+            RamHeader::Page { .. } => match (self.ram.compressed_len(), self.ram.xbzrle_len()) {
+                (Some(len), _) => {
                     self.pending_page = len as u64;
                     self.pending_lz4 = true;
                 }
-                None => self.pending_page = self.ram.page_size(),
+                (None, Some(len)) => {
+                    self.pending_page = len as u64;
+                    self.pending_xbzrle = true;
+                }
+                (None, None) => self.pending_page = self.ram.page_size(),
             },
             RamHeader::Eos => self.state = State::Top,
             _ => {}

@@ -5,7 +5,8 @@ use serde_json::{json, Value};
 use super::args::Args;
 use super::{block_info, migrate_cmds, QmpCx, QmpError, Reply};
 use crate::monitor::snapshot_jobs::{self, Kind, Target};
-use crate::monitor::{events, fds, hmp, incoming, jobs, Outcome};
+use crate::migrate::fd_registry::{self, FdError};
+use crate::monitor::{events, hmp, incoming, jobs, Outcome};
 use crate::snapshot::lazy::LoadMode;
 use crate::vmm::VmStatus;
 
@@ -255,14 +256,14 @@ pub fn dispatch(q: &mut QmpCx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, Qm
             let fd = q
                 .received
                 .pop()
-                .ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))?;
-            fds::insert(fdname, fd).map_err(QmpError::generic)?;
+                .ok_or_else(|| QmpError::generic(FdError::NoneSupplied.to_string()))?;
+            fd_registry::insert(fdname, fd).map_err(|e| QmpError::generic(e.to_string()))?;
             ok()
         }
         "closefd" => {
             let fdname = a.str("fdname")?;
             a.finish()?;
-            fds::close(fdname).map_err(QmpError::generic)?;
+            fd_registry::closefd(fdname).map_err(|e| QmpError::generic(e.to_string()))?;
             ok()
         }
         _ => migrate_cmds::dispatch(q.cx, name, a),

@@ -5,21 +5,19 @@
 //! bytes of one incomplete message are kept. On a unix socket, descriptors sent with
 //! `SCM_RIGHTS` (for `getfd`) are received with the bytes.
 
-use std::io::{IoSliceMut, Read};
-use std::mem::MaybeUninit;
+use std::io::Read;
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use serde_json::{json, Map, Value};
 
 use super::args::Args;
 use super::commands::{self, COMMANDS};
 use super::{JobWork, QmpCx, QmpError, Reply, TICK};
-use crate::monitor::{events, Cx};
+use crate::monitor::{events, fd_recv, Cx};
 
 /// Largest message accepted (bytes of one JSON object).
 pub const MAX_INPUT: usize = 1 << 20;
@@ -66,23 +64,7 @@ impl Conn {
     fn read(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
         match self {
             Conn::Tcp(s) => s.read(buf),
-            Conn::Unix(s) => {
-                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
-                let mut control = RecvAncillaryBuffer::new(&mut space);
-                let mut iov = [IoSliceMut::new(buf)];
-                let msg =
-                    rustix::net::recvmsg(&*s, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
-                for m in control.drain() {
-                    if let RecvAncillaryMessage::ScmRights(received) = m {
-                        for fd in received {
-                            if fds.len() < MAX_PENDING_FDS {
-                                fds.push(fd);
-                            }
-                        }
-                    }
-                }
-                Ok(msg.bytes)
-            }
+            Conn::Unix(s) => fd_recv::recv_with_fds(s, buf, fds, MAX_PENDING_FDS),
         }
     }
 }

@@ -15,3 +15,4 @@ pub mod integrity;
 pub mod page_index_record;
 pub mod transfer;
 pub mod validate;
+pub mod checkpoint;

@@ -14,6 +14,7 @@
 //! Names and outputs follow `qemu-img`/`qemu-io` so that scripts and tests can compare them.
 
 pub mod check;
+pub mod checkpoint;
 pub mod convert;
 pub mod create;
 pub mod image;
@@ -57,6 +58,8 @@ pub enum Command {
     Vmstate(vmstate::VmstateArgs),
     /// Convert an image (like `qemu-img convert`), keeping its internal snapshots.
     Convert(convert::ConvertArgs),
+    /// Rebuild a VM from a checkpoint file (`save FILE` on the monitor) and resume it.
+    Restore(checkpoint::restore::RestoreArgs),
 }
 
 /// `--output` of the reporting subcommands.
@@ -114,6 +117,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Run(a) => run::run_command(a).map_err(Into::into),
         Command::Vmstate(a) => vmstate::vmstate_command(&a).map(|()| 0).map_err(Into::into),
         Command::Convert(a) => convert::convert_command(&a).map(|()| 0).map_err(Into::into),
+        Command::Restore(a) => checkpoint::restore::restore_command(a).map_err(Into::into),
     }
 }
 

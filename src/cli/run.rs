@@ -54,6 +54,9 @@ pub enum RunError {
     /// `--incoming` could not listen.
     #[error("{0}")]
     Incoming(#[source] migrate::uri::UriError),
+    /// `vmsnap restore` refused the checkpoint or could not load it.
+    #[error(transparent)]
+    Restore(Box<super::checkpoint::restore::RestoreError>),
 }
 
 /// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`.
@@ -226,6 +229,32 @@ pub struct RunArgs {
 
 /// Runs `vmsnap run`; returns the exit code.
 pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
+    run_prepared(args, Prepare::default())
+}
+
+/// A state loaded into the built VM before it starts (`vmsnap restore`).
+pub type LoadFn<'a> = Box<dyn FnOnce(&Vm) -> Result<(), RunError> + 'a>;
+
+/// What happens between building the VM and starting it.
+#[derive(Default)]
+pub struct Prepare<'a> {
+    /// Loads a state into the paused VM.
+    pub load: Option<LoadFn<'a>>,
+    /// Leave the VM paused (it waits for `cont`).
+    pub paused: bool,
+}
+
+impl std::fmt::Debug for Prepare<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepare")
+            .field("load", &self.load.is_some())
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+/// [`run_command`] with `prepare`'s load step before the guest starts.
+pub fn run_prepared(args: RunArgs, prepare: Prepare<'_>) -> Result<i32, RunError> {
     let mut drives = Vec::with_capacity(args.drives.len());
     let mut captured = Vec::new();
     let incoming = args.incoming.is_some();
@@ -277,6 +306,9 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         })
         .map_err(RunError::Loadvm)?;
     }
+    if let Some(load) = prepare.load {
+        load(&vm)?;
+    }
     let reopen: Vec<DriveOpen> = args
         .drives
         .iter()
@@ -296,7 +328,9 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
             Some(listener)
         }
         None => {
-            vm.start();
+            if !prepare.paused {
+                vm.start();
+            }
             None
         }
     };
@@ -454,7 +488,8 @@ info savevm -- show the status of the last savevm
 loadvm [-e] tag -- restore a VM snapshot from its tag (lazily: RAM is filled after the resume; -e: read all RAM first)
 info loadvm -- show the status of the last loadvm
 delvm tag   -- delete a VM snapshot from its tag
-info snapshots -- show the currently saved VM snapshots";
+info snapshots -- show the currently saved VM snapshots
+save [-c] file -- save the VM into a checkpoint file and end (-c: the guest runs on, the disks get a snapshot)";
 
 /// Monitor commands of live migration.
 const MIGRATE_HELP: &str = "\
@@ -598,6 +633,10 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
         ["info", "loadvm"] => Ok(snapshot::lazy::info_loadvm(vm)),
         ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
         ["info", "snapshots"] => snapshot::info_snapshots(vm),
+        ["save", ..] => {
+            let rest = line.trim_start().strip_prefix("save").unwrap_or("");
+            return super::checkpoint::save_command(cx, rest);
+        }
         ["loadvm" | "delvm"] => Ok("Parameter 'name' is missing".to_string()),
         ["savevm" | "loadvm" | "delvm", ..] => Ok(format!(
             "{}: extraneous characters at the end of line",
@@ -619,7 +658,7 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
 
 /// Runs a long snapshot operation, showing its progress on standard error once it has taken
 /// more than a second (the monitor itself answers when it is done, as QEMU's HMP does).
-fn timed<T>(
+pub(crate) fn timed<T>(
     what: &str,
     f: impl FnOnce(snapshot::ProgressFn<'_>) -> snapshot::Result<T>,
 ) -> snapshot::Result<T> {

@@ -11,8 +11,8 @@
 //! - [`transfer`]: `export` and `import` over images, with progress reporting.
 #![deny(unsafe_code)]
 
+pub mod checkpoint;
 pub mod integrity;
 pub mod page_index_record;
 pub mod transfer;
 pub mod validate;
-pub mod checkpoint;

@@ -116,7 +116,9 @@ pub enum CheckpointError {
         offset: u64,
     },
     /// The bytes do not match the integrity record.
-    #[error("checkpoint '{path}' is damaged: CRC32 is {actual:#010x}, the record says {stored:#010x}")]
+    #[error(
+        "checkpoint '{path}' is damaged: CRC32 is {actual:#010x}, the record says {stored:#010x}"
+    )]
     Damaged {
         /// The file.
         path: String,

@@ -7,9 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::header::{Header, Trailer, HEADER_LEN, KNOWN_FLAGS, TRAILER_LEN};
-use super::{
-    supported_versions, CheckpointConfig, CheckpointError, Result, MAGIC, MAX_CONFIG_LEN,
-};
+use super::{supported_versions, CheckpointConfig, CheckpointError, Result, MAGIC, MAX_CONFIG_LEN};
 
 /// An opened checkpoint file.
 #[derive(Debug)]
@@ -169,11 +167,14 @@ impl Checkpoint {
     /// # Errors
     /// [`CheckpointError::Io`] if the file cannot be duplicated.
     pub fn stream(&self) -> Result<StreamWindow> {
-        let file = self.file.try_clone().map_err(|source| CheckpointError::Io {
-            path: self.path.clone(),
-            what: "opening the stream",
-            source,
-        })?;
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|source| CheckpointError::Io {
+                path: self.path.clone(),
+                what: "opening the stream",
+                source,
+            })?;
         Ok(StreamWindow {
             file,
             start: self.header.stream_offset(),
@@ -258,7 +259,10 @@ impl Seek for StreamWindow {
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
         let new = new.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the stream's start")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the stream's start",
+            )
         })?;
         self.pos = new;
         Ok(new)

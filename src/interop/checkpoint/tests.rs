@@ -98,8 +98,13 @@ fn bad_files_are_refused_by_name() {
     let p = fresh();
     edit(&p, |b| b[11] = 2);
     let e = err(&p);
-    assert!(matches!(e, CheckpointError::Version { version: 2, .. }), "{e}");
-    assert!(e.to_string().contains("version 2; this vmsnap reads versions 1 to 1"));
+    assert!(
+        matches!(e, CheckpointError::Version { version: 2, .. }),
+        "{e}"
+    );
+    assert!(e
+        .to_string()
+        .contains("version 2; this vmsnap reads versions 1 to 1"));
 
     let p = fresh();
     edit(&p, |b| b[15] |= 4);
@@ -113,7 +118,10 @@ fn bad_files_are_refused_by_name() {
         let p = fresh();
         edit(&p, |b| b.truncate(b.len() - cut));
         let e = err(&p);
-        assert!(matches!(e, CheckpointError::Length { .. }), "cut {cut}: {e}");
+        assert!(
+            matches!(e, CheckpointError::Length { .. }),
+            "cut {cut}: {e}"
+        );
         assert!(e.to_string().contains("truncated"), "{e}");
     }
 

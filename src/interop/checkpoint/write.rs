@@ -113,7 +113,10 @@ impl CheckpointWriter {
             crc32: crc.finalize(),
         };
         self.put(&trailer.encode(), false)?;
-        let out = self.out.take().ok_or_else(|| self.io("writing")(closed()))?;
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| self.io("writing")(closed()))?;
         let mut file = out
             .into_inner()
             .map_err(|e| self.io("writing")(e.into_error()))?;

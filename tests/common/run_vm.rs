@@ -109,8 +109,33 @@ impl RunVm {
             .filter(|(i, _)| !matches!(at, Some(a) if *i == a || *i == a + 1))
             .map(|(_, a)| *a)
             .collect();
-        let mut child = command_with_memory(dir, drives, smp, loadvm, run, memory)
-            .args(rest)
+        let mut cmd = command_with_memory(dir, drives, smp, loadvm, run, memory);
+        cmd.args(rest);
+        Self::spawn(cmd, dir, run)
+    }
+
+    /// Runs `vmsnap restore FILE` as run number `run` (serial `serial{run}.txt`, monitor
+    /// `mon{run}.sock`), with `extra` arguments (`--paused`, `--drive-path OLD=NEW`).
+    pub fn restore(dir: &Path, file: &Path, run: u32, extra: &[&str]) -> RunVm {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
+        cmd.arg("restore")
+            .arg(file)
+            .arg("--serial")
+            .arg(format!(
+                "file:{}",
+                dir.join(format!("serial{run}.txt")).display()
+            ))
+            .arg("--monitor")
+            .arg(format!(
+                "unix:{}",
+                dir.join(format!("mon{run}.sock")).display()
+            ))
+            .args(extra);
+        Self::spawn(cmd, dir, run)
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path, run: u32) -> RunVm {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -126,6 +151,16 @@ impl RunVm {
             mon,
             serial: dir.join(format!("serial{run}.txt")),
         }
+    }
+
+    /// Sends `line`, a command that ends the process (`save FILE`); returns the monitor's
+    /// last words and the process's exit status.
+    pub fn finish_with(mut self, line: &str) -> (String, std::process::ExitStatus) {
+        self.mon.send(line);
+        let reply = self.mon.read_to_end();
+        let child = self.child.take().unwrap();
+        let out = child.wait_with_output().unwrap();
+        (reply, out.status)
     }
 
     /// Sends a command; returns its reply and the VM status after it.

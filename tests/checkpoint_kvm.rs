@@ -109,6 +109,20 @@ fn save_exits_0_and_restore_continues_at_the_next_tick_paused_until_cont() {
     assert_check(&st.d0);
 }
 
+/// The guest-visible contents of `image`'s active layer or of snapshot `tag` (qemu-img
+/// convert, sharing the image with a running vmsnap).
+fn layer(dir: &Path, image: &Path, tag: Option<&str>) -> Vec<u8> {
+    let out = dir.join("layer.raw");
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-U"]);
+    if let Some(t) = tag {
+        cmd.args(["-l", &format!("snapshot.name={t}")]);
+    }
+    let r = cmd.args(["-O", "raw", s(image), s(&out)]).output().unwrap();
+    assert!(r.status.success(), "{r:?}");
+    std::fs::read(&out).unwrap()
+}
+
 /// The names of `image`'s internal snapshots (qemu-img snapshot -l).
 fn snapshot_names(image: &Path) -> Vec<String> {
     let out = Command::new("qemu-img")
@@ -145,8 +159,19 @@ fn save_c_runs_on_and_restore_returns_guest_and_disks_to_the_checkpoint() {
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert!(snaps[0].starts_with("checkpoint-"), "{snaps:?}");
     assert_check(&st.d0);
+    let at_checkpoint = layer(dir, &st.d0, Some(&snaps[0]));
+    assert!(
+        layer(dir, &st.d0, None) != at_checkpoint,
+        "the guest wrote nothing to its disk after save -c: the test proves nothing"
+    );
 
-    let vm = RunVm::restore(dir, &file, 2, &[]);
+    let mut vm = RunVm::restore(dir, &file, 2, &["--paused"]);
+    // Before the guest runs again, its disk is the checkpoint's.
+    assert!(
+        layer(dir, &st.d0, None) == at_checkpoint,
+        "restore did not revert the disk"
+    );
+    vm.ok("cont");
     vm.wait_past(n + 2);
     let dst = vm.serial_text();
     let first = *ticks_of(&dst).first().unwrap();
@@ -258,6 +283,28 @@ fn a_migration_file_and_an_internal_snapshot_convert_to_checkpoints() {
         &st.drives[0],
     ]);
     assert!(out.status.success(), "{out:?}");
+    // The inspector decodes the checkpoint's stream exactly as the stream file, and shows
+    // the configuration.
+    let inspect = |f: &Path, output: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_vmsnap-inspect"))
+            .arg(f)
+            .args(["--output", output])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (bare, wrapped) = (inspect(&mig, "json"), inspect(&ckpt, "json"));
+    assert!(bare.contains("\"cpu (1)\""), "{bare:.500}");
+    assert_eq!(bare, wrapped);
+    let human = inspect(&ckpt, "human");
+    assert!(
+        human.starts_with("CHECKPOINT\n")
+            && human.contains("ok\nconfiguration:")
+            && human.contains("\"vcpus\": 2")
+            && human.contains("vmsnap-pvblock"),
+        "{human:.3000}"
+    );
     let vm = RunVm::restore(dir, &ckpt, 2, &[]);
     let last = *ticks_of(&src).last().unwrap();
     vm.wait_past(last + 2);

@@ -260,13 +260,9 @@ fn export_checkpoint(
     r
 }
 
-/// `DIR/.NAME.vmsnap-tmp` next to `output`.
+/// `DIR/.NAME.vmsnap-tmp` next to `output` (as checkpoints are written).
 fn temp_path(output: &Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "vmstate".to_owned());
-    output.with_file_name(format!(".{name}.vmsnap-tmp"))
+    crate::interop::checkpoint::temp_path(output)
 }
 
 fn import(

@@ -52,8 +52,17 @@ pub fn command_with_memory(
         cmd.args(["--drive", d]);
     }
     cmd.args(["--guest", "counter", "--memory", memory, "--smp"])
-        .arg(smp.to_string())
-        .arg("--serial")
+        .arg(smp.to_string());
+    console_args(&mut cmd, dir, run);
+    if let Some(tag) = loadvm {
+        cmd.args(["--loadvm", tag]);
+    }
+    cmd
+}
+
+/// `--serial file:DIR/serial{run}.txt --monitor unix:DIR/mon{run}.sock`.
+fn console_args(cmd: &mut Command, dir: &Path, run: u32) {
+    cmd.arg("--serial")
         .arg(format!(
             "file:{}",
             dir.join(format!("serial{run}.txt")).display()
@@ -63,10 +72,6 @@ pub fn command_with_memory(
             "unix:{}",
             dir.join(format!("mon{run}.sock")).display()
         ));
-    if let Some(tag) = loadvm {
-        cmd.args(["--loadvm", tag]);
-    }
-    cmd
 }
 
 /// A running `vmsnap run`.
@@ -118,19 +123,9 @@ impl RunVm {
     /// `mon{run}.sock`), with `extra` arguments (`--paused`, `--drive-path OLD=NEW`).
     pub fn restore(dir: &Path, file: &Path, run: u32, extra: &[&str]) -> RunVm {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
-        cmd.arg("restore")
-            .arg(file)
-            .arg("--serial")
-            .arg(format!(
-                "file:{}",
-                dir.join(format!("serial{run}.txt")).display()
-            ))
-            .arg("--monitor")
-            .arg(format!(
-                "unix:{}",
-                dir.join(format!("mon{run}.sock")).display()
-            ))
-            .args(extra);
+        cmd.arg("restore").arg(file);
+        console_args(&mut cmd, dir, run);
+        cmd.args(extra);
         Self::spawn(cmd, dir, run)
     }
 

@@ -166,6 +166,17 @@ fn bad_checkpoints_and_drives_are_refused_before_anything_changes() {
         "{e}"
     );
 
+    // A -c checkpoint whose disk snapshot is gone from the image.
+    let f = with_config(&good, "nosnap.ckpt", |c| {
+        c.disk_snapshot = Some("checkpoint-gone".into());
+        c.drives[0].snapshot = true;
+    });
+    let e = refused(d, &f, &[], &images);
+    assert!(
+        e.contains("has no snapshot 'checkpoint-gone'") && e.contains("--keep-disks"),
+        "{e}"
+    );
+
     // qemu-io holds the image (QEMU's write lock) while its stdin stays open.
     let mut holder = Command::new("qemu-io")
         .arg(&d0)

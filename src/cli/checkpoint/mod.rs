@@ -69,7 +69,12 @@ pub fn save_command(cx: Cx<'_>, rest: &str) -> Outcome {
     }
     match result {
         Ok(len) if keep_running => Outcome::Continue(format!(
-            "checkpoint '{file}' saved ({len} bytes); the guest runs on"
+            "checkpoint '{file}' saved ({len} bytes); the guest {}",
+            if cx.vm.status() == VmStatus::Running {
+                "runs on"
+            } else {
+                "stays paused"
+            }
         )),
         Ok(len) => Outcome::Quit(format!(
             "checkpoint '{file}' saved ({len} bytes); the VM is closed"

@@ -17,7 +17,8 @@ use clap::Args;
 
 use crate::block::{self, Format, OpenOptions};
 use crate::interop::checkpoint::{Checkpoint, CheckpointConfig, CheckpointError};
-use crate::snapshot::{capture, disks, state_io, SnapshotError};
+use crate::snapshot::progress::Counting;
+use crate::snapshot::{capture, disks, state_io, ProgressFn, SnapshotError};
 use crate::vmm::Vm;
 
 use super::super::run::{
@@ -66,7 +67,7 @@ pub enum RestoreError {
         what: String,
     },
     /// A drive is missing.
-    #[error("drive {index} '{file}' of the checkpoint is missing: {source} (use --drive-path OLD=NEW if it moved)")]
+    #[error("drive {index} '{file}' of the checkpoint is missing (use --drive-path OLD=NEW if it moved)")]
     MissingDrive {
         /// Drive index.
         index: usize,
@@ -77,7 +78,7 @@ pub enum RestoreError {
         source: std::io::Error,
     },
     /// A drive could not be opened (locked by another process, damaged).
-    #[error("drive {index} '{file}': {source}")]
+    #[error("drive {index} '{file}'")]
     OpenDrive {
         /// Drive index.
         index: usize,
@@ -157,7 +158,14 @@ pub fn restore_command(args: RestoreArgs) -> Result<i32, RunError> {
         .filter(|(_, d)| d.snapshot)
         .map(|(i, _)| i)
         .collect();
-    let load = |vm: &Vm| load(vm, &cp, revert.as_deref(), &snapshot_drives).map_err(restore_err);
+    let load = |vm: &Vm| {
+        let mut loaded = Ok(());
+        let _ = super::super::run::timed("restore", |p| {
+            loaded = load(vm, &cp, revert.as_deref(), &snapshot_drives, p);
+            Ok(())
+        });
+        loaded.map_err(restore_err)
+    };
     run_prepared(
         run,
         Prepare {
@@ -296,14 +304,22 @@ fn load(
     cp: &Checkpoint,
     revert: Option<&str>,
     snapshot_drives: &[usize],
+    progress: ProgressFn<'_>,
 ) -> Result<(), RestoreError> {
+    // Progress over both passes: the total is twice the stream.
+    let len = cp.header.stream_len;
+    let total = len.saturating_mul(2);
     let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
     let ram_len = vm.ram().len() as u64;
     let captured = vm.captured_drives();
     let specs = vm
         .with_block_set(|set| capture::specs(set, &captured))
         .map_err(SnapshotError::from)?;
-    let mut stream = BufReader::with_capacity(1 << 20, cp.stream()?);
+    let mut stream = Counting::new(
+        BufReader::with_capacity(1 << 20, cp.stream()?),
+        total,
+        &mut *progress,
+    );
     let checked = state_io::check_state_with(vcpus, ndrives, &specs, ram_len, &mut stream)
         .map_err(SnapshotError::Load)?;
     vm.with_block_set(|set| {
@@ -312,7 +328,12 @@ fn load(
         }
         capture::write_back(set, &specs, &checked.captured).map_err(SnapshotError::from)
     })?;
-    let mut stream = BufReader::with_capacity(1 << 20, cp.stream()?);
+    let mut stream = Counting::continuing(
+        BufReader::with_capacity(1 << 20, cp.stream()?),
+        len,
+        total,
+        progress,
+    );
     let state = vm
         .with_ram_mut(|mem| {
             if !checked.all_ram {

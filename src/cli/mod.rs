@@ -192,6 +192,11 @@ mod tests {
             p(&["vmsnap", "io", "x", "-c", "read 0 1"]),
             Ok(Command::Io(_))
         ));
+        assert!(matches!(
+            p(&["vmsnap", "restore", "f", "--paused", "--drive-path", "a=b"]),
+            Ok(Command::Restore(_))
+        ));
+        assert!(p(&["vmsnap", "restore"]).is_err());
         assert!(p(&["vmsnap", "snapshot", "-l", "-c", "t", "x"]).is_err());
         assert!(p(&["vmsnap", "snapshot", "x"]).is_err());
         assert!(p(&["vmsnap", "check", "x", "-r", "some"]).is_err());

@@ -14,6 +14,7 @@
 //! Names and outputs follow `qemu-img`/`qemu-io` so that scripts and tests can compare them.
 
 pub mod check;
+pub mod checkpoint;
 pub mod convert;
 pub mod create;
 pub mod image;
@@ -56,6 +57,8 @@ pub enum Command {
     Vmstate(vmstate::VmstateArgs),
     /// Convert an image (like `qemu-img convert`), keeping its internal snapshots.
     Convert(convert::ConvertArgs),
+    /// Rebuild a VM from a checkpoint file (`save FILE` on the monitor) and resume it.
+    Restore(checkpoint::restore::RestoreArgs),
 }
 
 /// `--output` of the reporting subcommands.
@@ -113,6 +116,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Run(a) => run::run_command(a).map_err(Into::into),
         Command::Vmstate(a) => vmstate::vmstate_command(&a).map(|()| 0).map_err(Into::into),
         Command::Convert(a) => convert::convert_command(&a).map(|()| 0).map_err(Into::into),
+        Command::Restore(a) => checkpoint::restore::restore_command(a).map_err(Into::into),
     }
 }
 
@@ -187,6 +191,11 @@ mod tests {
             p(&["vmsnap", "io", "x", "-c", "read 0 1"]),
             Ok(Command::Io(_))
         ));
+        assert!(matches!(
+            p(&["vmsnap", "restore", "f", "--paused", "--drive-path", "a=b"]),
+            Ok(Command::Restore(_))
+        ));
+        assert!(p(&["vmsnap", "restore"]).is_err());
         assert!(p(&["vmsnap", "snapshot", "-l", "-c", "t", "x"]).is_err());
         assert!(p(&["vmsnap", "snapshot", "x"]).is_err());
         assert!(p(&["vmsnap", "check", "x", "-r", "some"]).is_err());

@@ -55,6 +55,9 @@ pub enum RunError {
     /// `--incoming` could not listen.
     #[error("{0}")]
     Incoming(#[source] migrate::uri::UriError),
+    /// `vmsnap restore` refused the checkpoint or could not load it.
+    #[error(transparent)]
+    Restore(Box<super::checkpoint::restore::RestoreError>),
 }
 
 /// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`.
@@ -259,6 +262,32 @@ pub struct RunArgs {
 
 /// Runs `vmsnap run`; returns the exit code.
 pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
+    run_prepared(args, Prepare::default())
+}
+
+/// A state loaded into the built VM before it starts (`vmsnap restore`).
+pub type LoadFn<'a> = Box<dyn FnOnce(&Vm) -> Result<(), RunError> + 'a>;
+
+/// What happens between building the VM and starting it.
+#[derive(Default)]
+pub struct Prepare<'a> {
+    /// Loads a state into the paused VM.
+    pub load: Option<LoadFn<'a>>,
+    /// Leave the VM paused (it waits for `cont`).
+    pub paused: bool,
+}
+
+impl std::fmt::Debug for Prepare<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepare")
+            .field("load", &self.load.is_some())
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+/// [`run_command`] with `prepare`'s load step before the guest starts.
+pub fn run_prepared(args: RunArgs, prepare: Prepare<'_>) -> Result<i32, RunError> {
     let mut drives = Vec::with_capacity(args.drives.len());
     let mut captured = Vec::new();
     let incoming = args.incoming.is_some();
@@ -310,6 +339,9 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
         })
         .map_err(RunError::Loadvm)?;
     }
+    if let Some(load) = prepare.load {
+        load(&vm)?;
+    }
     let reopen: Vec<DriveOpen> = args
         .drives
         .iter()
@@ -337,7 +369,9 @@ pub fn run_command(args: RunArgs) -> Result<i32, RunError> {
             }
         }
         None => {
-            vm.start();
+            if !prepare.paused {
+                vm.start();
+            }
             None
         }
     };

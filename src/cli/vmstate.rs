@@ -44,6 +44,24 @@ pub enum VmstateAction {
         /// Image format (probed when absent).
         #[arg(short = 'f')]
         format: Option<String>,
+        /// Write a checkpoint file (for `vmsnap restore`) instead of a bare stream: IMAGE
+        /// is its drive.
+        #[arg(long)]
+        checkpoint: bool,
+    },
+    /// Make a checkpoint file from a migration stream file and the VM's drives.
+    Checkpoint {
+        /// The migration stream file (`migrate file:…` output).
+        stream: PathBuf,
+        /// Output checkpoint file.
+        #[arg(short = 'o', value_name = "FILE")]
+        output: PathBuf,
+        /// The VM's drives, as `vmsnap run --drive` takes them, in order.
+        #[arg(long = "drive", value_name = "SPEC")]
+        drives: Vec<super::run::DriveSpec>,
+        /// The built-in guest.
+        #[arg(long, default_value = "counter")]
+        guest: crate::vmm::Guest,
     },
     /// Create snapshot TAG on every image from the current disks and a migration file.
     Import {
@@ -92,6 +110,12 @@ pub enum VmstateError {
     /// Flushing the images failed.
     #[error("Could not flush the images")]
     Flush(#[source] block::Error),
+    /// Making or reading a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] super::checkpoint::convert::WrapError),
+    /// The checkpoint to import is not usable.
+    #[error(transparent)]
+    CheckpointFile(#[from] crate::interop::checkpoint::CheckpointError),
 }
 
 /// Runs `vmstate`.
@@ -105,7 +129,23 @@ pub fn vmstate_command(args: &VmstateArgs) -> Result<(), VmstateError> {
             tag,
             output,
             format,
+            checkpoint: false,
         } => export(image, tag, output, format.as_deref()),
+        VmstateAction::Export {
+            image,
+            tag,
+            output,
+            format,
+            checkpoint: true,
+        } => export_checkpoint(image, tag, output, format.as_deref()),
+        VmstateAction::Checkpoint {
+            stream,
+            output,
+            drives,
+            guest,
+        } => super::checkpoint::convert::wrap_stream(stream, output, drives, *guest)
+            .map(|_| ())
+            .map_err(Into::into),
         VmstateAction::Import {
             args,
             vmstate_device,
@@ -189,13 +229,41 @@ fn export(
     finished
 }
 
-/// `DIR/.NAME.vmsnap-tmp` next to `output`.
+/// `export --checkpoint`: the state exported to a hidden stream file next to `output`, then
+/// wrapped with IMAGE as the checkpoint's drive.
+fn export_checkpoint(
+    image: &Path,
+    tag: &str,
+    output: &Path,
+    format: Option<&str>,
+) -> Result<(), VmstateError> {
+    let stream = output.with_file_name(format!(
+        ".{}.stream",
+        output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let r = export(image, tag, &stream, format).and_then(|()| {
+        let drive = super::run::DriveSpec {
+            file: image.to_path_buf(),
+            format: parse_format(format)
+                .map_err(|e| VmstateError::Open(image.display().to_string(), e))?,
+            readonly: false,
+            capture: false,
+            node_name: None,
+        };
+        super::checkpoint::convert::wrap_stream(&stream, output, &[drive], Default::default())
+            .map(|_| ())
+            .map_err(Into::into)
+    });
+    let _ = std::fs::remove_file(&stream);
+    r
+}
+
+/// `DIR/.NAME.vmsnap-tmp` next to `output` (as checkpoints are written).
 fn temp_path(output: &Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "vmstate".to_owned());
-    output.with_file_name(format!(".{name}.vmsnap-tmp"))
+    crate::interop::checkpoint::temp_path(output)
 }
 
 fn import(
@@ -211,12 +279,30 @@ fn import(
         let img = Image::open(Path::new(path), fmt, OpenOptions::default()).map_err(open_err)?;
         set.add(path.clone(), img.into_driver())?;
     }
+    if crate::interop::checkpoint::is_checkpoint(file) {
+        // A checkpoint: its stream part, once the whole file's CRC32 checks.
+        let mut cp = crate::interop::checkpoint::Checkpoint::open(file)?;
+        cp.verify(&mut |_| {})?;
+        let mut s = cp.stream()?;
+        let len = s.len();
+        return import_from(&mut set, &mut s, len, opts);
+    }
     let file_err = |e| VmstateError::File(file.display().to_string(), e);
     let mut f = File::open(file).map_err(file_err)?;
     let len = f.metadata().map_err(file_err)?.len();
+    import_from(&mut set, &mut f, len, opts)
+}
+
+/// Imports the stream `f` of `len` bytes into `set`, then flushes it.
+fn import_from<F: std::io::Read + std::io::Seek>(
+    set: &mut BlockSet,
+    f: &mut F,
+    len: u64,
+    opts: &ImportOptions,
+) -> Result<(), VmstateError> {
     let bar = progress_bar(len, "validate");
     let mut phase = Phase::Validate;
-    let result = import_state(&mut set, &mut f, opts, &mut |p, n| {
+    let result = import_state(set, f, opts, &mut |p, n| {
         if p != phase {
             phase = p;
             bar.set_message(match p {

@@ -11,6 +11,7 @@
 //! - [`transfer`]: `export` and `import` over images, with progress reporting.
 #![deny(unsafe_code)]
 
+pub mod checkpoint;
 pub mod integrity;
 pub mod page_index_record;
 pub mod transfer;

@@ -16,7 +16,8 @@ info savevm -- show the status of the last savevm
 loadvm [-e] tag -- restore a VM snapshot from its tag (lazily: RAM is filled after the resume; -e: read all RAM first)
 info loadvm -- show the status of the last loadvm
 delvm tag   -- delete a VM snapshot from its tag
-info snapshots -- show the currently saved VM snapshots";
+info snapshots -- show the currently saved VM snapshots
+save [-c] file -- save the VM into a checkpoint file and end (-c: the guest runs on, the disks get a snapshot)";
 
 /// Monitor commands of live migration.
 const MIGRATE_HELP: &str = "\
@@ -72,6 +73,10 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
         ["info", "loadvm"] => Ok(snapshot::lazy::info_loadvm(vm)),
         ["delvm", tag] => snapshot::delvm(vm, tag).map(|()| String::new()),
         ["info", "snapshots"] => snapshot::info_snapshots(vm),
+        ["save", ..] => {
+            let rest = line.trim_start().strip_prefix("save").unwrap_or("");
+            return super::checkpoint::save_command(cx, rest);
+        }
         ["loadvm" | "delvm"] => Ok("Parameter 'name' is missing".to_string()),
         ["savevm" | "loadvm" | "delvm", ..] => Ok(format!(
             "{}: extraneous characters at the end of line",

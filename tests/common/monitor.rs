@@ -91,6 +91,14 @@ impl Monitor {
         writeln!(self.stream, "{line}").unwrap();
     }
 
+    /// Everything the monitor still sends until it closes (the reply of a command that ends
+    /// the process, such as `save FILE`).
+    pub fn read_to_end(&mut self) -> String {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.reader, &mut out);
+        out
+    }
+
     /// Sends `quit` (no status follows it).
     pub fn quit(&mut self) {
         self.send("quit");

@@ -52,8 +52,17 @@ pub fn command_with_memory(
         cmd.args(["--drive", d]);
     }
     cmd.args(["--guest", "counter", "--memory", memory, "--smp"])
-        .arg(smp.to_string())
-        .arg("--serial")
+        .arg(smp.to_string());
+    console_args(&mut cmd, dir, run);
+    if let Some(tag) = loadvm {
+        cmd.args(["--loadvm", tag]);
+    }
+    cmd
+}
+
+/// `--serial file:DIR/serial{run}.txt --monitor unix:DIR/mon{run}.sock`.
+fn console_args(cmd: &mut Command, dir: &Path, run: u32) {
+    cmd.arg("--serial")
         .arg(format!(
             "file:{}",
             dir.join(format!("serial{run}.txt")).display()
@@ -63,10 +72,6 @@ pub fn command_with_memory(
             "unix:{}",
             dir.join(format!("mon{run}.sock")).display()
         ));
-    if let Some(tag) = loadvm {
-        cmd.args(["--loadvm", tag]);
-    }
-    cmd
 }
 
 /// A running `vmsnap run`.
@@ -114,6 +119,16 @@ impl RunVm {
         Self::spawn(cmd, dir, run)
     }
 
+    /// Runs `vmsnap restore FILE` as run number `run` (serial `serial{run}.txt`, monitor
+    /// `mon{run}.sock`), with `extra` arguments (`--paused`, `--drive-path OLD=NEW`).
+    pub fn restore(dir: &Path, file: &Path, run: u32, extra: &[&str]) -> RunVm {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
+        cmd.arg("restore").arg(file);
+        console_args(&mut cmd, dir, run);
+        cmd.args(extra);
+        Self::spawn(cmd, dir, run)
+    }
+
     /// Starts a prepared command line of run number `run` in `dir` (one from [`command`],
     /// perhaps with more arguments or run on another host) and connects to its monitor.
     pub fn spawn(mut cmd: Command, dir: &Path, run: u32) -> RunVm {
@@ -133,6 +148,16 @@ impl RunVm {
             mon,
             serial: dir.join(format!("serial{run}.txt")),
         }
+    }
+
+    /// Sends `line`, a command that ends the process (`save FILE`); returns the monitor's
+    /// last words and the process's exit status.
+    pub fn finish_with(mut self, line: &str) -> (String, std::process::ExitStatus) {
+        self.mon.send(line);
+        let reply = self.mon.read_to_end();
+        let child = self.child.take().unwrap();
+        let out = child.wait_with_output().unwrap();
+        (reply, out.status)
     }
 
     /// Sends a command; returns its reply and the VM status after it.

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use vmsnap::block::vmstate_io::VmstateReader;
 use vmsnap::block::{open_image, BlockDriver, OpenOptions};
 
+use vmsnap::interop::checkpoint::{is_checkpoint, Checkpoint, CheckpointError};
+
 use crate::mapped::MappedFile;
 use crate::pages::ReadAt;
 
@@ -30,6 +32,9 @@ pub enum InputError {
     /// The image format keeps no snapshots.
     #[error("image '{path}' ({format}) has no internal snapshots")]
     NoSnapshots { path: String, format: String },
+    /// The checkpoint's header or configuration is unusable.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// The snapshot was taken without VM state.
     #[error("snapshot '{tag}' of '{path}' has no VM state (disk-only snapshot)")]
     DiskOnly { path: String, tag: String },
@@ -38,6 +43,8 @@ pub enum InputError {
 /// An opened input.
 pub enum Input {
     File(PathBuf, File),
+    /// A checkpoint file (`save FILE`): its stream part, read in place.
+    Checkpoint(PathBuf, Box<Checkpoint>),
     Snapshot {
         path: PathBuf,
         tag: String,
@@ -48,6 +55,10 @@ pub enum Input {
 /// Opens a stream file, or an image read-only for `--snapshot`.
 pub fn open(path: &Path, snapshot: Option<&str>) -> Result<Input, InputError> {
     match snapshot {
+        None if is_checkpoint(path) => Ok(Input::Checkpoint(
+            path.to_path_buf(),
+            Box::new(Checkpoint::open(path)?),
+        )),
         None => {
             let f = File::open(path).map_err(|source| InputError::Open {
                 path: path.display().to_string(),
@@ -82,6 +93,7 @@ impl Input {
     pub fn label(&self) -> String {
         match self {
             Input::File(p, _) => p.display().to_string(),
+            Input::Checkpoint(p, _) => format!("{} (checkpoint)", p.display()),
             Input::Snapshot { path, tag, .. } => format!("{} snapshot '{tag}'", path.display()),
         }
     }
@@ -106,6 +118,10 @@ impl Input {
                     })?;
                 Ok(Box::new(f))
             }
+            Input::Checkpoint(_, cp) => Ok(Box::new(std::io::BufReader::with_capacity(
+                1 << 20,
+                cp.stream()?,
+            ))),
             Input::Snapshot { path, tag, image } => {
                 let format = image.format().to_string();
                 let path = path.display().to_string();
@@ -158,11 +174,42 @@ impl ReadAt for FileAt<'_> {
     }
 }
 
+/// Positioned reads of a checkpoint's stream part.
+struct CheckpointAt(vmsnap::interop::checkpoint::StreamWindow);
+
+impl ReadAt for CheckpointAt {
+    fn read_at(&mut self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.seek(SeekFrom::Start(pos))?;
+        self.0.read_exact(buf)
+    }
+}
+
 impl Input {
+    /// A checkpoint's configuration record (pretty JSON) and what its integrity record says;
+    /// `None` for other inputs.
+    pub fn checkpoint_summary(&mut self) -> Option<String> {
+        let Input::Checkpoint(_, cp) = self else {
+            return None;
+        };
+        let integrity = match cp.verify(&mut |_| {}) {
+            Ok(()) => format!("CRC32 {:#010x} ok", cp.trailer.crc32),
+            Err(e) => format!("DAMAGED: {e}"),
+        };
+        Some(format!(
+            "CHECKPOINT\nformat version {}, flags {:#x}, stream at {:#x} ({:#x} bytes), integrity: {integrity}\nconfiguration:\n{}\n",
+            cp.header.version,
+            cp.header.flags,
+            cp.header.stream_offset(),
+            cp.header.stream_len,
+            String::from_utf8_lossy(&cp.config.to_json()),
+        ))
+    }
+
     /// Positioned reads of the stream bytes (for page bodies found by [`crate::pages::index`]).
     pub fn read_at(&mut self) -> Result<Box<dyn ReadAt + '_>, InputError> {
         match self {
             Input::File(_, f) => Ok(Box::new(FileAt(f))),
+            Input::Checkpoint(_, cp) => Ok(Box::new(CheckpointAt(cp.stream()?))),
             Input::Snapshot { path, tag, image } => {
                 let path = path.display().to_string();
                 let format = image.format().to_string();

@@ -128,6 +128,14 @@ fn run(cli: &Cli) -> Result<(), InspectError> {
         page_size: None,
     };
     let mut holder = input::open(&cli.input, cli.snapshot.as_deref())?;
+    if let Some(summary) = holder.checkpoint_summary() {
+        // JSON output stays what analyze-migration.py prints for the stream part.
+        if output == Output::Human {
+            emit(&format!("{summary}\n"))?;
+        } else {
+            eprint!("{summary}");
+        }
+    }
     let (analysis, retried) = side::analyze_best(&mut holder, &opts)?;
     if let Some(ps) = retried {
         eprintln!("note: RAM decoded with the vmdesc's page size {ps:#x}");

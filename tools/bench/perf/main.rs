@@ -4,7 +4,7 @@
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
 //! Cases: `limits` (always first), `block`, `convert`, `vm`, `vm-live`, `inspect`, `migrate`,
-//! `loadvm`, `nbd`; none named = all.
+//! `loadvm`, `nbd`, `save`; none named = all.
 
 mod block_cases;
 mod convert_cases;
@@ -13,6 +13,7 @@ mod inspect_cases;
 mod loadvm_cases;
 mod migrate_cases;
 mod nbd_cases;
+mod save_cases;
 #[path = "../synthetic_ram.rs"]
 mod synthetic_ram;
 mod vm_cases;
@@ -32,6 +33,7 @@ const CASES: &[Case] = &[
     ("migrate", migrate_cases::run),
     ("loadvm", loadvm_cases::run),
     ("nbd", nbd_cases::run),
+    ("save", save_cases::run),
 ];
 
 fn main() {
@@ -61,7 +63,7 @@ fn main() {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: tools/scripts/bench.sh [block|convert|vm|vm-live|inspect|migrate|loadvm|nbd ...] [--runs N]"
+                    "usage: tools/scripts/bench.sh [block|convert|vm|vm-live|inspect|migrate|loadvm|nbd|save ...] [--runs N]"
                 );
                 return;
             }

@@ -21,6 +21,8 @@ use vmsnap::block::{BlockDriver, MemStorage, SnapshotParams, SnapshotStore};
 pub const OPS: usize = 8;
 /// Bytes of one operation.
 const OP_LEN: usize = 4;
+/// Size of the in-memory device the image lives on.
+const MAX_IMAGE: usize = 64 << 20;
 /// Largest guest write, in 512-byte sectors.
 const MAX_SECTORS: u64 = 64;
 
@@ -77,6 +79,9 @@ pub fn run(data: &[u8]) {
     }
     let (ops, image) = data.split_at(OPS * OP_LEN);
     let mem = MemStorage::from_vec(image.to_vec());
+    // A device of 64 MiB: an entry pointing petabytes past the end fails the write there
+    // (as a real file's size limit would) instead of growing the buffer.
+    mem.set_max_len(MAX_IMAGE);
     let mut img = match Qcow2::open_storage(Box::new(mem.clone()), false) {
         Ok(img) => img,
         Err(e) => {

@@ -27,14 +27,14 @@ export RUSTC_BOOTSTRAP=1
 # overflows (debug assertions on) and the allocation limit below are what fail a run.
 build=(--sanitizer none --debug-assertions)
 nice -n "${FUZZ_NICE:-19}" cargo fuzz build "${build[@]}" "$target"
-work=fuzz/work/$target
+work=$PWD/fuzz/work/$target
 mkdir -p "$work" "fuzz/artifacts/$target"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # 4 MiB inputs at most; no allocation over 256 MiB (the largest table QEMU accepts, an L1 of
 # 32 MiB, fits easily); 10 s per input is a hang.
 status=0
-nice -n "${FUZZ_NICE:-19}" cargo fuzz run "${build[@]}" "$target" "$work" "fuzz/corpus/$target" -- \
+nice -n "${FUZZ_NICE:-19}" cargo fuzz run "${build[@]}" "$target" "$work" "$PWD/fuzz/corpus/$target" -- \
     -max_total_time="$secs" -max_len=4194304 -rss_limit_mb=1024 -malloc_limit_mb=256 \
     -timeout=10 -print_final_stats=1 "$@" 2>&1 | tee "$log" | grep -E '^#[0-9]+.*(INITED|pulse|DONE)|^==|^(SUMMARY|Done)|panicked|artifact' || true
 status=${PIPESTATUS[0]}

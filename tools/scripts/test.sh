@@ -50,3 +50,8 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"
+# Optional: a 10 s libFuzzer run of every fuzz target (builds cargo-fuzz and fuzz/, several
+# minutes); `cargo test --test fuzz_corpus` above already replays their corpus.
+if [ "${FUZZ_SMOKE:-0}" = 1 ]; then
+  for t in $(tools/scripts/fuzz.sh --list); do tools/scripts/fuzz.sh "$t" 10; done
+fi

@@ -370,19 +370,20 @@ impl Qcow2 {
     }
 
     /// Writes within one cluster (standard L2 entries).
+    ///
+    /// The old contents a partial write keeps are read before anything is allocated or
+    /// written: a cluster that cannot be read (compressed data that does not inflate, a
+    /// backing file error) refuses the write with the image's bytes unchanged.
     fn write_cluster(&mut self, guest: u64, data: &[u8]) -> Result<()> {
         let cs = self.layout.cluster_size();
         let in_cluster = self.layout.offset_in_cluster(guest) as usize;
-        let l2 = self.writable_l2(guest)?;
-        let idx = self.layout.l2_index(guest);
-        let (e, _) = self.l2_get(l2, idx)?;
-        let kind = e.kind(false);
-        if e.copied() && kind == ClusterKind::Normal {
-            return self.swrite(e.offset() + in_cluster as u64, data);
-        }
+        let (e, _) = self.lookup(None, guest)?;
+        let in_place = e.copied() && e.kind(false) == ClusterKind::Normal;
         let whole = data.len() as u64 == cs;
         let content = if whole {
             data.to_vec()
+        } else if in_place {
+            Vec::new()
         } else {
             let start = self.layout.cluster_start(guest);
             let mut c = vec![0u8; cs as usize];
@@ -390,6 +391,21 @@ impl Qcow2 {
             c[in_cluster..in_cluster + data.len()].copy_from_slice(data);
             c
         };
+        let l2 = self.writable_l2(guest)?;
+        let idx = self.layout.l2_index(guest);
+        let looked_up = e;
+        let (e, _) = self.l2_get(l2, idx)?;
+        if e != looked_up {
+            return Err(corrupt(format!(
+                "L2 entry for guest offset {guest:#x} changed from {:#x} to {:#x} while its \
+                 table was made writable",
+                looked_up.0, e.0
+            )));
+        }
+        let kind = e.kind(false);
+        if in_place {
+            return self.swrite(e.offset() + in_cluster as u64, data);
+        }
         if e.copied() && kind == ClusterKind::ZeroAlloc {
             // Reuse the cluster: it is ours alone.
             self.swrite(e.offset(), &content)?;
@@ -409,9 +425,7 @@ impl Qcow2 {
         let in_cluster = guest - start;
         let first_sc = in_cluster / sc;
         let last_sc = (in_cluster + data.len() as u64 - 1) / sc;
-        let l2 = self.writable_l2(guest)?;
-        let idx = self.layout.l2_index(guest);
-        let (e, bm) = self.l2_get(l2, idx)?;
+        // What is read is read before anything is allocated or written (see write_cluster).
         // Content of the touched subclusters as the guest sees them, with the new data.
         let span_start = first_sc * sc;
         let span_len = ((last_sc + 1) * sc - span_start) as usize;
@@ -421,17 +435,25 @@ impl Qcow2 {
         }
         let rel = (in_cluster - span_start) as usize;
         span[rel..rel + data.len()].copy_from_slice(data);
+        // A compressed cluster is copied out whole; every subcluster becomes allocated.
+        let whole = if self.lookup(None, guest)?.0.compressed() {
+            let mut c = vec![0u8; cs as usize];
+            self.read_guest(None, start, &mut c)?;
+            Some(c)
+        } else {
+            None
+        };
+        let l2 = self.writable_l2(guest)?;
+        let idx = self.layout.l2_index(guest);
+        let (e, bm) = self.l2_get(l2, idx)?;
         let touched: u64 = ((1u64 << (last_sc + 1)) - 1) & !((1u64 << first_sc) - 1);
         let in_place = e.copied() && !e.compressed() && e.offset() != 0;
         let (host, mut new_bm) = if in_place {
             (e.offset(), bm)
         } else {
             let host = self.alloc_clusters(1)?;
-            let bm_out = if e.compressed() {
-                // Copy the whole cluster out; every subcluster becomes allocated.
-                let mut c = vec![0u8; cs as usize];
-                self.read_guest(None, start, &mut c)?;
-                self.swrite(host, &c)?;
+            let bm_out = if let (true, Some(c)) = (e.compressed(), &whole) {
+                self.swrite(host, c)?;
                 BITMAP_ALL_ALLOC
             } else if e.offset() != 0 && bm & BITMAP_ALL_ALLOC != 0 {
                 // Shared cluster: copy the subclusters it has allocated.

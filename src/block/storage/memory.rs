@@ -25,6 +25,7 @@ struct MemInner {
     flushes: u64,
     fault: Fault,
     dead: bool,
+    max_len: Option<usize>,
 }
 
 /// In-memory storage for tests. Clones share the same bytes, so a test can keep a handle,
@@ -35,6 +36,10 @@ struct MemInner {
 #[derive(Debug, Clone, Default)]
 pub struct MemStorage {
     inner: Arc<Mutex<MemInner>>,
+}
+
+fn beyond_max_len() -> io::Error {
+    io::Error::other("beyond the in-memory storage's size limit")
 }
 
 fn injected() -> io::Error {
@@ -78,6 +83,13 @@ impl MemStorage {
     pub fn counts(&self) -> (u64, u64) {
         let g = self.lock();
         (g.writes, g.flushes)
+    }
+
+    /// Refuses (an I/O error) writes and growth past `bytes`, as a device of
+    /// that size would: for callers that hold untrusted images in memory (the fuzz targets),
+    /// where a table pointing petabytes past the end would otherwise grow the buffer.
+    pub fn set_max_len(&self, bytes: usize) {
+        self.lock().max_len = Some(bytes);
     }
 
     /// Whether an armed fault has fired.
@@ -135,6 +147,9 @@ impl Storage for MemStorage {
             .ok()
             .and_then(|o| o.checked_add(buf.len()))
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if g.max_len.is_some_and(|max| end > max) {
+            return Err(beyond_max_len());
+        }
         if g.data.len() < end {
             g.data.resize(end, 0);
         }
@@ -148,6 +163,9 @@ impl Storage for MemStorage {
             return Err(injected());
         }
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if g.max_len.is_some_and(|max| len > max) {
+            return Err(beyond_max_len());
+        }
         g.data.resize(len, 0);
         Ok(())
     }

@@ -1,0 +1,4 @@
+#![no_main]
+//! libFuzzer wrapper of [`vmsnap_fuzz::targets::qcow2_write`].
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vmsnap_fuzz::targets::qcow2_write::run(data));

@@ -25,7 +25,8 @@
 //!
 //! `DAMAGE_CASES` (default 120), `DAMAGE_SEED` (default fixed), `DAMAGE_JOBS` (parallel cases,
 //! default 2), `DAMAGE_ONLY=N` (one case)
-//! and `DAMAGE_KEEP=DIR` (keep the damaged images of failing cases) drive longer runs:
+//! `DAMAGE_KEEP=DIR` (keep the damaged images of failing cases) and `DAMAGE_VMSNAP=PATH` (test
+//! that copy of the vmsnap binary) drive longer runs:
 //! `tools/scripts/damage.sh --cases N [--seed S]`.
 
 mod common;
@@ -169,8 +170,13 @@ struct Case<'a> {
     pristine: &'a [(String, Vec<u8>)],
 }
 
+/// vmsnap as built for this test, or the copy `DAMAGE_VMSNAP` names (so that a long run
+/// keeps testing one binary while the tree is rebuilt).
 fn vm(args: &[&str]) -> (Run, bool) {
-    run_timed(vmsnap_bin(), args, true)
+    match std::env::var("DAMAGE_VMSNAP") {
+        Ok(bin) => run_timed(&bin, args, true),
+        Err(_) => run_timed(vmsnap_bin(), args, true),
+    }
 }
 
 fn sane(what: &str, r: &(Run, bool), errs: &mut Vec<String>) {

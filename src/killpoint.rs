@@ -9,12 +9,13 @@
 //!   `PHASE N` (its `N`th occurrence), so a test first traces an operation and then kills it
 //!   at each phase the trace lists.
 //!
-//! The phases (see `formats/kill-points.md`): every qcow2 metadata or data write before and
-//! after it goes out (`qcow2:write:CATEGORY`, `qcow2:wrote:CATEGORY`, with QEMU's overlap
-//! category names: `header`, `active-l1`, `active-l2`, `refcount-table`, `refcount-block`,
-//! `snapshot-table`, `inactive-l1`, `inactive-l2`, `data`), every flush that reaches storage
-//! (`qcow2:flush`, `qcow2:flushed`), and the named steps of the operations above the block
-//! layer (`savevm:…`, `loadvm:…`, `vmstate-export:…`, `migrate:…`, `incoming:…`).
+//! The phases (listed in `formats/kill-points.md`): every qcow2 write before and after it goes
+//! out (`qcow2:write:CATEGORY`, `qcow2:wrote:CATEGORY` with CATEGORY one of `header`,
+//! `active-l1`, `l2`, `refcount-table`, `refcount-block`, `snapshot-table`, `inactive-l1`,
+//! `data`; and `qcow2:write:autoclear`), every flush that reaches storage (`qcow2:flush`,
+//! `qcow2:flushed`), and the named steps of the operations above the block layer
+//! (`savevm:…`, `loadvm:…`, `vmstate-import:…`, `vmstate-export:…`, `migrate:…`,
+//! `incoming:…`).
 //!
 //! When neither variable is set a kill point costs one atomic load.
 

@@ -28,7 +28,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{fixture_copy, qemu_img, qemu_io, qemu_layer, qemu_snapshot_ids, require, s};
+use common::{
+    fixture_copy, only_missing_copied, qemu_img, qemu_io, qemu_layer, qemu_snapshot_ids, require, s,
+};
 
 /// The guest-visible state of an image: snapshot names and every layer's contents.
 #[derive(Debug, Clone, PartialEq)]
@@ -213,27 +215,6 @@ fn walk(op: &Op, base: &Path, dir: &Path) -> usize {
         );
     }
     pts.len()
-}
-
-/// Whether every error `qemu-img check` printed is a COPIED flag missing on a cluster whose
-/// refcount is 1: the state a kill during snapshot create leaves between clearing the flags
-/// and the +1 on the counts (vmsnap's order, so that no crash leaves a flag on a shared
-/// cluster; `vmsnap check` calls it a leak, qemu-img a corruption it repairs with `-r all`).
-fn only_missing_copied(out: &str) -> bool {
-    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("ERROR")).collect();
-    let flag_clear = |l: &str| {
-        l.split_whitespace()
-            .find_map(|w| {
-                w.strip_prefix("l1_entry=")
-                    .or_else(|| w.strip_prefix("l2_entry="))
-            })
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .is_some_and(|e| e >> 63 == 0)
-    };
-    !errors.is_empty()
-        && errors.iter().all(|l| {
-            l.starts_with("ERROR OFLAG_COPIED") && l.ends_with(" refcount=1") && flag_clear(l)
-        })
 }
 
 #[test]

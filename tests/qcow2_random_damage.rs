@@ -38,7 +38,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{fixtures, require, s, vmsnap_bin, Rng, Run};
+use common::{fixtures, only_missing_copied, require, s, vmsnap_bin, Rng, Run};
 
 /// Longest any one command may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -126,29 +126,6 @@ fn qemu_check(img: &Path) -> (Option<i32>, u64, String) {
 /// Rows of a `snapshot -l` listing.
 fn rows(listing: &str) -> usize {
     listing.lines().skip(2).filter(|l| !l.is_empty()).count()
-}
-
-/// Whether every corruption qemu-img names is a COPIED flag missing on a cluster whose
-/// refcount is 1 (vmsnap counts those as leaks).
-fn only_missing_copied(qemu_msgs: &str) -> bool {
-    let errors: Vec<&str> = qemu_msgs
-        .lines()
-        .filter(|l| l.starts_with("ERROR"))
-        .collect();
-    // The entry is printed in hex after `l1_entry=` or `l2_entry=`; bit 63 is COPIED.
-    let flag_clear = |l: &str| {
-        l.split_whitespace()
-            .find_map(|w| {
-                w.strip_prefix("l1_entry=")
-                    .or_else(|| w.strip_prefix("l2_entry="))
-            })
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .is_some_and(|e| e >> 63 == 0)
-    };
-    !errors.is_empty()
-        && errors.iter().all(|l| {
-            l.starts_with("ERROR OFLAG_COPIED") && l.ends_with(" refcount=1") && flag_clear(l)
-        })
 }
 
 #[derive(Default)]

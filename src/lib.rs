@@ -20,6 +20,7 @@
 pub mod block;
 pub mod cli;
 pub mod interop;
+pub mod killpoint;
 pub mod migrate;
 pub mod migration;
 pub mod monitor;

@@ -25,7 +25,8 @@
 //!
 //! `DAMAGE_CASES` (default 120), `DAMAGE_SEED` (default fixed), `DAMAGE_JOBS` (parallel cases,
 //! default 2), `DAMAGE_ONLY=N` (one case)
-//! and `DAMAGE_KEEP=DIR` (keep the damaged images of failing cases) drive longer runs:
+//! `DAMAGE_KEEP=DIR` (keep the damaged images of failing cases) and `DAMAGE_VMSNAP=PATH` (test
+//! that copy of the vmsnap binary) drive longer runs:
 //! `tools/scripts/damage.sh --cases N [--seed S]`.
 
 mod common;
@@ -37,7 +38,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{fixtures, require, s, vmsnap_bin, Rng, Run};
+use common::{fixtures, only_missing_copied, require, s, vmsnap_bin, Rng, Run};
 
 /// Longest any one command may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,29 +128,6 @@ fn rows(listing: &str) -> usize {
     listing.lines().skip(2).filter(|l| !l.is_empty()).count()
 }
 
-/// Whether every corruption qemu-img names is a COPIED flag missing on a cluster whose
-/// refcount is 1 (vmsnap counts those as leaks).
-fn only_missing_copied(qemu_msgs: &str) -> bool {
-    let errors: Vec<&str> = qemu_msgs
-        .lines()
-        .filter(|l| l.starts_with("ERROR"))
-        .collect();
-    // The entry is printed in hex after `l1_entry=` or `l2_entry=`; bit 63 is COPIED.
-    let flag_clear = |l: &str| {
-        l.split_whitespace()
-            .find_map(|w| {
-                w.strip_prefix("l1_entry=")
-                    .or_else(|| w.strip_prefix("l2_entry="))
-            })
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .is_some_and(|e| e >> 63 == 0)
-    };
-    !errors.is_empty()
-        && errors.iter().all(|l| {
-            l.starts_with("ERROR OFLAG_COPIED") && l.ends_with(" refcount=1") && flag_clear(l)
-        })
-}
-
 #[derive(Default)]
 struct Tally {
     cases: u64,
@@ -169,8 +147,13 @@ struct Case<'a> {
     pristine: &'a [(String, Vec<u8>)],
 }
 
+/// vmsnap as built for this test, or the copy `DAMAGE_VMSNAP` names (so that a long run
+/// keeps testing one binary while the tree is rebuilt).
 fn vm(args: &[&str]) -> (Run, bool) {
-    run_timed(vmsnap_bin(), args, true)
+    match std::env::var("DAMAGE_VMSNAP") {
+        Ok(bin) => run_timed(&bin, args, true),
+        Err(_) => run_timed(vmsnap_bin(), args, true),
+    }
 }
 
 fn sane(what: &str, r: &(Run, bool), errs: &mut Vec<String>) {

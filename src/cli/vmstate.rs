@@ -220,8 +220,11 @@ fn export(
         let f = File::open(&tmp).map_err(file_err)?;
         validate_stream(std::io::BufReader::new(f))
             .map_err(|e| VmstateError::ExportInvalid(tag.to_owned(), e))?;
+        crate::killpoint::at("vmstate-export:rename");
         std::fs::rename(&tmp, output)
-            .map_err(|e| VmstateError::File(output.display().to_string(), e))
+            .map_err(|e| VmstateError::File(output.display().to_string(), e))?;
+        crate::killpoint::at("vmstate-export:renamed");
+        Ok(())
     });
     if finished.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -28,6 +28,18 @@ pub enum Phase {
     Export,
 }
 
+impl Phase {
+    /// The kill point (see [`crate::killpoint`]) reached after each chunk of this pass.
+    fn kill_point(self) -> &'static str {
+        match self {
+            Phase::Validate => "vmstate-import:validate",
+            Phase::Write => "vmstate-import:write",
+            Phase::Verify => "vmstate-import:verify",
+            Phase::Export => "vmstate-export:copy",
+        }
+    }
+}
+
 /// Progress callback: the phase and the bytes done in it.
 pub type ProgressFn<'a> = &'a mut dyn FnMut(Phase, u64);
 
@@ -176,6 +188,7 @@ fn copy_with_progress<R: Read, W: Write + ?Sized>(
         w.write_all(&buf[..n])?;
         total += n as u64;
         progress(phase, total);
+        crate::killpoint::at(phase.kill_point());
     }
     w.flush()?;
     Ok(total)

@@ -99,6 +99,7 @@ fn receive(
     vm.set_pause_reason(Some("inmigrate"));
     let channel = listener.accept()?;
     accepted();
+    crate::killpoint::at("incoming:accepted");
     let start = Instant::now();
     let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
     let mut input = Counting(channel, 0);
@@ -106,8 +107,10 @@ fn receive(
     let load = start.elapsed();
     let bytes = input.1;
     input.0.close(DRAIN_LIMIT);
+    crate::killpoint::at("incoming:loaded");
     vm.restore_state(&state)?;
     disks::activate(vm, drives)?;
+    crate::killpoint::at("incoming:activated");
     vm.set_pause_reason(None);
     vm.resume();
     Ok(Report { load, bytes })

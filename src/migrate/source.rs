@@ -370,6 +370,7 @@ fn run(
             Ok(allow) => {
                 ram.borrow_mut().set_budget(allow.min(CHUNK));
                 session.iterate()?;
+                crate::killpoint::at("migrate:iterated");
             }
             Err(wait) => std::thread::sleep(wait),
         }
@@ -388,11 +389,15 @@ fn run(
     vm.pause()?;
     let bitmap = vm.take_dirty_bitmap()?;
     ram.borrow_mut().sync(&bitmap);
+    crate::killpoint::at("migrate:stopped");
     disks::inactivate(vm)?;
     undo.inactive = true;
+    crate::killpoint::at("migrate:inactivated");
     capture_devices(vm, &values)?;
     let total = session.complete()?;
+    crate::killpoint::at("migrate:sent");
     out.finish(FINISH_WAIT).map_err(MigrateError::Finish)?;
+    crate::killpoint::at("migrate:finished");
     let downtime = down_start.elapsed();
     vm.set_pause_reason(Some("postmigrate"));
 

@@ -246,6 +246,7 @@ fn save_replacing(
 ) -> Result<SnapshotInfo> {
     let contents = capture::read_all(set, captured)?;
     disks::delete(set, inc, name)?;
+    crate::killpoint::at("savevm:old-tag-deleted");
     // The state is checksummed as it streams and its RAM pages indexed; both records go
     // into the snapshot entry's extra data (formats/snapshot-integrity.md,
     // formats/lazy-loadvm.md).
@@ -258,6 +259,7 @@ fn save_replacing(
         lazy_index::write(store, state, vm.ram(), &contents, opts.lz4, progress)
             .map_err(SnapshotError::Save)?
     };
+    crate::killpoint::at("savevm:state-written");
     let params = SnapshotParams {
         name: name.to_string(),
         vm_state_size: saved.size,
@@ -267,7 +269,9 @@ fn save_replacing(
         icount: None,
         extra_tail: saved.extra_tail,
     };
-    disks::create(set, inc, &params)
+    let info = disks::create(set, inc, &params)?;
+    crate::killpoint::at("savevm:created");
+    Ok(info)
 }
 
 /// About how large the VM state of a guest with `ram` bytes of RAM gets: every page with its
@@ -311,7 +315,9 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
             };
             // Pass 1: nothing changes unless the whole stream checks out.
             let checked = check_pass(store, &info, tag, &shape, total, progress)?;
+            crate::killpoint::at("loadvm:checked");
             disks::goto(set, &inc, tag)?;
+            crate::killpoint::at("loadvm:reverted");
             capture::write_back(set, &specs, &checked.captured)?;
             // Pass 2: RAM straight into guest memory. The bytes are those pass 1 checked
             // (the image is locked and nothing wrote it since; after the goto the active

@@ -254,10 +254,15 @@ impl Qcow2 {
                 e.0
             )));
         }
+        let cs = self.layout.cluster_size();
+        // The table (or entry) this write will change is checked before anything is
+        // allocated, so that a refusal leaves the file as it was.
         if e.l2_offset() != 0 && e.copied() {
+            self.overlap_check(ol::ACTIVE_L2, e.l2_offset(), cs)?;
             return Ok(e.l2_offset());
         }
-        let cs = self.layout.cluster_size();
+        let l1_off = self.header.l1_table_offset + i1 * 8;
+        self.overlap_check(ol::ACTIVE_L1, l1_off, 8)?;
         let new = self.alloc_clusters(1)?;
         let content = if e.l2_offset() == 0 {
             vec![0u8; cs as usize]

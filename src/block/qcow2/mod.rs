@@ -288,6 +288,9 @@ pub struct Qcow2 {
     pub(crate) decompressed: Option<(u64, Vec<u8>)>,
     /// Metadata clusters by category, for the overlap check before every write.
     pub(crate) overlap: std::sync::Mutex<overlap::OverlapState>,
+    /// Unknown autoclear bits are set on storage and not yet cleared: the first write that
+    /// has passed its checks clears them first (see [`Qcow2::swrite_meta`]).
+    autoclear_pending: AtomicBool,
     path: Option<PathBuf>,
 }
 
@@ -558,7 +561,7 @@ impl Qcow2 {
         // L2 cache covering the whole disk (as qemu-img's), refcount cache a quarter of it.
         let l2_clusters = MetaCache::l2_capacity(layout.size_to_l1(header.size), cs);
         let rb_clusters = (l2_clusters / 4).max(4);
-        let mut img = Qcow2 {
+        let img = Qcow2 {
             storage,
             layout,
             read_only,
@@ -579,12 +582,12 @@ impl Qcow2 {
             end_cluster: file_len.div_ceil(cs),
             decompressed: None,
             overlap: overlap::new_state(),
+            autoclear_pending: AtomicBool::new(
+                !read_only && header.version >= 3 && header.autoclear_features != 0,
+            ),
             path: None,
             header,
         };
-        if !read_only {
-            img.clear_autoclear()?;
-        }
         Ok(img)
     }
 
@@ -678,12 +681,23 @@ impl Qcow2 {
 
     /// Writes to storage after checking that the write touches no metadata other than the
     /// categories in `ign` (the structure being written).
+    ///
+    /// Nothing is written on open: unknown autoclear bits are cleared here, before the first
+    /// write that has passed its checks, so that a refused operation leaves the file's bytes
+    /// as they were.
     pub(crate) fn swrite_meta(&self, ign: u8, offset: u64, buf: &[u8]) -> Result<()> {
         self.overlap_check(ign, offset, buf.len() as u64)?;
+        if self.autoclear_pending.load(Ordering::Relaxed) {
+            self.clear_autoclear()?;
+        }
+        let (before, after) = kill_phases(ign);
+        crate::killpoint::at(before);
         self.unflushed.store(true, Ordering::Relaxed);
         self.storage
             .write_at(offset, buf)
-            .map_err(|e| Error::io(format!("write at host offset {offset:#x}"), e))
+            .map_err(|e| Error::io(format!("write at host offset {offset:#x}"), e))?;
+        crate::killpoint::at(after);
+        Ok(())
     }
 
     /// Flushes storage, unless nothing was written since the last successful flush (a
@@ -692,19 +706,24 @@ impl Qcow2 {
         if !self.unflushed.load(Ordering::Relaxed) {
             return Ok(());
         }
+        crate::killpoint::at("qcow2:flush");
         self.storage.flush().map_err(|e| Error::io("flush", e))?;
         self.unflushed.store(false, Ordering::Relaxed);
+        crate::killpoint::at("qcow2:flushed");
         Ok(())
     }
 
-    /// Clears autoclear feature bits we do not maintain, before the first write (QEMU clears
-    /// the bits it does not know; vmsnap maintains none, e.g. no persistent bitmaps).
-    fn clear_autoclear(&mut self) -> Result<()> {
-        if self.header.version >= 3 && self.header.autoclear_features != 0 {
-            self.swrite_meta(overlap::ol::MAIN_HEADER, header::OFF_AUTOCLEAR, &[0u8; 8])?;
-            self.sflush()?;
-            self.header.autoclear_features = 0;
-        }
+    /// Clears autoclear feature bits we do not maintain, synced, before the first write (QEMU
+    /// clears the bits it does not know on a writable open; vmsnap maintains none, e.g. no
+    /// persistent bitmaps, and defers it to the first write so that refusals change nothing).
+    fn clear_autoclear(&self) -> Result<()> {
+        self.overlap_check(overlap::ol::MAIN_HEADER, header::OFF_AUTOCLEAR, 8)?;
+        crate::killpoint::at("qcow2:write:autoclear");
+        self.storage
+            .write_at(header::OFF_AUTOCLEAR, &[0u8; 8])
+            .and_then(|()| self.storage.flush())
+            .map_err(|e| Error::io("clear the autoclear feature bits", e))?;
+        self.autoclear_pending.store(false, Ordering::Relaxed);
         Ok(())
     }
 
@@ -821,6 +840,21 @@ impl Qcow2 {
             )?;
         }
         read_table(&*self.storage, sn.l1_table_offset, u64::from(sn.l1_size))
+    }
+}
+
+/// The kill points (see [`crate::killpoint`]) before and after a write of category `ign`.
+fn kill_phases(ign: u8) -> (&'static str, &'static str) {
+    use overlap::ol;
+    match ign {
+        ol::MAIN_HEADER => ("qcow2:write:header", "qcow2:wrote:header"),
+        ol::ACTIVE_L1 => ("qcow2:write:active-l1", "qcow2:wrote:active-l1"),
+        ol::REFCOUNT_TABLE => ("qcow2:write:refcount-table", "qcow2:wrote:refcount-table"),
+        ol::REFCOUNT_BLOCK => ("qcow2:write:refcount-block", "qcow2:wrote:refcount-block"),
+        ol::SNAPSHOT_TABLE => ("qcow2:write:snapshot-table", "qcow2:wrote:snapshot-table"),
+        ol::INACTIVE_L1 => ("qcow2:write:inactive-l1", "qcow2:wrote:inactive-l1"),
+        ol::DATA => ("qcow2:write:data", "qcow2:wrote:data"),
+        _ => ("qcow2:write:l2", "qcow2:wrote:l2"),
     }
 }
 

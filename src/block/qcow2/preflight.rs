@@ -22,11 +22,13 @@
 use std::collections::HashMap;
 
 use super::entry::{ClusterKind, L1Entry, L2Entry, L1_RESERVED};
+use super::header::INCOMPAT_DIRTY;
 use super::overlap::ol;
 use super::{Qcow2, Qcow2Error};
 use crate::block::{Error, Result};
 
 /// The tables an operation walks.
+#[derive(Clone, Copy)]
 pub(crate) enum Walked<'a> {
     /// Snapshot create: the active table gets +1.
     Create,
@@ -44,7 +46,20 @@ fn refused(msg: String) -> Error {
 type Counts = HashMap<u64, u64>;
 
 impl Qcow2 {
-    /// Checks the tables `w` walks and the refcounts it changes; writes nothing.
+    /// [`Qcow2::preflight`] around the repair of a dirty (lazy-refcounts) image: the tables
+    /// are checked before the repair writes anything, the refcounts (stale before it, exact
+    /// after it) once it is done.
+    pub(crate) fn preflight_repairing(&mut self, w: Walked<'_>) -> Result<()> {
+        self.preflight(w)?;
+        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+            self.repair_if_dirty()?;
+            self.preflight(w)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the tables `w` walks and the refcounts it changes; writes nothing. On a dirty
+    /// image the stored refcounts are not up to date, and only the tables are checked.
     pub(crate) fn preflight(&mut self, w: Walked<'_>) -> Result<()> {
         let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
         let active = self.l1.clone();
@@ -66,6 +81,9 @@ impl Qcow2 {
             Walked::Delete(_, sn) => {
                 self.count_table(sn, "the snapshot's L1 table", file_len, &mut walked)?;
             }
+        }
+        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+            return Ok(());
         }
         // References held by every table (damaged other tables count what can be read).
         let mut l1s = vec![active];

@@ -445,7 +445,6 @@ impl Qcow2 {
     /// Creates a snapshot of the active layer (QEMU `qcow2_snapshot_create`).
     pub(crate) fn create_snapshot(&mut self, p: &SnapshotParams) -> Result<SnapshotInfo> {
         self.writable()?;
-        self.repair_if_dirty()?;
         if p.name.is_empty() || p.name.len() > u16::MAX as usize {
             return Err(Error::Format(format!("Invalid snapshot name '{}'", p.name)));
         }
@@ -465,7 +464,7 @@ impl Qcow2 {
             return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
         }
         // Nothing is written unless the active tables and their counts can take the +1.
-        self.preflight(Walked::Create)?;
+        self.preflight_repairing(Walked::Create)?;
         let id = self.next_snapshot_id();
         // 1. Copy the active L1 table into fresh clusters.
         let l1_bytes = self.l1.len() as u64 * 8;
@@ -552,7 +551,6 @@ impl Qcow2 {
     /// Reverts the active layer to a snapshot (QEMU `qcow2_snapshot_goto`).
     pub(crate) fn goto_snapshot(&mut self, id_or_name: &str) -> Result<()> {
         self.writable()?;
-        self.repair_if_dirty()?;
         let idx = self.find_snapshot(id_or_name)?;
         let sn = self.snapshots[idx].clone();
         if sn.disk_size != self.header.size {
@@ -568,7 +566,7 @@ impl Qcow2 {
         if self.layout.max_refcount() < 2 && sn_l1.iter().any(|&e| e != 0) {
             return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
         }
-        self.preflight(Walked::Goto(&sn_l1))?;
+        self.preflight_repairing(Walked::Goto(&sn_l1))?;
         // 1. The active L1 must hold the whole snapshot table.
         self.grow_l1(u64::from(sn.l1_size), true)?;
         let mut new_l1 = self.read_snapshot_l1(&sn)?;
@@ -599,12 +597,11 @@ impl Qcow2 {
     /// Deletes a snapshot (QEMU `qcow2_snapshot_delete`).
     pub(crate) fn delete_snapshot(&mut self, id_or_name: &str) -> Result<()> {
         self.writable()?;
-        self.repair_if_dirty()?;
         let idx = self.find_snapshot(id_or_name)?;
         let sn = self.snapshots[idx].clone();
         // Validate the snapshot's tables and the counts before the entry is dropped.
         let sn_l1 = self.read_snapshot_l1(&sn)?;
-        self.preflight(Walked::Delete(idx, &sn_l1))?;
+        self.preflight_repairing(Walked::Delete(idx, &sn_l1))?;
         // 1. Publish the table without the entry: from here on only leaks are possible.
         let mut list = self.snapshots.clone();
         list.remove(idx);

@@ -488,9 +488,16 @@ fn dirty_image_is_repaired_before_snapshots_and_autoclear_is_cleared() {
     d[79] |= 1; // incompatible_features bit 0 (dirty)
     d[95] |= 0x80; // autoclear bit 7
     let mem = MemStorage::from_vec(d);
+    let before = mem.data();
     let mut img = Qcow2::open_storage(Box::new(mem.clone()), false).unwrap();
-    assert_eq!(img.header().autoclear_features, 0);
     assert!(img.info().dirty);
+    // A refused operation writes nothing, not even the header updates of a writable open.
+    img.snapshot_create(&params("")).unwrap_err();
+    assert_eq!(
+        mem.data(),
+        before,
+        "a refused snapshot -c changed the image"
+    );
     img.snapshot_create(&params("after-repair")).unwrap();
     assert!(!img.info().dirty);
     assert_clean(&mut img);

@@ -11,6 +11,10 @@ use crate::block::Result;
 /// Reserved bits of a standard (not compressed) L2 entry.
 const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
+/// Messages kept per L2 table (a "table" read over guest data can have an error in every
+/// entry, and is replayed for every L1 entry that reaches it).
+const MAX_TABLE_MESSAGES: usize = 256;
+
 /// What checking one L2 table found, replayed for every further L1 entry that reaches the
 /// same table: a table shared by the active layer and N snapshots is read and walked once.
 #[derive(Debug, Default)]
@@ -26,7 +30,12 @@ pub(super) struct L2Findings {
 impl L2Findings {
     /// Reports the findings for one reference (statistics only for the active layer).
     pub(super) fn apply(&self, r: &mut CheckReport, stats: bool) {
-        r.messages.extend(self.messages.iter().cloned());
+        for m in &self.messages {
+            if r.messages.len() > super::MAX_MESSAGES {
+                break;
+            }
+            super::push_capped(&mut r.messages, super::MAX_MESSAGES, m.clone());
+        }
         r.corruptions += self.corruptions;
         r.check_errors += self.check_errors;
         if stats {
@@ -38,7 +47,7 @@ impl L2Findings {
 
     fn corruption(&mut self, msg: String) {
         self.corruptions += 1;
-        self.messages.push(msg);
+        super::push_capped(&mut self.messages, MAX_TABLE_MESSAGES, msg);
     }
 }
 

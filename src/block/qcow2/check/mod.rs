@@ -89,7 +89,23 @@ impl CheckReport {
     /// Records one corruption with its message.
     fn corruption(&mut self, msg: String) {
         self.corruptions += 1;
-        self.messages.push(msg);
+        push_capped(&mut self.messages, MAX_MESSAGES, msg);
+    }
+}
+
+/// Messages a report keeps: a damaged image can make QEMU print millions of lines (an L1
+/// table read over guest data reaching every cluster), which vmsnap counts but does not keep.
+pub(super) const MAX_MESSAGES: usize = 100_000;
+
+/// Appends `msg` unless `v` holds `cap` messages; the first message past the cap becomes a
+/// line saying that further ones are left out (their counts stay in the report).
+pub(super) fn push_capped(v: &mut Vec<String>, cap: usize, msg: String) {
+    match v.len().cmp(&cap) {
+        std::cmp::Ordering::Less => v.push(msg),
+        std::cmp::Ordering::Equal => v.push(format!(
+            "(further messages left out after the first {cap}; the counts below include them)"
+        )),
+        std::cmp::Ordering::Greater => {}
     }
 }
 

@@ -12,6 +12,10 @@ use super::refs::Refs;
 use super::CheckReport;
 use crate::block::Result;
 
+/// The highest offset QEMU's block layer reads or writes (`BDRV_MAX_LENGTH`: `INT64_MAX`
+/// aligned down to 1 GiB).
+const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 /// Reserved bits of a refcount table entry.
 const REFT_RESERVED: u64 = 0x1ff;
 
@@ -121,10 +125,25 @@ impl Qcow2 {
             return None;
         }
         let bytes = u64::from(sn.l1_size) * 8;
+        // QEMU reads no further than BDRV_MAX_LENGTH: a table beyond it is an I/O error,
+        // which ends QEMU's check as failed (exit 1) after the reference was counted.
+        let unreadable = bytes > 0
+            && sn
+                .l1_table_offset
+                .checked_add(bytes)
+                .map_or(true, |end| end > BDRV_MAX_LENGTH);
         if let Some(r) = r {
             if let Err(m) = refs.inc(sn.l1_table_offset, bytes) {
                 r.corruption(m);
             }
+            if unreadable {
+                r.check_errors += 1;
+                r.messages
+                    .push("ERROR: I/O error in check_refcounts_l1".to_owned());
+            }
+        }
+        if unreadable {
+            return None;
         }
         // Within 32 MiB (checked above); storage reads past the end as zeroes.
         super::super::read_table(&*self.storage, sn.l1_table_offset, u64::from(sn.l1_size)).ok()

@@ -11,7 +11,6 @@
 //!  any failure:  the temporary file (and a -c snapshot) removed, the guest resumed if it ran
 //! ```
 
-
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 

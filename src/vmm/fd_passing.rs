@@ -5,7 +5,6 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-
 /// Takes ownership of descriptor `n`, inherited from the parent process; fails if `n` is
 /// not open. The caller must not use `n` otherwise (it is closed when the result drops).
 pub fn inherited(n: RawFd) -> io::Result<OwnedFd> {

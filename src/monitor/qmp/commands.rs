@@ -4,8 +4,8 @@ use serde_json::{json, Value};
 
 use super::args::Args;
 use super::{block_info, migrate_cmds, QmpCx, QmpError, Reply};
-use crate::monitor::snapshot_jobs::{self, Kind, Target};
 use crate::migrate::fd_registry::{self, FdError};
+use crate::monitor::snapshot_jobs::{self, Kind, Target};
 use crate::monitor::{events, hmp, incoming, jobs, Outcome};
 use crate::snapshot::lazy::LoadMode;
 use crate::vmm::VmStatus;

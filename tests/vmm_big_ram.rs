@@ -92,7 +92,17 @@ fn a_5_gib_guest_saves_live_and_resumes_with_one_pc_ram_block() {
 
     // A fresh process resumes it: its guest checks RAM and disk, and counts on.
     let serial = dir.path().join("s2.txt");
-    run(&img, &serial, Some("big"), "CHECK OK\n", "quit\n");
+    let out = run(
+        &img,
+        &serial,
+        Some("big"),
+        "CHECK OK\n",
+        "info loadvm\nquit\n",
+    );
+    // Lazily, over all 5 GiB (both regions of the split layout are one page-server range).
+    assert!(out.contains("mode: lazy"), "{out}");
+    assert!(out.contains(&format!("/{}\n", RAM / 4096)), "{out}");
+    assert!(!out.contains("status: failed"), "{out}");
     let text = std::fs::read_to_string(&serial).unwrap();
     assert!(!text.contains("CHECK FAIL"), "{text}");
     assert!(ticks_of(&text).first().is_some_and(|&t| t > 5), "{text}");

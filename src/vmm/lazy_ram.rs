@@ -34,7 +34,9 @@ impl Vm {
         let Some(region) = self.mem.iter().next() else {
             return Err(VmError::Config("no guest RAM".into()));
         };
-        let (base, len) = (region.as_ptr() as u64, region.len());
+        // The regions (below the PCI hole and from 4 GiB up) are one host mapping of the
+        // whole RAM, the first region at its start: pc.ram offsets are mapping offsets.
+        let (base, len) = (region.as_ptr() as u64, self.ram_len() as u64);
         let status = Arc::new(FillStatus::new(len / PAGE, started));
         let ctl = Arc::clone(&self.ctl);
         let threads: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.as_pthread_t()).collect();
@@ -48,8 +50,8 @@ impl Vm {
                 unsafe { libc::pthread_kill(t, run_control::kick_signal()) };
             }
         });
-        // SAFETY: `base..base + len` is the VM's one private anonymous RAM mapping (see
-        // `memory::create`), owned by `self.mem`, which outlives the LazyRam: it is kept in
+        // SAFETY: `base..base + len` is the VM's one private anonymous RAM mapping, all of
+        // its regions (see `memory::create_ram`), owned by `self.mem`, which outlives the LazyRam: it is kept in
         // `self.lazy` and stopped in `shutdown` before the memory goes. The vCPUs are parked
         // (checked above) and the caller replaces RAM's contents.
         let ram = unsafe { LazyRam::start(base, len, source, Arc::clone(&status), on_fail) }

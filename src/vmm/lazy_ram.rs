@@ -5,7 +5,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vm_memory::{GuestMemory, GuestMemoryRegion};
+use vm_memory::GuestMemory;
 
 use super::page_server::{FillReport, FillStatus, LazyRam, LoadState, PageSource, PAGE};
 use super::{lock, run_control, Vm, VmError};

@@ -29,18 +29,7 @@ fn random_ram(dir: &Path) -> (PathBuf, Vec<u8>) {
 
 /// Snapshot `tag`'s RAM, decoded from its VM state (eagerly, by the library).
 fn snapshot_ram(image: &Path, tag: &str) -> Vec<u8> {
-    use vmsnap::block::vmstate_io::VmstateReader;
-    use vmsnap::block::{open_image, OpenOptions};
-    let opts = OpenOptions {
-        read_only: true,
-        force_share: true,
-        ..Default::default()
-    };
-    let mut drv = open_image(image, opts).unwrap();
-    let mut r = VmstateReader::for_snapshot(drv.snapshots().unwrap(), tag).unwrap();
-    let mut ram = vec![0u8; MEM];
-    vmsnap::snapshot::state_io::read_state(1, 1, &mut ram, &mut r).unwrap();
-    ram
+    common::run_vm::snapshot_ram_of(image, tag, MEM, 1, 1)
 }
 
 /// The last tick the guest handled, in snapshot `tag`'s RAM.

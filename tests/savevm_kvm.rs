@@ -93,20 +93,9 @@ fn continuity(smp: u32) {
 /// The counter guest's `last` (the last tick it handled) and `disk_n` (the N of the last
 /// disk record it wrote) in snapshot `tag`'s RAM.
 fn guest_counters(image: &Path, tag: &str, vcpus: usize, drives: usize) -> (u64, u64) {
-    use vmsnap::block::vmstate_io::VmstateReader;
-    use vmsnap::block::{open_image, OpenOptions};
     use vmsnap::vmm::guest::counter::{DISK_N_ADDR, LAST_ADDR};
-    // Shared: the image may still be open in a running vmsnap.
-    let opts = OpenOptions {
-        read_only: true,
-        force_share: true,
-        ..Default::default()
-    };
-    let mut drv = open_image(image, opts).unwrap();
-    let mut r = VmstateReader::for_snapshot(drv.snapshots().unwrap(), tag).unwrap();
-    let mut ram = vec![0u8; 16 << 20];
-    vmsnap::snapshot::state_io::read_state(vcpus, drives, &mut ram, &mut r).unwrap();
-    let word = |a: u64| u64::from_le_bytes(ram[a as usize..a as usize + 8].try_into().unwrap());
+    let ram = common::run_vm::snapshot_ram_of(image, tag, 16 << 20, vcpus, drives);
+    let word = |a| common::run_vm::guest_word(&ram, a);
     (word(LAST_ADDR), word(DISK_N_ADDR))
 }
 

@@ -35,18 +35,7 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Snapshot `tag`'s guest RAM, read with the library's loader.
 fn snapshot_ram(image: &Path, tag: &str) -> Vec<u8> {
-    use vmsnap::block::vmstate_io::VmstateReader;
-    use vmsnap::block::{open_image, OpenOptions};
-    let opts = OpenOptions {
-        read_only: true,
-        force_share: true,
-        ..Default::default()
-    };
-    let mut drv = open_image(image, opts).unwrap();
-    let mut r = VmstateReader::for_snapshot(drv.snapshots().unwrap(), tag).unwrap();
-    let mut ram = vec![0u8; RAM];
-    vmsnap::snapshot::state_io::read_state(1, 1, &mut ram, &mut r).unwrap();
-    ram
+    common::run_vm::snapshot_ram_of(image, tag, RAM, 1, 1)
 }
 
 fn word(ram: &[u8], a: u64) -> u64 {

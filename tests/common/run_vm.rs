@@ -251,3 +251,33 @@ impl RunVm {
         );
     }
 }
+
+/// Snapshot `tag`'s guest RAM (`len` bytes, of a VM with `vcpus` vCPUs and `drives` drives),
+/// decoded by the library's loader from a shared read-only open (the image may still be open
+/// in a running vmsnap).
+pub fn snapshot_ram_of(
+    image: &Path,
+    tag: &str,
+    len: usize,
+    vcpus: usize,
+    drives: usize,
+) -> Vec<u8> {
+    use vmsnap::block::vmstate_io::VmstateReader;
+    use vmsnap::block::{open_image, OpenOptions};
+    let opts = OpenOptions {
+        read_only: true,
+        force_share: true,
+        ..Default::default()
+    };
+    let mut drv = open_image(image, opts).unwrap();
+    let mut r = VmstateReader::for_snapshot(drv.snapshots().unwrap(), tag).unwrap();
+    let mut ram = vec![0u8; len];
+    vmsnap::snapshot::state_io::read_state(vcpus, drives, &mut ram, &mut r).unwrap();
+    ram
+}
+
+/// The little-endian 64-bit word at guest address `addr` of `ram`.
+pub fn guest_word(ram: &[u8], addr: u64) -> u64 {
+    let a = addr as usize;
+    u64::from_le_bytes(ram[a..a + 8].try_into().unwrap())
+}

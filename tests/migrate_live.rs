@@ -98,16 +98,20 @@ impl Vmm {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
 
-    fn wait_for(&self, what: &str, secs: u64) -> String {
+    /// Waits for the guest's `CHECK OK` and then for a complete tick line after it (the
+    /// periodic check of the tick the source printed last can come first on a destination).
+    fn wait_checked(&self, secs: u64) -> String {
         let start = Instant::now();
         loop {
             let t = self.serial_text();
-            if t.contains(what) {
-                return t;
+            if let Some(at) = t.find("CHECK OK") {
+                if !ticks_of(&t[at..]).is_empty() {
+                    return t;
+                }
             }
             assert!(
                 start.elapsed() < Duration::from_secs(secs),
-                "no '{what}' in:\n{t}"
+                "no 'CHECK OK' followed by a tick in:\n{t}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -205,7 +209,7 @@ fn live_round_trip(uri: &str, prefixes: (&[&str], &[&str])) {
 
     let src_text = src.serial_text();
     dst.wait_ticks(ticks_of(&src_text).last().unwrap() + 70);
-    let dst_text = dst.wait_for("CHECK OK", 20);
+    let dst_text = dst.wait_checked(20);
     assert!(!dst_text.contains("CHECK FAIL"), "{dst_text}");
     assert_eq!(dst.status(), "running");
     let info = dst.ok("info migrate");
@@ -271,7 +275,7 @@ fn file_and_exec_round_trips_decode_with_the_inspector_and_qemu() {
     src.quit();
     let uri: &'static str = Box::leak(format!("file:{}", stream.display()).into_boxed_str());
     let dst = Vmm::start(dir.path(), &img, opts("dst", Some(uri)));
-    let dst_text = dst.wait_for("CHECK OK", 20);
+    let dst_text = dst.wait_checked(20);
     continues(&src_text, &dst_text);
 
     // The file is a migration stream both readers decode, to the same answer.
@@ -300,7 +304,7 @@ fn file_and_exec_round_trips_decode_with_the_inspector_and_qemu() {
     dst.quit();
     let uri: &'static str = Box::leak(format!("exec:cat {}", copy.display()).into_boxed_str());
     let third = Vmm::start(dir.path(), &img, opts("third", Some(uri)));
-    let third_text = third.wait_for("CHECK OK", 20);
+    let third_text = third.wait_checked(20);
     continues(&mid_text, &third_text);
     third.quit();
     assert_check(&img);
@@ -405,7 +409,7 @@ fn killing_the_destination_fails_the_migration_and_the_source_runs_on() {
     let info = src.wait_migration("completed", 20);
     assert!(info.contains("downtime:"), "{info}");
     assert_eq!(src.status(), "paused (postmigrate)");
-    let dst_text = dst.wait_for("CHECK OK", 20);
+    let dst_text = dst.wait_checked(20);
     continues(&src.serial_text(), &dst_text);
     assert_eq!(dst.status(), "running");
     src.quit();
@@ -576,7 +580,7 @@ fn lz4_capability_compresses_ram_pages_and_the_destination_continues() {
 
     let uri: &'static str = Box::leak(format!("file:{}", packed.display()).into_boxed_str());
     let mut dst = Vmm::start(dir.path(), &img, opts("dst", Some(uri)));
-    let dst_text = dst.wait_for("CHECK OK", 20);
+    let dst_text = dst.wait_checked(20);
     continues(&src_text, &dst_text);
 
     // Without the capability (the default) the same VM's stream is plain: a page with data

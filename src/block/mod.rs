@@ -189,6 +189,23 @@ pub trait BlockDriver: Send + fmt::Debug {
     fn snapshots(&mut self) -> Option<&mut dyn SnapshotStore> {
         None
     }
+    /// A handle on the image file that writes and syncs without this driver, for a writable
+    /// image on a host file (see [`storage::DataHandle`]).
+    fn data_handle(&self) -> Option<storage::DataHandle> {
+        None
+    }
+}
+
+/// Bytes [`SnapshotStore::vmstate_write_detached`] placed but left for the caller to write:
+/// `buf[start..start + len]` goes to host offset `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetachedRun {
+    /// Host offset of the run (within clusters allocated for it).
+    pub host: u64,
+    /// Start of the run's bytes in the buffer given.
+    pub start: usize,
+    /// Length in bytes.
+    pub len: usize,
 }
 
 /// Internal snapshots of one image. QEMU: `bdrv_snapshot_*` and `bdrv_{save,load}_vmstate`.
@@ -221,6 +238,15 @@ pub trait SnapshotStore {
     }
     /// Writes VM state into the active layer's vmstate area at `pos`.
     fn vmstate_write(&mut self, pos: u64, buf: &[u8]) -> Result<()>;
+    /// [`SnapshotStore::vmstate_write`], except that the data of runs of fresh clusters is
+    /// not written: the clusters are allocated and mapped (and checked against the metadata)
+    /// and returned, for the caller to write through the driver's
+    /// [`BlockDriver::data_handle`] without holding the driver. Until it has, the area holds
+    /// whatever those clusters held; the caller writes every run before the state is used
+    /// (a snapshot created, a flush relied on). The default writes everything itself.
+    fn vmstate_write_detached(&mut self, pos: u64, buf: &[u8]) -> Result<Vec<DetachedRun>> {
+        self.vmstate_write(pos, buf).map(|()| Vec::new())
+    }
     /// Reads VM state from the active layer's vmstate area at `pos`.
     fn vmstate_read(&mut self, pos: u64, buf: &mut [u8]) -> Result<()>;
     /// Reads VM state of a snapshot through the snapshot's own L1 table, without goto.

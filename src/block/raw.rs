@@ -107,6 +107,13 @@ impl BlockDriver for Raw {
     fn flush(&mut self) -> Result<()> {
         self.storage.flush().map_err(|e| Error::io("flush", e))
     }
+
+    fn data_handle(&self) -> Option<storage::DataHandle> {
+        if self.read_only {
+            return None;
+        }
+        self.storage.data_handle()
+    }
 }
 
 #[cfg(test)]

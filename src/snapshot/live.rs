@@ -21,6 +21,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::block::storage::{DataHandle, WriteBehind};
 use crate::block::vmstate_io::CHUNK as AREA_CHUNK;
 use crate::block::{SnapshotInfo, SnapshotParams};
 use crate::interop::integrity::{self, CrcWriter};
@@ -47,6 +48,9 @@ const ROUND: u64 = 16 << 20;
 const SETTLE_MS: u64 = 2;
 /// Most extra rounds while settling.
 const SETTLE_ROUNDS: u32 = 8;
+/// Most VM state written into the page cache and not yet synced (twice this, with the sync
+/// in flight): see [`WriteBehind`].
+const WRITE_BEHIND: u64 = 16 << 20;
 /// Bytes a RAM page record takes beyond its data (the be64 address/flags word).
 const PAGE_RECORD: u64 = 8;
 
@@ -112,11 +116,18 @@ impl SizeBound {
 
 /// Writes a stream into the vmstate area of drive `device` of a running VM, borrowing the
 /// VM's block set for each 1 MiB chunk only, so the guest's disk requests go on in between.
+///
+/// The block set sits behind the device lock the vCPUs take for every I/O exit (the serial
+/// port included), so the lock is held only while the driver places the chunk: the data of
+/// fresh clusters goes out through the drive's [`DataHandle`] with the lock released. A
+/// write the kernel throttles (the state dirties the page cache far faster than a disk
+/// takes it) then stalls this thread, not the guest.
 struct AreaWriter<'v> {
     vm: &'v Vm,
     device: usize,
     pos: u64,
     buf: Vec<u8>,
+    data: Option<WriteBehind>,
 }
 
 impl AreaWriter<'_> {
@@ -125,13 +136,48 @@ impl AreaWriter<'_> {
             return Ok(());
         }
         let (device, pos, buf) = (self.device, self.pos, &self.buf);
-        self.vm.with_block_set(|set| {
+        let detached = self.data.is_some();
+        let runs = self.vm.with_block_set(|set| {
             let (_, store) = disks::store(set, device).map_err(io::Error::other)?;
-            store.vmstate_write(pos, buf).map_err(io::Error::other)
+            if detached {
+                store.vmstate_write_detached(pos, buf)
+            } else {
+                store.vmstate_write(pos, buf).map(|()| Vec::new())
+            }
+            .map_err(io::Error::other)
         })?;
+        if let Some(h) = self.data.as_mut() {
+            for r in runs {
+                h.write_at(r.host, &buf[r.start..r.start + r.len])?;
+            }
+        }
         self.pos += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
+    }
+}
+
+/// Flushes every drive of a running VM before the pause, so that the flush inside it has
+/// only the last writes: through the drives' [`DataHandle`]s with the device lock released
+/// (an `fdatasync` behind a GiB of fresh state takes long), or, if a drive has none (NBD),
+/// through the drivers.
+fn flush_ahead(vm: &Vm) -> Result<()> {
+    let handles: Option<Vec<DataHandle>> = vm.with_block_set(|set| {
+        set.devices
+            .iter()
+            .filter(|d| !d.driver.is_read_only())
+            .map(|d| d.driver.data_handle())
+            .collect()
+    });
+    match handles {
+        Some(hs) => {
+            for h in hs {
+                h.sync()
+                    .map_err(|e| SnapshotError::Flush(crate::block::Error::io("flush", e)))?;
+            }
+            Ok(())
+        }
+        None => vm.flush_drives().map_err(SnapshotError::Flush),
     }
 }
 
@@ -228,14 +274,15 @@ fn live(
 ) -> Result<SnapshotInfo> {
     let captured = vm.captured_drives();
     let total = vm.ram().len() as u64;
-    let (inc, specs) = vm.with_block_set(|set| -> Result<_> {
+    let (inc, specs, data) = vm.with_block_set(|set| -> Result<_> {
         let inc = disks::included(set, &captured)?;
         let specs = capture::specs(set, &captured)?;
         // Space freed by replacing the tag is where the new state goes (see savevm).
         for &i in &inc {
             disks::store(set, i)?.1.begin_discards();
         }
-        Ok((inc, specs))
+        let data = set.devices.get(inc[0]).and_then(|d| d.driver.data_handle());
+        Ok((inc, specs, data))
     })?;
     // Set when the guest is paused for the final copy.
     let mut down: Option<Instant> = None;
@@ -254,6 +301,7 @@ fn live(
                 device: inc[0],
                 pos: 0,
                 buf: Vec::with_capacity(AREA_CHUNK),
+                data: data.and_then(|h| WriteBehind::new(h, WRITE_BEHIND).ok()),
             };
             let mut w = CrcWriter::new(Counting::new(area, total, progress));
             let recorder = (!opts.lz4).then(|| lazy_index::new_recorder(total));
@@ -397,7 +445,7 @@ fn precopy_and_stop(
 
     // Stop and copy. The disks are flushed first while the guest runs, so that the flush
     // inside the pause has only the last writes.
-    vm.flush_drives().map_err(SnapshotError::Flush)?;
+    flush_ahead(vm)?;
     *down = Some(Instant::now());
     vm.pause()?;
     vm.flush_drives().map_err(SnapshotError::Flush)?;

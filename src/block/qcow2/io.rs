@@ -12,7 +12,7 @@ use super::entry::{
 };
 use super::overlap::ol;
 use super::{corrupt, Qcow2, Qcow2Error};
-use crate::block::Result;
+use crate::block::{DetachedRun, Result};
 
 /// How much VM state is written between two writeback kicks.
 const WRITEBACK_EVERY: u64 = 32 << 20;
@@ -307,7 +307,7 @@ impl Qcow2 {
             let n = ((cs - in_cluster) as usize).min(buf.len() - done);
             // Whole-cluster runs into fresh clusters go out as one large write.
             if in_cluster == 0 && buf.len() - done >= 2 * cs as usize {
-                let k = self.write_run(guest, &buf[done..])?;
+                let k = self.write_run(guest, &buf[done..], done)?;
                 if k > 0 {
                     done += k;
                     continue;
@@ -326,7 +326,10 @@ impl Qcow2 {
     /// Writes whole clusters starting at `guest` whose entries are unallocated or plain zero,
     /// within one L2 table, into one freshly allocated run. Returns bytes written (0 if the
     /// first cluster does not qualify).
-    fn write_run(&mut self, guest: u64, buf: &[u8]) -> Result<usize> {
+    ///
+    /// While a detached write runs (`self.detached`), the data is not written: the run is
+    /// checked and recorded (`at`: where `buf` starts in the caller's buffer) for the caller.
+    fn write_run(&mut self, guest: u64, buf: &[u8], at: usize) -> Result<usize> {
         let cs = self.layout.cluster_size();
         let l2 = self.writable_l2(guest)?;
         let first = self.layout.l2_index(guest);
@@ -353,7 +356,20 @@ impl Qcow2 {
         }
         let host = self.alloc_clusters(count)?;
         let bytes = (count * cs) as usize;
-        self.swrite(host, &buf[..bytes])?;
+        if self.detached.is_some() {
+            self.overlap_check(ol::DATA, host, bytes as u64)?;
+            self.unflushed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(runs) = self.detached.as_mut() {
+                runs.push(DetachedRun {
+                    host,
+                    start: at,
+                    len: bytes,
+                });
+            }
+        } else {
+            self.swrite(host, &buf[..bytes])?;
+        }
         if self.writeback_runs {
             self.unsent += bytes as u64;
             if self.unsent >= WRITEBACK_EVERY {

@@ -40,8 +40,8 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::storage::{self, Storage};
 use super::{
-    lock, BlockDriver, Error, Format, OpenOptions, Result, SnapshotInfo, SnapshotParams,
-    SnapshotStore,
+    lock, BlockDriver, DetachedRun, Error, Format, OpenOptions, Result, SnapshotInfo,
+    SnapshotParams, SnapshotStore,
 };
 use cache::MetaCache;
 pub use check::{CheckReport, Repair};
@@ -273,6 +273,9 @@ pub struct Qcow2 {
     pub(crate) writeback_runs: bool,
     /// Bytes of such runs written since the last writeback kick.
     pub(crate) unsent: u64,
+    /// While [`SnapshotStore::vmstate_write_detached`] runs: the fresh-cluster runs whose
+    /// data is left to the caller.
+    pub(crate) detached: Option<Vec<DetachedRun>>,
     /// Clusters freed while a [`Qcow2::discarding`] operation runs.
     pub(crate) discards: Option<discard::Discards>,
     /// First host cluster index that may be free.
@@ -576,6 +579,7 @@ impl Qcow2 {
             unflushed: AtomicBool::new(true),
             writeback_runs: false,
             unsent: 0,
+            detached: None,
             discards: None,
             free_hint: 0,
             run_hint: 0,
@@ -961,6 +965,12 @@ impl BlockDriver for Qcow2 {
     fn snapshots(&mut self) -> Option<&mut dyn SnapshotStore> {
         Some(self)
     }
+    fn data_handle(&self) -> Option<super::storage::DataHandle> {
+        if self.read_only {
+            return None;
+        }
+        self.storage.data_handle()
+    }
 }
 
 impl SnapshotStore for Qcow2 {
@@ -1002,6 +1012,15 @@ impl SnapshotStore for Qcow2 {
         let r = self.write_guest(off, buf);
         self.writeback_runs = false;
         r
+    }
+    fn vmstate_write_detached(&mut self, pos: u64, buf: &[u8]) -> Result<Vec<DetachedRun>> {
+        self.writable()?;
+        let off = self.vm_state_offset() + pos;
+        // No early writeback here: the caller writes the runs and paces their syncs.
+        self.detached = Some(Vec::new());
+        let r = self.write_guest(off, buf);
+        let runs = self.detached.take().unwrap_or_default();
+        r.map(|()| runs)
     }
     fn vmstate_read(&mut self, pos: u64, buf: &mut [u8]) -> Result<()> {
         let off = self.vm_state_offset() + pos;

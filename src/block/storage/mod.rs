@@ -4,11 +4,13 @@
 //! `&self` so that a driver can share its storage with helpers (locks, checkers) without
 //! `RefCell` juggling; the file backend uses `pread`/`pwrite`, the memory backend a mutex.
 
+mod data_handle;
 mod file;
 mod memory;
 pub mod nbd;
 pub mod nbd_uri;
 
+pub use data_handle::{DataHandle, WriteBehind};
 pub use file::FileStorage;
 pub use memory::{Fault, MemStorage};
 pub use nbd::{NbdError, NbdStorage};
@@ -112,5 +114,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The host file, for OFD locks (None for memory).
     fn file(&self) -> Option<&File> {
         None
+    }
+    /// A handle that writes and syncs this storage's file without the driver (see
+    /// [`DataHandle`]); `None` where there is no host file (memory, NBD).
+    fn data_handle(&self) -> Option<DataHandle> {
+        self.file().and_then(|f| DataHandle::reopen(f).ok())
     }
 }

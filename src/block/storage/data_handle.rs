@@ -140,7 +140,6 @@ impl Drop for WriteBehind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt as _;
 
     #[test]
     fn writes_reach_the_file_and_leave_its_locks_alone() {

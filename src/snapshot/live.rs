@@ -7,7 +7,7 @@
 //!           dirty logging on, every page dirty → header, configuration, RAM START
 //!  active:  while the guest runs: sync the dirty log → stop? (remainder fits the pause
 //!           aimed at, or the size bound would be crossed) → one RAM PART of ≤ 16 MiB
-//!  stop:    flush the disks (guest running) → pause → flush again → last sync → the
+//!  stop:    flush the disks (guest running, device lock released) → pause → last sync → the
 //!           remaining dirty pages (RAM END), every device (FULL), EOF, vmdesc → create
 //!           TAG on every disk (the disk snapshot and the state are of this instant) → resume
 //! ```
@@ -157,8 +157,8 @@ impl AreaWriter<'_> {
     }
 }
 
-/// Flushes every drive of a running VM before the pause, so that the flush inside it has
-/// only the last writes: through the drives' [`DataHandle`]s with the device lock released
+/// Flushes every drive of a running VM before the pause, so that the flushes of the snapshot
+/// creation inside it have only the last writes: through the drives' [`DataHandle`]s with the device lock released
 /// (an `fdatasync` behind a GiB of fresh state takes long), or, if a drive has none (NBD),
 /// through the drivers.
 fn flush_ahead(vm: &Vm) -> Result<()> {
@@ -443,12 +443,14 @@ fn precopy_and_stop(
         meter.add_busy(busy.elapsed());
     }
 
-    // Stop and copy. The disks are flushed first while the guest runs, so that the flush
-    // inside the pause has only the last writes.
+    // Stop and copy. The disks are flushed first while the guest runs, so that the flushes
+    // inside the pause have only the last writes.
     flush_ahead(vm)?;
     *down = Some(Instant::now());
     vm.pause()?;
-    vm.flush_drives().map_err(SnapshotError::Flush)?;
+    // No flush here: creating the snapshot flushes each image before it publishes the new
+    // table (formats/qcow2.md's crash rule), which makes the guest's last writes, the rest
+    // of the state and the page index durable before anything refers to them.
     let bitmap = vm.take_dirty_bitmap()?;
     ram.borrow_mut().sync(&bitmap);
     let state = vm.save_state()?;

@@ -80,11 +80,16 @@ impl MetaCache {
         &mut self.entries.entry(offset).or_insert((data, self.clock)).0
     }
 
+    /// Takes the cluster at `offset` out of the cache.
+    pub fn take(&mut self, offset: u64) -> Option<Vec<u8>> {
+        let (data, stamp) = self.entries.remove(&offset)?;
+        self.by_use.remove(&stamp);
+        Some(data)
+    }
+
     /// Drops the cluster at `offset` (it was freed or rewritten elsewhere).
     pub fn forget(&mut self, offset: u64) {
-        if let Some((_, stamp)) = self.entries.remove(&offset) {
-            self.by_use.remove(&stamp);
-        }
+        self.take(offset);
     }
 
     /// Drops everything.
@@ -107,7 +112,7 @@ mod tests {
         c.insert(3, vec![3]);
         assert!(c.get(2).is_none());
         assert_eq!(c.get(1).unwrap()[0], 1);
-        c.forget(1);
+        assert_eq!(c.take(1), Some(vec![1]));
         assert!(c.get(1).is_none());
         assert_eq!(c.len(), 1);
         c.insert(3, vec![4]);

@@ -290,7 +290,7 @@ impl Qcow2 {
         let es = self.layout.l2_entry_size() as usize;
         let ext = self.layout.extended_l2;
         let shift = self.layout.csize_shift();
-        let table = self.read_l2_table(l2)?;
+        let table = self.load_l2(l2)?;
         let walked = refs.from.is_some();
         let from = refs.from.unwrap_or_default();
         let entry_err = |j: usize, why: String| {

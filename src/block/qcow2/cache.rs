@@ -1,12 +1,13 @@
 //! A write-through cache of metadata clusters (L2 tables, refcount blocks).
 //!
 //! Entries are whole clusters keyed by host offset, evicted least recently used first
-//! (O(log n) per access: a map by offset and an ordered map by last use). Updates are written
+//! (O(log n) per access: an ordered map by offset, no hashing, and an ordered map by last
+//! use that a run of accesses to the same cluster, as in a refcount walk, leaves alone). Updates are written
 //! to storage at once (only the bytes that changed), so the cache never holds dirty data and a
 //! crash can only lose what the caller had not yet written. A cluster that is freed must be
 //! dropped with [`MetaCache::forget`] before its offset is reused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Most L2 cache memory an image gets (QEMU's default maximum on Linux).
 pub const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
@@ -18,7 +19,7 @@ pub const MAX_CACHE_ENTRIES: u64 = 8192;
 #[derive(Debug)]
 pub struct MetaCache {
     /// Offset → (cluster, stamp of last use).
-    entries: HashMap<u64, (Vec<u8>, u64)>,
+    entries: BTreeMap<u64, (Vec<u8>, u64)>,
     /// Stamp of last use → offset; the first entry is the least recently used.
     by_use: BTreeMap<u64, u64>,
     capacity: usize,
@@ -29,7 +30,7 @@ impl MetaCache {
     /// A cache holding at most `capacity` clusters.
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: BTreeMap::new(),
             by_use: BTreeMap::new(),
             capacity: capacity.max(1),
             clock: 0,
@@ -54,23 +55,16 @@ impl MetaCache {
         self.entries.is_empty()
     }
 
-    fn touch(&mut self, offset: u64) {
-        self.clock += 1;
-        let stamp = self.clock;
-        if let Some(e) = self.entries.get_mut(&offset) {
-            self.by_use.remove(&e.1);
-            e.1 = stamp;
-            self.by_use.insert(stamp, offset);
-        }
-    }
-
     /// The cached cluster at `offset` (now the most recently used).
     pub fn get(&mut self, offset: u64) -> Option<&mut Vec<u8>> {
-        if !self.entries.contains_key(&offset) {
-            return None;
+        let e = self.entries.get_mut(&offset)?;
+        if e.1 != self.clock {
+            self.clock += 1;
+            self.by_use.remove(&e.1);
+            e.1 = self.clock;
+            self.by_use.insert(self.clock, offset);
         }
-        self.touch(offset);
-        self.entries.get_mut(&offset).map(|e| &mut e.0)
+        Some(&mut e.0)
     }
 
     /// Inserts a cluster, evicting the least recently used one when full.
@@ -86,11 +80,16 @@ impl MetaCache {
         &mut self.entries.entry(offset).or_insert((data, self.clock)).0
     }
 
+    /// Takes the cluster at `offset` out of the cache.
+    pub fn take(&mut self, offset: u64) -> Option<Vec<u8>> {
+        let (data, stamp) = self.entries.remove(&offset)?;
+        self.by_use.remove(&stamp);
+        Some(data)
+    }
+
     /// Drops the cluster at `offset` (it was freed or rewritten elsewhere).
     pub fn forget(&mut self, offset: u64) {
-        if let Some((_, stamp)) = self.entries.remove(&offset) {
-            self.by_use.remove(&stamp);
-        }
+        self.take(offset);
     }
 
     /// Drops everything.
@@ -113,7 +112,7 @@ mod tests {
         c.insert(3, vec![3]);
         assert!(c.get(2).is_none());
         assert_eq!(c.get(1).unwrap()[0], 1);
-        c.forget(1);
+        assert_eq!(c.take(1), Some(vec![1]));
         assert!(c.get(1).is_none());
         assert_eq!(c.len(), 1);
         c.insert(3, vec![4]);

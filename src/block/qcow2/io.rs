@@ -18,7 +18,7 @@ use crate::block::{DetachedRun, Result};
 const WRITEBACK_EVERY: u64 = 32 << 20;
 
 impl Qcow2 {
-    fn load_l2(&mut self, offset: u64) -> Result<&mut Vec<u8>> {
+    pub(crate) fn load_l2(&mut self, offset: u64) -> Result<&mut Vec<u8>> {
         if self.l2_cache.get(offset).is_none() {
             if offset % self.layout.cluster_size() != 0 {
                 return Err(corrupt(format!(
@@ -39,6 +39,21 @@ impl Qcow2 {
     /// snapshot delete or check, reads nothing again).
     pub(crate) fn read_l2_table(&mut self, l2: u64) -> Result<Vec<u8>> {
         self.load_l2(l2).map(|t| t.clone())
+    }
+
+    /// The L2 table at `l2` taken out of the cache (read first when not cached), for a walk
+    /// that changes it and writes it back, or hands it back with [`Qcow2::return_l2_table`]
+    /// (no copy of the table either way).
+    pub(crate) fn take_l2_table(&mut self, l2: u64) -> Result<Vec<u8>> {
+        self.load_l2(l2)?;
+        self.l2_cache
+            .take(l2)
+            .ok_or_else(|| corrupt("L2 cache lost an entry".into()))
+    }
+
+    /// Puts an unchanged table taken with [`Qcow2::take_l2_table`] back into the cache.
+    pub(crate) fn return_l2_table(&mut self, l2: u64, table: Vec<u8>) {
+        self.l2_cache.insert(l2, table);
     }
 
     /// Reads entry `idx` (and its bitmap with extended L2) of the L2 table at `l2`.

@@ -32,6 +32,7 @@ mod refcount;
 mod room;
 pub mod snapshot;
 mod snaptable;
+mod tally;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -174,13 +174,7 @@ impl Qcow2 {
         let cb = self.layout.cluster_bits;
         let first = offset >> cb;
         let n = (offset.saturating_add(len - 1) >> cb) - first + 1;
-        let mut s = self.overlap_state();
-        if s.active.is_none() {
-            s.active = Some(self.build_active_map());
-        }
-        if s.inactive_l2.is_none() {
-            s.inactive_l2 = Some(self.build_inactive_l2_map());
-        }
+        let s = self.built_state();
         s.active
             .as_ref()
             .and_then(|m| m.hit(first, n, ign))
@@ -188,6 +182,29 @@ impl Qcow2 {
             .chain(s.inactive_l2.as_ref().and_then(|m| m.hit(first, n, ign)))
             .min_by_key(|&(c, b)| (c, b.trailing_zeros()))
             .map(|(c, b)| (c << cb, category_name(b)))
+    }
+
+    /// The state with both parts of the map built.
+    fn built_state(&self) -> MutexGuard<'_, OverlapState> {
+        let mut s = self.overlap_state();
+        if s.active.is_none() {
+            s.active = Some(self.build_active_map());
+        }
+        if s.inactive_l2.is_none() {
+            s.inactive_l2 = Some(self.build_inactive_l2_map());
+        }
+        s
+    }
+
+    /// The whole map as it stands (both parts in one), for many checks in a row without
+    /// taking the lock for each.
+    pub(crate) fn metadata_map(&self) -> MetaMap {
+        let s = self.built_state();
+        let mut m = s.active.clone().unwrap_or_default();
+        for (&c, &b) in s.inactive_l2.iter().flat_map(|m| m.0.iter()) {
+            *m.0.entry(c).or_default() |= b;
+        }
+        m
     }
 
     /// Header, active L1 and L2, refcount table and blocks, snapshot table, inactive L1:

@@ -16,14 +16,19 @@
 //!   a data cluster); an increment must fit the refcount width.
 //!
 //! A failure is [`Qcow2Error::Refused`] naming the table, entry or cluster; nothing is
-//! written. The walk reads the same L2 tables the operation then reads (through the cache),
-//! plus the L2 tables only other snapshots hold.
-
-use std::collections::HashMap;
+//! written.
+//!
+//! One pass, as cheap as the walk that follows it: the L1 tables are read first (the walked
+//! ones validated entry by entry), then every distinct L2 table once, lowest offset first,
+//! through the L2 cache the walk then reads again without I/O; counts go into dense arrays
+//! indexed by cluster ([`super::tally`]), and the stored refcounts of the walked clusters
+//! are read in cluster order, one refcount block at a time.
 
 use super::entry::{ClusterKind, L1Entry, L2Entry, L1_RESERVED};
 use super::header::INCOMPAT_DIRTY;
-use super::overlap::ol;
+use super::overlap::{category_name, ol, MetaMap};
+use super::refcount::get_in_block;
+use super::tally::{Role, TableRefs, Tally};
 use super::{Qcow2, Qcow2Error};
 use crate::block::{Error, Result};
 
@@ -42,9 +47,6 @@ fn refused(msg: String) -> Error {
     Qcow2Error::Refused(msg).into()
 }
 
-/// References per host cluster.
-type Counts = HashMap<u64, u64>;
-
 impl Qcow2 {
     /// [`Qcow2::preflight`] around the repair of a dirty (lazy-refcounts) image: the tables
     /// are checked before the repair writes anything, the refcounts (stale before it, exact
@@ -62,45 +64,114 @@ impl Qcow2 {
     /// image the stored refcounts are not up to date, and only the tables are checked.
     pub(crate) fn preflight(&mut self, w: Walked<'_>) -> Result<()> {
         let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
-        let active = self.l1.clone();
-        // The walked tables, validated entry by entry, with their own path counts.
-        let mut walked = Counts::new();
-        let mut inc = Counts::new();
-        match w {
-            Walked::Create => {
-                self.count_table(&active, "the active L1 table", file_len, &mut walked)?;
-                inc.clone_from(&walked);
-            }
-            Walked::Goto(sn) => {
-                self.count_table(sn, "the snapshot's L1 table", file_len, &mut inc)?;
-                self.count_table(&active, "the active L1 table", file_len, &mut walked)?;
-                for (&c, &n) in &inc {
-                    *walked.entry(c).or_default() += n;
+        let dirty = self.header.incompatible_features & INCOMPAT_DIRTY != 0;
+        let meta = self.metadata_map();
+        let cb = self.layout.cluster_bits;
+        let mut t = Tally::new(file_len, cb, !matches!(w, Walked::Delete(..)));
+        // 1. The walked L1 tables, entry by entry.
+        let active = std::mem::take(&mut self.l1);
+        let r = match w {
+            Walked::Create => self.walk_l1_entries(
+                &active,
+                "the active L1 table",
+                Role::Inc,
+                &meta,
+                file_len,
+                &mut t,
+            ),
+            Walked::Goto(sn) => self
+                .walk_l1_entries(
+                    sn,
+                    "the snapshot's L1 table",
+                    Role::Inc,
+                    &meta,
+                    file_len,
+                    &mut t,
+                )
+                .and_then(|()| {
+                    self.walk_l1_entries(
+                        &active,
+                        "the active L1 table",
+                        Role::Walked,
+                        &meta,
+                        file_len,
+                        &mut t,
+                    )
+                }),
+            Walked::Delete(_, sn) => self.walk_l1_entries(
+                sn,
+                "the snapshot's L1 table",
+                Role::Walked,
+                &meta,
+                file_len,
+                &mut t,
+            ),
+        };
+        // 2. The references every table holds (damaged other tables count what can be
+        // read), one L1 table in memory at a time. Not on a dirty image.
+        if r.is_ok() && !dirty {
+            self.count_l1_entries(&active, file_len, &mut t);
+        }
+        self.l1 = active;
+        r?;
+        if !dirty {
+            for i in 0..self.snapshots.len() {
+                if let Ok(l1) = self.read_snapshot_l1(&self.snapshots[i]) {
+                    self.count_l1_entries(&l1, file_len, &mut t);
                 }
             }
-            Walked::Delete(_, sn) => {
-                self.count_table(sn, "the snapshot's L1 table", file_len, &mut walked)?;
+        }
+        // 3. Every L2 table once.
+        for (c, refs) in t.take_tables() {
+            if refs.from.is_some() || !dirty {
+                self.count_l2_entries(c << cb, refs, &meta, file_len, &mut t)?;
             }
         }
-        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+        if dirty {
             return Ok(());
         }
-        // References held by every table (damaged other tables count what can be read).
-        let mut l1s = vec![active];
-        for i in 0..self.snapshots.len() {
-            let sn = self.snapshots[i].clone();
-            if let Ok(l1) = self.read_snapshot_l1(&sn) {
-                l1s.push(l1);
+        // 4. Stored counts against references, and room for the increments.
+        self.compare_walked(w, &t)?;
+        if let Walked::Delete(idx, _) = w {
+            let sn = self.snapshots[idx].clone();
+            let first = sn.l1_table_offset >> cb;
+            let n = (u64::from(sn.l1_size) * 8).div_ceil(self.layout.cluster_size());
+            for c in first..first + n {
+                if t.all(c) != Some(0) || self.get_refcount(c)? == 0 {
+                    return Err(refused(format!(
+                        "the L1 table of snapshot '{}' at {:#x} is also used elsewhere or \
+                         already free",
+                        sn.name, sn.l1_table_offset
+                    )));
+                }
             }
         }
-        let all = self.count_all(&l1s, file_len)?;
+        Ok(())
+    }
+
+    /// For every walked cluster, in order: its stored refcount is at least the references
+    /// all tables hold, and the increment fits the refcount width.
+    fn compare_walked(&mut self, w: Walked<'_>, t: &Tally) -> Result<()> {
         let max = self.layout.max_refcount();
-        let mut clusters: Vec<u64> = walked.keys().copied().collect();
-        clusters.sort_unstable();
         let cb = self.layout.cluster_bits;
-        for c in clusters {
-            let rc = self.get_refcount(c)?;
-            let refs = all.get(&c).copied().unwrap_or(0);
+        let rbits = self.layout.refblock_bits();
+        let order = self.layout.refcount_order;
+        let mut block: Option<(u64, Option<Vec<u8>>)> = None;
+        for c in t.walked() {
+            let rt = c >> rbits;
+            if block.as_ref().map(|b| b.0) != Some(rt) {
+                block = Some((rt, self.refblock_for(c)?));
+            }
+            let rc = match block.as_ref().and_then(|b| b.1.as_deref()) {
+                Some(data) => get_in_block(data, (c & ((1 << rbits) - 1)) as usize, order),
+                None => 0,
+            };
+            let Some(refs) = t.all(c) else {
+                return Err(refused(format!(
+                    "the cluster at host offset {:#x} has more references than can be counted",
+                    c << cb
+                )));
+            };
             if rc < refs {
                 let what = match w {
                     Walked::Create => "creating a snapshot would mark it as unshared",
@@ -114,8 +185,7 @@ impl Qcow2 {
                     c << cb
                 )));
             }
-            let add = inc.get(&c).copied().unwrap_or(0);
-            if rc.checked_add(add).map_or(true, |v| v > max) {
+            if rc.checked_add(t.inc(c)).map_or(true, |v| v > max) {
                 return Err(Qcow2Error::RefcountOverflow {
                     cluster: c,
                     bits: self.layout.refcount_bits(),
@@ -123,21 +193,19 @@ impl Qcow2 {
                 .into());
             }
         }
-        if let Walked::Delete(idx, _) = w {
-            let sn = self.snapshots[idx].clone();
-            let first = sn.l1_table_offset >> cb;
-            let n = (u64::from(sn.l1_size) * 8).div_ceil(self.layout.cluster_size());
-            for c in first..first + n {
-                if all.contains_key(&c) || self.get_refcount(c)? == 0 {
-                    return Err(refused(format!(
-                        "the L1 table of snapshot '{}' at {:#x} is also used elsewhere or \
-                         already free",
-                        sn.name, sn.l1_table_offset
-                    )));
-                }
-            }
-        }
         Ok(())
+    }
+
+    /// A copy of the refcount block covering cluster `c` (`None`: no block, counts are 0),
+    /// read as [`Qcow2::get_refcount`] reads it.
+    fn refblock_for(&mut self, c: u64) -> Result<Option<Vec<u8>>> {
+        let rt = (c >> self.layout.refblock_bits()) as usize;
+        let off = self.reftable.get(rt).copied().unwrap_or(0) & super::entry::OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        self.get_refcount(c)?;
+        Ok(self.refblock_copy(off))
     }
 
     /// Before the refcount repair of a dirty (lazy-refcounts) image: the repair rewrites
@@ -146,6 +214,7 @@ impl Qcow2 {
     pub(crate) fn preflight_dirty_repair(&mut self) -> Result<()> {
         let file_len = self.storage.len().map_err(|e| Error::io("image size", e))?;
         let cs = self.layout.cluster_size();
+        let meta = self.metadata_map();
         for (i, &e) in self.reftable.iter().enumerate() {
             if e == 0 {
                 continue;
@@ -154,8 +223,7 @@ impl Qcow2 {
             let why = if off != e || off % cs != 0 {
                 Some(format!("offset {e:#x} is not cluster aligned"))
             } else {
-                self.check_cluster(off, cs, ol::REFCOUNT_BLOCK, file_len)
-                    .err()
+                check_cluster(&meta, off, cs, ol::REFCOUNT_BLOCK, file_len).err()
             };
             if let Some(why) = why {
                 return Err(refused(format!(
@@ -167,13 +235,15 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Validates one L1 table and its L2 tables, adding their references to `counts`.
-    fn count_table(
-        &mut self,
+    /// Validates the entries of a walked L1 table and records the L2 tables they name.
+    fn walk_l1_entries(
+        &self,
         l1: &[u64],
-        table: &str,
+        table: &'static str,
+        role: Role,
+        meta: &MetaMap,
         file_len: u64,
-        counts: &mut Counts,
+        t: &mut Tally,
     ) -> Result<()> {
         let cs = self.layout.cluster_size();
         for (i, &raw) in l1.iter().enumerate() {
@@ -186,113 +256,106 @@ impl Qcow2 {
             if l2 == 0 {
                 continue;
             }
-            self.check_cluster(l2, cs, ol::ACTIVE_L2 | ol::INACTIVE_L2, file_len)
+            check_cluster(meta, l2, cs, ol::ACTIVE_L2 | ol::INACTIVE_L2, file_len)
                 .map_err(|why| refused(format!("entry {i} of {table}: L2 table {why}")))?;
-            *counts.entry(l2 / cs).or_default() += 1;
-            let t = self.read_l2_table(l2)?;
-            let es = self.layout.l2_entry_size() as usize;
-            for (j, p) in (0..t.len()).step_by(es).enumerate() {
-                let e = L2Entry(u64::from_be_bytes(
-                    t[p..p + 8].try_into().unwrap_or_default(),
-                ));
-                match e.kind(self.layout.extended_l2) {
-                    ClusterKind::Normal | ClusterKind::ZeroAlloc => {
-                        self.check_cluster(e.offset(), cs, ol::DATA, file_len)
-                            .map_err(|why| {
-                                refused(format!(
-                                    "entry {j} of the L2 table at {l2:#x} (reached from {table}): \
-                                     data cluster {why}"
-                                ))
-                            })?;
-                        *counts.entry(e.offset() / cs).or_default() += 1;
-                    }
-                    ClusterKind::Compressed => {
-                        let (s, end) = e.compressed_range(self.layout.csize_shift());
-                        // The descriptor counts whole sectors; the last may end past EOF.
-                        if s >= file_len {
-                            return Err(refused(format!(
-                                "entry {j} of the L2 table at {l2:#x} (reached from {table}): \
-                                 compressed data at {s:#x} lies beyond the end of the file \
-                                 ({file_len:#x})"
-                            )));
-                        }
-                        for c in (s & !511) / cs..=(end - 1) / cs {
-                            *counts.entry(c).or_default() += 1;
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            t.walked_table(l2 / cs, role, table);
         }
         Ok(())
     }
 
-    /// The references all of `l1s` hold, as `qemu-img check` counts them. Each distinct L2
-    /// table is read once and its entries counted once per L1 entry naming it (snapshots
-    /// mostly share their L2 tables). Entries that cannot be valid are skipped: `check`
-    /// reports them, and the operation does not touch them.
-    fn count_all(&mut self, l1s: &[Vec<u64>], file_len: u64) -> Result<Counts> {
+    /// Records the L2 tables an L1 table names, as `qemu-img check` counts them (one
+    /// reference per L1 entry). Entries that cannot be valid are skipped: `check` reports
+    /// them, and the operation does not touch them.
+    fn count_l1_entries(&self, l1: &[u64], file_len: u64, t: &mut Tally) {
         let cs = self.layout.cluster_size();
-        let mut tables: HashMap<u64, u64> = HashMap::new();
-        for l1 in l1s {
-            for &raw in l1 {
-                let l2 = L1Entry(raw).l2_offset();
-                if l2 != 0 && raw & L1_RESERVED == 0 && l2 % cs == 0 && l2 + cs <= file_len {
-                    *tables.entry(l2).or_default() += 1;
-                }
+        for &raw in l1 {
+            let l2 = L1Entry(raw).l2_offset();
+            if l2 != 0 && raw & L1_RESERVED == 0 && l2 % cs == 0 && l2 + cs <= file_len {
+                t.any_table(l2 / cs);
             }
         }
-        let mut order: Vec<(u64, u64)> = tables.into_iter().collect();
-        order.sort_unstable();
-        let mut counts = Counts::new();
-        let es = self.layout.l2_entry_size() as usize;
-        for (l2, n) in order {
-            *counts.entry(l2 / cs).or_default() += n;
-            let t = self.read_l2_table(l2)?;
-            for p in (0..t.len()).step_by(es) {
-                let e = L2Entry(u64::from_be_bytes(
-                    t[p..p + 8].try_into().unwrap_or_default(),
-                ));
-                match e.kind(self.layout.extended_l2) {
-                    ClusterKind::Normal | ClusterKind::ZeroAlloc => {
-                        *counts.entry(e.offset() / cs).or_default() += n;
-                    }
-                    ClusterKind::Compressed => {
-                        let (s, end) = e.compressed_range(self.layout.csize_shift());
-                        if s < file_len {
-                            for c in (s & !511) / cs..=(end - 1) / cs {
-                                *counts.entry(c).or_default() += n;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Ok(counts)
     }
 
-    /// Why a cluster at `off` cannot be what a table says it is, if it cannot.
-    fn check_cluster(
-        &self,
-        off: u64,
-        cs: u64,
-        ign: u8,
+    /// Counts the entries of the L2 table at `l2` (`refs.all` times each), and when a walked
+    /// table reaches it validates them and marks their clusters walked.
+    fn count_l2_entries(
+        &mut self,
+        l2: u64,
+        refs: TableRefs,
+        meta: &MetaMap,
         file_len: u64,
-    ) -> std::result::Result<(), String> {
-        if off % cs != 0 {
-            return Err(format!("offset {off:#x} is not cluster aligned"));
-        }
-        if let Some((at, what)) = self.overlap_hit(ign, off, cs) {
-            return Err(format!("at {off:#x} overlaps the {what} at {at:#x}"));
-        }
-        // Tables are read whole; a data cluster only has to start inside the file.
-        let need = if ign == ol::DATA { 1 } else { cs };
-        if off.checked_add(need).map_or(true, |end| end > file_len) {
-            return Err(format!(
-                "at {off:#x} lies beyond the end of the file ({file_len:#x})"
+        t: &mut Tally,
+    ) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let es = self.layout.l2_entry_size() as usize;
+        let ext = self.layout.extended_l2;
+        let shift = self.layout.csize_shift();
+        let table = self.load_l2(l2)?;
+        let walked = refs.from.is_some();
+        let from = refs.from.unwrap_or_default();
+        let entry_err = |j: usize, why: String| {
+            refused(format!(
+                "entry {j} of the L2 table at {l2:#x} (reached from {from}): {why}"
+            ))
+        };
+        for (j, p) in (0..table.len()).step_by(es).enumerate() {
+            let e = L2Entry(u64::from_be_bytes(
+                table[p..p + 8].try_into().unwrap_or_default(),
             ));
+            match e.kind(ext) {
+                ClusterKind::Normal | ClusterKind::ZeroAlloc => {
+                    if walked {
+                        check_cluster(meta, e.offset(), cs, ol::DATA, file_len)
+                            .map_err(|why| entry_err(j, format!("data cluster {why}")))?;
+                    }
+                    t.add(e.offset() / cs, refs.all, refs.inc, walked);
+                }
+                ClusterKind::Compressed => {
+                    let (s, end) = e.compressed_range(shift);
+                    // The descriptor counts whole sectors; the last may end past EOF.
+                    if s >= file_len {
+                        if walked {
+                            return Err(entry_err(
+                                j,
+                                format!(
+                                    "compressed data at {s:#x} lies beyond the end of the file \
+                                     ({file_len:#x})"
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    t.add_range(s & !511, end, refs.all, refs.inc, walked);
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
+}
+
+/// Why a cluster at `off` cannot be what a table says it is, if it cannot.
+fn check_cluster(
+    meta: &MetaMap,
+    off: u64,
+    cs: u64,
+    ign: u8,
+    file_len: u64,
+) -> std::result::Result<(), String> {
+    if off % cs != 0 {
+        return Err(format!("offset {off:#x} is not cluster aligned"));
+    }
+    let cb = cs.trailing_zeros();
+    if let Some((c, bits)) = meta.hit(off >> cb, 1, ign) {
+        let (at, what) = (c << cb, category_name(bits));
+        return Err(format!("at {off:#x} overlaps the {what} at {at:#x}"));
+    }
+    // Tables are read whole; a data cluster only has to start inside the file.
+    let need = if ign == ol::DATA { 1 } else { cs };
+    if off.checked_add(need).map_or(true, |end| end > file_len) {
+        return Err(format!(
+            "at {off:#x} lies beyond the end of the file ({file_len:#x})"
+        ));
+    }
+    Ok(())
 }

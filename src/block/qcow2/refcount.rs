@@ -233,25 +233,31 @@ impl Qcow2 {
         let first = self.layout.cluster_index(offset);
         let last = self.layout.cluster_index(offset + len - 1);
         for c in first..=last {
-            let cur = self.get_refcount(c)?;
-            let new = if delta >= 0 {
-                cur.checked_add(delta as u64)
-                    .filter(|v| *v <= self.layout.max_refcount())
-                    .ok_or(Qcow2Error::RefcountOverflow {
-                        cluster: c,
-                        bits: self.layout.refcount_bits(),
-                    })?
-            } else {
-                cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
-                    corrupt(format!(
-                        "refcount of cluster {:#x} would drop below zero",
-                        c << self.layout.cluster_bits
-                    ))
-                })?
-            };
-            self.set_refcount(c, new)?;
+            self.add_refcount(c, delta)?;
         }
         Ok(())
+    }
+
+    /// Adds `delta` to the refcount of cluster `c`; returns the new count.
+    pub(crate) fn add_refcount(&mut self, c: u64, delta: i64) -> Result<u64> {
+        let cur = self.get_refcount(c)?;
+        let new = if delta >= 0 {
+            cur.checked_add(delta as u64)
+                .filter(|v| *v <= self.layout.max_refcount())
+                .ok_or(Qcow2Error::RefcountOverflow {
+                    cluster: c,
+                    bits: self.layout.refcount_bits(),
+                })?
+        } else {
+            cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                corrupt(format!(
+                    "refcount of cluster {:#x} would drop below zero",
+                    c << self.layout.cluster_bits
+                ))
+            })?
+        };
+        self.set_refcount(c, new)?;
+        Ok(new)
     }
 
     /// Drops one reference from every cluster of `[offset, offset + len)`.

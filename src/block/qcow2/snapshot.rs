@@ -251,7 +251,6 @@ impl Qcow2 {
         } else {
             super::read_table(&*self.storage, l1_offset, u64::from(l1_size))?
         };
-        let cs = self.layout.cluster_size();
         let delta: i64 = match walk {
             Walk::Inc => 1,
             Walk::Dec => -1,
@@ -266,7 +265,7 @@ impl Qcow2 {
             }
             let mut table = match pending.take(l2) {
                 Some(t) => t,
-                None => self.read_l2_table(l2)?,
+                None => self.take_l2_table(l2)?,
             };
             let mut changed = false;
             for p in (0..table.len()).step_by(es) {
@@ -279,10 +278,11 @@ impl Qcow2 {
                     }
                     ClusterKind::Normal | ClusterKind::ZeroAlloc => {
                         let c = self.layout.cluster_index(e.offset());
-                        if delta != 0 {
-                            self.update_refcount(e.offset(), cs, delta)?;
-                        }
-                        let rc = self.get_refcount(c)?;
+                        let rc = if delta != 0 {
+                            self.add_refcount(c, delta)?
+                        } else {
+                            self.get_refcount(c)?
+                        };
                         new = if rc == 1 {
                             L2Entry(e.0 | OFLAG_COPIED)
                         } else {
@@ -296,13 +296,17 @@ impl Qcow2 {
                     changed = true;
                 }
             }
-            if delta != 0 {
-                self.update_refcount(l2, cs, delta)?;
-            }
-            let rc = self.get_refcount(self.layout.cluster_index(l2))?;
+            let c = self.layout.cluster_index(l2);
+            let rc = if delta != 0 {
+                self.add_refcount(c, delta)?
+            } else {
+                self.get_refcount(c)?
+            };
             // A table whose last reference went is free: never write it back.
             if rc > 0 && changed {
                 pending.put(l2, table);
+            } else if rc > 0 {
+                self.return_l2_table(l2, table);
             }
             let new = L1Entry::new(l2, rc == 1).0;
             // QEMU does not write back a table it is dropping references from.

@@ -7,6 +7,8 @@
 mod file;
 mod memory;
 pub mod nbd;
+mod nbd_readahead;
+mod nbd_shared;
 pub mod nbd_uri;
 
 pub use file::FileStorage;

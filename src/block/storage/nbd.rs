@@ -30,11 +30,12 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nbd::client::{handshake, NbdClient, NbdExt};
 
+use super::nbd_readahead::ReadAhead;
 use super::nbd_uri::{NbdAddr, NbdUri, UriError};
 use super::Storage;
 
@@ -192,6 +193,27 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// One connection to an export and what goes with it, shared by every [`NbdStorage`] of this
+/// process on the same URI (see [`super::nbd_shared`]).
+#[derive(Debug)]
+pub(crate) struct Link {
+    size: u64,
+    can_trim: bool,
+    /// The export is writable and can flush (checked at the handshake).
+    can_write: bool,
+    read_only_export: bool,
+    conn: Mutex<Conn>,
+    /// Sequential reads are served from one large request (see [`super::nbd_readahead`]).
+    ra: Mutex<ReadAhead>,
+}
+
+impl Link {
+    /// Whether the connection still works (no request failed on it).
+    pub(crate) fn is_up(&self) -> bool {
+        matches!(*lock(&self.conn), Conn::Up(_))
+    }
+}
+
 /// An NBD export; its size is fixed by the server.
 #[derive(Debug)]
 pub struct NbdStorage {
@@ -199,7 +221,14 @@ pub struct NbdStorage {
     size: u64,
     can_trim: bool,
     writable: bool,
-    conn: Mutex<Conn>,
+    link: Arc<Link>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 fn timeout() -> Duration {
@@ -218,6 +247,36 @@ impl NbdStorage {
     /// is read-only or cannot flush.
     pub fn open(uri: &str, writable: bool) -> Result<Self, NbdError> {
         let parsed = NbdUri::parse(uri)?;
+        let link = match super::nbd_shared::find(uri) {
+            Some(link) => {
+                // Another open of this process may have read before a peer wrote (a
+                // migration's inactive destination): this one starts without cached bytes.
+                lock(&link.ra).forget();
+                link
+            }
+            None => {
+                let link = Arc::new(Self::connect(uri, &parsed)?);
+                super::nbd_shared::add(uri, &link);
+                link
+            }
+        };
+        if writable && link.read_only_export {
+            return Err(NbdError::ReadOnly(uri.to_string()));
+        }
+        if writable && !link.can_write {
+            return Err(NbdError::NoFlush(uri.to_string()));
+        }
+        Ok(Self {
+            name: uri.to_string(),
+            size: link.size,
+            can_trim: link.can_trim,
+            writable,
+            link,
+        })
+    }
+
+    /// A new connection: connect and handshake.
+    fn connect(uri: &str, parsed: &NbdUri) -> Result<Link, NbdError> {
         let t = timeout();
         let sock = Sock::connect(&parsed.addr, t).map_err(|source| NbdError::Connect {
             uri: uri.to_string(),
@@ -241,32 +300,20 @@ impl NbdStorage {
                 hs(e)
             }
         })?;
-        if writable && export.readonly {
-            return Err(NbdError::ReadOnly(uri.to_string()));
-        }
-        if writable && !export.send_flush {
-            return Err(NbdError::NoFlush(uri.to_string()));
-        }
         let client = NbdClient::new(duplex, &export);
-        Ok(Self {
-            name: uri.to_string(),
+        Ok(Link {
             size: export.size,
             can_trim: export.send_trim,
-            writable,
+            can_write: !export.readonly && export.send_flush,
+            read_only_export: export.readonly,
             conn: Mutex::new(Conn::Up(Box::new(client))),
+            ra: Mutex::new(ReadAhead::default()),
         })
     }
 
     /// The export's fixed size in bytes.
     pub fn export_size(&self) -> u64 {
         self.size
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Conn> {
-        match self.conn.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
     }
 
     /// Runs one request; any failure marks the connection lost (a reply may be half read).
@@ -277,7 +324,7 @@ impl NbdStorage {
         len: u64,
         f: impl FnOnce(&mut NbdClient<Duplex>) -> io::Result<T>,
     ) -> io::Result<T> {
-        let mut g = self.lock();
+        let mut g = lock(&self.link.conn);
         let client = match &mut *g {
             Conn::Up(c) => c,
             Conn::Lost(why) => {
@@ -313,6 +360,23 @@ impl NbdStorage {
         }
     }
 
+    fn read_ahead(&self) -> MutexGuard<'_, ReadAhead> {
+        lock(&self.link.ra)
+    }
+
+    /// Reads `buf` from the export in requests of at most [`MAX_REQUEST`] bytes.
+    fn read_direct(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (i, chunk) in buf.chunks_mut(MAX_REQUEST).enumerate() {
+            let off = offset + (i * MAX_REQUEST) as u64;
+            self.request("read", off, chunk.len() as u64, |c| {
+                use io::Seek;
+                c.seek(io::SeekFrom::Start(off))?;
+                c.read_exact(chunk)
+            })?;
+        }
+        Ok(())
+    }
+
     fn check_end(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -341,15 +405,32 @@ impl Storage for NbdStorage {
         // Past the end reads as zero, as for a file.
         let inside = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[inside..].fill(0);
-        for (i, chunk) in buf[..inside].chunks_mut(MAX_REQUEST).enumerate() {
-            let off = offset + (i * MAX_REQUEST) as u64;
-            self.request("read", off, chunk.len() as u64, |c| {
-                use io::Seek;
-                c.seek(io::SeekFrom::Start(off))?;
-                c.read_exact(chunk)
-            })?;
-        }
-        Ok(())
+        let buf = &mut buf[..inside];
+        let mut ra = self.read_ahead();
+        let served = if ra.serve(offset, buf) {
+            Ok(())
+        } else if ra.wants_window(offset, inside) {
+            let n = self.size.saturating_sub(offset).min(ra.window_len() as u64) as usize;
+            let mut window = ra.take_buffer(n);
+            match self.read_direct(offset, &mut window) {
+                Ok(()) => {
+                    ra.fill(offset, window);
+                    if ra.serve(offset, buf) {
+                        Ok(())
+                    } else {
+                        self.read_direct(offset, buf)
+                    }
+                }
+                Err(e) => {
+                    ra.forget();
+                    Err(e)
+                }
+            }
+        } else {
+            self.read_direct(offset, buf)
+        };
+        ra.note_read(offset, inside);
+        served
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
@@ -360,14 +441,21 @@ impl Storage for NbdStorage {
             ));
         }
         self.check_end(offset, buf.len() as u64)?;
+        // The window is held while the write goes out, so no read sees it between the two.
+        let mut ra = self.read_ahead();
         for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
             let off = offset + (i * MAX_REQUEST) as u64;
-            self.request("write", off, chunk.len() as u64, |c| {
+            let r = self.request("write", off, chunk.len() as u64, |c| {
                 use io::Seek;
                 c.seek(io::SeekFrom::Start(off))?;
                 c.write_all(chunk)
-            })?;
+            });
+            if let Err(e) = r {
+                ra.forget();
+                return Err(e);
+            }
         }
+        ra.patch(offset, buf);
         Ok(())
     }
 
@@ -395,6 +483,7 @@ impl Storage for NbdStorage {
         if !self.can_trim || !self.writable {
             return Ok(());
         }
+        self.read_ahead().forget();
         let end = offset.saturating_add(len).min(self.size);
         let mut pos = offset;
         while pos < end {

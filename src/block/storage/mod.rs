@@ -7,9 +7,11 @@
 mod file;
 mod memory;
 pub mod nbd;
+mod nbd_behind;
 mod nbd_readahead;
 mod nbd_shared;
 pub mod nbd_uri;
+mod nbd_wire;
 
 pub use file::FileStorage;
 pub use memory::{Fault, MemStorage};

@@ -157,8 +157,8 @@ struct Plan {
     checked: state_io::CheckedState,
 }
 
-/// The lazy steps once the VM is stopped. `Ok(false)`: the snapshot has no page index or
-/// its image is an NBD export (nothing changed; load it eagerly).
+/// The lazy steps once the VM is stopped. `Ok(false)`: the snapshot has no page index
+/// (nothing changed; load it eagerly).
 fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Result<bool> {
     let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
     let ram_len = vm.ram().len() as u64;
@@ -181,13 +181,10 @@ fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Re
         else {
             return Ok(None);
         };
-        // The page source opens the image a second time; an NBD export may serve one client
-        // only (qemu-nbd without --shared), so a state on NBD loads eagerly through the
-        // drive's own connection.
-        let Some(drive) = drives
-            .get(inc[0])
-            .filter(|d| !crate::block::storage::is_nbd(&d.path))
-        else {
+        // The page source opens the image a second time; on an NBD export that open shares
+        // the drive's connection (`block::storage::nbd_shared`), as the server may serve one
+        // client only.
+        let Some(drive) = drives.get(inc[0]) else {
             return Ok(None);
         };
         let pages = Arc::new(SnapshotPages::open(drive, tag, &plan, index)?);

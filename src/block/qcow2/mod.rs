@@ -290,6 +290,10 @@ pub struct Qcow2 {
     pub(crate) unflushed: AtomicBool,
     /// Last decompressed cluster (host offset of its descriptor, bytes).
     pub(crate) decompressed: Option<(u64, Vec<u8>)>,
+    /// The last snapshot L1 table read for its VM state, keyed by (offset, entries), so that
+    /// a long state read in many pieces reads the table once. Dropped when the snapshot
+    /// table or a snapshot's L1 table is written.
+    pub(crate) snap_l1: Option<(u64, u32, Vec<u64>)>,
     /// Metadata clusters by category, for the overlap check before every write.
     pub(crate) overlap: std::sync::Mutex<overlap::OverlapState>,
     /// Unknown autoclear bits are set on storage and not yet cleared: the first write that
@@ -586,6 +590,7 @@ impl Qcow2 {
             run_hint: 0,
             end_cluster: file_len.div_ceil(cs),
             decompressed: None,
+            snap_l1: None,
             overlap: overlap::new_state(),
             autoclear_pending: AtomicBool::new(
                 !read_only && header.version >= 3 && header.autoclear_features != 0,
@@ -1029,10 +1034,21 @@ impl SnapshotStore for Qcow2 {
     }
     fn snapshot_vmstate_read(&mut self, id_or_name: &str, pos: u64, buf: &mut [u8]) -> Result<()> {
         let idx = self.find_snapshot(id_or_name)?;
-        let sn = self.snapshots[idx].clone();
-        let l1 = self.read_snapshot_l1(&sn)?;
+        let (offset, size) = (
+            self.snapshots[idx].l1_table_offset,
+            self.snapshots[idx].l1_size,
+        );
+        let l1 = match self.snap_l1.take() {
+            Some((o, n, t)) if o == offset && n == size => t,
+            _ => {
+                let sn = self.snapshots[idx].clone();
+                self.read_snapshot_l1(&sn)?
+            }
+        };
         let off = self.vm_state_offset() + pos;
-        self.read_guest(Some(&l1), off, buf)
+        let r = self.read_guest(Some(&l1), off, buf);
+        self.snap_l1 = Some((offset, size, l1));
+        r
     }
     fn snapshot_extra_tail(&self, id_or_name: &str) -> Result<Vec<u8>> {
         let idx = self.find_snapshot(id_or_name)?;

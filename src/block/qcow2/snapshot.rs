@@ -381,6 +381,9 @@ impl Qcow2 {
         } else {
             ol::INACTIVE_L1
         };
+        if !active {
+            self.snap_l1 = None;
+        }
         self.swrite_meta(which, l1_offset + lo as u64 * 8, &raw)?;
         if active {
             self.l1[lo..=hi].copy_from_slice(&span);
@@ -429,6 +432,7 @@ impl Qcow2 {
             p += s.entry_len;
         }
         self.snapshots = list;
+        self.snap_l1 = None;
         self.snapshots_changed();
         if old_off != 0 && old_len > 0 {
             self.free_range(old_off, old_len)?;
@@ -480,6 +484,7 @@ impl Qcow2 {
             for (i, e) in self.l1.iter().enumerate() {
                 BigEndian::write_u64(&mut raw[i * 8..], *e);
             }
+            self.snap_l1 = None;
             self.swrite_meta(ol::INACTIVE_L1, off, &raw)?;
             off
         };

@@ -8,7 +8,11 @@ mod data_handle;
 mod file;
 mod memory;
 pub mod nbd;
+mod nbd_behind;
+mod nbd_readahead;
+mod nbd_shared;
 pub mod nbd_uri;
+mod nbd_wire;
 
 pub use data_handle::{DataHandle, WriteBehind};
 pub use file::FileStorage;

@@ -13,13 +13,21 @@
 //!   `NBD_OPT_EXPORT_NAME`, simple replies, READ, WRITE, FLUSH, TRIM, one request in flight,
 //!   and it refuses a reply with a bad magic or an unexpected handle.
 //!
-//! What this module adds around it: QEMU's URI syntax ([`super::nbd_uri`]), bounded timeouts
-//! (connect, every read and write on the socket), requests split at 32 MiB (QEMU's server
-//! limit), a refusal of writable use when the server cannot flush or exports read-only, an
-//! "export full" error before a write past the export's end, and a connection that, once an
-//! error or timeout left it in an unknown state, refuses everything after (a new open, when
-//! the server is back, starts afresh). WRITE_ZEROES is not in the crate: zero writes go out as
-//! ordinary writes of zeroes.
+//! What vmsnap adds around it: QEMU's URI syntax ([`super::nbd_uri`]); the connection
+//! ([`super::nbd_wire`]: bounded timeouts on connect and every socket read and write,
+//! requests split at 32 MiB, QEMU's server limit, and a connection that, once an error or
+//! timeout left it in an unknown state, refuses everything after; a new open, when the server
+//! is back, starts afresh); one connection per export and process ([`super::nbd_shared`]);
+//! read-ahead for sequential reads ([`super::nbd_readahead`]) and write-behind
+//! ([`super::nbd_behind`]), which make up for the single request in flight where it costs
+//! most (VM state); here: a refusal of writable use when the server cannot flush or exports
+//! read-only, and an "export full" error before a write past the export's end. WRITE_ZEROES
+//! is not in the crate: zero writes go out as ordinary writes of zeroes.
+//!
+//! Several requests in flight on more connections (NBD's multi-conn) were not taken: the
+//! crate does not report `NBD_FLAG_CAN_MULTI_CONN`, and a second connection to a server that
+//! serves one client (qemu-nbd's default, what keeps a second writer out) waits until the
+//! first goes away.
 //!
 //! # Single writer
 //! NBD has no locks. One writer per export is the user's rule; what enforces it is the
@@ -27,23 +35,14 @@
 //! `qemu-storage-daemon`'s `nbd-server-start` takes `max-connections`. A read-only export is
 //! refused for writable use here.
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use nbd::client::{handshake, NbdClient, NbdExt};
-
-use super::nbd_uri::{NbdAddr, NbdUri, UriError};
+use super::nbd_behind::WriteBehind;
+use super::nbd_readahead::ReadAhead;
+use super::nbd_uri::{NbdUri, UriError};
+use super::nbd_wire::{lock, Wire};
 use super::Storage;
-
-/// Largest single request: QEMU's NBD server refuses anything past 32 MiB.
-const MAX_REQUEST: usize = 32 << 20;
-
-/// How long one socket read or write (and the connect) may take before the request fails.
-/// `VMSNAP_NBD_TIMEOUT` (seconds) overrides it.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an NBD export could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -84,111 +83,46 @@ pub enum NbdError {
     NoFlush(String),
 }
 
-/// One socket, either kind.
+/// One connection to an export and what goes with it, shared by every [`NbdStorage`] of this
+/// process on the same URI (see [`super::nbd_shared`]).
 #[derive(Debug)]
-enum Sock {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+pub(crate) struct Link {
+    size: u64,
+    can_trim: bool,
+    /// The export is writable and can flush (checked at the handshake).
+    can_write: bool,
+    read_only_export: bool,
+    wire: Arc<Wire>,
+    /// Sequential reads are served from one large request (see [`super::nbd_readahead`]).
+    ra: Mutex<ReadAhead>,
+    /// Writes go out from a worker thread (see [`super::nbd_behind`]); started by the first
+    /// write.
+    behind: Mutex<Option<Arc<WriteBehind>>>,
 }
 
-impl Sock {
-    fn connect(addr: &NbdAddr, timeout: Duration) -> io::Result<Self> {
-        let s = match addr {
-            NbdAddr::Tcp { host, port } => {
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address for host");
-                let mut found = None;
-                for a in (host.as_str(), *port).to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&a, timeout) {
-                        Ok(s) => {
-                            found = Some(s);
-                            break;
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                let s = found.ok_or(last)?;
-                s.set_nodelay(true)?;
-                Sock::Tcp(s)
-            }
-            NbdAddr::Unix(p) => Sock::Unix(UnixStream::connect(p)?),
-        };
-        match &s {
-            Sock::Tcp(t) => {
-                t.set_read_timeout(Some(timeout))?;
-                t.set_write_timeout(Some(timeout))?;
-            }
-            Sock::Unix(u) => {
-                u.set_read_timeout(Some(timeout))?;
-                u.set_write_timeout(Some(timeout))?;
-            }
+impl Link {
+    /// Whether the connection still works (no request failed on it).
+    pub(crate) fn is_up(&self) -> bool {
+        self.wire.is_up()
+    }
+
+    /// The write-behind queue, started on first use (None if no thread could be started:
+    /// writes then go out directly).
+    fn behind(&self) -> Option<Arc<WriteBehind>> {
+        let mut g = lock(&self.behind);
+        if g.is_none() {
+            let wire = self.wire.clone();
+            *g = WriteBehind::start(Box::new(move |off, data: &[u8]| wire.write(off, data)))
+                .ok()
+                .map(Arc::new);
         }
-        Ok(s)
+        g.clone()
     }
 
-    fn try_clone(&self) -> io::Result<Self> {
-        Ok(match self {
-            Sock::Tcp(t) => Sock::Tcp(t.try_clone()?),
-            Sock::Unix(u) => Sock::Unix(u.try_clone()?),
-        })
-    }
-}
-
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(t) => t.read(buf),
-            Sock::Unix(u) => u.read(buf),
-        }
-    }
-}
-
-impl Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(t) => t.write(buf),
-            Sock::Unix(u) => u.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Buffered both ways, so that a request header goes out in one send and a reply header
-/// comes in with one receive (the crate writes and reads field by field).
-#[derive(Debug)]
-struct Duplex {
-    r: BufReader<Sock>,
-    w: BufWriter<Sock>,
-}
-
-impl Read for Duplex {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.r.read(buf)
-    }
-}
-
-impl Write for Duplex {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.w.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.w.flush()
-    }
-}
-
-/// The connection: usable, or lost with the first error that left it in an unknown state.
-enum Conn {
-    Up(Box<NbdClient<Duplex>>),
-    Lost(String),
-}
-
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Conn::Up(_) => f.write_str("Up"),
-            Conn::Lost(why) => write!(f, "Lost({why})"),
-        }
+    /// Waits for every write queued so far.
+    fn drain(&self) -> io::Result<()> {
+        let behind = lock(&self.behind).clone();
+        behind.map_or(Ok(()), |b| b.drain())
     }
 }
 
@@ -199,15 +133,7 @@ pub struct NbdStorage {
     size: u64,
     can_trim: bool,
     writable: bool,
-    conn: Mutex<Conn>,
-}
-
-fn timeout() -> Duration {
-    std::env::var("VMSNAP_NBD_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
+    link: Arc<Link>,
 }
 
 impl NbdStorage {
@@ -218,42 +144,40 @@ impl NbdStorage {
     /// is read-only or cannot flush.
     pub fn open(uri: &str, writable: bool) -> Result<Self, NbdError> {
         let parsed = NbdUri::parse(uri)?;
-        let t = timeout();
-        let sock = Sock::connect(&parsed.addr, t).map_err(|source| NbdError::Connect {
-            uri: uri.to_string(),
-            source,
-        })?;
-        let hs = |source| NbdError::Handshake {
-            uri: uri.to_string(),
-            source,
-        };
-        let mut duplex = Duplex {
-            r: BufReader::with_capacity(64 << 10, sock.try_clone().map_err(hs)?),
-            w: BufWriter::with_capacity(64 << 10, sock),
-        };
-        let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(|e| {
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) {
-                NbdError::Busy(uri.to_string())
-            } else {
-                hs(e)
+        let link = match super::nbd_shared::find(uri) {
+            Some(link) => {
+                // Another open of this process may have read before a peer wrote (a
+                // migration's inactive destination): this one starts without cached bytes.
+                lock(&link.ra).forget();
+                link
             }
-        })?;
-        if writable && export.readonly {
+            None => {
+                let (wire, export) = Wire::connect(uri, &parsed)?;
+                let link = Arc::new(Link {
+                    size: export.size,
+                    can_trim: export.send_trim,
+                    can_write: !export.readonly && export.send_flush,
+                    read_only_export: export.readonly,
+                    wire: Arc::new(wire),
+                    ra: Mutex::new(ReadAhead::default()),
+                    behind: Mutex::new(None),
+                });
+                super::nbd_shared::add(uri, &link);
+                link
+            }
+        };
+        if writable && link.read_only_export {
             return Err(NbdError::ReadOnly(uri.to_string()));
         }
-        if writable && !export.send_flush {
+        if writable && !link.can_write {
             return Err(NbdError::NoFlush(uri.to_string()));
         }
-        let client = NbdClient::new(duplex, &export);
         Ok(Self {
             name: uri.to_string(),
-            size: export.size,
-            can_trim: export.send_trim,
+            size: link.size,
+            can_trim: link.can_trim,
             writable,
-            conn: Mutex::new(Conn::Up(Box::new(client))),
+            link,
         })
     }
 
@@ -262,55 +186,8 @@ impl NbdStorage {
         self.size
     }
 
-    fn lock(&self) -> MutexGuard<'_, Conn> {
-        match self.conn.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    /// Runs one request; any failure marks the connection lost (a reply may be half read).
-    fn request<T>(
-        &self,
-        what: &str,
-        offset: u64,
-        len: u64,
-        f: impl FnOnce(&mut NbdClient<Duplex>) -> io::Result<T>,
-    ) -> io::Result<T> {
-        let mut g = self.lock();
-        let client = match &mut *g {
-            Conn::Up(c) => c,
-            Conn::Lost(why) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    format!(
-                        "NBD connection to '{}' was lost earlier ({why}); reopen the image once \
-                         the server is back",
-                        self.name
-                    ),
-                ))
-            }
-        };
-        match f(client) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                let kind = match e.kind() {
-                    io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut,
-                    k => k,
-                };
-                let msg = format!(
-                    "NBD {what} of {len:#x} bytes at {offset:#x} on '{}' failed: {}",
-                    self.name,
-                    if kind == io::ErrorKind::TimedOut {
-                        "no answer within the timeout".to_string()
-                    } else {
-                        e.to_string()
-                    }
-                );
-                *g = Conn::Lost(msg.clone());
-                Err(io::Error::new(kind, msg))
-            }
-        }
+    fn read_ahead(&self) -> MutexGuard<'_, ReadAhead> {
+        lock(&self.link.ra)
     }
 
     fn check_end(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -341,15 +218,36 @@ impl Storage for NbdStorage {
         // Past the end reads as zero, as for a file.
         let inside = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[inside..].fill(0);
-        for (i, chunk) in buf[..inside].chunks_mut(MAX_REQUEST).enumerate() {
-            let off = offset + (i * MAX_REQUEST) as u64;
-            self.request("read", off, chunk.len() as u64, |c| {
-                use io::Seek;
-                c.seek(io::SeekFrom::Start(off))?;
-                c.read_exact(chunk)
-            })?;
-        }
-        Ok(())
+        let buf = &mut buf[..inside];
+        let mut ra = self.read_ahead();
+        // What the window holds is up to date (writes patch it when they are queued); what
+        // comes from the server must not be older than the writes queued before it.
+        let served = if ra.serve(offset, buf) {
+            Ok(())
+        } else if let Err(e) = self.link.drain() {
+            Err(e)
+        } else if ra.wants_window(offset, inside) {
+            let n = self.size.saturating_sub(offset).min(ra.window_len() as u64) as usize;
+            let mut window = ra.take_buffer(n);
+            match self.link.wire.read(offset, &mut window) {
+                Ok(()) => {
+                    ra.fill(offset, window);
+                    if ra.serve(offset, buf) {
+                        Ok(())
+                    } else {
+                        self.link.wire.read(offset, buf)
+                    }
+                }
+                Err(e) => {
+                    ra.forget();
+                    Err(e)
+                }
+            }
+        } else {
+            self.link.wire.read(offset, buf)
+        };
+        ra.note_read(offset, inside);
+        served
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
@@ -360,15 +258,22 @@ impl Storage for NbdStorage {
             ));
         }
         self.check_end(offset, buf.len() as u64)?;
-        for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
-            let off = offset + (i * MAX_REQUEST) as u64;
-            self.request("write", off, chunk.len() as u64, |c| {
-                use io::Seek;
-                c.seek(io::SeekFrom::Start(off))?;
-                c.write_all(chunk)
-            })?;
+        // The window is held while the write is queued, so no read sees it between the two.
+        let mut ra = self.read_ahead();
+        let r = match self.link.behind() {
+            Some(b) => b.push(offset, buf.to_vec()),
+            None => self.link.wire.write(offset, buf),
+        };
+        match r {
+            Ok(()) => {
+                ra.patch(offset, buf);
+                Ok(())
+            }
+            Err(e) => {
+                ra.forget();
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// An export cannot grow; shrinking is a no-op (the bytes past `len` are simply unused).
@@ -388,24 +293,18 @@ impl Storage for NbdStorage {
         if !self.writable {
             return Ok(());
         }
-        self.request("flush", 0, 0, |c| c.flush())
+        self.link.drain()?;
+        self.link.wire.flush()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if !self.can_trim || !self.writable {
             return Ok(());
         }
+        let mut ra = self.read_ahead();
+        ra.forget();
+        self.link.drain()?;
         let end = offset.saturating_add(len).min(self.size);
-        let mut pos = offset;
-        while pos < end {
-            let n = (end - pos).min(1 << 30);
-            self.request("trim", pos, n, |c| {
-                use io::Seek;
-                c.seek(io::SeekFrom::Start(pos))?;
-                c.trim(n as usize)
-            })?;
-            pos += n;
-        }
-        Ok(())
+        self.link.wire.trim(offset, end)
     }
 }

@@ -5,8 +5,10 @@
 //!
 //! ```text
 //!  per run and target (file, nbd+unix, nbd tcp), one process:
-//!      savevm s1   (fresh qcow2 in a pre-sized export)
-//!      loadvm s1
+//!      savevm s1      (fresh qcow2 in a pre-sized export)
+//!      loadvm s1      lazy: the monitor's answer comes at the resume;
+//!                     `info loadvm` total time once the RAM fill is `completed`
+//!      loadvm -e s1   eager: all of RAM read before the resume
 //!  then, offline:  vmsnap snapshot -c d1 URI   (whole process)
 //! ```
 //!
@@ -44,6 +46,8 @@ impl Target {
 struct Times {
     save: Duration,
     load: Duration,
+    filled: Duration,
+    eager: Duration,
     snap_c: Duration,
 }
 
@@ -154,8 +158,10 @@ fn one_run(t: Target, s: &Setup) -> Result<Times, String> {
         m.cmd("")?;
         let save = m.timed("savevm s1")?;
         let load = m.timed("loadvm s1")?;
+        let filled = lazy_fill_time(&mut m)?;
+        let eager = m.timed("loadvm -e s1")?;
         let _ = m.stream.write_all(b"quit\n");
-        Ok::<_, String>((save, load))
+        Ok::<_, String>((save, load, filled, eager))
     })();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !matches!(child.try_wait(), Ok(Some(_))) {
@@ -166,7 +172,7 @@ fn one_run(t: Target, s: &Setup) -> Result<Times, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (save, load) = r?;
+    let (save, load, filled, eager) = r?;
     let t0 = Instant::now();
     let out = Command::new(harness::vmsnap_bin())
         .args(["snapshot", "-c", "d1", &uri])
@@ -179,7 +185,36 @@ fn one_run(t: Target, s: &Setup) -> Result<Times, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(Times { save, load, snap_c })
+    Ok(Times {
+        save,
+        load,
+        filled,
+        eager,
+        snap_c,
+    })
+}
+
+/// Waits for the lazy loadvm's RAM fill to complete; its `info loadvm` total time.
+fn lazy_fill_time(m: &mut Monitor) -> Result<Duration, String> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let info = loop {
+        let (out, _) = m.cmd("info loadvm")?;
+        if !out.contains("status: active") {
+            break out;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("lazy fill still active: {out}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if !info.contains("status: completed") || !info.contains("mode: lazy") {
+        return Err(format!("info loadvm: {info}"));
+    }
+    info.lines()
+        .find_map(|l| l.strip_prefix("total time:"))
+        .and_then(|v| v.trim().trim_end_matches(" ms").parse::<f64>().ok())
+        .map(|v| Duration::from_secs_f64(v / 1000.0))
+        .ok_or_else(|| format!("no total time in {info}"))
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -231,9 +266,11 @@ pub fn run(h: &mut Harness) {
         }
     }
     type Pick = fn(&Times) -> Duration;
-    let picks: [(&str, Pick); 3] = [
+    let picks: [(&str, Pick); 5] = [
         ("savevm", |t| t.save),
-        ("loadvm", |t| t.load),
+        ("loadvm (lazy, to the resume)", |t| t.load),
+        ("loadvm (lazy, RAM filled)", |t| t.filled),
+        ("loadvm -e (eager)", |t| t.eager),
         ("snapshot -c (offline, whole process)", |t| t.snap_c),
     ];
     for (what, pick) in picks {

@@ -1,0 +1,221 @@
+//! Write-behind for an NBD export: writes are handed to a worker thread that sends them in
+//! order, so that the writer (savevm encoding the VM state, a guest) goes on while the
+//! previous piece crosses the network and the server stores it.
+//!
+//! The client has one request in flight, so without this every write waits a round trip
+//! plus the server's own write before the caller may produce the next one. Semantics are a
+//! write-back cache's, as on a local file's page cache: a write that returned may still be
+//! on its way; [`WriteBehind::drain`] waits for everything queued and reports the first
+//! failure, and the storage drains before every flush (so crash ordering, which rests on
+//! flushes, is kept), every read that goes to the server, and every trim. A failure is
+//! sticky: every later write and drain fails with it (the connection is lost anyway).
+//! At most [`LIMIT`] bytes wait in the queue; a writer past it waits for room.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+/// Most bytes queued at once.
+pub(crate) const LIMIT: usize = 32 << 20;
+
+/// Sends one write (the connection's).
+pub(crate) type Sink = Box<dyn Fn(u64, &[u8]) -> io::Result<()> + Send>;
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<(u64, Vec<u8>)>,
+    queued_bytes: usize,
+    /// The worker is sending a write it took off the queue.
+    busy: bool,
+    /// The first failure (kind, message).
+    failed: Option<(io::ErrorKind, String)>,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The queue and its worker thread (stopped, after sending what is queued, on drop).
+pub(crate) struct WriteBehind {
+    shared: Arc<Shared>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WriteBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.shared.lock();
+        f.debug_struct("WriteBehind")
+            .field("queued_bytes", &s.queued_bytes)
+            .field("failed", &s.failed)
+            .finish()
+    }
+}
+
+fn failure(f: &(io::ErrorKind, String)) -> io::Error {
+    io::Error::new(f.0, f.1.clone())
+}
+
+impl WriteBehind {
+    /// Starts the worker; it sends every queued write through `sink`.
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub(crate) fn start(sink: Sink) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let s = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("nbd-write-behind".into())
+            .spawn(move || work(&s, &sink))?;
+        Ok(WriteBehind {
+            shared,
+            worker: Some(worker),
+        })
+    }
+
+    /// Queues `data` for `offset`, waiting for room first.
+    ///
+    /// # Errors
+    /// An earlier queued write failed.
+    pub(crate) fn push(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        let mut g = self.shared.lock();
+        loop {
+            if let Some(f) = &g.failed {
+                return Err(failure(f));
+            }
+            // An empty queue takes any write (one larger than the limit goes alone).
+            if g.queued_bytes == 0 || g.queued_bytes + data.len() <= LIMIT {
+                break;
+            }
+            g = self.shared.wait(g);
+        }
+        g.queued_bytes += data.len();
+        g.queue.push_back((offset, data));
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until every queued write was sent.
+    ///
+    /// # Errors
+    /// The first queued write that failed.
+    pub(crate) fn drain(&self) -> io::Result<()> {
+        let mut g = self.shared.lock();
+        while g.failed.is_none() && (g.busy || !g.queue.is_empty()) {
+            g = self.shared.wait(g);
+        }
+        match &g.failed {
+            Some(f) => Err(failure(f)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn work(s: &Shared, sink: &Sink) {
+    loop {
+        let (offset, data) = {
+            let mut g = s.lock();
+            loop {
+                if g.failed.is_some() {
+                    // Nothing more goes out; what is queued is dropped (drain reports why).
+                    g.queue.clear();
+                    g.queued_bytes = 0;
+                }
+                if let Some(w) = g.queue.pop_front() {
+                    g.busy = true;
+                    break w;
+                }
+                if g.stop {
+                    return;
+                }
+                g = s.wait(g);
+            }
+        };
+        let r = sink(offset, &data);
+        let mut g = s.lock();
+        g.busy = false;
+        g.queued_bytes -= data.len();
+        if let Err(e) = r {
+            g.failed.get_or_insert((e.kind(), e.to_string()));
+        }
+        s.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn writes_go_out_in_order_and_a_failure_sticks() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (l, n) = (log.clone(), sent.clone());
+        let wb = WriteBehind::start(Box::new(move |off, data: &[u8]| {
+            if off == 666 {
+                return Err(io::Error::other("server gone"));
+            }
+            l.lock().unwrap().push((off, data.len()));
+            n.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }))
+        .unwrap();
+        for i in 0..20u64 {
+            // Larger than the limit in total: the writer waits for room.
+            wb.push(i * 10, vec![0u8; 4 << 20]).unwrap();
+        }
+        wb.drain().unwrap();
+        assert_eq!(sent.load(Ordering::SeqCst), 20);
+        let order: Vec<u64> = log.lock().unwrap().iter().map(|w| w.0).collect();
+        assert_eq!(order, (0..20).map(|i| i * 10).collect::<Vec<_>>());
+        wb.push(666, vec![1]).unwrap();
+        let e = wb.drain().unwrap_err();
+        assert!(e.to_string().contains("server gone"), "{e}");
+        assert!(wb.push(0, vec![1]).is_err(), "a failure sticks");
+        assert!(wb.drain().is_err());
+        assert_eq!(sent.load(Ordering::SeqCst), 20);
+    }
+
+    #[test]
+    fn drop_sends_what_is_queued() {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let n = sent.clone();
+        let wb = WriteBehind::start(Box::new(move |_, _: &[u8]| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            n.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }))
+        .unwrap();
+        for i in 0..5 {
+            wb.push(i, vec![0u8; 10]).unwrap();
+        }
+        drop(wb);
+        assert_eq!(sent.load(Ordering::SeqCst), 5);
+    }
+}

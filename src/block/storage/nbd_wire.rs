@@ -1,0 +1,283 @@
+//! One connection to an NBD export: the socket (tcp or unix, with timeouts), the `nbd` crate's
+//! client on it, and the rule that a connection on which a request failed stays lost.
+//!
+//! Requests go out one at a time (the crate has one in flight); [`Wire::request`] holds the
+//! connection's lock for exactly one request.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use nbd::client::{handshake, Export, NbdClient, NbdExt};
+
+use super::nbd::NbdError;
+use super::nbd_uri::{NbdAddr, NbdUri};
+
+/// Largest single request: QEMU's NBD server refuses anything past 32 MiB.
+pub(crate) const MAX_REQUEST: usize = 32 << 20;
+
+/// How long one socket read or write (and the connect) may take before the request fails.
+/// `VMSNAP_NBD_TIMEOUT` (seconds) overrides it.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One socket, either kind.
+#[derive(Debug)]
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn connect(addr: &NbdAddr, timeout: Duration) -> io::Result<Self> {
+        let s = match addr {
+            NbdAddr::Tcp { host, port } => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address for host");
+                let mut found = None;
+                for a in (host.as_str(), *port).to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => {
+                            found = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = found.ok_or(last)?;
+                s.set_nodelay(true)?;
+                Sock::Tcp(s)
+            }
+            NbdAddr::Unix(p) => Sock::Unix(UnixStream::connect(p)?),
+        };
+        match &s {
+            Sock::Tcp(t) => {
+                t.set_read_timeout(Some(timeout))?;
+                t.set_write_timeout(Some(timeout))?;
+            }
+            Sock::Unix(u) => {
+                u.set_read_timeout(Some(timeout))?;
+                u.set_write_timeout(Some(timeout))?;
+            }
+        }
+        Ok(s)
+    }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Sock::Tcp(t) => Sock::Tcp(t.try_clone()?),
+            Sock::Unix(u) => Sock::Unix(u.try_clone()?),
+        })
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(t) => t.read(buf),
+            Sock::Unix(u) => u.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(t) => t.write(buf),
+            Sock::Unix(u) => u.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Buffered both ways, so that a request header goes out in one send and a reply header
+/// comes in with one receive (the crate writes and reads field by field).
+#[derive(Debug)]
+struct Duplex {
+    r: BufReader<Sock>,
+    w: BufWriter<Sock>,
+}
+
+impl Read for Duplex {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.r.read(buf)
+    }
+}
+
+impl Write for Duplex {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.w.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// The connection: usable, or lost with the first error that left it in an unknown state.
+enum Conn {
+    Up(Box<NbdClient<Duplex>>),
+    Lost(String),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conn::Up(_) => f.write_str("Up"),
+            Conn::Lost(why) => write!(f, "Lost({why})"),
+        }
+    }
+}
+
+/// A connection and the URI it was opened with (for messages).
+#[derive(Debug)]
+pub(crate) struct Wire {
+    name: String,
+    conn: Mutex<Conn>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Wire {
+    /// Connects to `parsed` (named `uri` in errors) and negotiates the export.
+    pub(crate) fn connect(uri: &str, parsed: &NbdUri) -> Result<(Self, Export), NbdError> {
+        let t = timeout();
+        let sock = Sock::connect(&parsed.addr, t).map_err(|source| NbdError::Connect {
+            uri: uri.to_string(),
+            source,
+        })?;
+        let hs = |source| NbdError::Handshake {
+            uri: uri.to_string(),
+            source,
+        };
+        let mut duplex = Duplex {
+            r: BufReader::with_capacity(64 << 10, sock.try_clone().map_err(hs)?),
+            w: BufWriter::with_capacity(64 << 10, sock),
+        };
+        let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(|e| {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                NbdError::Busy(uri.to_string())
+            } else {
+                hs(e)
+            }
+        })?;
+        let client = NbdClient::new(duplex, &export);
+        let wire = Wire {
+            name: uri.to_string(),
+            conn: Mutex::new(Conn::Up(Box::new(client))),
+        };
+        Ok((wire, export))
+    }
+
+    /// Whether the connection still works (no request failed on it).
+    pub(crate) fn is_up(&self) -> bool {
+        matches!(*lock(&self.conn), Conn::Up(_))
+    }
+
+    /// Runs one request; any failure marks the connection lost (a reply may be half read).
+    fn request<T>(
+        &self,
+        what: &str,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&mut NbdClient<Duplex>) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut g = lock(&self.conn);
+        let client = match &mut *g {
+            Conn::Up(c) => c,
+            Conn::Lost(why) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!(
+                        "NBD connection to '{}' was lost earlier ({why}); reopen the image once \
+                         the server is back",
+                        self.name
+                    ),
+                ))
+            }
+        };
+        match f(client) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let kind = match e.kind() {
+                    io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut,
+                    k => k,
+                };
+                let msg = format!(
+                    "NBD {what} of {len:#x} bytes at {offset:#x} on '{}' failed: {}",
+                    self.name,
+                    if kind == io::ErrorKind::TimedOut {
+                        "no answer within the timeout".to_string()
+                    } else {
+                        e.to_string()
+                    }
+                );
+                *g = Conn::Lost(msg.clone());
+                Err(io::Error::new(kind, msg))
+            }
+        }
+    }
+
+    /// Reads `buf` from the export in requests of at most [`MAX_REQUEST`] bytes.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (i, chunk) in buf.chunks_mut(MAX_REQUEST).enumerate() {
+            let off = offset + (i * MAX_REQUEST) as u64;
+            self.request("read", off, chunk.len() as u64, |c| {
+                use io::Seek;
+                c.seek(io::SeekFrom::Start(off))?;
+                c.read_exact(chunk)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` to the export in requests of at most [`MAX_REQUEST`] bytes.
+    pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
+            let off = offset + (i * MAX_REQUEST) as u64;
+            self.request("write", off, chunk.len() as u64, |c| {
+                use io::Seek;
+                c.seek(io::SeekFrom::Start(off))?;
+                c.write_all(chunk)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// NBD_CMD_FLUSH.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        self.request("flush", 0, 0, |c| c.flush())
+    }
+
+    /// NBD_CMD_TRIM of `[offset, end)`, in requests of at most 1 GiB.
+    pub(crate) fn trim(&self, offset: u64, end: u64) -> io::Result<()> {
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(1 << 30);
+            self.request("trim", pos, n, |c| {
+                use io::Seek;
+                c.seek(io::SeekFrom::Start(pos))?;
+                c.trim(n as usize)
+            })?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+fn timeout() -> Duration {
+    std::env::var("VMSNAP_NBD_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
+}

@@ -282,6 +282,8 @@ fn run(
         false => None,
     };
     let block_pending = || block.as_ref().map_or(0, |b| b.borrow().pending_bytes());
+    // RAM's figures leave the disk records out, as QEMU's do.
+    let disk_stream = || block.as_ref().map_or(0, |b| b.borrow().stream_bytes());
     // Pages dirtied before now are all dirty in the live RAM state anyway.
     vm.take_dirty_bitmap()?;
     let ram_src = GuestRam(vm.ram());
@@ -338,7 +340,10 @@ fn run(
                     .unwrap_or(job.params.downtime_limit_ms),
             ),
             setup_ms: Some(setup_ms),
-            ram: Some(ram_info(&r, pos, elapsed, meter, period, (pos, 0))),
+            ram: Some({
+                let ram_pos = pos - disk_stream();
+                ram_info(&r, ram_pos, elapsed, meter, period, (ram_pos, 0))
+            }),
             xbzrle: r.xbzrle.as_ref().map(XbzrleSender::info),
             disk: block.as_ref().map(|b| b.borrow().counters()),
             cpu_throttle_percentage: job.auto_converge.then_some(period.throttle),
@@ -403,7 +408,7 @@ fn run(
     // (inside the downtime) with only the last writes.
     vm.flush_drives()
         .map_err(|e| MigrateError::Disks(DiskError::Flush(e)))?;
-    let precopy = session.position();
+    let precopy = session.position() - disk_stream();
     let down_start = Instant::now();
     vm.set_pause_reason(Some("finish-migrate"));
     undo.paused = true;
@@ -432,6 +437,7 @@ fn run(
     let downtime = down_start.elapsed();
     vm.set_pause_reason(Some("postmigrate"));
 
+    let total = total - disk_stream();
     let r = ram.borrow();
     let elapsed = start.elapsed();
     let info = MigrationInfo {

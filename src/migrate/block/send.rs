@@ -88,6 +88,8 @@ pub struct BlockSender<'v> {
     /// Bytes the next PART may send (set before each round).
     pub budget: u64,
     transferred: u64,
+    /// Stream bytes of this section's bodies (records and their headers).
+    stream_bytes: u64,
 }
 
 /// Output options that reproduce the source image's own layout.
@@ -169,6 +171,7 @@ impl<'v> BlockSender<'v> {
             drives: Vec::new(),
             budget: 0,
             transferred: 0,
+            stream_bytes: 0,
         };
         for (i, d) in drives.iter().enumerate() {
             if d.read_only {
@@ -215,6 +218,11 @@ impl<'v> BlockSender<'v> {
             .iter()
             .map(|d| d.tree_len - d.tree_sent + d.dirty.dirty_bytes())
             .sum()
+    }
+
+    /// Bytes of the stream this section's bodies took (so that RAM's figures leave them out).
+    pub fn stream_bytes(&self) -> u64 {
+        self.stream_bytes
     }
 
     /// `info migrate` figures.
@@ -338,23 +346,31 @@ pub struct BlockEntry<'a, 'v>(pub &'a RefCell<BlockSender<'v>>);
 
 impl IterativeState for BlockEntry<'_, '_> {
     fn save_setup(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
-        let s = self.0.borrow();
+        let mut s = self.0.borrow_mut();
+        let at = f.position();
         s.write_drives(f).map_err(|e| e.to_string())?;
-        f.put_u8(REC_EOS).map_err(|e| e.to_string())
+        f.put_u8(REC_EOS).map_err(|e| e.to_string())?;
+        s.stream_bytes += f.position() - at;
+        Ok(())
     }
 
     fn save_iterate(&mut self, f: &mut Sink<'_>) -> Result<bool, String> {
         let mut s = self.0.borrow_mut();
+        let at = f.position();
         let budget = s.budget;
         let done = s.send(f, budget)?;
         f.put_u8(REC_EOS).map_err(|e| e.to_string())?;
+        s.stream_bytes += f.position() - at;
         Ok(done)
     }
 
     fn save_complete(&mut self, f: &mut Sink<'_>) -> Result<(), String> {
         let mut s = self.0.borrow_mut();
+        let at = f.position();
         s.send(f, u64::MAX)?;
-        f.put_u8(REC_EOS).map_err(|e| e.to_string())
+        f.put_u8(REC_EOS).map_err(|e| e.to_string())?;
+        s.stream_bytes += f.position() - at;
+        Ok(())
     }
 
     fn load(&mut self, _r: &mut Source<'_>) -> stream::Result<()> {

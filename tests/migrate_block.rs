@@ -46,6 +46,43 @@ fn source_image(dir: &Path) -> PathBuf {
     img
 }
 
+/// The drive folders of one test: `a/` holding the source image, an empty `b/` for the
+/// destination's, and a unix-socket URI for the stream.
+struct Folders {
+    dir: tempfile::TempDir,
+    b: PathBuf,
+    src_img: PathBuf,
+    dst_img: PathBuf,
+    uri: String,
+}
+
+fn folders() -> Folders {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let src_img = source_image(&a);
+    let dst_img = b.join("disk.qcow2");
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    Folders {
+        dir,
+        b,
+        src_img,
+        dst_img,
+        uri,
+    }
+}
+
+/// `--drive` for a qcow2 image, with more options (`,overwrite=on`).
+fn drive(img: &Path, extra: &str) -> String {
+    format!("file={},format=qcow2{extra}", img.display())
+}
+
+/// KVM, qemu-img and qemu-io are there (said loudly otherwise).
+fn tools(name: &str) -> bool {
+    kvm_and_qemu_img(name) && common::require(name, &["qemu-io"])
+}
+
 /// `qemu-img snapshot -l` of an image that may be open in a running VM (`-U`).
 fn snapshot_list(img: &Path) -> String {
     qemu_img(&["snapshot", "-U", "-l", s(img)]).ok().stdout
@@ -95,26 +132,15 @@ fn first_tick_after(vm: &RunVm, from: usize) -> u64 {
 /// Moves a running guest with `migrate -b uri` from `a/` (on `src_host`) to an empty
 /// `b/` (on `dst_host`) and checks everything the destination image must be.
 fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
-    let src_img = source_image(&a);
-    let dst_img = b.join("disk.qcow2");
-
-    let mut src = vm(
-        dir.path(),
-        1,
-        &format!("file={},format=qcow2", src_img.display()),
-        &[],
-        src_host,
-    );
+    let f = folders();
+    let (dir, b, src_img, dst_img) = (&f.dir, &f.b, &f.src_img, &f.dst_img);
+    let mut src = vm(dir.path(), 1, &drive(src_img, ""), &[], src_host);
     src.wait_past(20);
     let saved = src.stop();
     src.ok("savevm vm1");
     src.ok("cont");
     src.wait_past(saved + 20);
-    let src_list = snapshot_list(&src_img);
+    let src_list = snapshot_list(src_img);
     assert!(
         src_list.contains("disk1") && src_list.contains("vm1"),
         "{src_list}"
@@ -123,7 +149,7 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
     let mut dst = vm(
         dir.path(),
         2,
-        &format!("file={},format=qcow2", dst_img.display()),
+        &drive(dst_img, ""),
         &["--incoming", uri],
         dst_host,
     );
@@ -144,17 +170,17 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
     let dst_text = settle(&dst, ticks_of(&src_text).last().unwrap() + 8);
     assert_continues(&src_text, &dst_text);
     assert!(dst_img.exists(), "no image at {}", dst_img.display());
-    let leftovers: Vec<_> = std::fs::read_dir(&b)
+    let leftovers: Vec<_> = std::fs::read_dir(b)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
 
     // The snapshot table travelled whole: ids, names, VM sizes, dates, clocks.
-    assert_eq!(snapshot_list(&dst_img), src_list);
+    assert_eq!(snapshot_list(dst_img), src_list);
     for tag in ["disk1", "vm1"] {
-        let ours = layer(&dst_img, Some(tag), &dir.path().join("dst.raw"));
-        let theirs = layer(&src_img, Some(tag), &dir.path().join("src.raw"));
+        let ours = layer(dst_img, Some(tag), &dir.path().join("dst.raw"));
+        let theirs = layer(src_img, Some(tag), &dir.path().join("src.raw"));
         assert!(ours == theirs, "snapshot {tag} differs after the migration");
     }
     // The active layer as it was when the source stopped; the guest rewrites its record in
@@ -162,8 +188,8 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
     // The running destination's layer is read through a snapshot of it (savevm flushes).
     dst.stop();
     dst.ok("savevm now");
-    let ours = layer(&dst_img, Some("now"), &dir.path().join("dst.raw"));
-    let theirs = layer(&src_img, None, &dir.path().join("src.raw"));
+    let ours = layer(dst_img, Some("now"), &dir.path().join("dst.raw"));
+    let theirs = layer(src_img, None, &dir.path().join("src.raw"));
     assert_eq!(ours.len(), theirs.len());
     assert!(ours[65536..] == theirs[65536..], "the active layer differs");
     assert!(theirs[(3 << 20)..(7 << 20)].iter().all(|&x| x == 0xa5));
@@ -179,10 +205,10 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
     );
     dst.quit();
     src.quit();
-    assert_check(&dst_img);
-    assert_check(&src_img);
+    assert_check(dst_img);
+    assert_check(src_img);
     assert_eq!(
-        snapshot_list(&src_img),
+        snapshot_list(src_img),
         src_list,
         "the source image changed"
     );
@@ -192,7 +218,7 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
 fn block_migration_between_two_hosts_carries_the_snapshots() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let name = "block_migration_between_two_hosts_carries_the_snapshots";
-    if !kvm_and_qemu_img(name) || !common::require(name, &["qemu-io"]) {
+    if !tools(name) {
         return;
     }
     let Some(hosts) = Hosts::new(name) else {
@@ -205,8 +231,7 @@ fn block_migration_between_two_hosts_carries_the_snapshots() {
 #[test]
 fn block_migration_over_a_unix_socket() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let name = "block_migration_over_a_unix_socket";
-    if !kvm_and_qemu_img(name) || !common::require(name, &["qemu-io"]) {
+    if !tools("block_migration_over_a_unix_socket") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -230,30 +255,18 @@ fn wait_info(vm: &mut RunVm, what: &str, pred: impl Fn(&str) -> bool) -> String 
 #[test]
 fn a_cancelled_block_migration_leaves_the_source_running_and_no_destination_file() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let name = "a_cancelled_block_migration_leaves_the_source_running_and_no_destination_file";
-    if !kvm_and_qemu_img(name) || !common::require(name, &["qemu-io"]) {
+    if !tools("a_cancelled_block_migration_leaves_the_source_running_and_no_destination_file") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
-    let src_img = source_image(&a);
-    let dst_img = b.join("disk.qcow2");
-    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
-    let mut src = vm(
-        dir.path(),
-        1,
-        &format!("file={},format=qcow2", src_img.display()),
-        &[],
-        None,
-    );
+    let f = folders();
+    let (dir, b, src_img, dst_img, uri) = (&f.dir, &f.b, &f.src_img, &f.dst_img, &f.uri);
+    let mut src = vm(dir.path(), 1, &drive(src_img, ""), &[], None);
     src.wait_past(10);
     let dst = vm(
         dir.path(),
         2,
-        &format!("file={},format=qcow2", dst_img.display()),
-        &["--incoming", &uri],
+        &drive(dst_img, ""),
+        &["--incoming", uri],
         None,
     );
     // 1 MiB/s: the 16 MiB disk takes long enough to cancel in the middle.
@@ -284,36 +297,29 @@ fn a_cancelled_block_migration_leaves_the_source_running_and_no_destination_file
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!dst_img.exists());
-    assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(b).unwrap().count(), 0);
     drop(dst);
     src.quit();
-    assert_check(&src_img);
+    assert_check(src_img);
 }
 
 #[test]
 fn an_existing_image_is_replaced_only_with_overwrite_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let name = "an_existing_image_is_replaced_only_with_overwrite_on";
-    if !kvm_and_qemu_img(name) || !common::require(name, &["qemu-io"]) {
+    if !tools("an_existing_image_is_replaced_only_with_overwrite_on") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
-    let src_img = source_image(&a);
-    let dst_img = b.join("disk.qcow2");
-    qemu_img(&["create", "-f", "qcow2", s(&dst_img), "16M"]).ok();
-    let old = std::fs::read(&dst_img).unwrap();
-    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
-    let drive = |img: &Path, extra: &str| format!("file={},format=qcow2{extra}", img.display());
-    let mut src = vm(dir.path(), 1, &drive(&src_img, ""), &[], None);
+    let f = folders();
+    let (dir, src_img, dst_img, uri) = (&f.dir, &f.src_img, &f.dst_img, &f.uri);
+    qemu_img(&["create", "-f", "qcow2", s(dst_img), "16M"]).ok();
+    let old = std::fs::read(dst_img).unwrap();
+    let mut src = vm(dir.path(), 1, &drive(src_img, ""), &[], None);
     src.wait_past(10);
     // Without overwrite=on the destination refuses the stream, says why, exits with status
     // 1 and keeps its image.
     let err = dir.path().join("dst2.err");
-    let mut dst = command(dir.path(), &[drive(&dst_img, "")], 1, None, 2)
-        .args(["--incoming", &uri])
+    let mut dst = command(dir.path(), &[drive(dst_img, "")], 1, None, 2)
+        .args(["--incoming", uri])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
@@ -335,21 +341,21 @@ fn an_existing_image_is_replaced_only_with_overwrite_on() {
     );
     let info = src.ok("info migrate");
     assert!(info.contains("Migration status: failed"), "{info}");
-    assert_eq!(std::fs::read(&dst_img).unwrap(), old);
+    assert_eq!(std::fs::read(dst_img).unwrap(), old);
     // With overwrite=on it is replaced.
     let dst = vm(
         dir.path(),
         3,
-        &drive(&dst_img, ",overwrite=on"),
-        &["--incoming", &uri],
+        &drive(dst_img, ",overwrite=on"),
+        &["--incoming", uri],
         None,
     );
     let (r, _) = src.cmd(&format!("migrate -b {uri}"));
     assert_eq!(r, "", "migrate -b failed");
     let src_text = src.serial_text();
     settle(&dst, ticks_of(&src_text).last().unwrap() + 8);
-    assert!(snapshot_list(&dst_img).contains("disk1"));
+    assert!(snapshot_list(dst_img).contains("disk1"));
     dst.quit();
     src.quit();
-    assert_check(&dst_img);
+    assert_check(dst_img);
 }

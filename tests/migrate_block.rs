@@ -207,11 +207,7 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
     src.quit();
     assert_check(dst_img);
     assert_check(src_img);
-    assert_eq!(
-        snapshot_list(src_img),
-        src_list,
-        "the source image changed"
-    );
+    assert_eq!(snapshot_list(src_img), src_list, "the source image changed");
 }
 
 #[test]

@@ -335,3 +335,141 @@ impl IterativeState for BlockReceiver {
             .map_err(|m| handler_err(at, IDSTR, m))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(dir: &Path, name: &str, overwrite: bool) -> DriveOpen {
+        DriveOpen {
+            path: dir.join(name),
+            format: None,
+            read_only: false,
+            overwrite,
+        }
+    }
+
+    fn drive_rec(out: &mut Vec<u8>, index: u32, format: u8, size: u64, tree: u64) {
+        out.push(REC_DRIVE);
+        out.extend(index.to_be_bytes());
+        out.push(format);
+        out.extend(size.to_be_bytes());
+        out.extend(tree.to_be_bytes());
+    }
+
+    fn piece(out: &mut Vec<u8>, kind: u8, index: u32, offset: u64, len: u32, data: &[u8]) {
+        out.push(kind);
+        out.extend(index.to_be_bytes());
+        out.extend(offset.to_be_bytes());
+        out.extend(len.to_be_bytes());
+        out.extend(data);
+    }
+
+    fn feed(r: &mut BlockReceiver, bytes: &[u8]) -> Result<(), String> {
+        let mut src: &[u8] = bytes;
+        let input: &mut dyn std::io::Read = &mut src;
+        let mut f = QemuFileReader::new(input);
+        r.read_records(&mut f)
+    }
+
+    #[test]
+    fn a_raw_drive_is_built_aside_and_renamed_on_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), "d.raw", false);
+        let mut r = BlockReceiver::new(std::slice::from_ref(&t));
+        let mut s = Vec::new();
+        drive_rec(&mut s, 0, 0, 2 << 20, 0);
+        piece(&mut s, REC_DATA, 0, 1 << 20, 4, b"abcd");
+        piece(&mut s, REC_ZERO, 0, 0, 512, &[]);
+        s.push(REC_EOS);
+        feed(&mut r, &s).unwrap();
+        assert!(incoming_path(&t.path).exists() && !t.path.exists());
+        r.finish().unwrap();
+        let data = std::fs::read(&t.path).unwrap();
+        assert_eq!(data.len(), 2 << 20);
+        assert_eq!(&data[1 << 20..(1 << 20) + 4], b"abcd");
+        assert!(!incoming_path(&t.path).exists());
+    }
+
+    #[test]
+    fn bad_records_fail_cleanly_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), "d.qcow2", false);
+        let with_drive = |rest: &dyn Fn(&mut Vec<u8>)| {
+            let mut s = Vec::new();
+            drive_rec(&mut s, 0, 1, 1 << 20, 1 << 16);
+            rest(&mut s);
+            s
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unknown record type", with_drive(&|s| s.push(0x77))),
+            (
+                "at most",
+                with_drive(&|s| piece(s, REC_IMAGE, 0, 0, (2 << 20) as u32, &[])),
+            ),
+            (
+                "beyond the 65536-byte image",
+                with_drive(&|s| piece(s, REC_IMAGE, 0, 65000, 4096, &[1; 4096])),
+            ),
+            (
+                "did not announce",
+                with_drive(&|s| piece(s, REC_DATA, 3, 0, 1, &[1])),
+            ),
+            (
+                "before the image was complete",
+                with_drive(&|s| piece(s, REC_DATA, 0, 0, 1, &[1])),
+            ),
+            ("announced twice", with_drive(&|s| drive_rec(s, 0, 1, 1, 1))),
+            ("this VM has 1", {
+                let mut s = Vec::new();
+                drive_rec(&mut s, 5, 1, 1, 1);
+                s
+            }),
+            ("unknown format", {
+                let mut s = Vec::new();
+                drive_rec(&mut s, 0, 9, 1, 1);
+                s
+            }),
+            ("raw drive 0 with", {
+                let mut s = Vec::new();
+                drive_rec(&mut s, 0, 0, 1, 1);
+                s
+            }),
+            // Cut short inside a record.
+            ("", with_drive(&|s| s.extend([REC_IMAGE, 0, 0]))),
+        ];
+        for (want, bytes) in cases {
+            let mut r = BlockReceiver::new(std::slice::from_ref(&t));
+            let e = feed(&mut r, &bytes).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+            drop(r);
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{want}");
+        }
+        // The tree never completed: finish refuses.
+        let mut r = BlockReceiver::new(std::slice::from_ref(&t));
+        feed(&mut r, &with_drive(&|s| s.push(REC_EOS))).unwrap();
+        assert!(matches!(r.finish(), Err(BlockRecvError::Incomplete(0))));
+        drop(r);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_existing_image_is_kept_without_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), "d.raw", false);
+        std::fs::write(&t.path, b"old").unwrap();
+        let mut s = Vec::new();
+        drive_rec(&mut s, 0, 0, 4096, 0);
+        let mut r = BlockReceiver::new(std::slice::from_ref(&t));
+        let e = feed(&mut r, &s).unwrap_err();
+        assert!(e.contains("overwrite=on"), "{e}");
+        drop(r);
+        assert_eq!(std::fs::read(&t.path).unwrap(), b"old");
+        let t = target(dir.path(), "d.raw", true);
+        let mut r = BlockReceiver::new(std::slice::from_ref(&t));
+        s.push(REC_EOS);
+        feed(&mut r, &s).unwrap();
+        r.finish().unwrap();
+        assert_eq!(std::fs::read(&t.path).unwrap(), vec![0; 4096]);
+    }
+}

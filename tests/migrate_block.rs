@@ -355,3 +355,36 @@ fn an_existing_image_is_replaced_only_with_overwrite_on() {
     src.quit();
     assert_check(dst_img);
 }
+
+#[test]
+fn a_raw_drive_travels_as_data() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools("a_raw_drive_travels_as_data") {
+        return;
+    }
+    let f = folders();
+    let (dir, src_img, dst_img) = (&f.dir, f.src_img.with_extension("raw"), &f.b.join("d.raw"));
+    qemu_img(&["create", "-f", "raw", s(&src_img), "16M"]).ok();
+    qemu_io("raw", &src_img, &["write -P 0x33 2M 5M".into()]).ok();
+    let raw = |img: &Path| format!("file={},format=raw", img.display());
+    let mut src = vm(dir.path(), 1, &raw(&src_img), &[], None);
+    src.wait_past(10);
+    let mut dst = vm(dir.path(), 2, &raw(dst_img), &["--incoming", &f.uri], None);
+    let (r, st) = src.cmd(&format!("migrate -b {}", f.uri));
+    assert_eq!(r, "", "migrate -b failed");
+    assert_eq!(st, "paused (postmigrate)");
+    let src_text = src.serial_text();
+    let dst_text = settle(&dst, ticks_of(&src_text).last().unwrap() + 8);
+    assert_continues(&src_text, &dst_text);
+    dst.stop();
+    // A raw image is read in place: stopped, the guest writes nothing more.
+    let (ours, theirs) = (
+        std::fs::read(dst_img).unwrap(),
+        std::fs::read(&src_img).unwrap(),
+    );
+    assert_eq!(ours.len(), theirs.len());
+    assert!(ours[65536..] == theirs[65536..], "the raw drive differs");
+    assert!(theirs[(2 << 20)..(7 << 20)].iter().all(|&x| x == 0x33));
+    dst.quit();
+    src.quit();
+}

@@ -204,7 +204,8 @@ impl<'v> BlockSender<'v> {
                 tree,
                 tree_len,
                 tree_sent: 0,
-                tree_done: false,
+                // A raw image has no tree: its DATA follows DRIVE directly.
+                tree_done: format == Format::Raw,
                 dirty,
                 cursor: 0,
             });

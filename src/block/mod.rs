@@ -15,7 +15,9 @@
 //! `std::io::Read`/`Write`, which is all the migration stream codec sees of it.
 #![deny(unsafe_code)]
 
+pub mod absent;
 pub mod blockset;
+pub mod dirty;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;

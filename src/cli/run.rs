@@ -74,6 +74,9 @@ pub struct DriveSpec {
     pub capture: bool,
     /// The QMP node name (`drive<i>` when absent).
     pub node_name: Option<String>,
+    /// An incoming migration that carries this drive (`migrate -b`) may replace the
+    /// existing non-empty image (`overwrite=on`).
+    pub overwrite: bool,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -92,6 +95,7 @@ impl FromStr for DriveSpec {
         let mut readonly = false;
         let mut capture = false;
         let mut node_name = None;
+        let mut overwrite = false;
         for opt in s.split(',') {
             let (k, v) = opt
                 .split_once('=')
@@ -102,6 +106,7 @@ impl FromStr for DriveSpec {
                 "readonly" => readonly = on_off(k, v)?,
                 "capture" => capture = on_off(k, v)?,
                 "node-name" => node_name = Some(v.to_string()),
+                "overwrite" => overwrite = on_off(k, v)?,
                 other => return Err(format!("unknown drive option '{other}'")),
             }
         }
@@ -115,6 +120,7 @@ impl FromStr for DriveSpec {
             readonly,
             capture,
             node_name,
+            overwrite,
         })
     }
 }
@@ -299,10 +305,15 @@ pub fn run_prepared(args: RunArgs, prepare: Prepare<'_>) -> Result<i32, RunError
             format: d.format,
             force_share: incoming,
         };
-        let drive = block::open_image(&d.file, opts).map_err(|source| RunError::OpenDrive {
-            path: d.file.clone(),
-            source,
-        })?;
+        let drive = if incoming && migrate::block::recv::arrives(&d.file) {
+            // No image yet: a migration that carries its disks (`migrate -b`) creates it.
+            Box::new(block::absent::Absent)
+        } else {
+            block::open_image(&d.file, opts).map_err(|source| RunError::OpenDrive {
+                path: d.file.clone(),
+                source,
+            })?
+        };
         if d.capture {
             snapshot::capture::check(drive.as_ref(), &d.file.display().to_string())
                 .map_err(RunError::Capture)?;
@@ -349,6 +360,7 @@ pub fn run_prepared(args: RunArgs, prepare: Prepare<'_>) -> Result<i32, RunError
             path: d.file.clone(),
             format: d.format,
             read_only: d.readonly,
+            overwrite: d.overwrite,
         })
         .collect();
     let mig = Migrator::new(reopen);

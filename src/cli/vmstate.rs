@@ -255,6 +255,7 @@ fn export_checkpoint(
             readonly: false,
             capture: false,
             node_name: None,
+            overwrite: false,
         };
         super::checkpoint::convert::wrap_stream(&stream, output, &[drive], Default::default())
             .map(|_| ())

@@ -35,6 +35,9 @@ pub struct DriveOpen {
     pub format: Option<Format>,
     /// Read-only drive.
     pub read_only: bool,
+    /// A migration that carries this drive (`migrate -b`) may replace an existing
+    /// non-empty image at `path` (`--drive …,overwrite=on`).
+    pub overwrite: bool,
 }
 
 impl DriveOpen {

@@ -10,6 +10,7 @@ use std::io::Read;
 use crate::snapshot::state_io::{self, StateIoError, PAGE_SIZE, RAM_BLOCK};
 use crate::vmm::{Vm, VmError, VmState};
 
+use super::block::recv::{BlockReceiver, BlockRecvError};
 use super::disks::{self, DiskError, DriveOpen};
 use super::live_ram::IncomingRam;
 use super::uri::{Listener, UriError};
@@ -30,6 +31,9 @@ pub enum IncomingError {
     /// Taking the disks over failed (the source still holds them?).
     #[error(transparent)]
     Disks(#[from] DiskError),
+    /// Putting the images a block migration carried in place failed.
+    #[error(transparent)]
+    Block(#[from] BlockRecvError),
 }
 
 /// How the incoming migration went.
@@ -56,15 +60,17 @@ impl<R: std::io::Read> std::io::Read for Counting<R> {
 }
 
 /// Reads a whole migration stream: the sections savevm writes (`state_io`'s layout and
-/// machine name), RAM into `ram` with [`IncomingRam`].
+/// machine name), RAM into `ram` with [`IncomingRam`], carried disks into `block`.
 fn read_stream(
     vcpus: usize,
     drives: usize,
     ram: &mut [u8],
+    block: &mut BlockReceiver,
     input: &mut dyn Read,
 ) -> Result<VmState, StateIoError> {
     let mut ram = IncomingRam::new(RAM_BLOCK, ram, PAGE_SIZE).skip_untouched();
-    let (state, _) = state_io::load_with(vcpus, drives, &[], &mut ram, input)?;
+    let extra: state_io::ExtraSection<'_> = (super::block::IDSTR, super::block::VERSION, block);
+    let (state, _) = state_io::load_with_extra(vcpus, drives, &[], &mut ram, Some(extra), input)?;
     Ok(state)
 }
 
@@ -103,12 +109,16 @@ fn receive(
     let start = Instant::now();
     let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
     let mut input = Counting(channel, 0);
-    let state = vm.with_ram_mut(|ram| read_stream(vcpus, ndrives, ram, &mut input))??;
+    // Images a block migration carries are built aside and removed if anything fails.
+    let mut block = BlockReceiver::new(drives);
+    let state =
+        vm.with_ram_mut(|ram| read_stream(vcpus, ndrives, ram, &mut block, &mut input))??;
     let load = start.elapsed();
     let bytes = input.1;
     input.0.close(DRAIN_LIMIT);
     crate::killpoint::at("incoming:loaded");
     vm.restore_state(&state)?;
+    block.finish()?;
     disks::activate(vm, drives)?;
     crate::killpoint::at("incoming:activated");
     vm.set_pause_reason(None);

@@ -108,6 +108,8 @@ pub struct MigrationInfo {
     pub ram: Option<RamInfo>,
     /// XBZRLE figures, while the capability is on.
     pub xbzrle: Option<XbzrleInfo>,
+    /// Disk figures of a block migration (`migrate -b`).
+    pub disk: Option<super::block::send::DiskCounters>,
     /// vCPU throttle while auto-converge is on and active.
     pub cpu_throttle_percentage: Option<u32>,
     /// Destination: the sockets it listens on until the stream is loaded.
@@ -184,6 +186,17 @@ impl MigrationInfo {
             if r.downtime_bytes != 0 {
                 let _ = write!(s, "\ndowntime ram: {} kbytes", r.downtime_bytes >> 10);
             }
+        }
+        if let Some(d) = &self.disk {
+            let _ = write!(
+                s,
+                "\ntransferred disk: {} kbytes\n\
+                 remaining disk: {} kbytes\n\
+                 total disk: {} kbytes",
+                d.transferred >> 10,
+                d.remaining >> 10,
+                d.total >> 10,
+            );
         }
         if let Some(x) = &self.xbzrle {
             let _ = write!(

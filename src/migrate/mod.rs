@@ -14,6 +14,7 @@
 //!
 //! The wire format and the phases are described in `formats/live-migration.md`.
 
+pub mod block;
 pub mod converge;
 pub mod disks;
 pub mod fd_registry;
@@ -61,6 +62,8 @@ struct State {
     params: Parameters,
     caps: Capabilities,
     request: Option<MigrateUri>,
+    /// The queued migration carries the drives (`migrate -b`).
+    block: bool,
     info: MigrationInfo,
     started: Option<Instant>,
     cancel: bool,
@@ -96,12 +99,18 @@ impl Migrator {
 
     /// `migrate URI`: queues a migration for the migration thread.
     pub fn start(&self, uri: &str) -> Result<(), CommandError> {
+        self.start_with(uri, false)
+    }
+
+    /// `migrate [-b] URI`: with `block`, the writable drives travel in the stream too.
+    pub fn start_with(&self, uri: &str, block: bool) -> Result<(), CommandError> {
         let uri: MigrateUri = uri.parse()?;
         let mut st = self.lock();
         if st.info.status.is_active() || st.request.is_some() {
             return Err(CommandError::Busy);
         }
         st.request = Some(uri);
+        st.block = block;
         st.cancel = false;
         st.started = Some(Instant::now());
         st.info = MigrationInfo {
@@ -240,6 +249,7 @@ impl Migrator {
                             auto_converge: st.caps.auto_converge(),
                             lz4: st.caps.lz4(),
                             xbzrle: st.caps.xbzrle(),
+                            block: st.block,
                             drives: self.drives.clone(),
                         };
                     }

@@ -17,6 +17,7 @@ use crate::migration::Value;
 use crate::snapshot::state_io::{PAGE_SIZE, RAM_BLOCK};
 use crate::vmm::{vmstate, Vm, VmError, VmStatus};
 
+use super::block::send::{BlockEntry, BlockSendError, BlockSender};
 use super::converge::{BandwidthMeter, DirtyPeriod, RateLimiter, StopRule, ThrottleParams};
 use super::disks::{self, DiskError, DriveOpen};
 use super::info::{MigrationInfo, RamInfo, Status};
@@ -43,6 +44,9 @@ pub enum MigrateError {
     /// Handing the disks over failed.
     #[error(transparent)]
     Disks(#[from] DiskError),
+    /// Preparing the drives for a block migration failed.
+    #[error(transparent)]
+    Block(#[from] BlockSendError),
     /// The migration failed after the disks were released, and they could not be taken
     /// back: the guest stays paused, the disks inactive.
     #[error("{failure}; the disks could not be taken back: {reopen}")]
@@ -93,6 +97,8 @@ pub struct Job {
     pub lz4: bool,
     /// The `xbzrle` capability: re-sent pages as XBZRLE deltas.
     pub xbzrle: bool,
+    /// `migrate -b`: the writable drives travel in the stream (`vmsnap-block`).
+    pub block: bool,
     /// How to reopen the drives if the handover must be undone.
     pub drives: Vec<DriveOpen>,
 }
@@ -269,6 +275,15 @@ fn run(
     start: Instant,
     undo: &mut Undo,
 ) -> Result<Completed, MigrateError> {
+    // The snapshot trees are copied first (the guest runs meanwhile); from here on the
+    // guest's writes are tracked.
+    let block = match job.block {
+        true => Some(RefCell::new(BlockSender::prepare(vm, &job.drives)?)),
+        false => None,
+    };
+    let block_pending = || block.as_ref().map_or(0, |b| b.borrow().pending_bytes());
+    // RAM's figures leave the disk records out, as QEMU's do.
+    let disk_stream = || block.as_ref().map_or(0, |b| b.borrow().stream_bytes());
     // Pages dirtied before now are all dirty in the live RAM state anyway.
     vm.take_dirty_bitmap()?;
     let ram_src = GuestRam(vm.ram());
@@ -290,6 +305,10 @@ fn run(
         reg.add_capability(LZ4_CAPABILITY);
     }
     reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, &mut entry);
+    let mut block_entry = block.as_ref().map(BlockEntry);
+    if let Some(e) = block_entry.as_mut() {
+        reg.register_iterative(super::block::IDSTR, 0, super::block::VERSION, e);
+    }
     for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
         reg.register_device(idstr, *inst, vmsd.clone(), slot);
     }
@@ -317,12 +336,16 @@ fn run(
             total_time_ms: ms(start.elapsed()),
             expected_downtime_ms: Some(
                 meter
-                    .expected_ms(r.pending_bytes())
+                    .expected_ms(r.pending_bytes() + block_pending())
                     .unwrap_or(job.params.downtime_limit_ms),
             ),
             setup_ms: Some(setup_ms),
-            ram: Some(ram_info(&r, pos, elapsed, meter, period, (pos, 0))),
+            ram: Some({
+                let ram_pos = pos - disk_stream();
+                ram_info(&r, ram_pos, elapsed, meter, period, (ram_pos, 0))
+            }),
             xbzrle: r.xbzrle.as_ref().map(XbzrleSender::info),
+            disk: block.as_ref().map(|b| b.borrow().counters()),
             cpu_throttle_percentage: job.auto_converge.then_some(period.throttle),
             ..MigrationInfo::default()
         });
@@ -350,7 +373,7 @@ fn run(
         let limit = params.downtime_limit_ms;
         // While settling, the dirty set of the last sync is sent whole before the next
         // sync, so that the rule compares round with round.
-        let pending = ram.borrow().pending_bytes();
+        let pending = ram.borrow().pending_bytes() + block_pending();
         if pending <= meter.threshold(limit) && (pending == 0 || !rule.settling()) {
             let bitmap = vm.take_dirty_bitmap()?;
             let newly = ram.borrow_mut().sync(&bitmap);
@@ -360,7 +383,7 @@ fn run(
             if let Some(pct) = period.on_sync(now, pos, newly, PAGE_SIZE) {
                 vm.set_throttle(pct);
             }
-            let pending = ram.borrow().pending_bytes();
+            let pending = ram.borrow().pending_bytes() + block_pending();
             if rule.should_stop(pending, &meter, limit) {
                 break;
             }
@@ -369,6 +392,9 @@ fn run(
         match limiter.allowance(busy, pos) {
             Ok(allow) => {
                 ram.borrow_mut().set_budget(allow.min(CHUNK));
+                if let Some(b) = &block {
+                    b.borrow_mut().budget = allow.min(CHUNK);
+                }
                 session.iterate()?;
                 crate::killpoint::at("migrate:iterated");
             }
@@ -382,7 +408,7 @@ fn run(
     // (inside the downtime) with only the last writes.
     vm.flush_drives()
         .map_err(|e| MigrateError::Disks(DiskError::Flush(e)))?;
-    let precopy = session.position();
+    let precopy = session.position() - disk_stream();
     let down_start = Instant::now();
     vm.set_pause_reason(Some("finish-migrate"));
     undo.paused = true;
@@ -390,17 +416,28 @@ fn run(
     let bitmap = vm.take_dirty_bitmap()?;
     ram.borrow_mut().sync(&bitmap);
     crate::killpoint::at("migrate:stopped");
-    disks::inactivate(vm)?;
-    undo.inactive = true;
-    crate::killpoint::at("migrate:inactivated");
-    capture_devices(vm, &values)?;
-    let total = session.complete()?;
+    let total = if job.block {
+        // The last dirty chunks are read from the drives inside the final copy, so they
+        // are released after it (the destination writes its own images).
+        capture_devices(vm, &values)?;
+        let total = session.complete()?;
+        disks::inactivate(vm)?;
+        undo.inactive = true;
+        total
+    } else {
+        disks::inactivate(vm)?;
+        undo.inactive = true;
+        crate::killpoint::at("migrate:inactivated");
+        capture_devices(vm, &values)?;
+        session.complete()?
+    };
     crate::killpoint::at("migrate:sent");
     out.finish(FINISH_WAIT).map_err(MigrateError::Finish)?;
     crate::killpoint::at("migrate:finished");
     let downtime = down_start.elapsed();
     vm.set_pause_reason(Some("postmigrate"));
 
+    let total = total - disk_stream();
     let r = ram.borrow();
     let elapsed = start.elapsed();
     let info = MigrationInfo {
@@ -417,6 +454,7 @@ fn run(
             (precopy, total - precopy),
         )),
         xbzrle: r.xbzrle.as_ref().map(XbzrleSender::info),
+        disk: block.as_ref().map(|b| b.borrow().counters()),
         ..MigrationInfo::default()
     };
     Ok(Completed { info })

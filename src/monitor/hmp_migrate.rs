@@ -7,14 +7,24 @@ use crate::migrate;
 use super::vm_commands::{self as monitor, Outcome};
 use super::Cx;
 
-/// `migrate [-d] URI`: the URI is the rest of the line (an exec command may have spaces),
-/// optionally in double quotes.
+/// `migrate [-d] [-b] URI`: the URI is the rest of the line (an exec command may have
+/// spaces), optionally in double quotes. `-b` carries the writable drives along (block
+/// migration); flags may be combined (`-db`), as QEMU's monitor allows.
 fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
-    let rest = rest.trim();
-    let (detach, uri) = match rest.strip_prefix("-d") {
-        Some(u) if u.starts_with(char::is_whitespace) => (true, u.trim()),
-        _ => (false, rest),
-    };
+    let mut uri = rest.trim();
+    let (mut detach, mut block) = (false, false);
+    while let Some(flags) = uri.strip_prefix('-') {
+        let end = flags.find(char::is_whitespace).unwrap_or(flags.len());
+        if end == 0 || !flags[..end].chars().all(|c| matches!(c, 'd' | 'b' | 'i')) {
+            break;
+        }
+        if flags[..end].contains('i') {
+            return "Error: migrate -i (incremental copy over a shared base image) is not supported; use -b".to_string();
+        }
+        detach |= flags[..end].contains('d');
+        block |= flags[..end].contains('b');
+        uri = flags[end..].trim_start();
+    }
     let uri = uri
         .strip_prefix('"')
         .and_then(|u| u.strip_suffix('"'))
@@ -22,7 +32,7 @@ fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
     if uri.is_empty() {
         return "Parameter 'uri' is missing".to_string();
     }
-    if let Err(e) = cx.mig.start(uri) {
+    if let Err(e) = cx.mig.start_with(uri, block) {
         return format!("Error: {e}");
     }
     if detach {

@@ -231,6 +231,22 @@ pub(crate) fn load_with(
     ram_state: &mut dyn IterativeState,
     input: &mut dyn Read,
 ) -> Result<(VmState, Vec<Vec<u8>>), StateIoError> {
+    load_with_extra(vcpus, drives, captured, ram_state, None, input)
+}
+
+/// One more iterative section a stream may carry (idstr, version, handler): a live
+/// migration's `vmsnap-block`.
+pub(crate) type ExtraSection<'a> = (&'a str, u32, &'a mut dyn IterativeState);
+
+/// [`load_with`], with `extra` registered after RAM.
+pub(crate) fn load_with_extra(
+    vcpus: usize,
+    drives: usize,
+    captured: &[CaptureSpec],
+    ram_state: &mut dyn IterativeState,
+    extra: Option<ExtraSection<'_>>,
+    input: &mut dyn Read,
+) -> Result<(VmState, Vec<Vec<u8>>), StateIoError> {
     let layout = vmstate::layout(vcpus, drives);
     let mut slots: Vec<Slot> = layout.iter().map(|_| Slot::default()).collect();
     let mut capture_slots: Vec<Slot> = captured.iter().map(|_| Slot::default()).collect();
@@ -238,6 +254,9 @@ pub(crate) fn load_with(
         let mut reg = Registry::new(vmstate::MACHINE);
         reg.page_size = PAGE_SIZE;
         reg.register_iterative(RamState::IDSTR, 0, RamState::VERSION, ram_state);
+        if let Some((idstr, version, handler)) = extra {
+            reg.register_iterative(idstr, 0, version, handler);
+        }
         for ((idstr, inst, vmsd), slot) in layout.iter().zip(slots.iter_mut()) {
             reg.register_device(idstr, *inst, vmsd.clone(), slot);
         }

@@ -540,6 +540,14 @@ impl Vm {
         Ok(())
     }
 
+    /// Has drive `i`'s device record the ranges the guest writes into `log` (None: stop);
+    /// block migration resends them.
+    pub fn track_drive_writes(&self, i: usize, log: Option<Arc<crate::block::dirty::DirtyChunks>>) {
+        if let Some(b) = lock(&self.devices).blocks.get_mut(i) {
+            b.set_write_log(log);
+        }
+    }
+
     /// Lends every drive to `f` as a [`BlockSet`] (devices named `drive0`, `drive1`, … in
     /// `--drive` order), for snapshot operations across all disks, and attaches them back to
     /// their devices afterwards. The VM should be paused: guest requests fail while the drives

@@ -218,6 +218,7 @@ fn run_args(
             readonly: d.readonly,
             capture: d.capture,
             node_name: None,
+            overwrite: false,
         });
     }
     Ok(RunArgs {

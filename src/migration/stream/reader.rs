@@ -143,6 +143,16 @@ impl<R: Read> StreamReader<R> {
         self.set_page_size(vmdesc.page_size)
     }
 
+    /// The byte reader, for a handler that reads its own section's body (a format of our
+    /// own, such as `vmsnap-block`): the next record after the body is the footer.
+    pub fn body_reader(&mut self) -> &mut QemuFileReader<R> {
+        if let State::Body(id) = self.state {
+            self.last_section = Some(id);
+            self.state = State::Top;
+        }
+        &mut self.f
+    }
+
     /// Current stream offset.
     pub fn position(&self) -> u64 {
         self.f.position()

@@ -67,6 +67,11 @@ pub fn info_json(info: &MigrationInfo) -> Value {
             "multifd-bytes": 0, "postcopy-requests": 0,
         });
     }
+    if let Some(d) = &info.disk {
+        // QEMU fills the disk stats' transferred, remaining and total (block migration).
+        v["disk"] =
+            json!({"transferred": d.transferred, "remaining": d.remaining, "total": d.total});
+    }
     v
 }
 
@@ -145,7 +150,8 @@ pub fn dispatch(cx: Cx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, QmpError>
     match name {
         "migrate" => {
             let uri = a.str("uri")?;
-            for flag in ["blk", "inc", "detach", "resume"] {
+            let blk = a.opt_bool("blk")? == Some(true);
+            for flag in ["inc", "detach", "resume"] {
                 if a.opt_bool(flag)? == Some(true) && flag != "detach" {
                     return Err(QmpError::generic(format!(
                         "vmsnap: migrate '{flag}' is not supported"
@@ -159,7 +165,7 @@ pub fn dispatch(cx: Cx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, QmpError>
                 ));
             }
             crate::snapshot::lazy::settle(cx.vm).map_err(generic)?;
-            cx.mig.start(uri).map_err(generic)?;
+            cx.mig.start_with(uri, blk).map_err(generic)?;
             super::note_migration(cx, Status::Setup.name());
             ok
         }

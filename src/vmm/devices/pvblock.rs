@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use std::sync::Arc;
 
 use super::{Persist, PortDevice};
+use crate::block::dirty::DirtyChunks;
 use crate::block::BlockDriver;
 use crate::vmm::memory::DmaDirtyLog;
 
@@ -72,6 +73,8 @@ pub struct PvBlock {
     dirty: Arc<DmaDirtyLog>,
     /// Block-layer errors so far (the first few are reported on stderr).
     io_errors: u64,
+    /// Chunks the guest writes, while a block migration runs.
+    written: Option<Arc<DirtyChunks>>,
 }
 
 impl fmt::Debug for PvBlock {
@@ -93,6 +96,7 @@ impl PvBlock {
             mem,
             dirty,
             io_errors: 0,
+            written: None,
         }
     }
 
@@ -119,6 +123,11 @@ impl PvBlock {
     /// [`PvBlock::attach`] gives it back, guest requests fail (non-zero status).
     pub fn detach(&mut self) -> Box<dyn BlockDriver> {
         std::mem::replace(&mut self.drive, Box::new(Detached))
+    }
+
+    /// Records the ranges the guest writes into `log` from now on (None: stop).
+    pub fn set_write_log(&mut self, log: Option<Arc<DirtyChunks>>) {
+        self.written = log;
     }
 
     /// Gives the drive back after [`PvBlock::detach`].
@@ -165,6 +174,9 @@ impl PvBlock {
             }
             if self.mem.read_slice(&mut buf, gpa).is_err() {
                 return STATUS_BAD_REQUEST;
+            }
+            if let Some(log) = &self.written {
+                log.mark(offset, len);
             }
             if let Err(e) = self.drive.write_at(offset, &buf) {
                 return self.io_error(&format!("write of {len} bytes at {offset:#x}"), &e);

@@ -26,6 +26,9 @@ pub enum Select {
     All,
     /// The active layer only (`--active-only`, what `qemu-img convert` does).
     Active,
+    /// Every snapshot, with an empty active layer (block migration sends the active layer
+    /// itself, as guest data, while the guest changes it).
+    Snapshots,
     /// One snapshot, by id (`-l snapshot.id=ID`), becomes the active layer.
     SnapshotId(String),
     /// One snapshot, by name (`-l snapshot.name=TAG`), becomes the active layer.
@@ -52,7 +55,7 @@ impl Select {
     /// [`CopyError::NoSuchSnapshot`].
     pub fn find<'a>(&self, list: &'a [Snapshot]) -> Result<Option<&'a Snapshot>> {
         let (found, what) = match self {
-            Select::All | Select::Active => return Ok(None),
+            Select::All | Select::Active | Select::Snapshots => return Ok(None),
             Select::SnapshotId(id) => (list.iter().find(|s| &s.id == id), id),
             Select::SnapshotName(n) => (list.iter().find(|s| &s.name == n), n),
             Select::SnapshotIdOrName(x) => (
@@ -100,7 +103,7 @@ pub(super) fn layers(
 ) -> Result<Vec<Layer>> {
     let q = match src {
         SourceImage::Plain(d) => {
-            if !matches!(select, Select::All | Select::Active) {
+            if !matches!(select, Select::All | Select::Active | Select::Snapshots) {
                 return Err(CopyError::Options(format!(
                     "the {} format has no snapshots to select with -l",
                     d.format().name()
@@ -137,7 +140,11 @@ pub(super) fn layers(
     }
     let size = q.header.size;
     let mut out = vec![Layer {
-        l1: q.l1.clone(),
+        l1: if *select == Select::Snapshots {
+            Vec::new()
+        } else {
+            q.l1.clone()
+        },
         regions: vec![disk(size)],
         entry: None,
         disk_size: size,
@@ -154,23 +161,31 @@ pub(super) fn layers(
     let out_vm = out_layout.vm_state_offset(size);
     for sn in q.snapshots.clone() {
         let mut regions = vec![disk(sn.disk_size)];
-        if sn.vm_state_size > 0 {
-            if sn.disk_size > out_vm || sn.disk_size > src_vm {
-                return Err(CopyError::Snapshot {
-                    name: sn.name.clone(),
-                    reason: format!(
-                        "its disk size {} reaches into the VM state area of the {}-byte image",
-                        sn.disk_size, size
-                    ),
-                });
-            }
-            regions.push(Region {
-                src: src_vm,
-                out: out_vm,
-                len: sn.vm_state_size,
+        if sn.vm_state_size > 0 && (sn.disk_size > out_vm || sn.disk_size > src_vm) {
+            return Err(CopyError::Snapshot {
+                name: sn.name.clone(),
+                reason: format!(
+                    "its disk size {} reaches into the VM state area of the {}-byte image",
+                    sn.disk_size, size
+                ),
             });
         }
         let l1 = q.read_snapshot_l1(&sn)?;
+        if sn.vm_state_size > 0 {
+            // The vmstate area may hold more than the stream: vmsnap keeps lazy loadvm's
+            // page index past it (formats/lazy-loadvm.md). Copy the area up to the end of
+            // its last allocated L1 range; unallocated clusters cost nothing.
+            let span = q.layout().bytes_per_l1_entry();
+            let end = l1
+                .iter()
+                .rposition(|e| e & OFFSET_MASK != 0)
+                .map_or(0, |i| (i as u64 + 1) * span);
+            regions.push(Region {
+                src: src_vm,
+                out: out_vm,
+                len: sn.vm_state_size.max(end.saturating_sub(src_vm)),
+            });
+        }
         out.push(Layer {
             l1,
             regions,

@@ -128,7 +128,7 @@ fn postcopy_round_trip(uri: &str) {
     assert_continues(&src.serial_text(), &dst_text);
     src.quit();
     dst.quit();
-    assert_check(&img);
+    assert_check(&dir.path().join("disk.qcow2"));
 }
 
 #[test]
@@ -184,6 +184,23 @@ fn postcopy_is_refused_without_the_capability_or_a_migration() {
     vm.quit();
 }
 
+/// A migration of a fresh counter guest (image `disk.qcow2` in `dir`) switched to postcopy
+/// with the background pages trickling (256 KiB/s), so that the postcopy phase lasts long
+/// enough to cut it: the source shows `postcopy-active`.
+fn trickling_postcopy(dir: &Path) -> (RunVm, RunVm) {
+    let img = dir.join("disk.qcow2");
+    create_qcow2(&img);
+    let drive = format!("file={},format=qcow2", img.display());
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (mut src, dst) = pair(dir, &drive, &uri);
+    src.ok("migrate_set_parameter max-postcopy-bandwidth 256k");
+    migrate_then_switch(&mut src, &uri, 4 << 10);
+    wait_info(&mut src, "postcopy", |i| {
+        i.contains("Migration status: postcopy-active")
+    });
+    (src, dst)
+}
+
 #[test]
 fn killed_source_during_postcopy_stops_the_destination() {
     if !kvm_and_qemu_img("killed_source_during_postcopy_stops_the_destination") {
@@ -191,17 +208,7 @@ fn killed_source_during_postcopy_stops_the_destination() {
     }
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img);
-    let drive = format!("file={},format=qcow2", img.display());
-    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
-    let (mut src, mut dst) = pair(dir.path(), &drive, &uri);
-    // The background pages trickle, so the postcopy phase lasts long enough to cut it.
-    src.ok("migrate_set_parameter max-postcopy-bandwidth 256k");
-    migrate_then_switch(&mut src, &uri, 4 << 10);
-    wait_info(&mut src, "postcopy", |i| {
-        i.contains("Migration status: postcopy-active")
-    });
+    let (src, mut dst) = trickling_postcopy(dir.path());
     // The guest runs on the destination (a tick printed there) before the source dies.
     let start = Instant::now();
     while ticks_of(&dst.serial_text()).is_empty() {
@@ -223,7 +230,7 @@ fn killed_source_during_postcopy_stops_the_destination() {
     assert!(!err.contains("panicked"), "{err}");
     let text = std::fs::read_to_string(dir.path().join("serial1.txt")).unwrap();
     assert!(!text.contains("CHECK FAIL"), "{text}");
-    assert_check(&img);
+    assert_check(&dir.path().join("disk.qcow2"));
 }
 
 #[test]
@@ -233,16 +240,7 @@ fn killed_destination_during_postcopy_leaves_the_source_paused() {
     }
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img);
-    let drive = format!("file={},format=qcow2", img.display());
-    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
-    let (mut src, dst) = pair(dir.path(), &drive, &uri);
-    src.ok("migrate_set_parameter max-postcopy-bandwidth 256k");
-    migrate_then_switch(&mut src, &uri, 4 << 10);
-    wait_info(&mut src, "postcopy", |i| {
-        i.contains("Migration status: postcopy-active")
-    });
+    let (mut src, dst) = trickling_postcopy(dir.path());
     // migrate_cancel cannot take back a guest that runs on the destination.
     assert_eq!(src.ok("migrate_cancel"), "");
     drop(dst); // SIGKILL
@@ -255,5 +253,5 @@ fn killed_destination_during_postcopy_leaves_the_source_paused() {
     assert!(r.contains("ran on the destination"), "{r}");
     assert_eq!(st, "paused (postmigrate)");
     src.quit();
-    assert_check(&img);
+    assert_check(&dir.path().join("disk.qcow2"));
 }

@@ -41,8 +41,11 @@ pub const RP_DONE: u64 = 0x04;
 pub const PAGE: u64 = 4096;
 const KIND_MASK: u64 = PAGE - 1;
 
-/// How long the source waits for the destination's ADVISE, LOADED and DONE.
-const HANDSHAKE_WAIT: Duration = Duration::from_secs(30);
+/// How long the source waits for the destination's ADVISE (sent as soon as it accepted the
+/// connection; a destination without postcopy-ram never sends it).
+pub const ADVISE_WAIT: Duration = Duration::from_secs(10);
+/// How long the source waits for LOADED and DONE (the destination's work on data it has).
+pub const HANDSHAKE_WAIT: Duration = Duration::from_secs(60);
 /// Requests queued on the source at most (the destination asks one page at a time).
 const QUEUE: usize = 1024;
 
@@ -108,9 +111,10 @@ impl ReturnPath {
         Ok(ReturnPath { rx })
     }
 
-    /// Waits for `want` (requests before it are dropped: none can come before LOADED).
-    pub fn expect(&self, want: &RpMsg, what: &str) -> Result<(), String> {
-        let deadline = Instant::now() + HANDSHAKE_WAIT;
+    /// Waits up to `wait` for `want` (requests before it are dropped: none can come before
+    /// LOADED).
+    pub fn expect(&self, want: &RpMsg, wait: Duration, what: &str) -> Result<(), String> {
+        let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
@@ -118,7 +122,7 @@ impl ReturnPath {
                 Ok(RpMsg::Closed(why)) => return Err(format!("{what}: {why}")),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!("{what}: no answer in {HANDSHAKE_WAIT:?}"))
+                    return Err(format!("{what}: no answer in {wait:?}"))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(format!("{what}: the return path is gone"))
@@ -282,6 +286,7 @@ pub fn send_pages(
     // Requests still arriving raced with the last pages: they are in by now.
     rp.expect(
         &RpMsg::Done,
+        HANDSHAKE_WAIT,
         "waiting for the destination to have every page",
     )?;
     Ok(c)

@@ -481,6 +481,7 @@ fn open_return_path(out: &Outgoing) -> Result<ReturnPath, MigrateError> {
         .map_err(|e| MigrateError::Postcopy(format!("starting the return path: {e}")))?;
     rp.expect(
         &RpMsg::Advise,
+        postcopy::ADVISE_WAIT,
         "the destination did not agree to postcopy (is postcopy-ram on there too?)",
     )
     .map_err(MigrateError::Postcopy)?;
@@ -505,8 +506,12 @@ fn postcopy_phase(
 ) -> Result<Completed, MigrateError> {
     // Until the header goes out the destination cannot run the guest: a failure here is an
     // ordinary one (the caller resumes the guest).
-    rp.expect(&RpMsg::Loaded, "the destination did not load the stream")
-        .map_err(MigrateError::Postcopy)?;
+    rp.expect(
+        &RpMsg::Loaded,
+        postcopy::HANDSHAKE_WAIT,
+        "the destination did not load the stream",
+    )
+    .map_err(MigrateError::Postcopy)?;
     let lost = MigrateError::PostcopyLost;
     let ram = vm.ram();
     let header = postcopy::write_header(&mut out, ram.len() as u64 / PAGE_SIZE, &missing)

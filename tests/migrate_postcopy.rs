@@ -152,6 +152,36 @@ fn counter_guest_postcopy_over_tcp() {
 }
 
 #[test]
+fn postcopy_capability_without_the_switch_completes_as_precopy() {
+    if !kvm_and_qemu_img("postcopy_capability_without_the_switch_completes_as_precopy") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let drive = format!("file={},format=qcow2", img.display());
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    let (mut src, mut dst) = pair(dir.path(), &drive, &uri);
+    // Uncapped, pre-copy converges before anyone asks for postcopy: the postcopy header
+    // goes out with no page missing.
+    src.ok("migrate_set_parameter max-bandwidth 0");
+    assert_eq!(src.ok(&format!("migrate {uri}")), "");
+    let info = src.ok("info migrate");
+    assert!(info.contains("Migration status: completed"), "{info}");
+    assert!(!info.contains("postcopy request count"), "{info}");
+    wait_info(&mut dst, "destination", |i| {
+        i.contains("Migration status: completed")
+    });
+    let dst_text = wait_check_and_tick(&mut dst);
+    assert!(dst_text.contains("CHECK OK"), "{dst_text}");
+    assert_continues(&src.serial_text(), &dst_text);
+    src.quit();
+    dst.quit();
+    assert_check(&img);
+}
+
+#[test]
 fn postcopy_is_refused_without_the_capability_or_a_migration() {
     if !kvm_and_qemu_img("postcopy_is_refused_without_the_capability_or_a_migration") {
         return;

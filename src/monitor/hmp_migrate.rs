@@ -29,7 +29,9 @@ fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
         return String::new();
     }
     match cx.mig.wait().status {
-        migrate::Status::Failed(why) => format!("Error: {why}"),
+        migrate::Status::Failed(why) | migrate::Status::PostcopyPaused(why) => {
+            format!("Error: {why}")
+        }
         migrate::Status::Cancelled => "Error: migration cancelled".to_string(),
         _ => String::new(),
     }

@@ -23,8 +23,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const MEMORY: &str = "64M";
 
-/// Source (run 0, dirtying 100 MiB/s) and destination (run 1, `--incoming uri`), both with
-/// postcopy-ram on; pre-copy capped at 16 MiB/s, so it cannot converge.
+/// Source (run 0, dirtying 200 MiB/s) and destination (run 1, `--incoming uri`), both with
+/// postcopy-ram on; pre-copy capped at QEMU's default 128 MiB/s, so it cannot converge.
 fn pair(dir: &Path, drive: &str, uri: &str) -> (RunVm, RunVm) {
     let mut src = RunVm::start_with(
         dir,
@@ -32,7 +32,7 @@ fn pair(dir: &Path, drive: &str, uri: &str) -> (RunVm, RunVm) {
         1,
         None,
         0,
-        &["--memory", MEMORY, "--dirty-rate", "100"],
+        &["--memory", MEMORY, "--dirty-rate", "200"],
     );
     let mut cmd = command_with_memory(dir, &[drive.to_string()], 1, None, 1, MEMORY);
     cmd.args(["--incoming", uri]);
@@ -40,7 +40,7 @@ fn pair(dir: &Path, drive: &str, uri: &str) -> (RunVm, RunVm) {
     assert_eq!(dst.cmd("").1, "paused (inmigrate)");
     dst.ok("migrate_set_capability postcopy-ram on");
     src.ok("migrate_set_capability postcopy-ram on");
-    src.ok("migrate_set_parameter max-bandwidth 16M");
+    src.ok("migrate_set_parameter max-bandwidth 128M");
     src.wait_past(10);
     (src, dst)
 }
@@ -102,7 +102,7 @@ fn postcopy_round_trip(uri: &str) {
     let uri = uri.replace("DIR", &dir.path().display().to_string());
     let (mut src, mut dst) = pair(dir.path(), &drive, &uri);
 
-    // The background pages at 16 MiB/s: the guest, walking RAM at 100 MiB/s, runs into
+    // The background pages at 16 MiB/s: the guest, walking RAM at 200 MiB/s, runs into
     // pages not sent yet and must ask for them.
     src.ok("migrate_set_parameter max-postcopy-bandwidth 16M");
     // The switch before pre-copy has been round once: many pages are still on the source.

@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 use std::io::Read;
 
 use crate::snapshot::state_io::{self, StateIoError, PAGE_SIZE, RAM_BLOCK};
+use crate::vmm::page_server::LoadState;
 use crate::vmm::{Vm, VmError, VmState};
 
 use super::block::recv::{BlockReceiver, BlockRecvError};
 use super::disks::{self, DiskError, DriveOpen};
 use super::live_ram::IncomingRam;
+use super::postcopy;
+use super::postcopy_pages::{self, ChannelPages, PostcopyError};
 use super::uri::{Listener, UriError};
 use super::{Migrator, Status};
 
@@ -34,6 +37,12 @@ pub enum IncomingError {
     /// Putting the images a block migration carried in place failed.
     #[error(transparent)]
     Block(#[from] BlockRecvError),
+    /// The postcopy part could not be read (before the guest ran).
+    #[error("load of migration failed: {0}")]
+    Postcopy(#[from] PostcopyError),
+    /// Postcopy failed after the guest started here: it is stopped, its RAM incomplete.
+    #[error("postcopy migration failed: {0}")]
+    PostcopyLost(String),
 }
 
 /// How the incoming migration went.
@@ -86,7 +95,7 @@ pub fn announce(listener: &Listener, mig: &Migrator) {
 /// once the guest runs (or `failed`).
 pub fn run(vm: &Vm, listener: Listener, mig: &Migrator) -> Result<Report, IncomingError> {
     let socket = listener.socket_address();
-    let r = receive(vm, listener, mig.drives(), || {
+    let r = receive(vm, listener, mig, || {
         mig.set_incoming(Status::Active, socket.clone())
     });
     match &r {
@@ -99,12 +108,22 @@ pub fn run(vm: &Vm, listener: Listener, mig: &Migrator) -> Result<Report, Incomi
 fn receive(
     vm: &Vm,
     listener: Listener,
-    drives: &[DriveOpen],
+    mig: &Migrator,
     accepted: impl FnOnce(),
 ) -> Result<Report, IncomingError> {
+    let drives = mig.drives();
     vm.set_pause_reason(Some("inmigrate"));
     let channel = listener.accept()?;
     accepted();
+    // postcopy-ram on: offer the return path at once (the source waits for it).
+    let rp = match channel.return_path() {
+        Some(w) if mig.capabilities().postcopy_ram() => {
+            let mut w = w.map_err(PostcopyError::Io)?;
+            postcopy_pages::send(&mut *w, postcopy::RP_ADVISE, 0).map_err(PostcopyError::Io)?;
+            Some(w)
+        }
+        _ => None,
+    };
     crate::killpoint::at("incoming:accepted");
     let start = Instant::now();
     let (vcpus, ndrives) = (vm.vcpu_count(), vm.drive_count());
@@ -115,6 +134,20 @@ fn receive(
         vm.with_ram_mut(|ram| read_stream(vcpus, ndrives, ram, &mut block, &mut input))??;
     let load = start.elapsed();
     let bytes = input.1;
+    if let Some(mut w) = rp {
+        postcopy_pages::send(&mut *w, postcopy::RP_LOADED, 0).map_err(PostcopyError::Io)?;
+        let ram_len = vm.ram().len() as u64;
+        if let Some(missing) = postcopy_pages::read_header(&mut input, ram_len / PAGE_SIZE)? {
+            postcopy_run(
+                vm,
+                mig,
+                &state,
+                missing,
+                ChannelPages::new(Box::new(input), w, ram_len),
+            )?;
+            return Ok(Report { load, bytes });
+        }
+    }
     input.0.close(DRAIN_LIMIT);
     crate::killpoint::at("incoming:loaded");
     vm.restore_state(&state)?;
@@ -124,4 +157,38 @@ fn receive(
     vm.set_pause_reason(None);
     vm.resume();
     Ok(Report { load, bytes })
+}
+
+/// Postcopy on the destination: the pages in `missing` are still on the source. The guest
+/// starts at once, its faults served over the channel by the page server lazy loadvm uses;
+/// returns once every page is in, or with the failure that stopped the guest.
+fn postcopy_run(
+    vm: &Vm,
+    mig: &Migrator,
+    state: &VmState,
+    missing: Vec<u64>,
+    pages: ChannelPages,
+) -> Result<(), IncomingError> {
+    let pages = std::sync::Arc::new(pages);
+    let status = vm.load_missing_ram_lazily(
+        pages.clone(),
+        Instant::now(),
+        "postcopy migration",
+        &missing,
+    )?;
+    vm.restore_state(state)?;
+    disks::activate(vm, mig.drives())?;
+    mig.set_drives_inactive(false);
+    crate::killpoint::at("incoming:activated");
+    vm.set_pause_reason(None);
+    vm.resume();
+    status.set_resumed();
+    mig.set_incoming(Status::PostcopyActive, None);
+    match vm.finish_lazy_ram() {
+        Some(LoadState::Completed) => Ok(()),
+        Some(LoadState::Failed(why)) => Err(IncomingError::PostcopyLost(why)),
+        Some(LoadState::Active) | None => Err(IncomingError::PostcopyLost(
+            "the page server stopped".into(),
+        )),
+    }
 }

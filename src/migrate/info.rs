@@ -18,6 +18,11 @@ pub enum Status {
     Cancelled,
     /// Done: the destination has the whole stream.
     Completed,
+    /// Postcopy: the guest runs on the destination, which still takes pages from here.
+    PostcopyActive,
+    /// Postcopy broke: the guest's RAM is split between the two sides, the guest is paused
+    /// here and its pages are kept (QEMU's `postcopy-paused`); why.
+    PostcopyPaused(String),
     /// Stopped on an error (the message).
     Failed(String),
 }
@@ -32,13 +37,18 @@ impl Status {
             Status::Cancelling => "cancelling",
             Status::Cancelled => "cancelled",
             Status::Completed => "completed",
+            Status::PostcopyActive => "postcopy-active",
+            Status::PostcopyPaused(_) => "postcopy-paused",
             Status::Failed(_) => "failed",
         }
     }
 
     /// Whether a migration is under way.
     pub fn is_active(&self) -> bool {
-        matches!(self, Status::Setup | Status::Active | Status::Cancelling)
+        matches!(
+            self,
+            Status::Setup | Status::Active | Status::Cancelling | Status::PostcopyActive
+        )
     }
 }
 
@@ -69,6 +79,10 @@ pub struct RamInfo {
     pub precopy_bytes: u64,
     /// Bytes sent while the guest was stopped.
     pub downtime_bytes: u64,
+    /// Pages the destination asked for during postcopy.
+    pub postcopy_requests: u64,
+    /// Bytes sent during postcopy.
+    pub postcopy_bytes: u64,
 }
 
 /// XBZRLE figures (QEMU's `XBZRLECacheStats`), shown while the capability is on.
@@ -136,7 +150,7 @@ impl MigrationInfo {
             return s;
         }
         let _ = write!(s, "\nMigration status: {}", self.status.name());
-        if let Status::Failed(why) = &self.status {
+        if let Status::Failed(why) | Status::PostcopyPaused(why) = &self.status {
             let _ = write!(s, " ({why})");
         }
         if !self.destination {
@@ -180,11 +194,17 @@ impl MigrationInfo {
             if r.dirty_pages_rate != 0 {
                 let _ = write!(s, "\ndirty pages rate: {} pages", r.dirty_pages_rate);
             }
+            if r.postcopy_requests != 0 {
+                let _ = write!(s, "\npostcopy request count: {}", r.postcopy_requests);
+            }
             if r.precopy_bytes != 0 {
                 let _ = write!(s, "\nprecopy ram: {} kbytes", r.precopy_bytes >> 10);
             }
             if r.downtime_bytes != 0 {
                 let _ = write!(s, "\ndowntime ram: {} kbytes", r.downtime_bytes >> 10);
+            }
+            if r.postcopy_bytes != 0 {
+                let _ = write!(s, "\npostcopy ram: {} kbytes", r.postcopy_bytes >> 10);
             }
         }
         if let Some(d) = &self.disk {

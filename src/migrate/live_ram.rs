@@ -222,6 +222,14 @@ impl<'m, M: PageSource + ?Sized> LiveRam<'m, M> {
         newly
     }
 
+    /// Takes the dirty set out, leaving nothing pending (postcopy sends those pages on
+    /// demand instead): bit i = page i.
+    pub fn take_dirty(&mut self) -> Vec<u64> {
+        self.pending = 0;
+        let empty = vec![0; self.dirty.len()];
+        std::mem::replace(&mut self.dirty, empty)
+    }
+
     /// Whether `page` was never touched, from the pagemap (read 64 pages at a time; the
     /// hint is dropped at each PART so it is never older than the last dirty-log fetch).
     fn untouched(&mut self, page: u64) -> bool {

@@ -23,6 +23,8 @@ pub mod info;
 pub mod live_ram;
 pub mod pagemap;
 pub mod params;
+pub mod postcopy;
+pub mod postcopy_pages;
 pub mod source;
 pub mod uri;
 pub mod xbzrle_send;
@@ -55,6 +57,19 @@ pub enum CommandError {
     /// Reopening the disks for `cont` failed.
     #[error(transparent)]
     Disks(#[from] disks::DiskError),
+    /// `migrate_start_postcopy` without the capability (QEMU's words).
+    #[error("Enable postcopy with migrate_set_capability before the start of migration")]
+    PostcopyOff,
+    /// `migrate_start_postcopy` before `migrate` (QEMU's words).
+    #[error("Postcopy must be started after migration has been started")]
+    PostcopyNotStarted,
+    /// `cont` on a source whose postcopy broke: the destination ran the guest.
+    #[error("the guest ran on the destination after postcopy started; its RAM here is stale and its disks are the destination's")]
+    PostcopyLost,
+    /// `migrate -b` with the postcopy-ram capability: the destination would run on images
+    /// that have not arrived.
+    #[error("block migration and postcopy-ram cannot be combined: turn postcopy-ram off or migrate without -b")]
+    BlockPostcopy,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +82,8 @@ struct State {
     info: MigrationInfo,
     started: Option<Instant>,
     cancel: bool,
+    /// `migrate_start_postcopy` was asked for this migration.
+    postcopy: bool,
     aborter: Option<uri::Aborter>,
     shutdown: bool,
     inactive: bool,
@@ -109,9 +126,13 @@ impl Migrator {
         if st.info.status.is_active() || st.request.is_some() {
             return Err(CommandError::Busy);
         }
+        if block && st.caps.postcopy_ram() {
+            return Err(CommandError::BlockPostcopy);
+        }
         st.request = Some(uri);
         st.block = block;
         st.cancel = false;
+        st.postcopy = false;
         st.started = Some(Instant::now());
         st.info = MigrationInfo {
             status: Status::Setup,
@@ -133,12 +154,36 @@ impl Migrator {
     /// `migrate_cancel`: stops a running migration (no effect otherwise).
     pub fn cancel(&self) {
         let mut st = self.lock();
-        if st.info.status.is_active() {
+        // Once postcopy runs, the guest lives on the destination: there is nothing to go
+        // back to (QEMU refuses too).
+        if st.info.status.is_active() && st.info.status != Status::PostcopyActive {
             st.cancel = true;
             st.info.status = Status::Cancelling;
             if let Some(a) = &st.aborter {
                 a.abort();
             }
+        }
+    }
+
+    /// `migrate_start_postcopy`: the running migration switches to postcopy at its next
+    /// step (QEMU: at once if still in setup, else at the next iteration).
+    pub fn start_postcopy(&self) -> Result<(), CommandError> {
+        let mut st = self.lock();
+        if !st.caps.postcopy_ram() {
+            return Err(CommandError::PostcopyOff);
+        }
+        if st.info.status == Status::None && st.request.is_none() {
+            return Err(CommandError::PostcopyNotStarted);
+        }
+        st.postcopy = true;
+        Ok(())
+    }
+
+    /// Refuses `cont` on a source whose postcopy broke (the guest lives on the destination).
+    pub fn check_cont(&self) -> Result<(), CommandError> {
+        match self.lock().info.status {
+            Status::PostcopyPaused(_) => Err(CommandError::PostcopyLost),
+            _ => Ok(()),
         }
     }
 
@@ -250,6 +295,7 @@ impl Migrator {
                             lz4: st.caps.lz4(),
                             xbzrle: st.caps.xbzrle(),
                             block: st.block,
+                            postcopy: st.caps.postcopy_ram(),
                             drives: self.drives.clone(),
                         };
                     }
@@ -266,6 +312,13 @@ impl Migrator {
                 Ok(done) => {
                     st.info = done.info;
                     st.inactive = true;
+                }
+                Err(MigrateError::PostcopyLost(why)) => {
+                    // The guest stays paused here and keeps its pages; the disks stay
+                    // released (the destination ran the guest on them).
+                    st.inactive = true;
+                    st.info.status = Status::PostcopyPaused(why);
+                    st.info.total_time_ms = total;
                 }
                 Err(MigrateError::Cancelled) => {
                     st.info.status = Status::Cancelled;
@@ -298,6 +351,10 @@ impl source::Observer for Migrator {
 
     fn cancelled(&self) -> bool {
         self.lock().cancel
+    }
+
+    fn postcopy_requested(&self) -> bool {
+        self.lock().postcopy
     }
 
     fn parameters(&self) -> Option<Parameters> {

@@ -23,6 +23,7 @@ use super::disks::{self, DiskError, DriveOpen};
 use super::info::{MigrationInfo, RamInfo, Status};
 use super::live_ram::{GuestRam, LiveRam, LiveRamEntry};
 use super::params::Parameters;
+use super::postcopy::{self, PostcopyCounters, ReturnPath, RpMsg};
 use super::uri::{Aborter, MigrateUri, Outgoing, UriError};
 use super::xbzrle_send::XbzrleSender;
 
@@ -67,6 +68,14 @@ pub enum MigrateError {
     /// `migrate_cancel`.
     #[error("cancelled")]
     Cancelled,
+    /// Postcopy could not start (no return path, the destination did not agree, or it
+    /// failed to load the pre-copy stream); nothing is lost, the guest runs on here.
+    #[error("postcopy: {0}")]
+    Postcopy(String),
+    /// The channel broke once the destination could run the guest: its RAM is split
+    /// between the two sides; the guest stays paused here with its pages.
+    #[error("postcopy: {0}")]
+    PostcopyLost(String),
 }
 
 /// What the migration thread reports to, and learns from, its owner.
@@ -81,6 +90,10 @@ pub trait Observer {
     /// downtime-limit while the migration runs, as in QEMU).
     fn parameters(&self) -> Option<Parameters> {
         None
+    }
+    /// Whether `migrate_start_postcopy` was asked for.
+    fn postcopy_requested(&self) -> bool {
+        false
     }
 }
 
@@ -99,6 +112,9 @@ pub struct Job {
     pub xbzrle: bool,
     /// `migrate -b`: the writable drives travel in the stream (`vmsnap-block`).
     pub block: bool,
+    /// The `postcopy-ram` capability: a return path, and `migrate_start_postcopy` may
+    /// switch to postcopy.
+    pub postcopy: bool,
     /// How to reopen the drives if the handover must be undone.
     pub drives: Vec<DriveOpen>,
 }
@@ -196,6 +212,8 @@ pub fn migrate(vm: &Vm, job: &Job, obs: &dyn Observer) -> Result<Completed, Migr
     vm.set_throttle(0);
     match result {
         Ok(done) => Ok(done),
+        // The destination may run the guest: nothing here may resume it or take the disks.
+        Err(e @ MigrateError::PostcopyLost(_)) => Err(e),
         Err(e) => {
             if undo.inactive {
                 // The destination never activated (it had not got the whole stream), so
@@ -260,6 +278,7 @@ fn ram_info(
         dirty_pages_rate: period.dirty_pages_rate,
         precopy_bytes: split.0,
         downtime_bytes: split.1,
+        ..RamInfo::default()
     }
 }
 
@@ -284,6 +303,11 @@ fn run(
     let block_pending = || block.as_ref().map_or(0, |b| b.borrow().pending_bytes());
     // RAM's figures leave the disk records out, as QEMU's do.
     let disk_stream = || block.as_ref().map_or(0, |b| b.borrow().stream_bytes());
+    let rp = if job.postcopy {
+        Some(open_return_path(&out)?)
+    } else {
+        None
+    };
     // Pages dirtied before now are all dirty in the live RAM state anyway.
     vm.take_dirty_bitmap()?;
     let ram_src = GuestRam(vm.ram());
@@ -353,9 +377,14 @@ fn run(
     report(session.position(), &meter, &period);
 
     // Iterate while the guest runs.
+    let mut switched = false;
     loop {
         if obs.cancelled() {
             return Err(MigrateError::Cancelled);
+        }
+        if rp.is_some() && obs.postcopy_requested() {
+            switched = true;
+            break;
         }
         let now = Instant::now();
         let pos = session.position();
@@ -415,6 +444,8 @@ fn run(
     vm.pause()?;
     let bitmap = vm.take_dirty_bitmap()?;
     ram.borrow_mut().sync(&bitmap);
+    // Postcopy: the pages still dirty are sent after the switch, on demand.
+    let missing = switched.then(|| ram.borrow_mut().take_dirty());
     crate::killpoint::at("migrate:stopped");
     let total = if job.block {
         // The last dirty chunks are read from the drives inside the final copy, so they
@@ -432,6 +463,19 @@ fn run(
         session.complete()?
     };
     crate::killpoint::at("migrate:sent");
+    if let Some(rp) = &rp {
+        let words = ram.borrow().total_bytes().div_ceil(PAGE_SIZE * 64);
+        let missing = missing.unwrap_or_else(|| vec![0; usize::try_from(words).unwrap_or(0)]);
+        let base = ram_info(
+            &ram.borrow(),
+            total,
+            start.elapsed().as_secs_f64().max(1e-3),
+            &meter,
+            &period,
+            (precopy, total - precopy),
+        );
+        return postcopy_phase(vm, obs, out, rp, missing, base, start, down_start, setup_ms);
+    }
     out.finish(FINISH_WAIT).map_err(MigrateError::Finish)?;
     crate::killpoint::at("migrate:finished");
     let downtime = down_start.elapsed();
@@ -458,4 +502,84 @@ fn run(
         ..MigrationInfo::default()
     };
     Ok(Completed { info })
+}
+
+/// Opens the return path and waits for the destination's ADVISE.
+fn open_return_path(out: &Outgoing) -> Result<ReturnPath, MigrateError> {
+    let r = out
+        .return_path()
+        .ok_or_else(|| {
+            MigrateError::Postcopy(
+                "postcopy-ram needs a return path: migrate over tcp:, unix: or an fd: socket"
+                    .into(),
+            )
+        })?
+        .map_err(|e| MigrateError::Postcopy(format!("opening the return path: {e}")))?;
+    let rp = ReturnPath::start(r)
+        .map_err(|e| MigrateError::Postcopy(format!("starting the return path: {e}")))?;
+    rp.expect(
+        &RpMsg::Advise,
+        postcopy::ADVISE_WAIT,
+        "the destination did not agree to postcopy (is postcopy-ram on there too?)",
+    )
+    .map_err(MigrateError::Postcopy)?;
+    Ok(rp)
+}
+
+/// After the pre-copy stream (devices included) went out with the postcopy-ram capability:
+/// waits for the destination to have loaded it, sends the missing pages (none if pre-copy
+/// finished), and waits for the destination to have them all. Downtime ends when the
+/// destination can start the guest (the postcopy header is sent).
+#[allow(clippy::too_many_arguments)]
+fn postcopy_phase(
+    vm: &Vm,
+    obs: &dyn Observer,
+    mut out: Outgoing,
+    rp: &ReturnPath,
+    missing: Vec<u64>,
+    base: RamInfo,
+    start: Instant,
+    down_start: Instant,
+    setup_ms: u64,
+) -> Result<Completed, MigrateError> {
+    // Until the header goes out the destination cannot run the guest: a failure here is an
+    // ordinary one (the caller resumes the guest).
+    rp.expect(
+        &RpMsg::Loaded,
+        postcopy::HANDSHAKE_WAIT,
+        "the destination did not load the stream",
+    )
+    .map_err(MigrateError::Postcopy)?;
+    let lost = MigrateError::PostcopyLost;
+    let ram = vm.ram();
+    let header = postcopy::write_header(&mut out, ram.len() as u64 / PAGE_SIZE, &missing)
+        .map_err(|e| lost(format!("sending the postcopy header: {e}")))?;
+    let downtime = ms(down_start.elapsed());
+    vm.set_pause_reason(Some("postmigrate"));
+    let info = |status: Status, c: &PostcopyCounters| MigrationInfo {
+        status,
+        total_time_ms: ms(start.elapsed()),
+        downtime_ms: Some(downtime),
+        setup_ms: Some(setup_ms),
+        ram: Some(RamInfo {
+            transferred: base.transferred + header + c.bytes,
+            remaining: c.remaining * PAGE_SIZE,
+            duplicate: base.duplicate + c.zero,
+            normal: base.normal + c.normal,
+            postcopy_requests: c.requests,
+            postcopy_bytes: header + c.bytes,
+            ..base.clone()
+        }),
+        ..MigrationInfo::default()
+    };
+    let bandwidth = obs.parameters().map_or(0, |p| p.max_postcopy_bandwidth);
+    let c = postcopy::send_pages(&mut out, ram, missing, rp, bandwidth, &mut |c| {
+        obs.progress(&info(Status::PostcopyActive, c));
+    })
+    .map_err(lost)?;
+    // The destination said DONE: only the orderly close is left.
+    let _ = out.finish(FINISH_WAIT);
+    Ok(Completed {
+        info: info(Status::Completed, &c),
+    })
 }

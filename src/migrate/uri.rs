@@ -255,6 +255,16 @@ impl Outgoing {
         }
     }
 
+    /// The receiving half of a socket channel (postcopy's return path); None for exec,
+    /// file and descriptors that are not sockets.
+    pub fn return_path(&self) -> Option<io::Result<Box<dyn Read + Send>>> {
+        match &self.w {
+            Writer::Tcp(s) => Some(s.try_clone().map(|s| Box::new(s) as Box<dyn Read + Send>)),
+            Writer::Unix(s) => Some(s.try_clone().map(|s| Box::new(s) as Box<dyn Read + Send>)),
+            Writer::Child(_) | Writer::File(_) => None,
+        }
+    }
+
     /// A handle to interrupt this channel from another thread.
     pub fn aborter(&self) -> Aborter {
         self.aborter.clone()
@@ -464,6 +474,16 @@ impl Read for Incoming {
 }
 
 impl Incoming {
+    /// The sending half of a socket channel (postcopy's return path); None for exec and
+    /// files.
+    pub fn return_path(&self) -> Option<io::Result<Box<dyn Write + Send>>> {
+        match self {
+            Incoming::Tcp(s) => Some(s.try_clone().map(|s| Box::new(s) as Box<dyn Write + Send>)),
+            Incoming::Unix(s) => Some(s.try_clone().map(|s| Box::new(s) as Box<dyn Write + Send>)),
+            Incoming::Child(..) | Incoming::File(_) => None,
+        }
+    }
+
     /// Reads and drops what is left (at most `limit` bytes) so that a socket peer sees an
     /// orderly close rather than a reset, then closes the channel (waiting for a command).
     pub fn close(mut self, limit: u64) {

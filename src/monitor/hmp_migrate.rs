@@ -39,7 +39,9 @@ fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
         return String::new();
     }
     match cx.mig.wait().status {
-        migrate::Status::Failed(why) => format!("Error: {why}"),
+        migrate::Status::Failed(why) | migrate::Status::PostcopyPaused(why) => {
+            format!("Error: {why}")
+        }
         migrate::Status::Cancelled => "Error: migration cancelled".to_string(),
         _ => String::new(),
     }
@@ -60,6 +62,7 @@ pub(super) fn execute_migrate(
             let rest = line.trim_start().strip_prefix("migrate").unwrap_or("");
             Ok(migrate_command(cx, rest))
         }
+        ["migrate_start_postcopy"] => cx.mig.start_postcopy().map(|()| String::new()).map_err(err),
         ["migrate_cancel"] => {
             cx.mig.cancel();
             Ok(String::new())
@@ -83,6 +86,9 @@ pub(super) fn execute_migrate(
         ["info", "migrate_capabilities"] => Ok(cx.mig.capabilities().to_hmp()),
         ["cont" | "c"] if cx.vm.pause_reason() == Some("inmigrate") => {
             Err("Error: the guest starts once the incoming migration is loaded".to_string())
+        }
+        ["cont" | "c"] if cx.mig.check_cont().is_err() => {
+            cx.mig.check_cont().map(|()| String::new()).map_err(err)
         }
         ["cont" | "c"] if cx.mig.is_active() => {
             // QEMU lets the guest run again during the iterations; the final copy stops it.

@@ -36,7 +36,9 @@ pub fn start_deferred(cx: Cx<'_>, uri: &str) -> Result<Listener, String> {
 }
 
 /// The incoming migration: a failed or partial stream ends the process with a non-zero
-/// status before the guest ever runs (as QEMU does).
+/// status before the guest ever runs (as QEMU does). A postcopy that breaks after the guest
+/// started here stops it, flushes its disks and ends the process the same way: the guest
+/// never runs on with pages it did not receive.
 pub fn receive(cx: Cx<'_>, listener: Listener) {
     match migrate::incoming::run(cx.vm, listener, cx.mig) {
         Ok(report) => {
@@ -49,6 +51,10 @@ pub fn receive(cx: Cx<'_>, listener: Listener) {
         }
         Err(e) => {
             eprintln!("vmsnap: {e}");
+            if matches!(e, migrate::incoming::IncomingError::PostcopyLost(_)) {
+                // The guest ran here and wrote to its disks: keep what it wrote.
+                let _ = super::stop_and_flush(cx);
+            }
             std::process::exit(1);
         }
     }

@@ -29,6 +29,28 @@ impl Vm {
         started: Instant,
         what: &str,
     ) -> super::Result<Arc<FillStatus>> {
+        self.load_pages_lazily(source, started, what, None)
+    }
+
+    /// [`Vm::load_ram_lazily`] for RAM that is loaded except for the pages whose bit is set
+    /// in `missing` (bit i = page i; postcopy): only those are dropped and filled.
+    pub fn load_missing_ram_lazily(
+        &self,
+        source: Arc<dyn PageSource>,
+        started: Instant,
+        what: &str,
+        missing: &[u64],
+    ) -> super::Result<Arc<FillStatus>> {
+        self.load_pages_lazily(source, started, what, Some(missing))
+    }
+
+    fn load_pages_lazily(
+        &self,
+        source: Arc<dyn PageSource>,
+        started: Instant,
+        what: &str,
+        missing: Option<&[u64]>,
+    ) -> super::Result<Arc<FillStatus>> {
         self.ensure_parked("loading guest RAM")?;
         self.finish_lazy_ram();
         let Some(region) = self.mem.iter().next() else {
@@ -54,8 +76,10 @@ impl Vm {
         // its regions (see `memory::create_ram`), owned by `self.mem`, which outlives the LazyRam: it is kept in
         // `self.lazy` and stopped in `shutdown` before the memory goes. The vCPUs are parked
         // (checked above) and the caller replaces RAM's contents.
-        let ram = unsafe { LazyRam::start(base, len, source, Arc::clone(&status), on_fail) }
-            .map_err(|e| VmError::Config(format!("lazy RAM: {e}")))?;
+        let ram = unsafe {
+            LazyRam::start_missing(base, len, missing, source, Arc::clone(&status), on_fail)
+        }
+        .map_err(|e| VmError::Config(format!("lazy RAM: {e}")))?;
         let mut slot = lock(&self.lazy);
         slot.running = Some(ram);
         slot.last = Some(Arc::clone(&status));

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! One trait, [`PageSource`], says where pages come from: a snapshot's vmstate area (lazy
-//! loadvm, `snapshot::lazy`), later the migration return path (postcopy). The server knows
+//! loadvm, `snapshot::lazy`), the migration return path (postcopy, `migrate::postcopy_pages`,
+//! where only the pages pre-copy did not deliver are missing: [`LazyRam::start_missing`]). The server knows
 //! nothing about streams or images. Both threads install pages; a page installed twice is
 //! refused by the kernel with `EEXIST` and counted once (one resident bit per page).
 //!
@@ -199,6 +200,58 @@ impl FillStatus {
     }
 }
 
+/// Drops the missing pages of `[base, base + len)` (all of them for `None`) and marks the
+/// others resident. A kept page that was never touched is read once, so that it is mapped
+/// (to the shared zero page) and never raises a missing-page fault the source would not
+/// answer.
+///
+/// # Safety
+///
+/// `[base, base + len)` is one private anonymous mapping whose missing pages may be emptied.
+unsafe fn drop_missing(
+    base: u64,
+    len: u64,
+    missing: Option<&[u64]>,
+    status: &FillStatus,
+) -> Result<(), PageServerError> {
+    let drop_run = |from: u64, to: u64| {
+        let ptr = (base + from * PAGE) as *mut libc::c_void;
+        let n = usize::try_from((to - from) * PAGE).unwrap_or(usize::MAX);
+        // SAFETY: the run lies inside the caller's mapping; MADV_DONTNEED only drops its
+        // pages (they read as missing after).
+        if unsafe { libc::madvise(ptr, n, libc::MADV_DONTNEED) } != 0 {
+            return Err(PageServerError::Drop(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    };
+    let pages = len / PAGE;
+    let Some(missing) = missing else {
+        return drop_run(0, pages);
+    };
+    let is_missing = |p: u64| {
+        missing
+            .get(usize::try_from(p / 64).unwrap_or(usize::MAX))
+            .is_some_and(|w| w & (1 << (p % 64)) != 0)
+    };
+    let mut p = 0;
+    while p < pages {
+        let run_start = p;
+        let gone = is_missing(p);
+        while p < pages && is_missing(p) == gone {
+            if !gone {
+                // SAFETY: inside the caller's mapping, which is readable.
+                unsafe { std::ptr::read_volatile((base + p * PAGE) as *const u8) };
+                status.mark(p);
+            }
+            p += 1;
+        }
+        if gone {
+            drop_run(run_start, p)?;
+        }
+    }
+    Ok(())
+}
+
 /// Guest RAM being filled lazily: the userfaultfd, the fault and fill threads.
 #[derive(Debug)]
 pub struct LazyRam {
@@ -351,14 +404,30 @@ impl LazyRam {
         status: Arc<FillStatus>,
         on_fail: Box<dyn Fn(&str) + Send + Sync>,
     ) -> Result<LazyRam, PageServerError> {
+        // SAFETY: the caller's guarantees are ours.
+        unsafe { Self::start_missing(base, len, None, source, status, on_fail) }
+    }
+
+    /// [`LazyRam::start`] for RAM that is already loaded except for some pages (postcopy:
+    /// the pages pre-copy had not sent, or sent before they changed again). Bit i of
+    /// `missing` set = page i must come from `source`; the other pages keep their contents
+    /// and count as resident. `None` = every page is missing.
+    ///
+    /// # Safety
+    ///
+    /// As [`LazyRam::start`]; the caller wants the missing pages' contents replaced.
+    pub unsafe fn start_missing(
+        base: u64,
+        len: u64,
+        missing: Option<&[u64]>,
+        source: Arc<dyn PageSource>,
+        status: Arc<FillStatus>,
+        on_fail: Box<dyn Fn(&str) + Send + Sync>,
+    ) -> Result<LazyRam, PageServerError> {
         let uffd = UffdFd::open().map_err(PageServerError::Open)?;
-        let ptr = base as *mut libc::c_void;
-        let n = usize::try_from(len).unwrap_or(usize::MAX);
-        // SAFETY: the caller guarantees the range is one private anonymous mapping that it
-        // wants emptied; MADV_DONTNEED only drops its pages (they read as missing after).
-        if unsafe { libc::madvise(ptr, n, libc::MADV_DONTNEED) } != 0 {
-            return Err(PageServerError::Drop(std::io::Error::last_os_error()));
-        }
+        // SAFETY: the caller guarantees the range is one private anonymous mapping whose
+        // missing pages it wants emptied.
+        unsafe { drop_missing(base, len, missing, &status) }?;
         uffd.register(base, len)
             .map_err(PageServerError::Register)?;
         let stop = Arc::new(AtomicBool::new(false));

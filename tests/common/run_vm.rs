@@ -239,6 +239,30 @@ impl RunVm {
         self.last_tick().expect("no tick before stop")
     }
 
+    /// Waits (up to `limit`) for the process to end on its own; returns its exit status and
+    /// standard error.
+    #[allow(dead_code)]
+    pub fn wait_exit(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "still running after {limit:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Quits through the monitor; the process must exit with success.
     pub fn quit(mut self) {
         self.mon.quit();

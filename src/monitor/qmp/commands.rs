@@ -35,6 +35,7 @@ pub const COMMANDS: &[&str] = &[
     "job-cancel",
     "migrate",
     "migrate_cancel",
+    "migrate-start-postcopy",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",

@@ -63,8 +63,8 @@ pub fn info_json(info: &MigrationInfo) -> Value {
             "normal-bytes": r.normal * r.page_size, "dirty-sync-count": r.dirty_sync_count,
             "page-size": r.page_size, "mbps": r.mbps, "pages-per-second": r.pages_per_second,
             "dirty-pages-rate": r.dirty_pages_rate, "precopy-bytes": r.precopy_bytes,
-            "downtime-bytes": r.downtime_bytes, "postcopy-bytes": 0,
-            "multifd-bytes": 0, "postcopy-requests": 0,
+            "downtime-bytes": r.downtime_bytes, "postcopy-bytes": r.postcopy_bytes,
+            "multifd-bytes": 0, "postcopy-requests": r.postcopy_requests,
         });
     }
     if let Some(d) = &info.disk {
@@ -167,6 +167,11 @@ pub fn dispatch(cx: Cx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, QmpError>
             crate::snapshot::lazy::settle(cx.vm).map_err(generic)?;
             cx.mig.start_with(uri, blk).map_err(generic)?;
             super::note_migration(cx, Status::Setup.name());
+            ok
+        }
+        "migrate-start-postcopy" => {
+            a.finish()?;
+            cx.mig.start_postcopy().map_err(generic)?;
             ok
         }
         "migrate_cancel" => {

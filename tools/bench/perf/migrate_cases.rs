@@ -10,7 +10,9 @@
 //! kernel mode (where that guest's loop runs, and SeaBIOS before it) too slowly: with
 //! `-accel kvm` QEMU is still in SeaBIOS after 3 s. Both sides run uncapped
 //! (`max-bandwidth` 100 GiB/s) with their default downtime limit; an extra row shows QEMU and
-//! vmsnap under QEMU's default 128 MiB/s cap at 200 MiB/s.
+//! vmsnap under QEMU's default 128 MiB/s cap at 200 MiB/s, and one more the same with
+//! postcopy (`postcopy-ram` on both sides, `migrate_start_postcopy` [`POSTCOPY_AFTER`] into
+//! the migration): there pre-copy cannot converge, and postcopy's downtime is the figure.
 //!
 //! The note column gives the highest dirty-page rate each source measured (200 MiB/s is
 //! 51200 pages/s). Under kvm_pvm the counter guest pays for the first store to each page
@@ -38,6 +40,8 @@ const RATES: [u64; 3] = [0, 50, 200];
 const WARMUP: Duration = Duration::from_secs(2);
 /// Give up on a migration that has not completed after this long (then cancel it).
 const GIVE_UP: Duration = Duration::from_secs(30);
+/// With postcopy: how long pre-copy runs before `migrate_start_postcopy`.
+const POSTCOPY_AFTER: Duration = Duration::from_secs(1);
 /// "Uncapped": far above what loopback carries.
 const UNCAPPED_MIB: u64 = 100 << 10;
 
@@ -69,23 +73,33 @@ pub fn run(h: &mut Harness) {
         let mut v = Vec::new();
         let mut q = Vec::new();
         for _ in 0..h.runs {
-            v.push(migrate_vmsnap(h, rate, UNCAPPED_MIB));
+            v.push(migrate_vmsnap(h, rate, UNCAPPED_MIB, false));
             if qemu_ok {
-                q.push(migrate_qemu(h, &guest, rate, Some(UNCAPPED_MIB)));
+                q.push(migrate_qemu(h, &guest, rate, Some(UNCAPPED_MIB), false));
             }
         }
         record(h, &format!("migrate 1G dirty {rate} MiB/s uncapped"), v, q);
     }
     // QEMU's default bandwidth cap (128 MiB/s) at the highest rate: QEMU does not converge.
-    let v = (0..h.runs).map(|_| migrate_vmsnap(h, 200, 128)).collect();
-    let q = if qemu_ok {
-        (0..h.runs)
-            .map(|_| migrate_qemu(h, &guest, 200, None))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    record(h, "migrate 1G dirty 200 MiB/s cap 128 MiB/s", v, q);
+    for postcopy in [false, true] {
+        let v = (0..h.runs)
+            .map(|_| migrate_vmsnap(h, 200, 128, postcopy))
+            .collect();
+        let q = if qemu_ok {
+            (0..h.runs)
+                .map(|_| migrate_qemu(h, &guest, 200, None, postcopy))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let name = "migrate 1G dirty 200 MiB/s cap 128 MiB/s";
+        let name = if postcopy {
+            format!("{name} postcopy")
+        } else {
+            name.to_string()
+        };
+        record(h, &name, v, q);
+    }
 }
 
 fn guest_elf() -> PathBuf {
@@ -292,7 +306,12 @@ fn hmp_field<'a>(reply: &'a str, name: &str) -> Option<&'a str> {
     reply.lines().find_map(|l| l.strip_prefix(&prefix))
 }
 
-fn migrate_vmsnap(h: &Harness, rate: u64, bandwidth_mib: u64) -> Result<Outcome, String> {
+fn migrate_vmsnap(
+    h: &Harness,
+    rate: u64,
+    bandwidth_mib: u64,
+    postcopy: bool,
+) -> Result<Outcome, String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("SKIPPED: /dev/kvm missing".into());
     }
@@ -317,6 +336,10 @@ fn migrate_vmsnap(h: &Harness, rate: u64, bandwidth_mib: u64) -> Result<Outcome,
     )?);
     procs.0.push(spawn(&mut run(&src_mon))?);
     let mut src = Hmp::connect(&src_mon)?;
+    if postcopy {
+        Hmp::connect(&dst_mon)?.cmd("migrate_set_capability postcopy-ram on")?;
+        src.cmd("migrate_set_capability postcopy-ram on")?;
+    }
     std::thread::sleep(WARMUP);
     src.cmd(&format!(
         "migrate_set_parameter max-bandwidth {bandwidth_mib}M"
@@ -327,8 +350,13 @@ fn migrate_vmsnap(h: &Harness, rate: u64, bandwidth_mib: u64) -> Result<Outcome,
     }
     let start = Instant::now();
     let mut dirty_pages_rate = 0;
+    let mut switch = postcopy.then_some(start + POSTCOPY_AFTER);
     loop {
         std::thread::sleep(Duration::from_millis(50));
+        if switch.is_some_and(|at| Instant::now() >= at) {
+            src.cmd("migrate_start_postcopy")?;
+            switch = None;
+        }
         let info = src.cmd("info migrate")?;
         let status = hmp_field(&info, "Migration status").unwrap_or("");
         if let Some(r) = hmp_field(&info, "dirty pages rate")
@@ -364,7 +392,10 @@ fn migrate_vmsnap(h: &Harness, rate: u64, bandwidth_mib: u64) -> Result<Outcome,
                 dirty_pages_rate,
             });
         }
-        if status.starts_with("failed") || status == "cancelled" {
+        if status.starts_with("failed")
+            || status.starts_with("postcopy-paused")
+            || status == "cancelled"
+        {
             return Err(format!("migration {status}"));
         }
         if status.is_empty() && start.elapsed() > Duration::from_secs(2) {
@@ -444,6 +475,7 @@ fn migrate_qemu(
     guest: &Path,
     rate: u64,
     bandwidth_mib: Option<u64>,
+    postcopy: bool,
 ) -> Result<Outcome, String> {
     let port = free_port()?;
     let src_qmp = h.path("qemu-src.qmp");
@@ -466,11 +498,21 @@ fn migrate_qemu(
             json!({"max-bandwidth": mib << 20}),
         )?;
     }
+    if postcopy {
+        let caps = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+        dst.cmd("migrate-set-capabilities", caps.clone())?;
+        src.cmd("migrate-set-capabilities", caps)?;
+    }
     src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let start = Instant::now();
     let mut dirty_pages_rate = 0;
+    let mut switch = postcopy.then_some(start + POSTCOPY_AFTER);
     loop {
         std::thread::sleep(Duration::from_millis(50));
+        if switch.is_some_and(|at| Instant::now() >= at) {
+            src.cmd("migrate-start-postcopy", json!({}))?;
+            switch = None;
+        }
         let info = src.cmd("query-migrate", json!({}))?;
         let status = info.get("status").and_then(Value::as_str).unwrap_or("");
         if let Some(r) = info
@@ -510,7 +552,9 @@ fn migrate_qemu(
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            "failed" | "cancelled" => return Err(format!("migration {status}: {info}")),
+            "failed" | "cancelled" | "postcopy-paused" => {
+                return Err(format!("migration {status}: {info}"))
+            }
             _ => {}
         }
         if start.elapsed() > GIVE_UP {

@@ -1,0 +1,287 @@
+//! Postcopy live migration (issue 15) of the counter guest between two `vmsnap run`
+//! processes: the guest dirties RAM faster than the capped pre-copy can send it, so pre-copy
+//! alone would never finish; `migrate_start_postcopy` moves the guest to the destination
+//! with pages still on the source, which the destination asks for as the guest touches them.
+//! The guest's ticks must continue by one and its own RAM check pass on the destination. A
+//! source killed during postcopy must make the destination stop with a clear error (never
+//! run on with pages it did not get), and leave the image sound.
+mod common;
+use common::info_field as field;
+use common::run_vm::{assert_check, command_with_memory, create_qcow2, kvm_and_qemu_img, RunVm};
+use common::ticks::{assert_continues, ticks_of};
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The guests' timing matters and the machine is small: one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const MEMORY: &str = "64M";
+
+/// Source (run 0, dirtying 200 MiB/s) and destination (run 1, `--incoming uri`), both with
+/// postcopy-ram on; pre-copy capped at QEMU's default 128 MiB/s, so it cannot converge.
+fn pair(dir: &Path, drive: &str, uri: &str) -> (RunVm, RunVm) {
+    let mut src = RunVm::start_with(
+        dir,
+        &[drive.to_string()],
+        1,
+        None,
+        0,
+        &["--memory", MEMORY, "--dirty-rate", "200"],
+    );
+    let mut cmd = command_with_memory(dir, &[drive.to_string()], 1, None, 1, MEMORY);
+    cmd.args(["--incoming", uri]);
+    let mut dst = RunVm::spawn(cmd, dir, 1);
+    assert_eq!(dst.cmd("").1, "paused (inmigrate)");
+    dst.ok("migrate_set_capability postcopy-ram on");
+    src.ok("migrate_set_capability postcopy-ram on");
+    src.ok("migrate_set_parameter max-bandwidth 128M");
+    src.wait_past(10);
+    (src, dst)
+}
+
+/// Polls `info migrate` on `vm` until `done` says so; fails on a failed migration.
+fn wait_info(vm: &mut RunVm, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let info = vm.ok("info migrate");
+        if done(&info) {
+            return info;
+        }
+        assert!(!info.contains("status: failed"), "{what}: {info}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{what}: timed out:\n{info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the migration and switches to postcopy once `precopy_kib` of RAM went out.
+fn migrate_then_switch(src: &mut RunVm, uri: &str, precopy_kib: u64) {
+    assert_eq!(src.ok(&format!("migrate -d {uri}")), "");
+    wait_info(src, "pre-copy", |i| {
+        i.contains("Migration status: active")
+            && i.contains("transferred ram:")
+            && field(i, "transferred ram:") >= precopy_kib
+    });
+    assert_eq!(src.ok("migrate_start_postcopy"), "");
+}
+
+/// Waits until the destination's guest runs and has printed a complete `CHECK` line and a
+/// complete tick line after it; returns the serial text.
+fn wait_check_and_tick(dst: &mut RunVm) -> String {
+    let start = Instant::now();
+    loop {
+        let t = dst.serial_text();
+        if let Some(i) = t.find("CHECK ") {
+            if t[i..].contains('\n') && !ticks_of(&t[i..]).is_empty() {
+                return t;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no CHECK line and tick after it on the destination:\n{t}\n{}",
+            dst.ok("info migrate")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn postcopy_round_trip(uri: &str) {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let drive = format!("file={},format=qcow2", img.display());
+    let uri = uri.replace("DIR", &dir.path().display().to_string());
+    let (mut src, mut dst) = pair(dir.path(), &drive, &uri);
+
+    // The background pages at 16 MiB/s: the guest, walking RAM at 200 MiB/s, runs into
+    // pages not sent yet and must ask for them.
+    src.ok("migrate_set_parameter max-postcopy-bandwidth 16M");
+    // The switch before pre-copy has been round once: many pages are still on the source.
+    migrate_then_switch(&mut src, &uri, 8 << 10);
+    let info = wait_info(&mut src, "postcopy", |i| {
+        i.contains("Migration status: completed")
+    });
+    eprintln!("source:\n{info}");
+    // QEMU 7.2's postcopy lines: the pages the destination asked for, the bytes after the
+    // switch.
+    assert!(field(&info, "postcopy request count:") > 0, "{info}");
+    assert!(field(&info, "postcopy ram:") > 0, "{info}");
+    assert_eq!(field(&info, "remaining ram:"), 0, "{info}");
+    assert_eq!(src.cmd("").1, "paused (postmigrate)");
+
+    let dinfo = wait_info(&mut dst, "destination", |i| {
+        i.contains("Migration status: completed")
+    });
+    assert_eq!(dst.cmd("").1, "running", "{dinfo}");
+    let dst_text = wait_check_and_tick(&mut dst);
+    assert!(dst_text.contains("CHECK OK"), "{dst_text}");
+    assert!(!dst_text.contains("CHECK FAIL"), "{dst_text}");
+    assert_continues(&src.serial_text(), &dst_text);
+    src.quit();
+    dst.quit();
+    assert_check(&dir.path().join("disk.qcow2"));
+}
+
+#[test]
+fn counter_guest_postcopy_over_unix() {
+    if !kvm_and_qemu_img("counter_guest_postcopy_over_unix") {
+        return;
+    }
+    postcopy_round_trip("unix:DIR/mig.sock");
+}
+
+#[test]
+fn counter_guest_postcopy_over_tcp() {
+    if !kvm_and_qemu_img("counter_guest_postcopy_over_tcp") {
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    postcopy_round_trip(&format!("tcp:127.0.0.1:{port}"));
+}
+
+#[test]
+fn postcopy_capability_without_the_switch_completes_as_precopy() {
+    if !kvm_and_qemu_img("postcopy_capability_without_the_switch_completes_as_precopy") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let drive = format!("file={},format=qcow2", img.display());
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    let (mut src, mut dst) = pair(dir.path(), &drive, &uri);
+    // Uncapped, pre-copy converges before anyone asks for postcopy: the postcopy header
+    // goes out with no page missing.
+    src.ok("migrate_set_parameter max-bandwidth 0");
+    assert_eq!(src.ok(&format!("migrate {uri}")), "");
+    let info = src.ok("info migrate");
+    assert!(info.contains("Migration status: completed"), "{info}");
+    assert!(!info.contains("postcopy request count"), "{info}");
+    wait_info(&mut dst, "destination", |i| {
+        i.contains("Migration status: completed")
+    });
+    let dst_text = wait_check_and_tick(&mut dst);
+    assert!(dst_text.contains("CHECK OK"), "{dst_text}");
+    assert_continues(&src.serial_text(), &dst_text);
+    src.quit();
+    dst.quit();
+    assert_check(&img);
+}
+
+#[test]
+fn postcopy_is_refused_without_the_capability_or_a_migration() {
+    if !kvm_and_qemu_img("postcopy_is_refused_without_the_capability_or_a_migration") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    create_qcow2(&img);
+    let drive = format!("file={},format=qcow2", img.display());
+    let mut vm = RunVm::start(dir.path(), &[drive], 1, None, 0);
+    let (r, _) = vm.cmd("migrate_start_postcopy");
+    assert_eq!(
+        r.trim(),
+        "Error: Enable postcopy with migrate_set_capability before the start of migration"
+    );
+    vm.ok("migrate_set_capability postcopy-ram on");
+    let (r, _) = vm.cmd("migrate_start_postcopy");
+    assert_eq!(
+        r.trim(),
+        "Error: Postcopy must be started after migration has been started"
+    );
+    // A destination without postcopy-ram: the source finds out before anything is lost.
+    let mut cmd = command_with_memory(dir.path(), &[], 1, None, 1, "16M");
+    let sock = dir.path().join("mig.sock");
+    cmd.args(["--incoming", &format!("unix:{}", sock.display())]);
+    let _dst = RunVm::spawn(cmd, dir.path(), 1);
+    let (r, st) = vm.cmd(&format!("migrate unix:{}", sock.display()));
+    assert!(r.contains("did not agree to postcopy"), "{r}");
+    assert_eq!(st, "running");
+    vm.quit();
+}
+
+/// A migration of a fresh counter guest (image `disk.qcow2` in `dir`) switched to postcopy
+/// with the background pages trickling (256 KiB/s), so that the postcopy phase lasts long
+/// enough to cut it: the source shows `postcopy-active`.
+fn trickling_postcopy(dir: &Path) -> (RunVm, RunVm) {
+    let img = dir.join("disk.qcow2");
+    create_qcow2(&img);
+    let drive = format!("file={},format=qcow2", img.display());
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (mut src, dst) = pair(dir, &drive, &uri);
+    src.ok("migrate_set_parameter max-postcopy-bandwidth 256k");
+    migrate_then_switch(&mut src, &uri, 4 << 10);
+    wait_info(&mut src, "postcopy", |i| {
+        i.contains("Migration status: postcopy-active")
+    });
+    (src, dst)
+}
+
+#[test]
+fn killed_source_during_postcopy_stops_the_destination() {
+    if !kvm_and_qemu_img("killed_source_during_postcopy_stops_the_destination") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, mut dst) = trickling_postcopy(dir.path());
+    // The guest runs on the destination (a tick printed there) before the source dies.
+    let start = Instant::now();
+    while ticks_of(&dst.serial_text()).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            dst.ok("info migrate")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(src); // SIGKILL
+    let (status, err) = dst.wait_exit(Duration::from_secs(60));
+    eprintln!("destination: {status}\n{err}");
+    assert!(!status.success(), "{status}: {err}");
+    assert!(
+        err.contains("postcopy migration failed") && err.contains("source is gone"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let text = std::fs::read_to_string(dir.path().join("serial1.txt")).unwrap();
+    assert!(!text.contains("CHECK FAIL"), "{text}");
+    assert_check(&dir.path().join("disk.qcow2"));
+}
+
+#[test]
+fn killed_destination_during_postcopy_leaves_the_source_paused() {
+    if !kvm_and_qemu_img("killed_destination_during_postcopy_leaves_the_source_paused") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut src, dst) = trickling_postcopy(dir.path());
+    // migrate_cancel cannot take back a guest that runs on the destination.
+    assert_eq!(src.ok("migrate_cancel"), "");
+    drop(dst); // SIGKILL
+    let info = wait_info(&mut src, "broken postcopy", |i| {
+        i.contains("Migration status: postcopy-paused")
+    });
+    eprintln!("source:\n{info}");
+    // The guest stays paused with its pages; cont would run a stale copy.
+    let (r, st) = src.cmd("cont");
+    assert!(r.contains("ran on the destination"), "{r}");
+    assert_eq!(st, "paused (postmigrate)");
+    src.quit();
+    assert_check(&dir.path().join("disk.qcow2"));
+}

@@ -12,7 +12,7 @@ use crate::vmm::page_server::LoadState;
 use crate::vmm::{Vm, VmError, VmState};
 
 use super::block::recv::{BlockReceiver, BlockRecvError};
-use super::disks::{self, DiskError, DriveOpen};
+use super::disks::{self, DiskError};
 use super::live_ram::IncomingRam;
 use super::postcopy;
 use super::postcopy_pages::{self, ChannelPages, PostcopyError};

@@ -89,6 +89,40 @@ struct State {
     inactive: bool,
     /// Set on a destination (`--incoming`): what its `info migrate` shows.
     incoming: Option<MigrationInfo>,
+    /// Every status this side went through, in order (see [`StatusLog`]).
+    log: StatusLog,
+}
+
+/// The statuses a migration went through, numbered, so that an observer that polls (QMP's
+/// MIGRATION events) sees a status that lasted less than its polling period too.
+#[derive(Debug, Default)]
+struct StatusLog {
+    /// Number of the newest entry (the first is 1).
+    last: u64,
+    /// The newest entries, oldest first.
+    recent: std::collections::VecDeque<&'static str>,
+}
+
+impl StatusLog {
+    /// Most entries kept: a migration goes through a handful of statuses.
+    const KEEP: usize = 32;
+
+    fn record(&mut self, status: &Status) {
+        let name = status.name();
+        if self.recent.back() != Some(&name) {
+            self.last += 1;
+            self.recent.push_back(name);
+            if self.recent.len() > Self::KEEP {
+                self.recent.pop_front();
+            }
+        }
+    }
+
+    fn since(&self, seen: u64) -> Vec<&'static str> {
+        let new = usize::try_from(self.last.saturating_sub(seen)).unwrap_or(usize::MAX);
+        let skip = self.recent.len().saturating_sub(new);
+        self.recent.iter().skip(skip).copied().collect()
+    }
 }
 
 /// The migration state of one VM, shared by the monitor and the migration thread
@@ -159,6 +193,7 @@ impl Migrator {
         if st.info.status.is_active() && st.info.status != Status::PostcopyActive {
             st.cancel = true;
             st.info.status = Status::Cancelling;
+            st.log.record(&Status::Cancelling);
             if let Some(a) = &st.aborter {
                 a.abort();
             }
@@ -288,6 +323,7 @@ impl Migrator {
                     }
                     if let Some(uri) = st.request.take() {
                         st.info.status = Status::Setup;
+                        st.log.record(&Status::Setup);
                         break source::Job {
                             uri,
                             params: st.params.clone(),
@@ -331,8 +367,17 @@ impl Migrator {
                     st.info.expected_downtime_ms = None;
                 }
             }
+            let status = st.info.status.clone();
+            st.log.record(&status);
             self.changed.notify_all();
         }
+    }
+
+    /// The statuses recorded after entry `seen` (oldest first) and the newest entry's number:
+    /// pass that number back on the next call.
+    pub fn status_changes(&self, seen: u64) -> (Vec<&'static str>, u64) {
+        let st = self.lock();
+        (st.log.since(seen), st.log.last)
     }
 }
 
@@ -346,6 +391,7 @@ impl source::Observer for Migrator {
             info.status.clone()
         };
         st.info = info.clone();
+        st.log.record(&status);
         st.info.status = status;
     }
 
@@ -367,5 +413,31 @@ impl source::Observer for Migrator {
             aborter.abort();
         }
         st.aborter = Some(aborter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Status, StatusLog};
+
+    #[test]
+    fn status_log_keeps_short_lived_statuses_in_order() {
+        let mut log = StatusLog::default();
+        assert!(log.since(0).is_empty());
+        log.record(&Status::Setup);
+        let seen = log.last;
+        log.record(&Status::Active);
+        log.record(&Status::Active);
+        log.record(&Status::Completed);
+        assert_eq!(log.since(seen), ["active", "completed"]);
+        assert_eq!(log.since(0), ["setup", "active", "completed"]);
+        assert!(log.since(log.last).is_empty());
+        for _ in 0..40 {
+            log.record(&Status::Setup);
+            log.record(&Status::Cancelled);
+        }
+        // Only the newest are kept; an observer far behind gets those.
+        assert_eq!(log.since(0).len(), StatusLog::KEEP);
+        assert_eq!(log.since(log.last - 2), ["setup", "cancelled"]);
     }
 }

@@ -30,6 +30,8 @@ struct State {
     busy: bool,
     /// The first failure (kind, message).
     failed: Option<(io::ErrorKind, String)>,
+    /// The failure was returned to a caller once; later calls say the connection is lost.
+    reported: bool,
     stop: bool,
 }
 
@@ -64,8 +66,21 @@ impl std::fmt::Debug for WriteBehind {
     }
 }
 
-fn failure(f: &(io::ErrorKind, String)) -> io::Error {
-    io::Error::new(f.0, f.1.clone())
+/// The sticky failure for a caller: as it happened the first time, then as a lost connection
+/// (the request that failed was an earlier one).
+fn failure(g: &mut State) -> Option<io::Error> {
+    let (kind, msg) = g.failed.as_ref()?;
+    let e = if std::mem::replace(&mut g.reported, true) {
+        io::Error::new(
+            io::ErrorKind::NotConnected,
+            format!(
+                "NBD connection lost earlier ({msg}); reopen the image once the server is back"
+            ),
+        )
+    } else {
+        io::Error::new(*kind, msg.clone())
+    };
+    Some(e)
 }
 
 impl WriteBehind {
@@ -95,8 +110,8 @@ impl WriteBehind {
     pub(crate) fn push(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
         let mut g = self.shared.lock();
         loop {
-            if let Some(f) = &g.failed {
-                return Err(failure(f));
+            if let Some(e) = failure(&mut g) {
+                return Err(e);
             }
             // An empty queue takes any write (one larger than the limit goes alone).
             if g.queued_bytes == 0 || g.queued_bytes + data.len() <= LIMIT {
@@ -119,8 +134,8 @@ impl WriteBehind {
         while g.failed.is_none() && (g.busy || !g.queue.is_empty()) {
             g = self.shared.wait(g);
         }
-        match &g.failed {
-            Some(f) => Err(failure(f)),
+        match failure(&mut g) {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -197,7 +212,9 @@ mod tests {
         wb.push(666, vec![1]).unwrap();
         let e = wb.drain().unwrap_err();
         assert!(e.to_string().contains("server gone"), "{e}");
-        assert!(wb.push(0, vec![1]).is_err(), "a failure sticks");
+        let e = wb.push(0, vec![1]).unwrap_err();
+        assert!(e.to_string().contains("lost earlier (server gone)"), "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected);
         assert!(wb.drain().is_err());
         assert_eq!(sent.load(Ordering::SeqCst), 20);
     }

@@ -196,7 +196,17 @@ pub fn note_migration(cx: Cx<'_>, status: &'static str) {
 /// stop (STOP before `completed`, as QEMU sends them), a vCPU failure.
 fn poll(cx: Cx<'_>, done: &AtomicBool) {
     events::sync_run_state(cx.vm);
+    let (_, mut seen) = cx.mig.status_changes(u64::MAX);
     while !done.load(Ordering::SeqCst) {
+        // Statuses that came and went since the last look (a short migration's `active`).
+        let (changes, last) = cx.mig.status_changes(seen);
+        seen = last;
+        for name in changes {
+            if matches!(name, "completed" | "failed") {
+                events::poll_run_state(cx.vm);
+            }
+            note_migration(cx, name);
+        }
         let status = cx.mig.info().status;
         let end = matches!(
             status,

@@ -112,6 +112,11 @@ fn convert_keeps_every_snapshot_of_every_fixture() {
         );
         std::fs::remove_file(&src).unwrap();
     }
+    // `-t unsafe` (qemu-img's default cache mode for convert) skips the syncs, not the copy.
+    let src = fixture_copy("snap-basic.qcow2.gz", dir.path());
+    let out = dir.path().join("unsafe.qcow2");
+    convert(&src, &out, &["-t", "unsafe"]);
+    assert_same_tree(&src, &out, dir.path(), "snap-basic -t unsafe");
 }
 
 #[test]
@@ -219,6 +224,7 @@ fn bad_input_fails_cleanly_and_leaves_no_output() {
         (vec!["-o", "compat=0.10,refcount_bits=8"], "compat=1.1"),
         (vec!["-o", "bogus=1"], "Invalid parameter 'bogus=1'"),
         (vec!["-o", "refcount_bits=1"], "cannot count the"),
+        (vec!["-t", "none"], "invalid value 'none'"),
     ] {
         let mut a = vec!["convert", "-O", "qcow2"];
         a.extend(args.iter());

@@ -5,7 +5,9 @@
 //!
 //! DST is written under a temporary name in its directory and renamed over DST only when
 //! complete and synced (qemu-img overwrites DST too, but in place): a failed or interrupted
-//! convert never leaves a half-written image under the requested name.
+//! convert never leaves a half-written image under the requested name. `-t writeback` (the
+//! default) syncs the output before the rename; `-t unsafe` (qemu-img's default) does not,
+//! for a copy that may be lost on a crash.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,11 @@ pub struct ConvertArgs {
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Output cache mode, as qemu-img's `-t`: `writeback` (default here) syncs the output
+    /// and its directory before DST appears; `unsafe` (qemu-img's default for convert)
+    /// skips both, so a crash soon after may lose the copy.
+    #[arg(short = 't', default_value = "writeback", value_parser = ["writeback", "unsafe"])]
+    pub cache: String,
     /// Copy one snapshot as the active layer: `snapshot.name=TAG`, `snapshot.id=ID` or
     /// `ID_OR_NAME`.
     #[arg(short = 'l')]
@@ -152,7 +159,7 @@ pub fn convert_command(args: &ConvertArgs) -> Result<(), ConvertError> {
     let tmp = temp_path(&args.dst);
     let result = write_output(&mut img, &select, out_fmt, &opts, &tmp, args);
     match result {
-        Ok(()) => finish(&tmp, &args.dst),
+        Ok(()) => finish(&tmp, &args.dst, args.cache != "unsafe"),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)
@@ -303,6 +310,9 @@ fn write_output(
         Format::Raw => write_raw(img, select, &storage, &mut progress, &args.src)?,
     }
     progress.done();
+    if args.cache == "unsafe" {
+        return Ok(());
+    }
     storage.flush().map_err(|source| ConvertError::Output {
         what: "Could not sync",
         path: tmp_name,
@@ -359,8 +369,8 @@ fn write_raw(
     })
 }
 
-/// Renames the complete temporary file over `dst` and syncs the directory.
-fn finish(tmp: &Path, dst: &Path) -> Result<(), ConvertError> {
+/// Renames the complete temporary file over `dst` and, with `sync`, syncs the directory.
+fn finish(tmp: &Path, dst: &Path, sync: bool) -> Result<(), ConvertError> {
     std::fs::rename(tmp, dst).map_err(|source| {
         let _ = std::fs::remove_file(tmp);
         ConvertError::Output {
@@ -369,6 +379,9 @@ fn finish(tmp: &Path, dst: &Path) -> Result<(), ConvertError> {
             source,
         }
     })?;
+    if !sync {
+        return Ok(());
+    }
     let dir = match dst.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -10,7 +10,7 @@ use common::info_field as field;
 use common::run_vm::{assert_check, command_with_memory, create_qcow2, kvm_and_qemu_img, RunVm};
 use common::ticks::{assert_continues, ticks_of};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,14 @@ const MEMORY: &str = "64M";
 
 /// Source (run 0, dirtying 200 MiB/s) and destination (run 1, `--incoming uri`), both with
 /// postcopy-ram on; pre-copy capped at QEMU's default 128 MiB/s, so it cannot converge.
+/// A fresh qcow2 image in `dir` and its `--drive` argument.
+fn disk(dir: &Path) -> (PathBuf, String) {
+    let img = dir.join("disk.qcow2");
+    create_qcow2(&img);
+    let drive = format!("file={},format=qcow2", img.display());
+    (img, drive)
+}
+
 fn pair(dir: &Path, drive: &str, uri: &str) -> (RunVm, RunVm) {
     let mut src = RunVm::start_with(
         dir,
@@ -96,9 +104,7 @@ fn wait_check_and_tick(dst: &mut RunVm) -> String {
 fn postcopy_round_trip(uri: &str) {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img);
-    let drive = format!("file={},format=qcow2", img.display());
+    let (_, drive) = disk(dir.path());
     let uri = uri.replace("DIR", &dir.path().display().to_string());
     let (mut src, mut dst) = pair(dir.path(), &drive, &uri);
 
@@ -158,9 +164,7 @@ fn postcopy_capability_without_the_switch_completes_as_precopy() {
     }
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img);
-    let drive = format!("file={},format=qcow2", img.display());
+    let (img, drive) = disk(dir.path());
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());
     let (mut src, mut dst) = pair(dir.path(), &drive, &uri);
     // Uncapped, pre-copy converges before anyone asks for postcopy: the postcopy header
@@ -188,9 +192,7 @@ fn postcopy_is_refused_without_the_capability_or_a_migration() {
     }
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    create_qcow2(&img);
-    let drive = format!("file={},format=qcow2", img.display());
+    let (_, drive) = disk(dir.path());
     let mut vm = RunVm::start(dir.path(), &[drive], 1, None, 0);
     let (r, _) = vm.cmd("migrate_start_postcopy");
     assert_eq!(
@@ -218,9 +220,7 @@ fn postcopy_is_refused_without_the_capability_or_a_migration() {
 /// with the background pages trickling (256 KiB/s), so that the postcopy phase lasts long
 /// enough to cut it: the source shows `postcopy-active`.
 fn trickling_postcopy(dir: &Path) -> (RunVm, RunVm) {
-    let img = dir.join("disk.qcow2");
-    create_qcow2(&img);
-    let drive = format!("file={},format=qcow2", img.display());
+    let (_, drive) = disk(dir);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let (mut src, dst) = pair(dir, &drive, &uri);
     src.ok("migrate_set_parameter max-postcopy-bandwidth 256k");

@@ -112,6 +112,26 @@ fn check_line(vm: &RunVm) -> String {
     }
 }
 
+/// Waits (20 s at most) until the serial text after byte `from` holds the line `tick N`;
+/// returns the text from that line on.
+fn tick_after(vm: &RunVm, from: usize, n: u64) -> String {
+    let line = format!("tick {n}\n");
+    let start = std::time::Instant::now();
+    loop {
+        let text = vm.serial_text();
+        if let Some(i) = text[from..].find(&line) {
+            return text[from + i..].to_string();
+        }
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "no '{}' after byte {from}: {:?}",
+            line.trim_end(),
+            &text[from..]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn ms(v: &str) -> u64 {
     v.strip_suffix(" ms").unwrap().parse().unwrap()
 }
@@ -196,9 +216,51 @@ fn live_save_and_resume(dirty_rate: &str) {
     vm.ok("savevm s2");
     let info = vm.ok("info savevm");
     assert_eq!(field(&info, "mode"), "stop", "{info}");
+    vm.ok("cont");
+    // The same in the running process: `loadvm` (lazy), then `loadvm -e` (eager); each
+    // resumes at the snapshot's next tick and leaves the snapshot's RAM in the guest.
+    for (cmd, mode, tag) in [("loadvm s1", "lazy", "s3"), ("loadvm -e s1", "eager", "s4")] {
+        vm.wait_past(n + 3);
+        let from = vm.serial_text().len();
+        vm.ok(cmd);
+        // The snapshot's next tick comes next (its line may follow a partial line the guest
+        // printed before loadvm stopped it), and the ticks count on from there.
+        let after = tick_after(&vm, from, n + 1);
+        common::ticks::assert_counts_on(cmd, &after);
+        let loaded = vm.wait_loaded();
+        assert!(
+            loaded.contains(&format!("mode: {mode}")) && loaded.contains("status: completed"),
+            "{cmd}: {loaded}"
+        );
+        vm.stop();
+        vm.ok(&format!("savevm {tag}"));
+        vm.ok("cont");
+    }
     vm.quit();
     assert_check(&img);
-    assert_ram_is_the_files("after loadvm", &snapshot_ram(&img, "s2"), &file);
+    // And an eager load in a fresh process over other RAM.
+    let extra = [
+        "--mem-path",
+        other.to_str().unwrap(),
+        "--loadvm-mode",
+        "eager",
+    ];
+    let mut vm = RunVm::start_with(dir.path(), &drives, 1, Some("s1"), 3, &extra);
+    let text = check_line(&vm);
+    assert_eq!(ticks_of(&text).first(), Some(&(n + 1)), "eager: {text}");
+    assert!(text.contains("CHECK OK"), "eager: {text}");
+    vm.stop();
+    vm.ok("savevm s5");
+    vm.quit();
+    assert_check(&img);
+    for (what, tag) in [
+        ("lazy --loadvm", "s2"),
+        ("loadvm in the process", "s3"),
+        ("loadvm -e in the process", "s4"),
+        ("eager --loadvm", "s5"),
+    ] {
+        assert_ram_is_the_files(what, &snapshot_ram(&img, tag), &file);
+    }
 
     // The exported state is a whole stream the inspector decodes, as is the snapshot itself.
     let state = dir.path().join("s1.bin");

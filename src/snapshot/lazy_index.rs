@@ -83,17 +83,182 @@ pub fn store_index(
     };
     let body = index.encode();
     let at = index_offset(layout.len);
+    write_area(store, at, &body)?;
+    Ok(index_record(&body, at, ram_len, layout))
+}
+
+/// Where a live save writes its index ahead of the pause: past the largest stream it may
+/// write (twice the RAM, see `live::SizeBound`, plus `extra` bytes of device state and
+/// captured drives), so that the stream can never run into it.
+pub fn ahead_offset(ram_len: u64, extra: u64) -> u64 {
+    index_offset(ram_len.saturating_mul(2).saturating_add(extra))
+}
+
+/// The index of a live save, written ahead of the pause at `at` as `written`: in the pause
+/// only the 4 KiB blocks that the final copy changed are written again, so the pause does
+/// not grow with the index (2 MiB per GiB of RAM). Falls back to [`store_index`] when the
+/// stream ended past `at` or the index changed size.
+pub fn store_index_ahead(
+    store: &mut dyn SnapshotStore,
+    recorder: &PageRecorder,
+    ram_len: u64,
+    layout: &StreamLayout,
+    at: u64,
+    written: &[u8],
+) -> Result<Vec<u8>, StateIoError> {
+    let Some(index) = recorder.index() else {
+        return Ok(Vec::new());
+    };
+    let body = index.encode();
+    if layout.len > at || body.len() != written.len() {
+        return store_index(store, recorder, ram_len, layout);
+    }
+    for (start, end) in changed_runs(written, &body, BLOCK) {
+        write_area(store, at + start as u64, &body[start..end])?;
+    }
+    Ok(index_record(&body, at, ram_len, layout))
+}
+
+/// Granularity of the rewrite in the pause.
+const BLOCK: usize = 4096;
+
+/// The byte ranges of `new` whose `block`-sized blocks differ from `old` (same length),
+/// adjacent blocks merged.
+fn changed_runs(old: &[u8], new: &[u8], block: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, (a, b)) in old.chunks(block).zip(new.chunks(block)).enumerate() {
+        if a != b {
+            let (start, end) = (i * block, i * block + b.len());
+            match runs.last_mut() {
+                Some(r) if r.1 == start => r.1 = end,
+                _ => runs.push((start, end)),
+            }
+        }
+    }
+    runs
+}
+
+fn write_area(store: &mut dyn SnapshotStore, at: u64, data: &[u8]) -> Result<(), StateIoError> {
     store
-        .vmstate_write(at, &body)
-        .map_err(|e| StateIoError::Io(std::io::Error::other(e)))?;
-    let record = PageIndexRecord {
+        .vmstate_write(at, data)
+        .map_err(|e| StateIoError::Io(std::io::Error::other(e)))
+}
+
+/// The kind-2 extra-data record of an index `body` stored at `at`.
+fn index_record(body: &[u8], at: u64, ram_len: u64, layout: &StreamLayout) -> Vec<u8> {
+    PageIndexRecord {
         index_offset: at,
         index_len: body.len() as u64,
         ram_len,
         setup_end: layout.setup_end,
         ram_end_section: layout.ram_end_section,
         page_size: PAGE_SIZE,
-        index_crc: crc32fast::hash(&body),
-    };
-    Ok(record.encode())
+        index_crc: crc32fast::hash(body),
+    }
+    .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{Result as BlockResult, SnapshotInfo, SnapshotParams};
+
+    /// A vmstate area in memory that counts its writes.
+    #[derive(Default)]
+    struct Area {
+        bytes: Vec<u8>,
+        writes: usize,
+    }
+
+    impl SnapshotStore for Area {
+        fn snapshot_list(&self) -> Vec<SnapshotInfo> {
+            Vec::new()
+        }
+        fn snapshot_create(&mut self, _: &SnapshotParams) -> BlockResult<SnapshotInfo> {
+            unimplemented!()
+        }
+        fn snapshot_goto(&mut self, _: &str) -> BlockResult<()> {
+            Ok(())
+        }
+        fn snapshot_delete(&mut self, _: &str) -> BlockResult<()> {
+            Ok(())
+        }
+        fn vmstate_write(&mut self, pos: u64, buf: &[u8]) -> BlockResult<()> {
+            self.writes += 1;
+            let end = pos as usize + buf.len();
+            if self.bytes.len() < end {
+                self.bytes.resize(end, 0);
+            }
+            self.bytes[pos as usize..end].copy_from_slice(buf);
+            Ok(())
+        }
+        fn vmstate_read(&mut self, pos: u64, buf: &mut [u8]) -> BlockResult<()> {
+            buf.copy_from_slice(&self.bytes[pos as usize..pos as usize + buf.len()]);
+            Ok(())
+        }
+        fn snapshot_vmstate_read(&mut self, _: &str, pos: u64, buf: &mut [u8]) -> BlockResult<()> {
+            self.vmstate_read(pos, buf)
+        }
+        fn snapshot_extra_tail(&self, _: &str) -> BlockResult<Vec<u8>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn an_index_written_ahead_gets_only_its_changed_blocks_in_the_pause() {
+        let pages = 2048u64;
+        let ram_len = pages * PAGE_SIZE;
+        let r = new_recorder(ram_len);
+        for p in 0..pages {
+            r.page(RAM_BLOCK, p * PAGE_SIZE, Some(100 + p * 4104));
+        }
+        let at = ahead_offset(ram_len, 1 << 20);
+        let ahead = r.index().unwrap().encode();
+        let mut area = Area::default();
+        area.vmstate_write(at, &ahead).unwrap();
+        // The final copy re-sends two pages far apart and makes one a zero page.
+        r.page(RAM_BLOCK, 3 * PAGE_SIZE, Some(9_000_000));
+        r.page(RAM_BLOCK, 1500 * PAGE_SIZE, None);
+        let layout = StreamLayout {
+            setup_end: 50,
+            ram_end_section: 9_000_000,
+            len: 9_100_000,
+        };
+        let writes = area.writes;
+        let tail = store_index_ahead(&mut area, &r, ram_len, &layout, at, &ahead).unwrap();
+        let body = r.index().unwrap().encode();
+        assert_eq!(area.writes - writes, 2, "two changed blocks, written alone");
+        assert_eq!(
+            &area.bytes[at as usize..at as usize + body.len()],
+            &body[..]
+        );
+        let rec = PageIndexRecord::find(&tail).unwrap().unwrap();
+        assert_eq!(
+            (rec.index_offset, rec.index_crc),
+            (at, crc32fast::hash(&body))
+        );
+        // A stream that ran past the place written ahead: the whole index after it.
+        let long = StreamLayout {
+            len: at + 1,
+            ..layout
+        };
+        let tail = store_index_ahead(&mut area, &r, ram_len, &long, at, &ahead).unwrap();
+        let rec = PageIndexRecord::find(&tail).unwrap().unwrap();
+        assert_eq!(rec.index_offset, index_offset(at + 1));
+        let start = rec.index_offset as usize;
+        assert_eq!(&area.bytes[start..start + body.len()], &body[..]);
+    }
+
+    #[test]
+    fn changed_runs_merge_adjacent_blocks_and_keep_a_short_tail() {
+        let old = vec![0u8; 10];
+        let mut new = old.clone();
+        assert!(changed_runs(&old, &new, 4).is_empty());
+        new[1] = 1; // block 0
+        new[5] = 1; // block 1, adjacent: merged
+        new[9] = 1; // block 2, the short tail
+        assert_eq!(changed_runs(&old, &new, 4), [(0, 10)]);
+        new[5] = 0;
+        assert_eq!(changed_runs(&old, &new, 4), [(0, 4), (8, 10)]);
+    }
 }

@@ -157,6 +157,24 @@ impl AreaWriter<'_> {
     }
 }
 
+/// Room left for the device sections past twice the RAM when placing the index ahead.
+const INDEX_SLACK: u64 = 64 << 20;
+
+/// Writes the page index `body` at `at` in the vmstate area of drive `device` while the
+/// guest runs, through an [`AreaWriter`] (the device lock held only to place each chunk).
+fn write_index_ahead(vm: &Vm, device: usize, at: u64, body: &[u8]) -> Result<()> {
+    let data =
+        vm.with_block_set(|set| set.devices.get(device).and_then(|d| d.driver.data_handle()));
+    let mut w = AreaWriter {
+        vm,
+        device,
+        pos: at,
+        buf: Vec::with_capacity(AREA_CHUNK),
+        data: data.and_then(|h| WriteBehind::new(h, WRITE_BEHIND).ok()),
+    };
+    w.write_all(body).and_then(|()| w.flush()).map_err(save_err)
+}
+
 /// Flushes every drive of a running VM before the pause, so that the flushes of the snapshot
 /// creation inside it have only the last writes: through the drives' [`DataHandle`]s with the device lock released
 /// (an `fdatasync` behind a GiB of fresh state takes long), or, if a drive has none (NBD),
@@ -305,6 +323,18 @@ fn live(
             };
             let mut w = CrcWriter::new(Counting::new(area, total, progress));
             let recorder = (!opts.lz4).then(|| lazy_index::new_recorder(total));
+            // The index goes past the largest stream the save may write, ahead of the pause.
+            let captured_bytes: u64 = specs.iter().map(|c| c.size).sum();
+            let index_at = lazy_index::ahead_offset(total, captured_bytes + INDEX_SLACK);
+            let mut written: Option<Vec<u8>> = None;
+            let mut write_ahead = || -> Result<()> {
+                if let Some(index) = recorder.as_ref().and_then(PageRecorder::index) {
+                    let body = index.encode();
+                    write_index_ahead(vm, inc[0], index_at, &body)?;
+                    written = Some(body);
+                }
+                Ok(())
+            };
             let (layout, clock) = precopy_and_stop(
                 vm,
                 &specs,
@@ -314,6 +344,7 @@ fn live(
                 &mut down,
                 info,
                 report,
+                &mut write_ahead,
             )?;
             w.flush().map_err(save_err)?;
             let (len, crc) = w.finish();
@@ -323,7 +354,13 @@ fn live(
             if let Some(r) = recorder {
                 extra_tail.extend(vm.with_block_set(|set| -> Result<Vec<u8>> {
                     let (_, store) = disks::store(set, inc[0])?;
-                    lazy_index::store_index(store, &r, total, &layout).map_err(save_err)
+                    match &written {
+                        Some(old) => {
+                            lazy_index::store_index_ahead(store, &r, total, &layout, index_at, old)
+                        }
+                        None => lazy_index::store_index(store, &r, total, &layout),
+                    }
+                    .map_err(save_err)
                 })?);
             }
             Ok((size, extra_tail, clock))
@@ -379,6 +416,7 @@ fn precopy_and_stop(
     down: &mut Option<Instant>,
     info: &mut SaveInfo,
     report: &mut dyn FnMut(&SaveInfo),
+    before_pause: &mut dyn FnMut() -> Result<()>,
 ) -> Result<(StreamLayout, u64)> {
     let start = Instant::now();
     // Pages dirtied before now are dirty in the live RAM state anyway.
@@ -443,8 +481,9 @@ fn precopy_and_stop(
         meter.add_busy(busy.elapsed());
     }
 
-    // Stop and copy. The disks are flushed first while the guest runs, so that the flushes
-    // inside the pause have only the last writes.
+    // Stop and copy. The page index as of now is written and the disks are flushed first
+    // while the guest runs, so that the pause has only the last writes.
+    before_pause()?;
     flush_ahead(vm)?;
     *down = Some(Instant::now());
     vm.pause()?;

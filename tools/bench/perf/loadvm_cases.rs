@@ -125,7 +125,14 @@ fn prepare(s: &Setup) -> Result<(), String> {
         m.timed("savevm s1")?;
         finish(child, Some(m));
     }
-    Ok(())
+    // Nothing left to write back (the RAM file, QEMU's image) while the loads are timed.
+    let synced = Command::new("sync")
+        .status()
+        .map_err(|e| format!("sync: {e}"))?;
+    synced
+        .success()
+        .then_some(())
+        .ok_or_else(|| "sync failed".to_string())
 }
 
 /// One lazy or eager load: (start → first tick, restore, fill total).

@@ -89,7 +89,7 @@ pub fn store_index(
 
 /// Where a live save writes its index ahead of the pause: past the largest stream it may
 /// write (twice the RAM, see `live::SizeBound`, plus `extra` bytes of device state and
-/// captured drives), so that the stream can never run into it.
+/// captured drives), so that the stream does not reach it ([`store_index_ahead`] checks).
 pub fn ahead_offset(ram_len: u64, extra: u64) -> u64 {
     index_offset(ram_len.saturating_mul(2).saturating_add(extra))
 }

@@ -85,7 +85,7 @@ impl Write for VmstateWriter<'_> {
 /// Where a [`VmstateReader`] reads from.
 #[derive(Debug, Clone)]
 pub enum VmstateSource {
-    /// The active layer's vmstate area (after `snapshot_goto`).
+    /// The active layer's vmstate area (where a save writes before the snapshot exists).
     Active,
     /// A snapshot's own vmstate, by id or name, without goto.
     Snapshot(String),

@@ -319,12 +319,13 @@ pub fn loadvm_with_progress(vm: &Vm, tag: &str, progress: ProgressFn<'_>) -> Res
             disks::goto(set, &inc, tag)?;
             crate::killpoint::at("loadvm:reverted");
             capture::write_back(set, &specs, &checked.captured)?;
-            // Pass 2: RAM straight into guest memory. The bytes are those pass 1 checked
-            // (the image is locked and nothing wrote it since; after the goto the active
-            // layer maps the snapshot's VM state, which QEMU's loadvm reads too), so only an
-            // I/O error can stop it half-way; the VM then stays stopped (`LoadIncomplete`).
+            // Pass 2: RAM straight into guest memory, from the snapshot's own VM state (the
+            // goto gives the active layer the disk part only). The bytes are those pass 1
+            // checked (the image is locked and nothing wrote it since), so only an I/O error
+            // can stop it half-way; the VM then stays stopped (`LoadIncomplete`).
             let (_, store) = disks::store(set, inc[0])?;
-            let r = VmstateReader::new(store, VmstateSource::Active, info.vm_state_size);
+            let source = VmstateSource::Snapshot(info.id.clone());
+            let r = VmstateReader::new(store, source, info.vm_state_size);
             let mut r = Counting::continuing(r, info.vm_state_size, total, progress);
             let incomplete = |e: SnapshotError| SnapshotError::LoadIncomplete(Box::new(e));
             vm.with_ram_mut(|mem| {

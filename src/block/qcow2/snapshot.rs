@@ -572,18 +572,31 @@ impl Qcow2 {
         }
         // Validate the snapshot's L1 table before anything is changed.
         let sn_l1 = self.read_snapshot_l1(&sn)?;
-        if self.layout.max_refcount() < 2 && sn_l1.iter().any(|&e| e != 0) {
+        // The snapshot's VM state area stays the snapshot's: the active layer gets the disk
+        // part only (the mirror of create, which moves the area out of the active L1; QEMU
+        // copies it in and discards it at the next create). Reverting then costs the same
+        // whatever the VM state's size, and loadvm reads the state from the snapshot.
+        let disk_part = if sn.vm_state_size > 0 {
+            usize::try_from(self.layout.l1_vm_state_index(self.header.size))
+                .unwrap_or(usize::MAX)
+                .min(sn_l1.len())
+        } else {
+            sn_l1.len()
+        };
+        let sn_disk = &sn_l1[..disk_part];
+        if self.layout.max_refcount() < 2 && sn_disk.iter().any(|&e| e != 0) {
             return Err(Qcow2Error::RefcountTooNarrow(self.layout.refcount_bits()).into());
         }
-        self.preflight_repairing(Walked::Goto(&sn_l1))?;
+        self.preflight_repairing(Walked::Goto(sn_disk))?;
         // 1. The active L1 must hold the whole snapshot table.
         self.grow_l1(u64::from(sn.l1_size), true)?;
         let mut new_l1 = self.read_snapshot_l1(&sn)?;
-        // 2. +1 on everything the snapshot reaches (also fixes the snapshot's COPIED flags).
+        // 2. +1 on everything the snapshot's disk part reaches (also fixes its COPIED flags).
         if sn.l1_size > 0 {
-            self.walk_l1(sn.l1_table_offset, sn.l1_size, Walk::Inc)?;
+            self.walk_l1_upto(sn.l1_table_offset, sn.l1_size, disk_part, Walk::Inc)?;
             new_l1 = self.read_snapshot_l1(&sn)?;
         }
+        new_l1.truncate(disk_part);
         new_l1.resize(self.l1.len(), 0);
         // 3. Overwrite the active L1 table, synced.
         let mut raw = vec![0u8; self.l1.len() * 8];

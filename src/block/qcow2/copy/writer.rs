@@ -1,10 +1,13 @@
 //! The output data area: clusters appended front to back through one buffer, compressed
 //! clusters packed byte by byte as QEMU packs them (`qcow2_alloc_bytes`).
 
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
+
 use super::super::entry::OFLAG_COMPRESSED;
 use super::super::layout::Layout;
 use super::{CopyError, Result};
-use crate::block::storage::Storage;
+use crate::block::storage::{DataHandle, Storage};
 
 /// Granularity of the holes left for all-zero parts of the data area.
 const SPARSE_BLOCK: usize = 4096;
@@ -25,6 +28,77 @@ pub(super) enum Codec {
     Zstd,
 }
 
+/// The data area's full buffers, written by a thread that owns a second descriptor of the
+/// output, so that reading the source and writing the output overlap (qemu-img keeps several
+/// requests in flight for the same reason). At most two buffers wait; a failed write ends the
+/// thread, and the next hand-over or [`Behind::finish`] reports it.
+#[derive(Debug)]
+struct Behind {
+    tx: Option<SyncSender<(u64, Vec<u8>)>>,
+    spare: Receiver<Vec<u8>>,
+    thread: Option<JoinHandle<std::result::Result<(), (u64, std::io::Error)>>>,
+}
+
+impl Behind {
+    fn start(handle: DataHandle) -> Option<Behind> {
+        let (tx, rx) = sync_channel::<(u64, Vec<u8>)>(1);
+        let (give, spare) = sync_channel::<Vec<u8>>(2);
+        let thread = std::thread::Builder::new()
+            .name("vmsnap-convert-out".into())
+            .spawn(move || {
+                for (at, mut buf) in rx {
+                    write_sparse_with(at, &buf, &mut |off, b| handle.write_at(off, b))?;
+                    buf.clear();
+                    let _ = give.try_send(buf);
+                }
+                Ok(())
+            })
+            .ok()?;
+        Some(Behind {
+            tx: Some(tx),
+            spare,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands `buf` (for output offset `at`) to the thread; returns an empty buffer to go on
+    /// with.
+    fn hand_over(&mut self, at: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let cap = buf.capacity();
+        let sent = self.tx.as_ref().map(|tx| tx.send((at, buf)));
+        if !matches!(sent, Some(Ok(()))) {
+            // The thread ended: its error says why.
+            return Err(self.finish().err().unwrap_or(CopyError::Write {
+                offset: at,
+                source: std::io::Error::other("the output writer thread ended"),
+            }));
+        }
+        Ok(self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(cap)))
+    }
+
+    /// Waits until everything handed over is written.
+    fn finish(&mut self) -> Result<()> {
+        self.tx = None;
+        match self.thread.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err((offset, source)))) => Err(CopyError::Write { offset, source }),
+            Some(Err(_)) => Err(CopyError::Write {
+                offset: 0,
+                source: std::io::Error::other("the output writer thread panicked"),
+            }),
+        }
+    }
+}
+
+impl Drop for Behind {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
 /// Appends clusters to the output.
 #[derive(Debug)]
 pub(super) struct DataWriter<'a> {
@@ -33,6 +107,8 @@ pub(super) struct DataWriter<'a> {
     buf: Vec<u8>,
     /// Output offset of `buf[0]`.
     buf_start: u64,
+    /// Writes full buffers on a thread, when the output has a file descriptor.
+    behind: Option<Behind>,
 }
 
 impl<'a> DataWriter<'a> {
@@ -43,6 +119,7 @@ impl<'a> DataWriter<'a> {
             layout,
             buf: Vec::with_capacity(FLUSH_AT + layout.cluster_size() as usize),
             buf_start: start,
+            behind: out.data_handle().and_then(Behind::start),
         }
     }
 
@@ -67,9 +144,18 @@ impl<'a> DataWriter<'a> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        write_sparse(self.out, self.buf_start, &self.buf)?;
-        self.buf_start += self.buf.len() as u64;
-        self.buf.clear();
+        let len = self.buf.len() as u64;
+        match self.behind.as_mut() {
+            Some(b) => {
+                let full = std::mem::take(&mut self.buf);
+                self.buf = b.hand_over(self.buf_start, full)?;
+            }
+            None => {
+                write_sparse(self.out, self.buf_start, &self.buf)?;
+                self.buf.clear();
+            }
+        }
+        self.buf_start += len;
         Ok(())
     }
 
@@ -104,6 +190,9 @@ impl<'a> DataWriter<'a> {
     pub fn finish(&mut self) -> Result<u64> {
         self.align();
         self.flush()?;
+        if let Some(b) = self.behind.as_mut() {
+            b.finish()?;
+        }
         Ok(self.pos())
     }
 }
@@ -111,6 +200,16 @@ impl<'a> DataWriter<'a> {
 /// Writes `buf` at `at` in a new file, leaving out its all-zero blocks: they read as zeroes
 /// without taking space (as the unwritten subclusters and table tails of a QEMU image).
 pub(super) fn write_sparse(out: &dyn Storage, at: u64, buf: &[u8]) -> Result<()> {
+    write_sparse_with(at, buf, &mut |off, b| out.write_at(off, b))
+        .map_err(|(offset, source)| CopyError::Write { offset, source })
+}
+
+/// [`write_sparse`] through `write`; a failure comes with the offset it was at.
+fn write_sparse_with(
+    at: u64,
+    buf: &[u8],
+    write: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::result::Result<(), (u64, std::io::Error)> {
     let blocks: Vec<bool> = buf
         .chunks(SPARSE_BLOCK)
         .map(|b| b != &ZERO_BLOCK[..b.len()])
@@ -126,11 +225,7 @@ pub(super) fn write_sparse(out: &dyn Storage, at: u64, buf: &[u8]) -> Result<()>
             .unwrap_or(blocks.len());
         let (s, e) = (i * SPARSE_BLOCK, (j * SPARSE_BLOCK).min(buf.len()));
         let off = at + s as u64;
-        out.write_at(off, &buf[s..e])
-            .map_err(|source| CopyError::Write {
-                offset: off,
-                source,
-            })?;
+        write(off, &buf[s..e]).map_err(|source| (off, source))?;
         i = j;
     }
     Ok(())
@@ -187,7 +282,62 @@ fn deflate_small_window(data: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::storage::FileStorage;
     use std::io::Read;
+
+    fn layout() -> Layout {
+        Layout {
+            cluster_bits: 16,
+            extended_l2: false,
+            refcount_order: 4,
+        }
+    }
+
+    #[test]
+    fn data_written_by_the_thread_reads_back_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let out = FileStorage::create(&path).unwrap();
+        let mut w = DataWriter::new(&out, layout(), 65536);
+        assert!(w.behind.is_some(), "a file output gets the writer thread");
+        let mut offs = Vec::new();
+        for i in 0..300u32 {
+            // Every third cluster is zero: a hole in the file.
+            let fill = if i % 3 == 0 { 0 } else { (i % 250 + 1) as u8 };
+            offs.push((w.cluster(&vec![fill; 65536]).unwrap(), fill));
+        }
+        let end = w.finish().unwrap();
+        assert_eq!(end, 65536 * 301);
+        let data = std::fs::read(&path).unwrap();
+        for (off, fill) in offs {
+            let at = off as usize;
+            let c = data.get(at..at + 65536).unwrap_or(&[]);
+            assert!(
+                c.is_empty() && fill == 0 || c.iter().all(|&b| b == fill),
+                "{off:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_write_the_thread_fails_is_reported() {
+        // /dev/full takes no data: every write fails with ENOSPC.
+        let out = FileStorage::open(std::path::Path::new("/dev/full"), true).unwrap();
+        let mut w = DataWriter::new(&out, layout(), 0);
+        assert!(w.behind.is_some());
+        let mut failed = None;
+        for _ in 0..(3 * FLUSH_AT / 65536) {
+            if let Err(e) = w.cluster(&[1u8; 65536]) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = match failed {
+            Some(e) => e,
+            None => w.finish().unwrap_err(),
+        };
+        assert!(matches!(e, CopyError::Write { .. }), "{e}");
+    }
 
     #[test]
     fn deflate_output_inflates_and_stays_in_a_4k_window() {

@@ -191,15 +191,16 @@ impl Read for VmstateReader<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::block::{Result, SnapshotInfo, SnapshotParams};
 
-    /// An in-memory store: one vmstate area, one snapshot "s" sharing it.
+    /// An in-memory store: one vmstate area, one snapshot "s" sharing it; counts its reads
+    /// and writes (also used by other modules' tests).
     #[derive(Default)]
-    struct Mem {
-        area: Vec<u8>,
-        calls: usize,
+    pub(crate) struct Mem {
+        pub(crate) area: Vec<u8>,
+        pub(crate) calls: usize,
     }
 
     impl SnapshotStore for Mem {

@@ -161,48 +161,7 @@ fn index_record(body: &[u8], at: u64, ram_len: u64, layout: &StreamLayout) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::{Result as BlockResult, SnapshotInfo, SnapshotParams};
-
-    /// A vmstate area in memory that counts its writes.
-    #[derive(Default)]
-    struct Area {
-        bytes: Vec<u8>,
-        writes: usize,
-    }
-
-    impl SnapshotStore for Area {
-        fn snapshot_list(&self) -> Vec<SnapshotInfo> {
-            Vec::new()
-        }
-        fn snapshot_create(&mut self, _: &SnapshotParams) -> BlockResult<SnapshotInfo> {
-            unimplemented!()
-        }
-        fn snapshot_goto(&mut self, _: &str) -> BlockResult<()> {
-            Ok(())
-        }
-        fn snapshot_delete(&mut self, _: &str) -> BlockResult<()> {
-            Ok(())
-        }
-        fn vmstate_write(&mut self, pos: u64, buf: &[u8]) -> BlockResult<()> {
-            self.writes += 1;
-            let end = pos as usize + buf.len();
-            if self.bytes.len() < end {
-                self.bytes.resize(end, 0);
-            }
-            self.bytes[pos as usize..end].copy_from_slice(buf);
-            Ok(())
-        }
-        fn vmstate_read(&mut self, pos: u64, buf: &mut [u8]) -> BlockResult<()> {
-            buf.copy_from_slice(&self.bytes[pos as usize..pos as usize + buf.len()]);
-            Ok(())
-        }
-        fn snapshot_vmstate_read(&mut self, _: &str, pos: u64, buf: &mut [u8]) -> BlockResult<()> {
-            self.vmstate_read(pos, buf)
-        }
-        fn snapshot_extra_tail(&self, _: &str) -> BlockResult<Vec<u8>> {
-            Ok(Vec::new())
-        }
-    }
+    use crate::block::vmstate_io::tests::Mem;
 
     #[test]
     fn an_index_written_ahead_gets_only_its_changed_blocks_in_the_pause() {
@@ -214,7 +173,7 @@ mod tests {
         }
         let at = ahead_offset(ram_len, 1 << 20);
         let ahead = r.index().unwrap().encode();
-        let mut area = Area::default();
+        let mut area = Mem::default();
         area.vmstate_write(at, &ahead).unwrap();
         // The final copy re-sends two pages far apart and makes one a zero page.
         r.page(RAM_BLOCK, 3 * PAGE_SIZE, Some(9_000_000));
@@ -224,14 +183,11 @@ mod tests {
             ram_end_section: 9_000_000,
             len: 9_100_000,
         };
-        let writes = area.writes;
+        let writes = area.calls;
         let tail = store_index_ahead(&mut area, &r, ram_len, &layout, at, &ahead).unwrap();
         let body = r.index().unwrap().encode();
-        assert_eq!(area.writes - writes, 2, "two changed blocks, written alone");
-        assert_eq!(
-            &area.bytes[at as usize..at as usize + body.len()],
-            &body[..]
-        );
+        assert_eq!(area.calls - writes, 2, "two changed blocks, written alone");
+        assert_eq!(&area.area[at as usize..at as usize + body.len()], &body[..]);
         let rec = PageIndexRecord::find(&tail).unwrap().unwrap();
         assert_eq!(
             (rec.index_offset, rec.index_crc),
@@ -246,7 +202,7 @@ mod tests {
         let rec = PageIndexRecord::find(&tail).unwrap().unwrap();
         assert_eq!(rec.index_offset, index_offset(at + 1));
         let start = rec.index_offset as usize;
-        assert_eq!(&area.bytes[start..start + body.len()], &body[..]);
+        assert_eq!(&area.area[start..start + body.len()], &body[..]);
     }
 
     #[test]

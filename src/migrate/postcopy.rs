@@ -160,11 +160,6 @@ pub fn write_header(out: &mut dyn Write, pages: u64, missing: &[u64]) -> io::Res
     Ok(b.len() as u64)
 }
 
-fn is_set(bits: &[u64], p: u64) -> bool {
-    bits.get(usize::try_from(p / 64).unwrap_or(usize::MAX))
-        .is_some_and(|w| w & (1 << (p % 64)) != 0)
-}
-
 fn clear(bits: &mut [u64], p: u64) -> bool {
     match bits.get_mut(usize::try_from(p / 64).unwrap_or(usize::MAX)) {
         Some(w) if *w & (1 << (p % 64)) != 0 => {
@@ -214,7 +209,7 @@ pub fn send_pages(
             .get(at..at + PAGE as usize)
             .ok_or_else(|| format!("page {p} is outside guest RAM"))?;
         rec.clear();
-        if page.iter().all(|b| *b == 0) {
+        if crate::migration::ram::is_zero(page) {
             rec.extend_from_slice(&((p * PAGE) | REC_ZERO).to_be_bytes());
             c.zero += 1;
         } else {
@@ -269,13 +264,11 @@ pub fn send_pages(
         let Some(p) = next_set(&missing, cursor) else {
             break;
         };
-        if is_set(&missing, p) {
-            let before = c.bytes;
-            send(out, p, &mut c)?;
-            background += c.bytes - before;
-            clear(&mut missing, p);
-            c.remaining -= 1;
-        }
+        let before = c.bytes;
+        send(out, p, &mut c)?;
+        background += c.bytes - before;
+        clear(&mut missing, p);
+        c.remaining -= 1;
         cursor = p + 1;
     }
     out.write_all(&REC_EOS.to_be_bytes())

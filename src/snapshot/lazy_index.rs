@@ -81,10 +81,19 @@ pub fn store_index(
     let Some(index) = recorder.index() else {
         return Ok(Vec::new());
     };
-    let body = index.encode();
+    write_index_after(store, &index.encode(), ram_len, layout)
+}
+
+/// Writes the index `body` right after the stream of `layout`; returns its record.
+fn write_index_after(
+    store: &mut dyn SnapshotStore,
+    body: &[u8],
+    ram_len: u64,
+    layout: &StreamLayout,
+) -> Result<Vec<u8>, StateIoError> {
     let at = index_offset(layout.len);
-    write_area(store, at, &body)?;
-    Ok(index_record(&body, at, ram_len, layout))
+    write_area(store, at, body)?;
+    Ok(index_record(body, at, ram_len, layout))
 }
 
 /// Where a live save writes its index ahead of the pause: past the largest stream it may
@@ -111,7 +120,7 @@ pub fn store_index_ahead(
     };
     let body = index.encode();
     if layout.len > at || body.len() != written.len() {
-        return store_index(store, recorder, ram_len, layout);
+        return write_index_after(store, &body, ram_len, layout);
     }
     for (start, end) in changed_runs(written, &body, BLOCK) {
         write_area(store, at + start as u64, &body[start..end])?;

@@ -130,7 +130,19 @@ struct AreaWriter<'v> {
     data: Option<WriteBehind>,
 }
 
-impl AreaWriter<'_> {
+impl<'v> AreaWriter<'v> {
+    /// A writer from `pos` of drive `device`'s vmstate area; the data goes out through
+    /// `data` (the drive's [`DataHandle`]) when it has one.
+    fn new(vm: &'v Vm, device: usize, pos: u64, data: Option<DataHandle>) -> Self {
+        AreaWriter {
+            vm,
+            device,
+            pos,
+            buf: Vec::with_capacity(AREA_CHUNK),
+            data: data.and_then(|h| WriteBehind::new(h, WRITE_BEHIND).ok()),
+        }
+    }
+
     fn write_out(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -165,13 +177,7 @@ const INDEX_SLACK: u64 = 64 << 20;
 fn write_index_ahead(vm: &Vm, device: usize, at: u64, body: &[u8]) -> Result<()> {
     let data =
         vm.with_block_set(|set| set.devices.get(device).and_then(|d| d.driver.data_handle()));
-    let mut w = AreaWriter {
-        vm,
-        device,
-        pos: at,
-        buf: Vec::with_capacity(AREA_CHUNK),
-        data: data.and_then(|h| WriteBehind::new(h, WRITE_BEHIND).ok()),
-    };
+    let mut w = AreaWriter::new(vm, device, at, data);
     w.write_all(body).and_then(|()| w.flush()).map_err(save_err)
 }
 
@@ -314,13 +320,7 @@ fn live(
         })
         .and_then(|()| {
             vm.set_dirty_logging(true)?;
-            let area = AreaWriter {
-                vm,
-                device: inc[0],
-                pos: 0,
-                buf: Vec::with_capacity(AREA_CHUNK),
-                data: data.and_then(|h| WriteBehind::new(h, WRITE_BEHIND).ok()),
-            };
+            let area = AreaWriter::new(vm, inc[0], 0, data);
             let mut w = CrcWriter::new(Counting::new(area, total, progress));
             let recorder = (!opts.lz4).then(|| lazy_index::new_recorder(total));
             // The index goes past the largest stream the save may write, ahead of the pause.

@@ -590,12 +590,14 @@ impl Qcow2 {
         self.preflight_repairing(Walked::Goto(sn_disk))?;
         // 1. The active L1 must hold the whole snapshot table.
         self.grow_l1(u64::from(sn.l1_size), true)?;
-        let mut new_l1 = self.read_snapshot_l1(&sn)?;
-        // 2. +1 on everything the snapshot's disk part reaches (also fixes its COPIED flags).
-        if sn.l1_size > 0 {
+        // 2. +1 on everything the snapshot's disk part reaches (also fixes its COPIED flags),
+        // then the table as the walk left it.
+        let mut new_l1 = if sn.l1_size > 0 {
             self.walk_l1_upto(sn.l1_table_offset, sn.l1_size, disk_part, Walk::Inc)?;
-            new_l1 = self.read_snapshot_l1(&sn)?;
-        }
+            self.read_snapshot_l1(&sn)?
+        } else {
+            Vec::new()
+        };
         new_l1.truncate(disk_part);
         new_l1.resize(self.l1.len(), 0);
         // 3. Overwrite the active L1 table, synced.

@@ -17,13 +17,9 @@ use super::nbd::Link;
 /// Open connections by URI (dead entries are dropped on every look-up).
 static LINKS: Mutex<Vec<(String, Weak<Link>)>> = Mutex::new(Vec::new());
 
-fn links() -> std::sync::MutexGuard<'static, Vec<(String, Weak<Link>)>> {
-    LINKS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The working connection to `uri` that another open of this process holds, if any.
 pub(crate) fn find(uri: &str) -> Option<Arc<Link>> {
-    let mut l = links();
+    let mut l = super::nbd_wire::lock(&LINKS);
     l.retain(|(_, w)| w.strong_count() > 0);
     l.iter()
         .filter(|(u, _)| u == uri)
@@ -33,5 +29,5 @@ pub(crate) fn find(uri: &str) -> Option<Arc<Link>> {
 
 /// Records `link` as the connection to `uri`.
 pub(crate) fn add(uri: &str, link: &Arc<Link>) {
-    links().push((uri.to_string(), Arc::downgrade(link)));
+    super::nbd_wire::lock(&LINKS).push((uri.to_string(), Arc::downgrade(link)));
 }

@@ -2,6 +2,7 @@
 //! into a sparse temporary file next to the image, then the active layer chunk by chunk
 //! while the guest runs, and the chunks the guest wrote meanwhile again.
 
+use crate::migration::ram::is_zero;
 use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
@@ -252,6 +253,8 @@ impl<'v> BlockSender<'v> {
         let start = f.position();
         let vm = self.vm;
         for d in &mut self.drives {
+            // One buffer for every piece (each read fills it whole).
+            let mut buf = Vec::new();
             while !d.tree_done {
                 if f.position() - start >= budget {
                     return Ok(false);
@@ -264,7 +267,7 @@ impl<'v> BlockSender<'v> {
                     break;
                 }
                 let len = MAX_PIECE.min(d.tree_len - d.tree_sent);
-                let mut buf = vec![0u8; len as usize];
+                buf.resize(len as usize, 0);
                 let file = d.tree.as_ref().ok_or("snapshot tree file gone")?;
                 file.read_at(d.tree_sent, &mut buf)
                     .map_err(|e| format!("reading the snapshot tree copy: {e}"))?;
@@ -281,7 +284,6 @@ impl<'v> BlockSender<'v> {
                     return Ok(false);
                 }
                 let (dirty, drive) = (&d.dirty, d.index as usize);
-                let mut buf = Vec::new();
                 // Taking the chunk and reading it under the device lock: a guest write is
                 // either before both (its data is read) or after both (it marks the chunk).
                 let taken = vm.with_block_set(|set| {
@@ -321,10 +323,6 @@ impl Drop for BlockSender<'_> {
             self.vm.track_drive_writes(d.index as usize, None);
         }
     }
-}
-
-fn is_zero(buf: &[u8]) -> bool {
-    buf.iter().all(|&b| b == 0)
 }
 
 fn put_piece(

@@ -2,7 +2,7 @@
 //! the guest's own tick counter and checks, `qemu-img` and the inspector.
 mod common;
 use common::run_vm::{assert_check, create_qcow2, kvm_and_qemu_img, RunVm};
-use common::ticks::ticks_of;
+use common::ticks::{assert_one_instant, snapshot_disk_record, ticks_of};
 
 use std::path::Path;
 use std::process::Command;
@@ -12,28 +12,8 @@ use std::time::{Duration, Instant};
 /// The tests boot guests whose timing matters: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const REC_MAGIC: u64 = 0x524e_5443_4b43_4954;
-
 fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img").args(args).output().unwrap()
-}
-
-/// The disk record `{magic, N, !N}` in sector 1 of `tag` (qemu-img convert of the snapshot).
-fn disk_record(dir: &Path, image: &Path, tag: &str) -> Option<u64> {
-    let raw = dir.join(format!("{tag}.raw"));
-    let out = qemu_img(&[
-        "convert",
-        "-l",
-        &format!("snapshot.name={tag}"),
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let data = std::fs::read(&raw).unwrap();
-    let word = |i: usize| u64::from_le_bytes(data[512 + i * 8..520 + i * 8].try_into().unwrap());
-    (word(0) == REC_MAGIC && word(2) == !word(1)).then(|| word(1))
 }
 
 fn continuity(smp: u32) {
@@ -69,10 +49,8 @@ fn continuity(smp: u32) {
         let serial = std::fs::read_to_string(dir.path().join("serial1.txt")).unwrap_or_default();
         eprintln!("note: no disk record before N {n}:\n{serial}");
     }
-    assert_eq!(
-        disk_record(dir.path(), &img, "s1"),
-        (disk_n > 0).then_some(disk_n)
-    );
+    let on_disk = snapshot_disk_record(dir.path(), &img, "s1");
+    assert_one_instant(on_disk, n, disk_n);
 
     for (tag, run) in [("s1", 2), ("live", 3)] {
         let (n, _) = guest_counters(&img, tag, smp as usize, 1);

@@ -5,10 +5,9 @@
 //! exported state decodes, and `info savevm` tells how it went.
 mod common;
 use common::run_vm::{assert_check, create_qcow2, kvm_and_qemu_img, RunVm};
-use common::ticks::ticks_of;
+use common::ticks::{assert_one_instant, snapshot_disk_record, ticks_of};
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 
 use vmsnap::vmm::guest::counter::{DIRTY_AREA_START, DISK_N_ADDR, LAST_ADDR};
@@ -18,7 +17,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// `RunVm`'s guest RAM.
 const RAM: usize = 16 << 20;
-const REC_MAGIC: u64 = 0x524e_5443_4b43_4954;
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -40,26 +38,6 @@ fn snapshot_ram(image: &Path, tag: &str) -> Vec<u8> {
 
 fn word(ram: &[u8], a: u64) -> u64 {
     u64::from_le_bytes(ram[a as usize..a as usize + 8].try_into().unwrap())
-}
-
-/// The disk record `{magic, N, !N}` in sector 1 of snapshot `tag` (qemu-img convert).
-fn disk_record(dir: &Path, image: &Path, tag: &str) -> Option<u64> {
-    let raw = dir.join(format!("{tag}.raw"));
-    let out = Command::new("qemu-img")
-        .args([
-            "convert",
-            "-l",
-            &format!("snapshot.name={tag}"),
-            "-O",
-            "raw",
-        ])
-        .args([image, &raw])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let data = std::fs::read(&raw).unwrap();
-    let w = |i: usize| u64::from_le_bytes(data[512 + i * 8..520 + i * 8].try_into().unwrap());
-    (w(0) == REC_MAGIC && w(2) == !w(1)).then(|| w(1))
 }
 
 /// Every byte of `ram` from the guest's dirtying area up equals `file`'s, except the first
@@ -179,10 +157,7 @@ fn live_save_and_resume(dirty_rate: &str) {
     let ram = snapshot_ram(&img, "s1");
     let (n, disk_n) = (word(&ram, LAST_ADDR), word(&ram, DISK_N_ADDR));
     assert!(n >= 10, "N {n}");
-    assert_eq!(
-        disk_record(dir.path(), &img, "s1"),
-        (disk_n > 0).then_some(disk_n)
-    );
+    assert_one_instant(snapshot_disk_record(dir.path(), &img, "s1"), n, disk_n);
     assert_ram_is_the_files("snapshot", &ram, &file);
     let vm_state_size = common::vmsnap(&["info", "--output", "json", common::s(&img)]).ok();
     assert!(

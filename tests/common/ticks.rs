@@ -58,3 +58,42 @@ fn tail(text: &str) -> &str {
     }
     &text[start..]
 }
+
+/// The counter guest's disk record `{magic, N, !N}` in sector 1 of snapshot `tag` of `image`
+/// (read with `qemu-img convert` into `dir`): its N, or `None` when the sector holds none.
+pub fn snapshot_disk_record(
+    dir: &std::path::Path,
+    image: &std::path::Path,
+    tag: &str,
+) -> Option<u64> {
+    const REC_MAGIC: u64 = 0x524e_5443_4b43_4954;
+    let raw = dir.join(format!("{tag}.raw"));
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-l",
+            &format!("snapshot.name={tag}"),
+            "-O",
+            "raw",
+        ])
+        .args([image, &raw])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let data = std::fs::read(&raw).unwrap();
+    let w = |i: usize| u64::from_le_bytes(data[512 + i * 8..520 + i * 8].try_into().unwrap());
+    (w(0) == REC_MAGIC && w(2) == !w(1)).then(|| w(1))
+}
+
+/// Asserts that a snapshot's disk record and its RAM are one instant: the record on disk is
+/// the one the guest noted last (`disk_n`, 0 for none), or tick `last`'s when the guest was
+/// stopped between that write's completion and noting it (it writes at ticks divisible by 4,
+/// then stores `disk_n`; resumed, its next instruction notes it).
+pub fn assert_one_instant(on_disk: Option<u64>, last: u64, disk_n: u64) {
+    let noted = (disk_n > 0).then_some(disk_n);
+    let unnoted = (last % 4 == 0 && last > disk_n).then_some(last);
+    assert!(
+        on_disk == noted || (unnoted.is_some() && on_disk == unnoted),
+        "disk record {on_disk:?}, guest's disk_n {disk_n}, last tick {last}"
+    );
+}

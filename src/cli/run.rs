@@ -258,6 +258,11 @@ pub struct RunArgs {
     /// all RAM from 2 MiB up. A restored state (--loadvm, --incoming) brings its own setting.
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     pub dirty_rate: u64,
+    /// With --dirty-rate: the counter guest stores into the first BYTES of each page it
+    /// dirties (a multiple of 8 up to 4096; default 8). XBZRLE sends only the changed bytes of
+    /// a page sent before, so this sets how much it saves.
+    #[arg(long, value_name = "BYTES", requires = "dirty_rate")]
+    pub dirty_span: Option<u64>,
     /// Wait for a live migration stream (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH),
     /// load it and run the guest from there. The drives are the source's (shared storage):
     /// they are opened without locks until the stream is loaded. `defer`: the URI comes
@@ -337,6 +342,10 @@ pub fn run_prepared(args: RunArgs, prepare: Prepare<'_>) -> Result<i32, RunError
     vm.set_captured_drives(captured);
     if args.dirty_rate != 0 {
         crate::vmm::guest::counter::set_dirty_rate(vm.guest_memory(), args.dirty_rate)
+            .map_err(VmError::from)?;
+    }
+    if let Some(bytes) = args.dirty_span {
+        crate::vmm::guest::counter::set_dirty_span(vm.guest_memory(), bytes)
             .map_err(VmError::from)?;
     }
     termination::install().map_err(|source| RunError::Monitor {

@@ -161,8 +161,8 @@ fill:
         jb 1b
         ret
 
-# dirty: store N (rbx) into the first qword of `dirty_per_tick` pages, cycling page by page
-# through [dirty_start, dirty_end) (parameters the VMM writes before start; 0 pages = off).
+# dirty: store N (rbx) into the first `dirty_qwords` qwords of `dirty_per_tick` pages, cycling
+# page by page through [dirty_start, dirty_end) (parameters the VMM writes before start; 0 pages = off).
 # One call per handled tick, so ticks lost while the vCPU is throttled are not made up.
 dirty:
         mov rcx, [dirty_per_tick]
@@ -177,7 +177,13 @@ dirty:
         cmp rdi, r9
         jb 4f
 2:      mov rdi, r8
-4:      mov [rdi], rbx
+4:      mov r10, [dirty_qwords]         # qwords stored per page (0 counts as 1)
+        test r10, r10
+        jnz 5f
+        inc r10
+5:      mov [rdi + r10 * 8 - 8], rbx
+        dec r10
+        jnz 5b
         add rdi, 0x1000
         dec rcx
         jnz 1b
@@ -308,6 +314,7 @@ dirty_start:  .quad 0           # 0xc40 first page of the dirtied area (written 
 dirty_end:    .quad 0           # 0xc48 end of the dirtied area (written by the VMM)
 dirty_cursor: .quad 0           # 0xc50 next page to dirty
 dirty_total:  .quad 0           # 0xc58 pages dirtied so far
+dirty_qwords: .quad 0           # 0xc60 qwords stored from the start of each dirtied page (0 = 1; written by the VMM)
         .org 0xd00
 ap_counters:  .fill 32, 8, 0    # 0xd00 one counter per vCPU
         .org 0x1000

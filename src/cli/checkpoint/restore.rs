@@ -233,6 +233,7 @@ fn run_args(
         monitor: args.monitor.clone(),
         qmp: args.qmp.clone(),
         dirty_rate: 0,
+        dirty_span: None,
         incoming: None,
     })
 }

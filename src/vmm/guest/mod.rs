@@ -41,6 +41,9 @@ pub enum GuestError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// A dirtying span that is not a whole number of qwords within one page.
+    #[error("dirty span {0} bytes: must be a multiple of 8 from 8 to 4096")]
+    DirtySpan(u64),
 }
 
 /// Which built-in guest to run.

@@ -2,11 +2,11 @@
 # way vmsnap's counter guest does with `--dirty-rate` (testdata/guest/counter.S), so that QEMU
 # and vmsnap migrate the same amount of dirty memory.
 #
-# Multiboot (v1) ELF for `qemu-system-x86_64 -kernel dirty.elf -append RATE_MIB_PER_S`. Runs in
-# 32-bit protected mode without paging. It programs the PIC and the PIT (100 Hz), and at each
-# handled timer tick stores the tick number into the first dword of ceil(RATE * 256 / 100)
-# pages, cycling page by page through all RAM from 2 MiB to the end of low memory that the
-# multiboot information reports. Ticks missed while the vCPU does not run are not made up.
+# Multiboot (v1) ELF for `qemu-system-x86_64 -kernel dirty.elf -append RATE_MIB_PER_S[,SPAN]`.
+# Runs in 32-bit protected mode without paging. It programs the PIC and the PIT (100 Hz), and at
+# each handled timer tick stores the tick number into the first SPAN bytes (default 4, rounded
+# down to dwords, at most 4096) of ceil(RATE * 256 / 100) pages, cycling page by page through
+# all RAM from 2 MiB to the end of low memory that the multiboot information reports. Ticks missed while the vCPU does not run are not made up.
 #
 # Rebuild: tools/bench/guest/build.sh (writes dirty.elf next to this file).
         .intel_syntax noprefix
@@ -33,8 +33,9 @@ _start:
         mov ss, ax
         mov esp, offset stack_top
 
-        # rate: the decimal digits of the command line (multiboot info flag bit 2)
+        # command line (multiboot info flag bit 2): RATE[,SPAN], decimal
         xor eax, eax
+        xor edi, edi                    # 1 once the comma was read
         test dword ptr [ebx], 4
         jz 3f
         mov esi, [ebx + 16]
@@ -42,13 +43,30 @@ _start:
         inc esi
         test ecx, ecx
         jz 3f
-        sub ecx, '0'
+        cmp ecx, ','
+        jne 1f
+        mov [per_tick], eax             # the rate, until it turns into pages per tick
+        xor eax, eax
+        mov edi, 1
+        jmp 2b
+1:      sub ecx, '0'
         cmp ecx, 9
         ja 2b
         imul eax, eax, 10
         add eax, ecx
         jmp 2b
-3:      # pages per tick = ceil(rate * 256 / 100)
+3:      test edi, edi
+        jz 9f
+        # span: bytes stored per page, in dwords from 1 to 1024
+        shr eax, 2
+        jnz 1f
+        inc eax
+1:      cmp eax, 1024
+        jbe 1f
+        mov eax, 1024
+1:      mov [span], eax
+        mov eax, [per_tick]
+9:      # pages per tick = ceil(rate * 256 / 100)
         imul eax, eax, 256
         add eax, 99
         xor edx, edx
@@ -121,7 +139,10 @@ main:
 7:      cmp edi, edx
         jb 8f
         mov edi, AREA_START
-8:      mov [edi], eax
+8:      mov esi, [span]
+1:      mov [edi + esi * 4 - 4], eax
+        dec esi
+        jnz 1b
         add edi, 0x1000
         dec ecx
         jnz 7b
@@ -157,6 +178,7 @@ last:     .long 0
 per_tick: .long 0
 area_end: .long 0
 cursor:   .long 0
+span:     .long 1                       # dwords stored from the start of each dirtied page
 
         .section .bss
         .align 16

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The performance harness: vmsnap against QEMU on this machine, medians and ratios.
-# Usage: tools/scripts/bench.sh [limits|block|convert|vm|vm-live|inspect|migrate|loadvm|nbd|save ...] [--runs N]
+# Usage: tools/scripts/bench.sh [limits|block|convert|vm|vm-live|inspect|migrate|xbzrle|loadvm|nbd|save ...] [--runs N]
 # Needs qemu-img/qemu-system-x86_64 7.2 (tools/scripts/test.sh installs them), /dev/kvm for the
 # vm and migrate cases, and a few GiB free in $VMSNAP_BENCH_DIR (default /tmp).
 set -euo pipefail

@@ -3,7 +3,7 @@
 //! prints medians and ratios and never fails on a slow number.
 //!
 //! Run: `tools/scripts/bench.sh [CASE...] [--runs N]` (= `cargo bench --bench perf -- ...`).
-//! Cases: `limits` (always first), `block`, `convert`, `vm`, `vm-live`, `inspect`, `migrate`,
+//! Cases: `limits` (always first), `block`, `convert`, `vm`, `vm-live`, `inspect`, `migrate`, `xbzrle`,
 //! `loadvm`, `nbd`, `save`; none named = all.
 
 mod block_cases;
@@ -12,12 +12,15 @@ mod harness;
 mod inspect_cases;
 mod loadvm_cases;
 mod migrate_cases;
+mod migrate_ctl;
+mod migrate_run;
 mod nbd_cases;
 mod save_cases;
 #[path = "../synthetic_ram.rs"]
 mod synthetic_ram;
 mod vm_cases;
 mod vm_live_cases;
+mod xbzrle_cases;
 
 use harness::Harness;
 
@@ -31,6 +34,7 @@ const CASES: &[Case] = &[
     ("vm-live", vm_live_cases::run),
     ("inspect", inspect_cases::run),
     ("migrate", migrate_cases::run),
+    ("xbzrle", xbzrle_cases::run),
     ("loadvm", loadvm_cases::run),
     ("nbd", nbd_cases::run),
     ("save", save_cases::run),
@@ -63,7 +67,7 @@ fn main() {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: tools/scripts/bench.sh [block|convert|vm|vm-live|inspect|migrate|loadvm|nbd|save ...] [--runs N]"
+                    "usage: tools/scripts/bench.sh [block|convert|vm|vm-live|inspect|migrate|xbzrle|loadvm|nbd|save ...] [--runs N]"
                 );
                 return;
             }

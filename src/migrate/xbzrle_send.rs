@@ -1,6 +1,10 @@
 //! The source's XBZRLE path (capability `xbzrle`), QEMU 7.2's `save_xbzrle_page` rules:
 //!
-//! - Off during the first round through RAM (every page goes out whole once anyway).
+//! - No encoding during the first round through RAM (every page goes out whole once anyway).
+//!   Unlike QEMU 7.2, that round fills the cache (pages that are not zero, no cache misses
+//!   counted): QEMU leaves the cache empty then, so the second round misses on every page and
+//!   sends it whole again; here the second round already encodes. Same stream, same decoder;
+//!   one more copy per page sent in the first round.
 //! - A page not in the cache is a cache miss: it is cached (outside the final stage) and sent
 //!   as a normal page, from the cached copy, so that cache and destination agree.
 //! - A cached page is encoded against its cached copy: equal pages are not sent at all; an
@@ -94,10 +98,13 @@ impl XbzrleSender {
         page: &[u8],
         age: u64,
     ) -> Result<Outcome, String> {
+        let last = self.last_stage;
         if !self.enabled {
+            if !last {
+                self.cache.insert(addr, page, age);
+            }
             return Ok(Outcome::Normal);
         }
-        let last = self.last_stage;
         let Some(cached) = self.cache.get_mut(addr, age) else {
             self.info.cache_miss += 1;
             if !last {
@@ -167,19 +174,20 @@ mod tests {
             .unwrap();
         let mut x = XbzrleSender::new(1 << 20, 4096);
         let mut page = vec![7u8; 4096];
-        let mut save = |x: &mut XbzrleSender, page: &[u8], age| {
-            x.save(&mut w, &mut f, "pc.ram", 4096, page, age).unwrap()
+        let mut save = |x: &mut XbzrleSender, addr, page: &[u8], age| {
+            x.save(&mut w, &mut f, "pc.ram", addr, page, age).unwrap()
         };
-        // First round: off. Then a miss (cached), an unchanged page, a delta.
-        assert_eq!(save(&mut x, &page, 1), Outcome::Normal);
+        // First round: sent whole, and cached. Then an unchanged page, a delta.
+        assert_eq!(save(&mut x, 4096, &page, 1), Outcome::Normal);
         x.round_complete();
-        assert_eq!(save(&mut x, &page, 2), Outcome::Normal);
-        assert_eq!(save(&mut x, &page, 3), Outcome::Unchanged);
+        assert_eq!(save(&mut x, 4096, &page, 3), Outcome::Unchanged);
         page[100..108].copy_from_slice(b"changed!");
-        assert_eq!(save(&mut x, &page, 4), Outcome::Encoded);
+        assert_eq!(save(&mut x, 4096, &page, 4), Outcome::Encoded);
+        // A page the first round did not send (it was zero): a miss, sent whole and cached.
+        assert_eq!(save(&mut x, 0, &page, 4), Outcome::Normal);
         // Everything different: an overflow, sent whole (the cache follows).
         let other = vec![9u8; 4096];
-        assert_eq!(save(&mut x, &other, 5), Outcome::Normal);
+        assert_eq!(save(&mut x, 4096, &other, 5), Outcome::Normal);
         let i = x.info();
         assert_eq!((i.cache_miss, i.pages, i.overflow), (1, 3, 1));
         // one delta record: name (1 + 6) + encoding byte + be16 + runs (2 + 8 bytes)

@@ -16,6 +16,7 @@
 
 pub mod block;
 pub mod converge;
+pub mod dirty_rate;
 pub mod disks;
 pub mod fd_registry;
 pub mod incoming;

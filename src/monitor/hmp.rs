@@ -41,6 +41,9 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
             return Outcome::Continue(format!("Error: {e}"));
         }
     }
+    if let Some(r) = super::dirty_rate_cmds::hmp(cx, &words) {
+        return Outcome::Continue(r);
+    }
     if let Some(r) = execute_migrate(cx, line, &words) {
         return Outcome::Continue(r.unwrap_or_else(|e| e));
     }
@@ -86,7 +89,10 @@ pub fn execute(cx: Cx<'_>, line: &str) -> Outcome {
             let Outcome::Continue(base) = monitor::execute(vm, line) else {
                 return Outcome::Continue(String::new());
             };
-            Ok(format!("{base}\n{SNAPSHOT_HELP}\n{MIGRATE_HELP}"))
+            Ok(format!(
+                "{base}\n{SNAPSHOT_HELP}\n{MIGRATE_HELP}\n{}",
+                super::dirty_rate_cmds::HELP
+            ))
         }
         _ => return monitor::execute(vm, line),
     };

@@ -16,6 +16,7 @@
 //! HMP keeps its text replies; QMP answers with QEMU 7.2's JSON shapes (formats/qmp.md).
 
 pub mod checkpoint;
+mod dirty_rate_cmds;
 pub mod events;
 pub mod fd_recv;
 pub mod hmp;

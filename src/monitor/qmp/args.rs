@@ -49,6 +49,22 @@ impl<'a> Args<'a> {
         self.opt_str(name)?.ok_or_else(|| missing(name))
     }
 
+    /// An optional non-negative integer.
+    pub fn opt_u64(&self, name: &'static str) -> Result<Option<u64>, QmpError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| type_err(name, "integer")),
+        }
+    }
+
+    /// A required non-negative integer.
+    pub fn u64(&self, name: &'static str) -> Result<u64, QmpError> {
+        self.opt_u64(name)?.ok_or_else(|| missing(name))
+    }
+
     /// An optional boolean.
     pub fn opt_bool(&self, name: &'static str) -> Result<Option<bool>, QmpError> {
         match self.get(name) {

@@ -44,6 +44,8 @@ pub const COMMANDS: &[&str] = &[
     "migrate-incoming",
     "getfd",
     "closefd",
+    "calc-dirty-rate",
+    "query-dirty-rate",
 ];
 
 /// `query-version`'s value (also the greeting's `version`).
@@ -267,6 +269,9 @@ pub fn dispatch(q: &mut QmpCx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, Qm
             fd_registry::closefd(fdname).map_err(|e| QmpError::generic(e.to_string()))?;
             ok()
         }
-        _ => migrate_cmds::dispatch(q.cx, name, a),
+        _ => match crate::monitor::dirty_rate_cmds::qmp(q.cx, name, a) {
+            Some(r) => r.map(Reply::Value),
+            None => migrate_cmds::dispatch(q.cx, name, a),
+        },
     }
 }

@@ -391,6 +391,8 @@ fn cut_postcopy_connection_is_recovered() {
     // Recovery over a new channel, the rest of the pages at full speed.
     src.ok("migrate_set_parameter max-postcopy-bandwidth 0");
     assert_eq!(dst.ok(&format!("migrate_recover unix:{d}/rec.sock")), "");
+    let (r, _) = dst.cmd(&format!("migrate_recover unix:{d}/rec2.sock"));
+    assert_eq!(r.trim(), "Error: Migrate recovery is triggered already");
     assert_eq!(src.ok(&format!("migrate -d -r unix:{d}/rec.sock")), "");
     let info = wait_info(&mut src, "recovery (source)", |i| {
         i.contains("Migration status: completed")
@@ -419,7 +421,9 @@ fn recovery_is_refused_without_a_paused_postcopy() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let (_, drive) = disk(dir.path());
-    let mut vm = RunVm::start(dir.path(), &[drive], 1, None, 0);
+    let qmp_sock = dir.path().join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp_sock.display());
+    let mut vm = RunVm::start_with(dir.path(), &[drive], 1, None, 0, &["--qmp", &qmp_arg]);
     let uri = format!("unix:{}", dir.path().join("rec.sock").display());
     let (r, st) = vm.cmd(&format!("migrate -r {uri}"));
     assert_eq!(
@@ -433,7 +437,66 @@ fn recovery_is_refused_without_a_paused_postcopy() {
         "Error: Migrate recover can only be run when postcopy is paused."
     );
     assert_eq!(st, "running");
-    // Nothing was listening or queued: a plain migration still works afterwards.
-    assert!(vm.ok("info migrate").contains("globals:"));
+    // QMP: `migrate` with `resume`, `migrate-recover`, the same words.
+    let mut qmp = Qmp::connect(&qmp_sock);
+    let e = qmp.error(serde_json::json!({"execute": "migrate",
+        "arguments": {"uri": uri, "resume": true}}));
+    assert_eq!(e, "Cannot resume if there is no paused migration");
+    let e = qmp.error(serde_json::json!({"execute": "migrate-recover",
+        "arguments": {"uri": uri}}));
+    assert_eq!(
+        e,
+        "Migrate recover can only be run when postcopy is paused."
+    );
+    // Nothing was started: no migration status, no socket left behind.
+    assert!(!vm.ok("info migrate").contains("Migration status"));
+    assert!(!dir.path().join("rec.sock").exists());
+    drop(qmp);
     vm.quit();
+}
+
+/// A bare QMP client: one JSON object a line, events skipped.
+struct Qmp(std::io::BufReader<UnixStream>);
+
+impl Qmp {
+    fn connect(sock: &Path) -> Qmp {
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut q = Qmp(std::io::BufReader::new(s));
+        assert!(q.reply().get("QMP").is_some());
+        q.send(serde_json::json!({"execute": "qmp_capabilities"}));
+        q
+    }
+
+    fn reply(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            assert!(self.0.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    fn send(&mut self, cmd: serde_json::Value) -> serde_json::Value {
+        let mut line = cmd.to_string();
+        line.push('\n');
+        self.0.get_mut().write_all(line.as_bytes()).unwrap();
+        self.reply()
+    }
+
+    /// Sends `cmd`, which must fail; its error's description.
+    fn error(&mut self, cmd: serde_json::Value) -> String {
+        let r = self.send(cmd);
+        assert_eq!(r["error"]["class"], "GenericError", "{r}");
+        r["error"]["desc"].as_str().unwrap().to_string()
+    }
 }

@@ -77,6 +77,9 @@ pub enum CommandError {
     /// `migrate_recover` on a destination whose postcopy is not paused (QEMU's words).
     #[error("Migrate recover can only be run when postcopy is paused.")]
     RecoverNotPaused,
+    /// `migrate_recover` while an earlier one still waits for the source (QEMU's words).
+    #[error("Migrate recovery is triggered already")]
+    RecoverPending,
     /// `migrate_recover` or `migrate -r` with a URI that gives no return path.
     #[error("postcopy recovery needs a tcp: or unix: URI, not {0}")]
     RecoverNeedsSocket(String),
@@ -144,7 +147,7 @@ enum Work {
     /// `migrate`: a new migration.
     Migrate(source::Job),
     /// `migrate -r`: resume the paused postcopy (its figures so far) over a new channel.
-    Resume(MigrateUri, MigrationInfo),
+    Resume(MigrateUri, Box<MigrationInfo>),
 }
 
 /// The migration state of one VM, shared by the monitor and the migration thread
@@ -225,18 +228,19 @@ impl Migrator {
     /// `migrate_recover URI` on a destination whose postcopy is paused: listens on `uri`
     /// for the source's `migrate -r`.
     pub fn recover(&self, uri: &str) -> Result<(), CommandError> {
-        let pages = self.lock().incoming_pages.clone();
-        let Some(pages) = pages.filter(|p| matches!(p.link(), recover::Link::Paused(_))) else {
-            return Err(CommandError::RecoverNotPaused);
+        let refused = |r| match r {
+            recover::Refusal::NotPaused => CommandError::RecoverNotPaused,
+            recover::Refusal::Pending => CommandError::RecoverPending,
         };
+        let pages = self.lock().incoming_pages.clone();
+        let pages = pages.ok_or(CommandError::RecoverNotPaused)?;
+        pages.check_recover().map_err(refused)?;
         let uri: MigrateUri = uri.parse()?;
         if !matches!(uri, MigrateUri::Tcp { .. } | MigrateUri::Unix(_)) {
             return Err(CommandError::RecoverNeedsSocket(uri.to_string()));
         }
         let listener = uri::Listener::bind(&uri)?;
-        pages
-            .recover(listener)
-            .map_err(|_| CommandError::RecoverNotPaused)
+        pages.recover(listener).map_err(refused)
     }
 
     /// Records (or clears) the destination's postcopy page source, so that `info migrate`
@@ -416,7 +420,7 @@ impl Migrator {
                     }
                     if let Some(uri) = st.request.take() {
                         if st.resume {
-                            break Work::Resume(uri, st.info.clone());
+                            break Work::Resume(uri, Box::new(st.info.clone()));
                         }
                         st.info.status = Status::Setup;
                         st.log.record(&Status::Setup);

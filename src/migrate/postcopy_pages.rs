@@ -147,9 +147,14 @@ impl ChannelPages {
         self.relink.link()
     }
 
+    /// Whether `migrate_recover` would be taken now (before binding its listener).
+    pub fn check_recover(&self) -> Result<(), recover::Refusal> {
+        self.relink.check_offer()
+    }
+
     /// `migrate_recover`: the paused fill accepts the new channel on `listener`. Refused
-    /// (the listener is given back) unless postcopy is paused.
-    pub fn recover(&self, listener: super::uri::Listener) -> Result<(), super::uri::Listener> {
+    /// unless postcopy is paused with no recovery pending.
+    pub fn recover(&self, listener: super::uri::Listener) -> Result<(), recover::Refusal> {
         self.relink.offer(listener)
     }
 
@@ -239,6 +244,7 @@ impl ChannelPages {
     ) -> Result<Box<dyn Read + Send>, String> {
         let pages = self.ram_len / PAGE;
         let mut ch: Incoming = listener.accept().map_err(|e| e.to_string())?;
+        self.relink.recovering();
         ch.set_read_timeout(Some(recover::RESUME_WAIT))
             .map_err(|e| format!("setting the read timeout: {e}"))?;
         recover::read_resume_header(&mut ch, pages)?;

@@ -124,16 +124,28 @@ pub fn missing_of(received: &[u64], pages: u64) -> Vec<u64> {
 pub enum Link {
     /// Pages flow.
     Up,
-    /// The channel broke (why); waiting for `migrate_recover`.
+    /// The channel broke (why); waiting for `migrate_recover` and then for the source's
+    /// connection.
     Paused(String),
-    /// A recovery channel is being accepted or set up.
+    /// The source connected; the recovered channel is being set up.
     Recovering,
+}
+
+/// Why `migrate_recover` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Postcopy is not paused.
+    NotPaused,
+    /// An earlier `migrate_recover` still waits for the source.
+    Pending,
 }
 
 #[derive(Debug)]
 struct RelinkState {
     link: Link,
     listener: Option<Listener>,
+    /// A listener was taken and waits for the source's connection.
+    accepting: bool,
 }
 
 /// Where the destination's page reader waits for a new channel while postcopy is paused,
@@ -150,6 +162,7 @@ impl Default for Relink {
             state: Mutex::new(RelinkState {
                 link: Link::Up,
                 listener: None,
+                accepting: false,
             }),
             cond: Condvar::new(),
         }
@@ -162,11 +175,29 @@ impl Relink {
         crate::vmm::lock(&self.state).link.clone()
     }
 
-    /// The channel broke: paused until a listener is offered.
+    /// The channel broke (or a recovery failed): paused until a listener is offered.
     pub fn pause(&self, why: String) {
         let mut st = crate::vmm::lock(&self.state);
         st.link = Link::Paused(why);
+        st.accepting = false;
         self.cond.notify_all();
+    }
+
+    /// Whether `migrate_recover` would be taken now.
+    pub fn check_offer(&self) -> Result<(), Refusal> {
+        let st = crate::vmm::lock(&self.state);
+        match st.link {
+            Link::Paused(_) if st.accepting || st.listener.is_some() => Err(Refusal::Pending),
+            Link::Paused(_) => Ok(()),
+            Link::Up | Link::Recovering => Err(Refusal::NotPaused),
+        }
+    }
+
+    /// The source connected to the recovery listener.
+    pub fn recovering(&self) {
+        let mut st = crate::vmm::lock(&self.state);
+        st.link = Link::Recovering;
+        st.accepting = false;
     }
 
     /// The recovered channel carries pages again.
@@ -174,24 +205,23 @@ impl Relink {
         crate::vmm::lock(&self.state).link = Link::Up;
     }
 
-    /// `migrate_recover`: hands over a bound listener. Refused (the listener is given back)
-    /// unless paused.
-    pub fn offer(&self, listener: Listener) -> Result<(), Listener> {
+    /// `migrate_recover`: hands over a bound listener (dropped if refused, see
+    /// [`Relink::check_offer`]).
+    pub fn offer(&self, listener: Listener) -> Result<(), Refusal> {
+        self.check_offer()?;
         let mut st = crate::vmm::lock(&self.state);
-        if !matches!(st.link, Link::Paused(_)) {
-            return Err(listener);
-        }
         st.listener = Some(listener);
         self.cond.notify_all();
         Ok(())
     }
 
-    /// Waits for a listener while paused; the state becomes [`Link::Recovering`].
+    /// Waits for a listener while paused (the state stays paused until
+    /// [`Relink::recovering`]).
     pub fn next_listener(&self) -> Listener {
         let mut st = crate::vmm::lock(&self.state);
         loop {
             if let Some(l) = st.listener.take() {
-                st.link = Link::Recovering;
+                st.accepting = true;
                 return l;
             }
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -303,12 +333,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let uri = MigrateUri::Unix(dir.path().join("r.sock"));
         let relink = Relink::default();
-        assert!(relink.offer(Listener::bind(&uri).unwrap()).is_err());
+        assert_eq!(
+            relink.offer(Listener::bind(&uri).unwrap()),
+            Err(Refusal::NotPaused)
+        );
         relink.pause("cut".into());
         assert_eq!(relink.link(), Link::Paused("cut".into()));
         relink.offer(Listener::bind(&uri).unwrap()).unwrap();
+        assert_eq!(relink.check_offer(), Err(Refusal::Pending));
         let _l = relink.next_listener();
+        // Still paused (and still refusing a second listener) until the source connects.
+        assert_eq!(relink.check_offer(), Err(Refusal::Pending));
+        assert_eq!(relink.link(), Link::Paused("cut".into()));
+        relink.recovering();
         assert_eq!(relink.link(), Link::Recovering);
+        relink.pause("again".into());
+        assert_eq!(relink.check_offer(), Ok(()));
         relink.up();
         assert_eq!(relink.link(), Link::Up);
     }

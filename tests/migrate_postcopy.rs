@@ -387,6 +387,9 @@ fn cut_postcopy_connection_is_recovered() {
     let (r, st) = src.cmd("cont");
     assert!(r.contains("ran on the destination"), "{r}");
     assert_eq!(st, "paused (postmigrate)");
+    // Only a resume carries a paused postcopy on.
+    let (r, _) = src.cmd(&format!("migrate -d unix:{d}/other.sock"));
+    assert_eq!(r.trim(), "Error: There's a migration process in progress");
 
     // Recovery over a new channel, the rest of the pages at full speed.
     src.ok("migrate_set_parameter max-postcopy-bandwidth 0");

@@ -351,10 +351,29 @@ fn cut_postcopy_connection_is_recovered() {
     if !kvm_and_qemu_img("cut_postcopy_connection_is_recovered") {
         return;
     }
+    cut_and_recover("unix:DIR/rec.sock");
+}
+
+#[test]
+fn cut_postcopy_connection_is_recovered_over_tcp() {
+    if !kvm_and_qemu_img("cut_postcopy_connection_is_recovered_over_tcp") {
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    cut_and_recover(&format!("tcp:127.0.0.1:{port}"));
+}
+
+/// Postcopy through a [`Proxy`], cut while postcopy runs, recovered over `recover_uri`
+/// (`DIR` = the test's directory).
+fn cut_and_recover(recover_uri: &str) {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let (img, drive) = disk(dir.path());
     let d = dir.path().display().to_string();
+    let rec = recover_uri.replace("DIR", &d);
     let (mut src, mut dst) = pair(dir.path(), &drive, &format!("unix:{d}/mig.sock"));
     let proxy = Proxy::start(&dir.path().join("proxy.sock"), &dir.path().join("mig.sock"));
     src.ok("migrate_set_parameter max-postcopy-bandwidth 256k");
@@ -364,12 +383,12 @@ fn cut_postcopy_connection_is_recovered() {
     });
     wait_tick_on(&mut dst);
     // Nothing to recover while the channel is up.
-    let (r, _) = src.cmd(&format!("migrate -r unix:{d}/rec.sock"));
+    let (r, _) = src.cmd(&format!("migrate -r {rec}"));
     assert_eq!(
         r.trim(),
         "Error: Cannot resume if there is no paused migration"
     );
-    let (r, _) = dst.cmd(&format!("migrate_recover unix:{d}/rec.sock"));
+    let (r, _) = dst.cmd(&format!("migrate_recover {rec}"));
     assert_eq!(
         r.trim(),
         "Error: Migrate recover can only be run when postcopy is paused."
@@ -393,10 +412,22 @@ fn cut_postcopy_connection_is_recovered() {
 
     // Recovery over a new channel, the rest of the pages at full speed.
     src.ok("migrate_set_parameter max-postcopy-bandwidth 0");
-    assert_eq!(dst.ok(&format!("migrate_recover unix:{d}/rec.sock")), "");
+    // A failed attempt on either side leaves both paused, ready for another.
+    let (r, st) = src.cmd(&format!("migrate -r unix:{d}/nobody.sock"));
+    assert!(r.starts_with("Error: Failed to connect"), "{r}");
+    assert_eq!(st, "paused (postmigrate)");
+    assert!(src
+        .ok("info migrate")
+        .contains("Migration status: postcopy-paused"));
+    assert_eq!(dst.ok(&format!("migrate_recover {rec}")), "");
+    send_junk(&rec);
+    wait_info(&mut dst, "a bad recovery", |i| {
+        i.contains("Migration status: postcopy-paused (postcopy recovery failed")
+    });
+    assert_eq!(dst.ok(&format!("migrate_recover {rec}")), "");
     let (r, _) = dst.cmd(&format!("migrate_recover unix:{d}/rec2.sock"));
     assert_eq!(r.trim(), "Error: Migrate recovery is triggered already");
-    assert_eq!(src.ok(&format!("migrate -d -r unix:{d}/rec.sock")), "");
+    assert_eq!(src.ok(&format!("migrate -d -r {rec}")), "");
     let info = wait_info(&mut src, "recovery (source)", |i| {
         i.contains("Migration status: completed")
     });
@@ -456,6 +487,20 @@ fn recovery_is_refused_without_a_paused_postcopy() {
     assert!(!dir.path().join("rec.sock").exists());
     drop(qmp);
     vm.quit();
+}
+
+/// Connects to `uri` (unix: or tcp:) as something other than a resuming source would.
+fn send_junk(uri: &str) {
+    let junk = b"QEVM\0\0\0\x03junk";
+    if let Some(path) = uri.strip_prefix("unix:") {
+        UnixStream::connect(path).unwrap().write_all(junk).unwrap();
+    } else {
+        let addr = uri.strip_prefix("tcp:").unwrap();
+        std::net::TcpStream::connect(addr)
+            .unwrap()
+            .write_all(junk)
+            .unwrap();
+    }
 }
 
 /// A bare QMP client: one JSON object a line, events skipped.

@@ -3,15 +3,19 @@
 //! alone would never finish; `migrate_start_postcopy` moves the guest to the destination
 //! with pages still on the source, which the destination asks for as the guest touches them.
 //! The guest's ticks must continue by one and its own RAM check pass on the destination. A
-//! source killed during postcopy must make the destination stop with a clear error (never
-//! run on with pages it did not get), and leave the image sound.
+//! connection cut during postcopy pauses both sides (`postcopy-paused`), and
+//! `migrate_recover` / `migrate -r` over a new channel complete the migration. A source
+//! killed during postcopy leaves the destination paused (never running on with pages it did
+//! not get); quitting it then reports the VM lost, and the image stays sound.
 mod common;
 use common::info_field as field;
 use common::run_vm::{assert_check, command_with_memory, create_qcow2, kvm_and_qemu_img, RunVm};
 use common::ticks::{assert_continues, ticks_of};
 
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The guests' timing matters and the machine is small: one test at a time.
@@ -231,15 +235,8 @@ fn trickling_postcopy(dir: &Path) -> (RunVm, RunVm) {
     (src, dst)
 }
 
-#[test]
-fn killed_source_during_postcopy_stops_the_destination() {
-    if !kvm_and_qemu_img("killed_source_during_postcopy_stops_the_destination") {
-        return;
-    }
-    let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let (src, mut dst) = trickling_postcopy(dir.path());
-    // The guest runs on the destination (a tick printed there) before the source dies.
+/// Waits until the destination's guest has printed a tick (it runs there).
+fn wait_tick_on(dst: &mut RunVm) {
     let start = Instant::now();
     while ticks_of(&dst.serial_text()).is_empty() {
         assert!(
@@ -249,15 +246,33 @@ fn killed_source_during_postcopy_stops_the_destination() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn killed_source_during_postcopy_pauses_the_destination() {
+    if !kvm_and_qemu_img("killed_source_during_postcopy_pauses_the_destination") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, mut dst) = trickling_postcopy(dir.path());
+    // The guest runs on the destination (a tick printed there) before the source dies.
+    wait_tick_on(&mut dst);
     drop(src); // SIGKILL
-    let (status, err) = dst.wait_exit(Duration::from_secs(60));
-    eprintln!("destination: {status}\n{err}");
-    assert!(!status.success(), "{status}: {err}");
+               // The destination keeps its pages and its monitor; the vCPUs wait for the rest.
+    let info = wait_info(&mut dst, "broken postcopy", |i| {
+        i.contains("Migration status: postcopy-paused")
+    });
+    assert!(info.contains("source is gone"), "{info}");
+    let ticks = dst.ticks().len();
+    std::thread::sleep(Duration::from_millis(300));
     assert!(
-        err.contains("postcopy migration failed") && err.contains("source is gone"),
-        "{err}"
+        dst.ticks().len() <= ticks + 1,
+        "the guest runs on without its pages"
     );
-    assert!(!err.contains("panicked"), "{err}");
+    // No recovery comes: quitting reports the VM lost, and what it wrote to its disk stays.
+    let (_, status) = dst.finish_with("quit");
+    assert!(!status.success(), "{status}");
     let text = std::fs::read_to_string(dir.path().join("serial1.txt")).unwrap();
     assert!(!text.contains("CHECK FAIL"), "{text}");
     assert_check(&dir.path().join("disk.qcow2"));
@@ -284,4 +299,252 @@ fn killed_destination_during_postcopy_leaves_the_source_paused() {
     assert_eq!(st, "paused (postmigrate)");
     src.quit();
     assert_check(&dir.path().join("disk.qcow2"));
+}
+
+/// A forwarding proxy for one connection: accepts on `listen` and copies both ways to the
+/// Unix socket `to`; [`Proxy::cut`] drops both sides, as a broken network would.
+struct Proxy {
+    socks: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl Proxy {
+    fn start(listen: &Path, to: &Path) -> Proxy {
+        let l = UnixListener::bind(listen).unwrap();
+        let to = to.to_path_buf();
+        let socks = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&socks);
+        std::thread::spawn(move || {
+            let (a, _) = l.accept().unwrap();
+            let b = UnixStream::connect(&to).unwrap();
+            s.lock()
+                .unwrap()
+                .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if into.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Proxy { socks }
+    }
+
+    fn cut(&self) {
+        for s in self.socks.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn cut_postcopy_connection_is_recovered() {
+    if !kvm_and_qemu_img("cut_postcopy_connection_is_recovered") {
+        return;
+    }
+    cut_and_recover("unix:DIR/rec.sock");
+}
+
+#[test]
+fn cut_postcopy_connection_is_recovered_over_tcp() {
+    if !kvm_and_qemu_img("cut_postcopy_connection_is_recovered_over_tcp") {
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    cut_and_recover(&format!("tcp:127.0.0.1:{port}"));
+}
+
+/// Postcopy through a [`Proxy`], cut while postcopy runs, recovered over `recover_uri`
+/// (`DIR` = the test's directory).
+fn cut_and_recover(recover_uri: &str) {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (img, drive) = disk(dir.path());
+    let d = dir.path().display().to_string();
+    let rec = recover_uri.replace("DIR", &d);
+    let (mut src, mut dst) = pair(dir.path(), &drive, &format!("unix:{d}/mig.sock"));
+    let proxy = Proxy::start(&dir.path().join("proxy.sock"), &dir.path().join("mig.sock"));
+    src.ok("migrate_set_parameter max-postcopy-bandwidth 256k");
+    migrate_then_switch(&mut src, &format!("unix:{d}/proxy.sock"), 4 << 10);
+    wait_info(&mut src, "postcopy", |i| {
+        i.contains("Migration status: postcopy-active")
+    });
+    wait_tick_on(&mut dst);
+    // Nothing to recover while the channel is up.
+    let (r, _) = src.cmd(&format!("migrate -r {rec}"));
+    assert_eq!(
+        r.trim(),
+        "Error: Cannot resume if there is no paused migration"
+    );
+    let (r, _) = dst.cmd(&format!("migrate_recover {rec}"));
+    assert_eq!(
+        r.trim(),
+        "Error: Migrate recover can only be run when postcopy is paused."
+    );
+
+    proxy.cut();
+    let info = wait_info(&mut src, "cut (source)", |i| {
+        i.contains("Migration status: postcopy-paused")
+    });
+    eprintln!("source paused:\n{info}");
+    let info = wait_info(&mut dst, "cut (destination)", |i| {
+        i.contains("Migration status: postcopy-paused")
+    });
+    eprintln!("destination paused:\n{info}");
+    let (r, st) = src.cmd("cont");
+    assert!(r.contains("ran on the destination"), "{r}");
+    assert_eq!(st, "paused (postmigrate)");
+    // Only a resume carries a paused postcopy on.
+    let (r, _) = src.cmd(&format!("migrate -d unix:{d}/other.sock"));
+    assert_eq!(r.trim(), "Error: There's a migration process in progress");
+
+    // Recovery over a new channel, the rest of the pages at full speed.
+    src.ok("migrate_set_parameter max-postcopy-bandwidth 0");
+    // A failed attempt on either side leaves both paused, ready for another.
+    let (r, st) = src.cmd(&format!("migrate -r unix:{d}/nobody.sock"));
+    assert!(r.starts_with("Error: Failed to connect"), "{r}");
+    assert_eq!(st, "paused (postmigrate)");
+    assert!(src
+        .ok("info migrate")
+        .contains("Migration status: postcopy-paused"));
+    assert_eq!(dst.ok(&format!("migrate_recover {rec}")), "");
+    send_junk(&rec);
+    wait_info(&mut dst, "a bad recovery", |i| {
+        i.contains("Migration status: postcopy-paused (postcopy recovery failed")
+    });
+    assert_eq!(dst.ok(&format!("migrate_recover {rec}")), "");
+    let (r, _) = dst.cmd(&format!("migrate_recover unix:{d}/rec2.sock"));
+    assert_eq!(r.trim(), "Error: Migrate recovery is triggered already");
+    assert_eq!(src.ok(&format!("migrate -d -r {rec}")), "");
+    let info = wait_info(&mut src, "recovery (source)", |i| {
+        i.contains("Migration status: completed")
+    });
+    eprintln!("source:\n{info}");
+    assert_eq!(field(&info, "remaining ram:"), 0, "{info}");
+    assert_eq!(src.cmd("").1, "paused (postmigrate)");
+    let dinfo = wait_info(&mut dst, "recovery (destination)", |i| {
+        i.contains("Migration status: completed")
+    });
+    assert_eq!(dst.cmd("").1, "running", "{dinfo}");
+    let dst_text = wait_check_and_tick(&mut dst);
+    assert!(dst_text.contains("CHECK OK"), "{dst_text}");
+    assert!(!dst_text.contains("CHECK FAIL"), "{dst_text}");
+    assert_continues(&src.serial_text(), &dst_text);
+    src.quit();
+    dst.quit();
+    assert_check(&img);
+}
+
+#[test]
+fn recovery_is_refused_without_a_paused_postcopy() {
+    if !kvm_and_qemu_img("recovery_is_refused_without_a_paused_postcopy") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, drive) = disk(dir.path());
+    let qmp_sock = dir.path().join("qmp.sock");
+    let qmp_arg = format!("unix:{}", qmp_sock.display());
+    let mut vm = RunVm::start_with(dir.path(), &[drive], 1, None, 0, &["--qmp", &qmp_arg]);
+    let uri = format!("unix:{}", dir.path().join("rec.sock").display());
+    let (r, st) = vm.cmd(&format!("migrate -r {uri}"));
+    assert_eq!(
+        r.trim(),
+        "Error: Cannot resume if there is no paused migration"
+    );
+    assert_eq!(st, "running");
+    let (r, st) = vm.cmd(&format!("migrate_recover {uri}"));
+    assert_eq!(
+        r.trim(),
+        "Error: Migrate recover can only be run when postcopy is paused."
+    );
+    assert_eq!(st, "running");
+    // QMP: `migrate` with `resume`, `migrate-recover`, the same words.
+    let mut qmp = Qmp::connect(&qmp_sock);
+    let e = qmp.error(serde_json::json!({"execute": "migrate",
+        "arguments": {"uri": uri, "resume": true}}));
+    assert_eq!(e, "Cannot resume if there is no paused migration");
+    let e = qmp.error(serde_json::json!({"execute": "migrate-recover",
+        "arguments": {"uri": uri}}));
+    assert_eq!(
+        e,
+        "Migrate recover can only be run when postcopy is paused."
+    );
+    // Nothing was started: no migration status, no socket left behind.
+    assert!(!vm.ok("info migrate").contains("Migration status"));
+    assert!(!dir.path().join("rec.sock").exists());
+    drop(qmp);
+    vm.quit();
+}
+
+/// Connects to `uri` (unix: or tcp:) as something other than a resuming source would.
+fn send_junk(uri: &str) {
+    let junk = b"QEVM\0\0\0\x03junk";
+    if let Some(path) = uri.strip_prefix("unix:") {
+        UnixStream::connect(path).unwrap().write_all(junk).unwrap();
+    } else {
+        let addr = uri.strip_prefix("tcp:").unwrap();
+        std::net::TcpStream::connect(addr)
+            .unwrap()
+            .write_all(junk)
+            .unwrap();
+    }
+}
+
+/// A bare QMP client: one JSON object a line, events skipped.
+struct Qmp(std::io::BufReader<UnixStream>);
+
+impl Qmp {
+    fn connect(sock: &Path) -> Qmp {
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut q = Qmp(std::io::BufReader::new(s));
+        assert!(q.reply().get("QMP").is_some());
+        q.send(serde_json::json!({"execute": "qmp_capabilities"}));
+        q
+    }
+
+    fn reply(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            assert!(self.0.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    fn send(&mut self, cmd: serde_json::Value) -> serde_json::Value {
+        let mut line = cmd.to_string();
+        line.push('\n');
+        self.0.get_mut().write_all(line.as_bytes()).unwrap();
+        self.reply()
+    }
+
+    /// Sends `cmd`, which must fail; its error's description.
+    fn error(&mut self, cmd: serde_json::Value) -> String {
+        let r = self.send(cmd);
+        assert_eq!(r["error"]["class"], "GenericError", "{r}");
+        r["error"]["desc"].as_str().unwrap().to_string()
+    }
 }

@@ -440,6 +440,13 @@ pub fn run_prepared(args: RunArgs, prepare: Prepare<'_>) -> Result<i32, RunError
             eprintln!("vmsnap: quitting before the incoming migration completed");
             std::process::exit(0);
         }
+        if let Some(why) = mig.incoming_postcopy_interrupted() {
+            // The receiving thread waits for migrate_recover, the vCPUs for missing pages:
+            // the guest cannot run on here, so it is lost; keep what it wrote to its disks.
+            let _ = stop_and_flush(cx);
+            eprintln!("vmsnap: quitting with postcopy paused ({why}): the guest's RAM is incomplete, the VM is lost");
+            std::process::exit(1);
+        }
         r
     });
     let flushed = stop_and_flush(cx);

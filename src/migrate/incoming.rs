@@ -138,13 +138,8 @@ fn receive(
         postcopy_pages::send(&mut *w, postcopy::RP_LOADED, 0).map_err(PostcopyError::Io)?;
         let ram_len = vm.ram().len() as u64;
         if let Some(missing) = postcopy_pages::read_header(&mut input, ram_len / PAGE_SIZE)? {
-            postcopy_run(
-                vm,
-                mig,
-                &state,
-                missing,
-                ChannelPages::new(Box::new(input), w, ram_len),
-            )?;
+            let pages = ChannelPages::new(Box::new(input), w, ram_len, &missing);
+            postcopy_run(vm, mig, &state, missing, pages)?;
             return Ok(Report { load, bytes });
         }
     }
@@ -170,12 +165,21 @@ fn postcopy_run(
     pages: ChannelPages,
 ) -> Result<(), IncomingError> {
     let pages = std::sync::Arc::new(pages);
-    let status = vm.load_missing_ram_lazily(
-        pages.clone(),
-        Instant::now(),
-        "postcopy migration",
-        &missing,
-    )?;
+    mig.set_incoming_pages(Some(pages.clone()));
+    let r = postcopy_serve(vm, mig, state, &missing, pages);
+    mig.set_incoming_pages(None);
+    r
+}
+
+fn postcopy_serve(
+    vm: &Vm,
+    mig: &Migrator,
+    state: &VmState,
+    missing: &[u64],
+    pages: std::sync::Arc<ChannelPages>,
+) -> Result<(), IncomingError> {
+    let status =
+        vm.load_missing_ram_lazily(pages.clone(), Instant::now(), "postcopy migration", missing)?;
     vm.restore_state(state)?;
     disks::activate(vm, mig.drives())?;
     mig.set_drives_inactive(false);

@@ -23,6 +23,9 @@ pub enum Status {
     /// Postcopy broke: the guest's RAM is split between the two sides, the guest is paused
     /// here and its pages are kept (QEMU's `postcopy-paused`); why.
     PostcopyPaused(String),
+    /// Postcopy paused, a new channel being set up (`migrate -r`, `migrate_recover`; QEMU's
+    /// `postcopy-recover`).
+    PostcopyRecover,
     /// Stopped on an error (the message).
     Failed(String),
 }
@@ -39,6 +42,7 @@ impl Status {
             Status::Completed => "completed",
             Status::PostcopyActive => "postcopy-active",
             Status::PostcopyPaused(_) => "postcopy-paused",
+            Status::PostcopyRecover => "postcopy-recover",
             Status::Failed(_) => "failed",
         }
     }
@@ -47,7 +51,11 @@ impl Status {
     pub fn is_active(&self) -> bool {
         matches!(
             self,
-            Status::Setup | Status::Active | Status::Cancelling | Status::PostcopyActive
+            Status::Setup
+                | Status::Active
+                | Status::Cancelling
+                | Status::PostcopyActive
+                | Status::PostcopyRecover
         )
     }
 }

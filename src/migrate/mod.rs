@@ -26,6 +26,7 @@ pub mod pagemap;
 pub mod params;
 pub mod postcopy;
 pub mod postcopy_pages;
+pub mod recover;
 pub mod source;
 pub mod uri;
 pub mod xbzrle_send;
@@ -71,6 +72,18 @@ pub enum CommandError {
     /// that have not arrived.
     #[error("block migration and postcopy-ram cannot be combined: turn postcopy-ram off or migrate without -b")]
     BlockPostcopy,
+    /// `migrate -r` on a source whose postcopy is not paused (QEMU's words).
+    #[error("Cannot resume if there is no paused migration")]
+    NoPausedMigration,
+    /// `migrate_recover` on a destination whose postcopy is not paused (QEMU's words).
+    #[error("Migrate recover can only be run when postcopy is paused.")]
+    RecoverNotPaused,
+    /// `migrate_recover` while an earlier one still waits for the source (QEMU's words).
+    #[error("Migrate recovery is triggered already")]
+    RecoverPending,
+    /// `migrate_recover` or `migrate -r` with a URI that gives no return path.
+    #[error("postcopy recovery needs a tcp: or unix: URI, not {0}")]
+    RecoverNeedsSocket(String),
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +93,8 @@ struct State {
     request: Option<MigrateUri>,
     /// The queued migration carries the drives (`migrate -b`).
     block: bool,
+    /// The queued request resumes a paused postcopy (`migrate -r`).
+    resume: bool,
     info: MigrationInfo,
     started: Option<Instant>,
     cancel: bool,
@@ -90,6 +105,8 @@ struct State {
     inactive: bool,
     /// Set on a destination (`--incoming`): what its `info migrate` shows.
     incoming: Option<MigrationInfo>,
+    /// A destination's postcopy page source while postcopy runs (pauses, recovers).
+    incoming_pages: Option<std::sync::Arc<postcopy_pages::ChannelPages>>,
     /// Every status this side went through, in order (see [`StatusLog`]).
     log: StatusLog,
 }
@@ -126,6 +143,14 @@ impl StatusLog {
     }
 }
 
+/// What the migration thread was asked to do.
+enum Work {
+    /// `migrate`: a new migration.
+    Migrate(source::Job),
+    /// `migrate -r`: resume the paused postcopy (its figures so far) over a new channel.
+    Resume(MigrateUri, Box<MigrationInfo>),
+}
+
 /// The migration state of one VM, shared by the monitor and the migration thread
 /// ([`Migrator::serve`]).
 #[derive(Debug)]
@@ -158,7 +183,11 @@ impl Migrator {
     pub fn start_with(&self, uri: &str, block: bool) -> Result<(), CommandError> {
         let uri: MigrateUri = uri.parse()?;
         let mut st = self.lock();
-        if st.info.status.is_active() || st.request.is_some() {
+        // A paused postcopy is still a migration: only `migrate -r` carries it on.
+        if st.info.status.is_active()
+            || st.request.is_some()
+            || matches!(st.info.status, Status::PostcopyPaused(_))
+        {
             return Err(CommandError::Busy);
         }
         if block && st.caps.postcopy_ram() {
@@ -166,6 +195,7 @@ impl Migrator {
         }
         st.request = Some(uri);
         st.block = block;
+        st.resume = false;
         st.cancel = false;
         st.postcopy = false;
         st.started = Some(Instant::now());
@@ -175,6 +205,60 @@ impl Migrator {
         };
         self.changed.notify_all();
         Ok(())
+    }
+
+    /// `migrate -r URI`: queues the resumption of a paused postcopy (QEMU's `resume`).
+    pub fn start_resume(&self, uri: &str) -> Result<(), CommandError> {
+        let mut st = self.lock();
+        if !matches!(st.info.status, Status::PostcopyPaused(_)) || st.request.is_some() {
+            return Err(CommandError::NoPausedMigration);
+        }
+        let uri: MigrateUri = uri.parse()?;
+        if !matches!(uri, MigrateUri::Tcp { .. } | MigrateUri::Unix(_)) {
+            return Err(CommandError::RecoverNeedsSocket(uri.to_string()));
+        }
+        st.request = Some(uri);
+        st.resume = true;
+        st.cancel = false;
+        st.info.status = Status::PostcopyRecover;
+        st.log.record(&Status::PostcopyRecover);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// `migrate_recover URI` on a destination whose postcopy is paused: listens on `uri`
+    /// for the source's `migrate -r`.
+    pub fn recover(&self, uri: &str) -> Result<(), CommandError> {
+        let refused = |r| match r {
+            recover::Refusal::NotPaused => CommandError::RecoverNotPaused,
+            recover::Refusal::Pending => CommandError::RecoverPending,
+        };
+        let pages = self.lock().incoming_pages.clone();
+        let pages = pages.ok_or(CommandError::RecoverNotPaused)?;
+        pages.check_recover().map_err(refused)?;
+        let uri: MigrateUri = uri.parse()?;
+        if !matches!(uri, MigrateUri::Tcp { .. } | MigrateUri::Unix(_)) {
+            return Err(CommandError::RecoverNeedsSocket(uri.to_string()));
+        }
+        let listener = uri::Listener::bind(&uri)?;
+        pages.recover(listener).map_err(refused)
+    }
+
+    /// Records (or clears) the destination's postcopy page source, so that `info migrate`
+    /// shows a pause and `migrate_recover` reaches it.
+    pub fn set_incoming_pages(&self, pages: Option<std::sync::Arc<postcopy_pages::ChannelPages>>) {
+        self.lock().incoming_pages = pages;
+    }
+
+    /// On a destination whose postcopy channel broke (paused or recovering): why. Its
+    /// receiving thread and faulting vCPUs wait for pages that have not come.
+    pub fn incoming_postcopy_interrupted(&self) -> Option<String> {
+        let pages = self.lock().incoming_pages.clone()?;
+        match pages.link() {
+            recover::Link::Up => None,
+            recover::Link::Paused(why) => Some(why),
+            recover::Link::Recovering => Some("recovering".into()),
+        }
     }
 
     /// Waits until no migration is queued or running; returns the final figures.
@@ -191,7 +275,12 @@ impl Migrator {
         let mut st = self.lock();
         // Once postcopy runs, the guest lives on the destination: there is nothing to go
         // back to (QEMU refuses too).
-        if st.info.status.is_active() && st.info.status != Status::PostcopyActive {
+        if st.info.status.is_active()
+            && !matches!(
+                st.info.status,
+                Status::PostcopyActive | Status::PostcopyRecover
+            )
+        {
             st.cancel = true;
             st.info.status = Status::Cancelling;
             st.log.record(&Status::Cancelling);
@@ -218,7 +307,7 @@ impl Migrator {
     /// Refuses `cont` on a source whose postcopy broke (the guest lives on the destination).
     pub fn check_cont(&self) -> Result<(), CommandError> {
         match self.lock().info.status {
-            Status::PostcopyPaused(_) => Err(CommandError::PostcopyLost),
+            Status::PostcopyPaused(_) | Status::PostcopyRecover => Err(CommandError::PostcopyLost),
             _ => Ok(()),
         }
     }
@@ -243,7 +332,15 @@ impl Migrator {
     pub fn info(&self) -> MigrationInfo {
         let st = self.lock();
         if let (Status::None, Some(incoming)) = (&st.info.status, &st.incoming) {
-            return incoming.clone();
+            let mut info = incoming.clone();
+            if let (Status::PostcopyActive, Some(pages)) = (&info.status, &st.incoming_pages) {
+                match pages.link() {
+                    recover::Link::Up => {}
+                    recover::Link::Paused(why) => info.status = Status::PostcopyPaused(why),
+                    recover::Link::Recovering => info.status = Status::PostcopyRecover,
+                }
+            }
+            return info;
         }
         let mut info = st.info.clone();
         if info.status.is_active() {
@@ -323,9 +420,12 @@ impl Migrator {
                         return;
                     }
                     if let Some(uri) = st.request.take() {
+                        if st.resume {
+                            break Work::Resume(uri, Box::new(st.info.clone()));
+                        }
                         st.info.status = Status::Setup;
                         st.log.record(&Status::Setup);
-                        break source::Job {
+                        break Work::Migrate(source::Job {
                             uri,
                             params: st.params.clone(),
                             auto_converge: st.caps.auto_converge(),
@@ -334,12 +434,15 @@ impl Migrator {
                             block: st.block,
                             postcopy: st.caps.postcopy_ram(),
                             drives: self.drives.clone(),
-                        };
+                        });
                     }
                     st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let result = source::migrate(vm, &job, self);
+            let result = match &job {
+                Work::Migrate(job) => source::migrate(vm, job, self),
+                Work::Resume(uri, paused) => recover::resume(vm, uri, self, paused),
+            };
             let mut st = self.lock();
             st.aborter = None;
             let total = st.started.map_or(0, |t| {

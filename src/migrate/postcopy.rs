@@ -37,6 +37,9 @@ pub const RP_LOADED: u64 = 0x02;
 pub const RP_REQ_PAGE: u64 = 0x03;
 /// Return path: every page is in; the source may let go.
 pub const RP_DONE: u64 = 0x04;
+/// Return path, on a recovered channel: the pages the destination has (be64 page count,
+/// then the bitmap; QEMU's MIG_RP_MSG_RECV_BITMAP). See `recover`.
+pub const RP_RECV_BITMAP: u64 = 0x05;
 /// Page size of the records.
 pub const PAGE: u64 = 4096;
 const KIND_MASK: u64 = PAGE - 1;
@@ -60,6 +63,9 @@ pub enum RpMsg {
     Request(u64),
     /// [`RP_DONE`].
     Done,
+    /// [`RP_RECV_BITMAP`] with its bitmap (bit i = page i received), checked against our
+    /// RAM's page count.
+    RecvBitmap(Vec<u64>),
     /// The return path ended (EOF) or failed, or sent something unknown: why.
     Closed(String),
 }
@@ -89,14 +95,21 @@ pub struct ReturnPath {
 
 impl ReturnPath {
     /// Starts reading `r` (the channel's receiving half) on a thread of its own, which ends
-    /// with the channel.
-    pub fn start(mut r: Box<dyn Read + Send>) -> io::Result<ReturnPath> {
+    /// with the channel. `pages` is the guest RAM's page count (a received bitmap must
+    /// match it; it bounds what the reader allocates).
+    pub fn start(mut r: Box<dyn Read + Send>, pages: u64) -> io::Result<ReturnPath> {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("mig-return-path".into())
             .spawn(move || loop {
                 let mut w = [0u8; 8];
                 let msg = match r.read_exact(&mut w) {
+                    Ok(()) if u64::from_be_bytes(w) == RP_RECV_BITMAP => {
+                        match super::recover::read_received(&mut r, pages) {
+                            Ok(bits) => RpMsg::RecvBitmap(bits),
+                            Err(e) => RpMsg::Closed(e.to_string()),
+                        }
+                    }
                     Ok(()) => rp_decode(u64::from_be_bytes(w)),
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                         RpMsg::Closed("the destination closed the connection".into())
@@ -128,6 +141,24 @@ impl ReturnPath {
                     return Err(format!("{what}: the return path is gone"))
                 }
             }
+        }
+    }
+}
+
+impl ReturnPath {
+    /// Waits up to `wait` for the destination's received bitmap (the first message on a
+    /// recovered channel).
+    pub fn expect_bitmap(&self, wait: Duration) -> Result<Vec<u64>, String> {
+        let what = "waiting for the destination's received-page bitmap";
+        match self.rx.recv_timeout(wait) {
+            Ok(RpMsg::RecvBitmap(bits)) => Ok(bits),
+            Ok(RpMsg::Advise) => Err(format!(
+                "{what}: the destination waits for a new migration, not a paused postcopy"
+            )),
+            Ok(RpMsg::Closed(why)) => Err(format!("{what}: {why}")),
+            Ok(m) => Err(format!("{what}: unexpected return-path message {m:?}")),
+            Err(RecvTimeoutError::Timeout) => Err(format!("{what}: no answer in {wait:?}")),
+            Err(RecvTimeoutError::Disconnected) => Err(format!("{what}: the return path is gone")),
         }
     }
 }
@@ -312,7 +343,7 @@ mod tests {
         let missing = vec![0b10_0110u64];
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         theirs.write_all(&rp_word(RP_REQ_PAGE, 5 * PAGE)).unwrap();
-        let rp = ReturnPath::start(Box::new(ours)).unwrap();
+        let rp = ReturnPath::start(Box::new(ours), 8).unwrap();
         // Let the reader queue the request before sending starts.
         std::thread::sleep(Duration::from_millis(50));
         struct Dest(Vec<u8>, std::os::unix::net::UnixStream);
@@ -344,7 +375,7 @@ mod tests {
 
     #[test]
     fn a_closed_return_path_is_an_error_not_a_hang() {
-        let rp = ReturnPath::start(Box::new(io::Cursor::new(Vec::new()))).unwrap();
+        let rp = ReturnPath::start(Box::new(io::Cursor::new(Vec::new())), 2).unwrap();
         let ram = vec![0u8; 2 * PAGE as usize];
         let e = send_pages(&mut Vec::new(), &ram, vec![0b11], &rp, 0, &mut |_| {}).unwrap_err();
         assert!(e.contains("closed"), "{e}");

@@ -159,7 +159,7 @@ const CONNECT_POLL: Duration = Duration::from_millis(20);
 /// Opens the channel on a helper thread, so that `migrate_cancel` is answered while a connect
 /// hangs (an unreachable host keeps a tcp connect waiting for minutes; QEMU connects
 /// asynchronously too). A channel that opens after the cancel is dropped at once.
-fn connect(uri: &MigrateUri, obs: &dyn Observer) -> Result<Outgoing, MigrateError> {
+pub(super) fn connect(uri: &MigrateUri, obs: &dyn Observer) -> Result<Outgoing, MigrateError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let target = uri.clone();
     std::thread::Builder::new()
@@ -304,7 +304,7 @@ fn run(
     // RAM's figures leave the disk records out, as QEMU's do.
     let disk_stream = || block.as_ref().map_or(0, |b| b.borrow().stream_bytes());
     let rp = if job.postcopy {
-        Some(open_return_path(&out)?)
+        Some(open_return_path(&out, vm.ram().len() as u64 / PAGE_SIZE)?)
     } else {
         None
     };
@@ -505,7 +505,7 @@ fn run(
 }
 
 /// Opens the return path and waits for the destination's ADVISE.
-fn open_return_path(out: &Outgoing) -> Result<ReturnPath, MigrateError> {
+fn open_return_path(out: &Outgoing, pages: u64) -> Result<ReturnPath, MigrateError> {
     let r = out
         .return_path()
         .ok_or_else(|| {
@@ -515,7 +515,7 @@ fn open_return_path(out: &Outgoing) -> Result<ReturnPath, MigrateError> {
             )
         })?
         .map_err(|e| MigrateError::Postcopy(format!("opening the return path: {e}")))?;
-    let rp = ReturnPath::start(r)
+    let rp = ReturnPath::start(r, pages)
         .map_err(|e| MigrateError::Postcopy(format!("starting the return path: {e}")))?;
     rp.expect(
         &RpMsg::Advise,

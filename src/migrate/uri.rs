@@ -484,6 +484,16 @@ impl Incoming {
         }
     }
 
+    /// Bounds each read of a socket channel (`None`: wait as long as it takes); no effect
+    /// on commands and files.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Incoming::Tcp(s) => s.set_read_timeout(t),
+            Incoming::Unix(s) => s.set_read_timeout(t),
+            Incoming::Child(..) | Incoming::File(_) => Ok(()),
+        }
+    }
+
     /// Reads and drops what is left (at most `limit` bytes) so that a socket peer sees an
     /// orderly close rather than a reset, then closes the channel (waiting for a command).
     pub fn close(mut self, limit: u64) {

@@ -21,7 +21,9 @@ save [-c] file -- save the VM into a checkpoint file and end (-c: the guest runs
 
 /// Monitor commands of live migration.
 const MIGRATE_HELP: &str = "\
-migrate [-d] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d: do not wait
+migrate [-d] [-b] [-r] uri -- migrate to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH); -d: do not wait, -b: with the disks, -r: resume a paused postcopy
+migrate_recover uri -- on a destination whose postcopy is paused: listen on URI for the source's migrate -r
+migrate_start_postcopy -- switch the running migration to postcopy
 migrate_cancel -- cancel the current VM migration
 migrate_set_parameter parameter value -- set a migration parameter (max-bandwidth, downtime-limit, ...)
 migrate_set_capability capability state -- enable or disable a migration capability

@@ -1,4 +1,5 @@
-//! HMP's migration commands: `migrate [-d] URI`, `migrate_cancel`, the parameters and
+//! HMP's migration commands: `migrate [-d] [-b] [-r] URI`, `migrate_recover URI`,
+//! `migrate_cancel`, the parameters and
 //! capabilities, `info migrate*`, and the guards that keep snapshot commands and `cont` off a
 //! VM that is migrating or being received.
 
@@ -7,15 +8,20 @@ use crate::migrate;
 use super::vm_commands::{self as monitor, Outcome};
 use super::Cx;
 
-/// `migrate [-d] [-b] URI`: the URI is the rest of the line (an exec command may have
+/// `migrate [-d] [-b] [-r] URI`: the URI is the rest of the line (an exec command may have
 /// spaces), optionally in double quotes. `-b` carries the writable drives along (block
-/// migration); flags may be combined (`-db`), as QEMU's monitor allows.
+/// migration), `-r` resumes a paused postcopy over a new channel; flags may be combined
+/// (`-db`), as QEMU's monitor allows.
 fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
     let mut uri = rest.trim();
-    let (mut detach, mut block) = (false, false);
+    let (mut detach, mut block, mut resume) = (false, false, false);
     while let Some(flags) = uri.strip_prefix('-') {
         let end = flags.find(char::is_whitespace).unwrap_or(flags.len());
-        if end == 0 || !flags[..end].chars().all(|c| matches!(c, 'd' | 'b' | 'i')) {
+        if end == 0
+            || !flags[..end]
+                .chars()
+                .all(|c| matches!(c, 'd' | 'b' | 'i' | 'r'))
+        {
             break;
         }
         if flags[..end].contains('i') {
@@ -23,6 +29,7 @@ fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
         }
         detach |= flags[..end].contains('d');
         block |= flags[..end].contains('b');
+        resume |= flags[..end].contains('r');
         uri = flags[end..].trim_start();
     }
     let uri = uri
@@ -32,7 +39,12 @@ fn migrate_command(cx: Cx<'_>, rest: &str) -> String {
     if uri.is_empty() {
         return "Parameter 'uri' is missing".to_string();
     }
-    if let Err(e) = cx.mig.start_with(uri, block) {
+    let started = match resume {
+        true if block => return "Error: migrate -r cannot be combined with -b".to_string(),
+        true => cx.mig.start_resume(uri),
+        false => cx.mig.start_with(uri, block),
+    };
+    if let Err(e) = started {
         return format!("Error: {e}");
     }
     if detach {
@@ -62,6 +74,8 @@ pub(super) fn execute_migrate(
             let rest = line.trim_start().strip_prefix("migrate").unwrap_or("");
             Ok(migrate_command(cx, rest))
         }
+        ["migrate_recover", uri] => cx.mig.recover(uri).map(|()| String::new()).map_err(err),
+        ["migrate_recover", ..] => Ok("migrate_recover: expected URI".to_string()),
         ["migrate_start_postcopy"] => cx.mig.start_postcopy().map(|()| String::new()).map_err(err),
         ["migrate_cancel"] => {
             cx.mig.cancel();

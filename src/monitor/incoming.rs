@@ -36,9 +36,11 @@ pub fn start_deferred(cx: Cx<'_>, uri: &str) -> Result<Listener, String> {
 }
 
 /// The incoming migration: a failed or partial stream ends the process with a non-zero
-/// status before the guest ever runs (as QEMU does). A postcopy that breaks after the guest
-/// started here stops it, flushes its disks and ends the process the same way: the guest
-/// never runs on with pages it did not receive.
+/// status before the guest ever runs (as QEMU does). A postcopy whose channel breaks after
+/// the guest started here pauses (`postcopy-paused`, see `migrate::recover`) and this
+/// waits on; a postcopy that fails (a malformed record) stops the guest, flushes its disks
+/// and ends the process the same way: the guest never runs on with pages it did not
+/// receive.
 pub fn receive(cx: Cx<'_>, listener: Listener) {
     match migrate::incoming::run(cx.vm, listener, cx.mig) {
         Ok(report) => {

@@ -36,6 +36,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate",
     "migrate_cancel",
     "migrate-start-postcopy",
+    "migrate-recover",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",

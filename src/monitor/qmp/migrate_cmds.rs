@@ -1,5 +1,5 @@
 //! QMP's migration commands over [`crate::migrate::Migrator`], QEMU 7.2's shapes:
-//! `migrate`, `migrate_cancel`, `query-migrate`, `migrate-set-capabilities`,
+//! `migrate` (with `resume`), `migrate-recover`, `migrate_cancel`, `query-migrate`, `migrate-set-capabilities`,
 //! `query-migrate-capabilities`, `migrate-set-parameters`, `query-migrate-parameters`.
 
 use serde_json::{json, Map, Value};
@@ -151,12 +151,10 @@ pub fn dispatch(cx: Cx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, QmpError>
         "migrate" => {
             let uri = a.str("uri")?;
             let blk = a.opt_bool("blk")? == Some(true);
-            for flag in ["inc", "detach", "resume"] {
-                if a.opt_bool(flag)? == Some(true) && flag != "detach" {
-                    return Err(QmpError::generic(format!(
-                        "vmsnap: migrate '{flag}' is not supported"
-                    )));
-                }
+            let resume = a.opt_bool("resume")? == Some(true);
+            let _detach = a.opt_bool("detach")?;
+            if a.opt_bool("inc")? == Some(true) {
+                return Err(QmpError::generic("vmsnap: migrate 'inc' is not supported"));
             }
             a.finish()?;
             if cx.vm.pause_reason() == Some("inmigrate") {
@@ -164,9 +162,25 @@ pub fn dispatch(cx: Cx<'_>, name: &str, a: &Args<'_>) -> Result<Reply, QmpError>
                     "Guest is waiting for an incoming migration",
                 ));
             }
+            if resume {
+                if blk {
+                    return Err(QmpError::generic(
+                        "vmsnap: migrate 'resume' cannot be combined with 'blk'",
+                    ));
+                }
+                cx.mig.start_resume(uri).map_err(generic)?;
+                super::note_migration(cx, Status::PostcopyRecover.name());
+                return ok;
+            }
             crate::snapshot::lazy::settle(cx.vm).map_err(generic)?;
             cx.mig.start_with(uri, blk).map_err(generic)?;
             super::note_migration(cx, Status::Setup.name());
+            ok
+        }
+        "migrate-recover" => {
+            let uri = a.str("uri")?;
+            a.finish()?;
+            cx.mig.recover(uri).map_err(generic)?;
             ok
         }
         "migrate-start-postcopy" => {

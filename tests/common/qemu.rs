@@ -130,8 +130,13 @@ impl Qemu {
         }
         args.push(format!("unix:{},server=on,wait=off", sock.display()));
         args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(&args, sock)
+    }
+
+    /// Starts `qemu-system-x86_64 ARGS`, whose HMP monitor listens on `sock`, and connects.
+    pub fn spawn(args: &[String], sock: &Path) -> Qemu {
         let child = Command::new("qemu-system-x86_64")
-            .args(&args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

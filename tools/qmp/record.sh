@@ -42,4 +42,10 @@ qemu-img create -q -f qcow2 "$dir/m.qcow2" 64M
 qemu_with_qmp "$dir/dst.sock" "$dir/m.qcow2" -incoming "unix:$dir/mig.sock"
 qemu_with_qmp "$dir/src.sock" "$dir/m.qcow2"
 "$py" tools/qmp/sequence.py "$dir/src.sock" migrate "unix:$dir/mig.sock" >"$out/qemu-migrate.json"
+kill %% %- 2>/dev/null || true
+wait 2>/dev/null || true
+# The dirty-rate measurement (page-sampling; only the shapes are compared).
+qemu-img create -q -f qcow2 "$dir/d.qcow2" 64M
+qemu_with_qmp "$dir/d.sock" "$dir/d.qcow2"
+"$py" tools/qmp/sequence.py "$dir/d.sock" dirtyrate >"$out/qemu-dirtyrate.json"
 echo "recorded: $(ls $out)"

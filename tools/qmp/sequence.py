@@ -9,6 +9,7 @@ Usage: sequence.py SOCKET snapshot NODE      # snapshot-save/-load/-delete, ever
        sequence.py SOCKET migrate URI        # migrate with events on, query-migrate polling
        sequence.py SOCKET rawdev NODE RAWNODE # a writable raw node in the jobs' devices
        sequence.py SOCKET protocol           # query-*, unknown commands, bad arguments
+       sequence.py SOCKET dirtyrate          # calc-dirty-rate / query-dirty-rate, errors
        sequence.py SOCKET cmd COMMAND JSON   # one command
        sequence.py SOCKET job COMMAND JSON   # one job: events, query-jobs, job-dismiss
 """
@@ -149,6 +150,33 @@ async def migrate(run, uri):
     await run.cmd("query-status")
 
 
+async def dirtyrate(run):
+    """A page-sampling measurement and its refusals. start-time and dirty-rate vary from run to
+    run: recorded as their types."""
+    def steady(step):
+        ret = step.get("return")
+        if isinstance(ret, dict):
+            for k in ("start-time", "dirty-rate"):
+                if k in ret:
+                    ret[k] = type(ret[k]).__name__
+        return step
+    steady(await run.cmd("query-dirty-rate"))
+    await run.cmd("calc-dirty-rate", {})
+    await run.cmd("calc-dirty-rate", {"calc-time": "1"})
+    await run.cmd("calc-dirty-rate", {"calc-time": 0})
+    await run.cmd("calc-dirty-rate", {"calc-time": 61})
+    await run.cmd("calc-dirty-rate", {"calc-time": 1, "bogus": 1})
+    await run.cmd("calc-dirty-rate", {"calc-time": 1, "sample-pages": 256})
+    await run.cmd("calc-dirty-rate", {"calc-time": 1})
+    steady(await run.cmd("query-dirty-rate"))
+    for _ in range(100):
+        info = await run.qmp.execute("query-dirty-rate")
+        if info.get("status") == "measured":
+            break
+        await asyncio.sleep(0.1)
+    steady(await run.cmd("query-dirty-rate"))
+
+
 async def main():
     sock, scenario, *rest = sys.argv[1:]
     qmp = QMPClient("sequence")
@@ -164,6 +192,8 @@ async def main():
             await protocol(run)
         elif scenario == "rawdev":
             await rawdev(run, rest[0], rest[1])
+        elif scenario == "dirtyrate":
+            await dirtyrate(run)
         elif scenario == "cmd":
             await run.cmd(rest[0], json.loads(rest[1]))
         elif scenario == "job":

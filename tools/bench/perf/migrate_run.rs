@@ -46,8 +46,9 @@ pub struct Setup {
     pub xbzrle_cache_mib: Option<u64>,
     /// Give up (cancel) after this long.
     pub give_up: Duration,
-    /// A probe: cancel after `give_up` and report what was measured, as a success.
-    pub probe: bool,
+    /// Before migrating, measure the guest's dirty rate with the side's own
+    /// `calc_dirty_rate 1` (page sampling, QEMU's default method).
+    pub measure_rate: bool,
 }
 
 /// How one migration ended.
@@ -67,6 +68,8 @@ pub struct Outcome {
     /// Pages sent XBZRLE-encoded, and their bytes.
     pub xbzrle_pages: u64,
     pub xbzrle_bytes: u64,
+    /// The guest's dirty rate in MiB/s as `calc_dirty_rate` measured it before the migration.
+    pub measured_rate: Option<u64>,
 }
 
 pub fn guest_elf() -> PathBuf {
@@ -125,6 +128,11 @@ pub fn migrate_vmsnap(h: &Harness, s: &Setup) -> Result<Outcome, String> {
         }
     }
     std::thread::sleep(WARMUP);
+    let measured_rate = if s.measure_rate {
+        Some(measure_rate(|l| src.cmd(l))?)
+    } else {
+        None
+    };
     if let Some(mib) = s.bandwidth_mib {
         src.cmd(&format!("migrate_set_parameter max-bandwidth {mib}M"))?;
     }
@@ -139,7 +147,10 @@ pub fn migrate_vmsnap(h: &Harness, s: &Setup) -> Result<Outcome, String> {
         return Err(format!("migrate: {}", r.trim()));
     }
     let start = Instant::now();
-    let mut out = Outcome::default();
+    let mut out = Outcome {
+        measured_rate,
+        ..Outcome::default()
+    };
     let mut switch = s.postcopy.then_some(start + POSTCOPY_AFTER);
     loop {
         std::thread::sleep(Duration::from_millis(50));
@@ -190,20 +201,42 @@ pub fn migrate_vmsnap(h: &Harness, s: &Setup) -> Result<Outcome, String> {
         }
         if start.elapsed() > s.give_up {
             let _ = src.cmd("migrate_cancel");
-            return gave_up(s, out);
+            return Err(gave_up(s, &out));
         }
     }
 }
 
-/// After `give_up`: a probe's measurement, or the failure of a run that did not converge.
-fn gave_up(s: &Setup, out: Outcome) -> Result<Outcome, String> {
-    if s.probe {
-        return Ok(out);
-    }
-    Err(format!(
+/// Why a run that did not converge by `give_up` failed.
+fn gave_up(s: &Setup, out: &Outcome) -> String {
+    format!(
         "not completed after {:?} (cancelled); dirty pages rate {} pages/s",
         s.give_up, out.dirty_pages_rate
-    ))
+    )
+}
+
+/// `calc_dirty_rate 1` through the HMP command function `hmp`, then `info dirty_rate` until
+/// measured: MiB/s.
+fn measure_rate(mut hmp: impl FnMut(&str) -> Result<String, String>) -> Result<u64, String> {
+    let r = hmp("calc_dirty_rate 1")?;
+    if !r.starts_with("Starting dirty rate measurement") {
+        return Err(format!("calc_dirty_rate: {}", r.trim()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    std::thread::sleep(Duration::from_millis(1000));
+    loop {
+        let info = hmp("info dirty_rate")?;
+        if info.contains("Status: measured") {
+            return info
+                .lines()
+                .find_map(|l| l.strip_prefix("Dirty rate: ")?.strip_suffix(" (MB/s)"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or(format!("info dirty_rate: {}", info.trim()));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("info dirty_rate: {}", info.trim()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn qemu_cmd(guest: &Path, s: &Setup, qmp: &Path) -> Command {
@@ -240,6 +273,14 @@ pub fn migrate_qemu(h: &Harness, guest: &Path, s: &Setup) -> Result<Outcome, Str
     let mut src = Qmp::connect(&src_qmp)?;
     let mut dst = Qmp::connect(&dst_qmp)?;
     std::thread::sleep(WARMUP);
+    let measured_rate = if s.measure_rate {
+        Some(measure_rate(|l| {
+            let r = src.cmd("human-monitor-command", json!({ "command-line": l }))?;
+            Ok(r.as_str().unwrap_or_default().replace('\r', ""))
+        })?)
+    } else {
+        None
+    };
     let mut params = serde_json::Map::new();
     if let Some(mib) = s.bandwidth_mib {
         params.insert("max-bandwidth".into(), json!(mib << 20));
@@ -267,7 +308,10 @@ pub fn migrate_qemu(h: &Harness, guest: &Path, s: &Setup) -> Result<Outcome, Str
     }
     src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let start = Instant::now();
-    let mut out = Outcome::default();
+    let mut out = Outcome {
+        measured_rate,
+        ..Outcome::default()
+    };
     let mut switch = s.postcopy.then_some(start + POSTCOPY_AFTER);
     loop {
         std::thread::sleep(Duration::from_millis(50));
@@ -315,7 +359,7 @@ pub fn migrate_qemu(h: &Harness, guest: &Path, s: &Setup) -> Result<Outcome, Str
         }
         if start.elapsed() > s.give_up {
             let _ = src.cmd("migrate_cancel", json!({}));
-            return gave_up(s, out);
+            return Err(gave_up(s, &out));
         }
     }
 }

@@ -26,7 +26,7 @@ fn setup(xbzrle: bool) -> Setup {
         xbzrle,
         xbzrle_cache_mib: xbzrle.then_some(256),
         give_up: Duration::from_secs(40),
-        probe: false,
+        measure_rate: false,
     }
 }
 

@@ -8,7 +8,11 @@ use common::qemu::Qemu;
 use common::run_vm::RunVm;
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// The guests' pace matters: one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 const RATE_MIB: u64 = 50;
 /// Of 256 MiB dirtied at 50 MiB/s: about a fifth of the pages change in one second.
@@ -68,10 +72,12 @@ fn session(mut hmp: impl FnMut(&str) -> String) -> (Vec<String>, u64) {
     (replies, rate)
 }
 
-fn assert_near_nominal(who: &str, rate: u64) {
-    // MB here is QEMU's: MiB. Sampling 512 pages and a busy host move it some.
+/// The guests dirty per timer tick and drop the ticks they miss, so a busy host lowers the
+/// rate (more so for QEMU's TCG guest); sampling 512 pages moves it a little either way. MB
+/// here is QEMU's: MiB.
+fn assert_near_nominal(who: &str, rate: u64, lowest_pct: u64) {
     assert!(
-        (RATE_MIB * 6 / 10..=RATE_MIB * 13 / 10).contains(&rate),
+        (RATE_MIB * lowest_pct / 100..=RATE_MIB * 13 / 10).contains(&rate),
         "{who}: measured {rate} MB/s for a guest dirtying {RATE_MIB} MiB/s"
     );
 }
@@ -130,6 +136,7 @@ fn qemu_session(dir: &Path) -> Option<(Vec<String>, u64)> {
 
 #[test]
 fn calc_dirty_rate_measures_the_guest_and_answers_like_qemu() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !common::kvm(module_path!()) {
         return;
     }
@@ -148,13 +155,13 @@ fn calc_dirty_rate_measures_the_guest_and_answers_like_qemu() {
     );
     assert_eq!(ours[5], "Error: the dirty rate is already being measured.");
     assert!(ours[6].starts_with("Status: measuring\n"), "{}", ours[6]);
-    assert_near_nominal("vmsnap", rate);
+    assert_near_nominal("vmsnap", rate, 60);
     if let Some((theirs, qemu_rate)) = qemu_session(dir.path()) {
         for (o, t) in ours.iter().zip(&theirs) {
             assert_eq!(shape(o), shape(t), "vmsnap:\n{o}\nQEMU:\n{t}");
         }
         eprintln!("dirty rate at {RATE_MIB} MiB/s: vmsnap {rate} MB/s, QEMU {qemu_rate} MB/s");
-        assert_near_nominal("QEMU (TCG, tools/bench/guest/dirty.elf)", qemu_rate);
+        assert_near_nominal("QEMU (TCG, tools/bench/guest/dirty.elf)", qemu_rate, 40);
     }
 }
 
@@ -162,6 +169,7 @@ fn calc_dirty_rate_measures_the_guest_and_answers_like_qemu() {
 /// (tools/qmp/record.sh): every return and error equal, the varying numbers as their types.
 #[test]
 fn qmp_dirty_rate_commands_answer_as_qemu_7_2_does() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !common::kvm(module_path!()) {
         return;
     }

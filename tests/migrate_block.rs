@@ -129,12 +129,27 @@ fn first_tick_after(vm: &RunVm, from: usize) -> u64 {
     }
 }
 
+/// How the source is told to migrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// HMP `migrate -b URI`.
+    Hmp,
+    /// QMP `migrate` with `blk: true`, sent by QEMU's own client.
+    Qmp,
+}
+
 /// Moves a running guest with `migrate -b uri` from `a/` (on `src_host`) to an empty
 /// `b/` (on `dst_host`) and checks everything the destination image must be.
-fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
+fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>, via: Via) {
     let f = folders();
     let (dir, b, src_img, dst_img) = (&f.dir, &f.b, &f.src_img, &f.dst_img);
-    let mut src = vm(dir.path(), 1, &drive(src_img, ""), &[], src_host);
+    let qmp_sock = common::qmp::socket(dir.path(), 1);
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_sock.display());
+    let src_extra: &[&str] = match via {
+        Via::Hmp => &[],
+        Via::Qmp => &["--qmp", &qmp_arg],
+    };
+    let mut src = vm(dir.path(), 1, &drive(src_img, ""), src_extra, src_host);
     src.wait_past(20);
     let saved = src.stop();
     src.ok("savevm vm1");
@@ -155,10 +170,32 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
     );
     let (_, st) = dst.cmd("");
     assert_eq!(st, "paused (inmigrate)");
-    let (r, st) = src.cmd(&format!("migrate -b {uri}"));
-    assert_eq!(r, "", "migrate -b failed");
-    assert_eq!(st, "paused (postmigrate)");
-    let info = src.ok("info migrate");
+    let info = match via {
+        Via::Hmp => {
+            let (r, st) = src.cmd(&format!("migrate -b {uri}"));
+            assert_eq!(r, "", "migrate -b failed");
+            assert_eq!(st, "paused (postmigrate)");
+            src.ok("info migrate")
+        }
+        Via::Qmp => {
+            let args = serde_json::json!({"uri": uri, "blk": true}).to_string();
+            let out = common::qmp::sequence(&qmp_sock, &["cmd", "migrate", &args]);
+            assert_eq!(out["steps"][0]["return"], serde_json::json!({}), "{out}");
+            let info = wait_info(&mut src, "QMP migrate blk", |i| {
+                i.contains("Migration status: completed")
+            });
+            // query-migrate carries QEMU's disk figures.
+            let q = common::qmp::sequence(&qmp_sock, &["cmd", "query-migrate", "{}"]);
+            let disk = &q["steps"][0]["return"]["disk"];
+            assert_eq!(disk["remaining"], 0, "{q}");
+            assert!(disk["total"].as_u64().unwrap_or(0) >= 16 << 20, "{q}");
+            assert!(
+                disk["transferred"].as_u64() >= disk["total"].as_u64(),
+                "{q}"
+            );
+            info
+        }
+    };
     assert!(info.contains("Migration status: completed"), "{info}");
     assert_eq!(info_field(&info, "remaining disk:"), 0, "{info}");
     let total = info_field(&info, "total disk:");
@@ -170,6 +207,16 @@ fn block_round_trip(uri: &str, src_host: On<'_>, dst_host: On<'_>) {
     let dst_text = settle(&dst, ticks_of(&src_text).last().unwrap() + 8);
     assert_continues(&src_text, &dst_text);
     assert!(dst_img.exists(), "no image at {}", dst_img.display());
+    // The destination has taken over: its image is locked, the source's is free (QEMU's
+    // source inactivates its images on completion), while both processes are alive.
+    assert_locked(dst_img, "the destination's image");
+    let free = qemu_img(&["info", s(src_img)]);
+    assert_eq!(
+        free.code,
+        Some(0),
+        "the source's image stays locked: {}",
+        free.stderr
+    );
     let leftovers: Vec<_> = std::fs::read_dir(b)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -221,7 +268,12 @@ fn block_migration_between_two_hosts_carries_the_snapshots() {
         return;
     };
     let uri = format!("tcp:{}:4446", hosts.addr(Host::B));
-    block_round_trip(&uri, Some((&hosts, Host::A)), Some((&hosts, Host::B)));
+    block_round_trip(
+        &uri,
+        Some((&hosts, Host::A)),
+        Some((&hosts, Host::B)),
+        Via::Hmp,
+    );
 }
 
 #[test]
@@ -232,7 +284,30 @@ fn block_migration_over_a_unix_socket() {
     }
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());
-    block_round_trip(&uri, None, None);
+    block_round_trip(&uri, None, None, Via::Hmp);
+}
+
+#[test]
+fn qmp_migrate_with_blk_carries_the_image_too() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tools("qmp_migrate_with_blk_carries_the_image_too") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    block_round_trip(&uri, None, None, Via::Qmp);
+}
+
+/// `qemu-img info` (which takes QEMU's locks, no `-U`) is refused on `img`: a process holds
+/// its write lock.
+fn assert_locked(img: &Path, what: &str) {
+    let r = qemu_img(&["info", s(img)]);
+    assert!(
+        r.code != Some(0) && r.stderr.contains("Failed to get shared \"write\" lock"),
+        "{what} is not locked: {} {}",
+        r.stdout,
+        r.stderr
+    );
 }
 
 /// Polls `info migrate` until `pred` holds for it.
@@ -274,6 +349,7 @@ fn a_cancelled_block_migration_leaves_the_source_running_and_no_destination_file
     });
     assert!(incoming.exists(), "the destination builds its image aside");
     assert!(!dst_img.exists());
+    assert_locked(src_img, "the source's image while its disk is being sent");
     src.ok("migrate_cancel");
     wait_info(&mut src, "cancelled", |r| {
         r.contains("Migration status: cancelled")

@@ -218,3 +218,59 @@ fn counter_guest_before_and_after_ticks() {
     }
     assert!(hex(&rbx["new"]) > hex(&rbx["old"]));
 }
+
+/// A checkpoint file (`vmstate export --checkpoint`) is a side of `--diff` and `--compat` like
+/// a stream or a snapshot: equal to the snapshot it came from, different from a later one, and
+/// compatible with its own machine.
+#[test]
+fn a_checkpoint_file_diffs_and_checks_like_its_snapshot() {
+    if !kvm(module_path!()) || !require(module_path!(), &["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = counter_snapshots(dir.path());
+    let ckpt = dir.path().join("s1.ckpt");
+    vmsnap(&[
+        "vmstate",
+        "export",
+        s(&img),
+        "s1",
+        "-o",
+        s(&ckpt),
+        "--checkpoint",
+    ])
+    .ok();
+    let (s1, s2) = (format!("{}@s1", s(&img)), format!("{}@s2", s(&img)));
+    let (code, report) = diff_json(s(&ckpt), &s1);
+    assert_eq!(code, Some(0), "{report:#}");
+    let (code, report) = diff_json(s(&ckpt), &s2);
+    assert_eq!(code, Some(1), "{report:#}");
+    // The same differences as between the two snapshots themselves.
+    let (_, between) = diff_json(&s1, &s2);
+    assert_eq!(ram(&report, "pc.ram"), ram(&between, "pc.ram"));
+    for (a, b) in [(s(&ckpt), s1.as_str()), (s1.as_str(), s(&ckpt))] {
+        let out = inspect(&[a, "--compat", b]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "--compat {a} {b}: {}{}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A damaged checkpoint is trouble (exit 2), not a difference.
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    let bad = dir.path().join("bad.ckpt");
+    std::fs::write(&bad, &bytes).unwrap();
+    for args in [
+        [s(&bad), "--diff", s1.as_str()],
+        [s1.as_str(), "--compat", s(&bad)],
+    ] {
+        let out = inspect(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stdout(&out));
+        assert!(err.contains("damaged"), "{args:?}: {err}");
+    }
+}

@@ -205,6 +205,16 @@ impl Input {
         ))
     }
 
+    /// Why the bytes fail their integrity record (a checkpoint's CRC32, a vmsnap snapshot's
+    /// state record), if they do; `None` for sound inputs and inputs without a record.
+    pub fn damage(&mut self) -> Option<String> {
+        match self {
+            Input::File(..) => None,
+            Input::Checkpoint(_, cp) => cp.verify(&mut |_| {}).err().map(|e| e.to_string()),
+            Input::Snapshot { path, tag, .. } => crate::integrity::damaged_state(path, tag),
+        }
+    }
+
     /// Positioned reads of the stream bytes (for page bodies found by [`crate::pages::index`]).
     pub fn read_at(&mut self) -> Result<Box<dyn ReadAt + '_>, InputError> {
         match self {

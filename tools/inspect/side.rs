@@ -34,9 +34,16 @@ pub struct Side {
 
 impl Side {
     /// Opens and analyzes `path` (with `tag`, a snapshot of the image `path`). A stream that
-    /// does not decode to its end is trouble, not a side to compare.
+    /// fails its integrity record or does not decode to its end is trouble, not a side to
+    /// compare (`vmsnap-inspect FILE` alone still decodes a damaged state, with a warning).
     pub fn open(path: &Path, tag: Option<&str>) -> Result<Side, InspectError> {
         let mut input = input::open(path, tag)?;
+        if let Some(why) = input.damage() {
+            return Err(InspectError::Side {
+                label: input.label(),
+                reason: format!("damaged: {why}"),
+            });
+        }
         let (analysis, _) = analyze_best(&mut input, &AnalyzeOptions::default())?;
         if let Some(e) = &analysis.error {
             return Err(InspectError::Side {

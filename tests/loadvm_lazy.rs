@@ -220,7 +220,7 @@ fn damage(img: &Path, needle: &[u8], delta: usize) {
 }
 
 #[test]
-fn a_damaged_index_is_refused_and_damaged_ram_stops_the_vm() {
+fn a_damaged_index_or_damaged_ram_stops_the_vm() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !kvm_and_qemu_img(module_path!()) {
         return;
@@ -229,17 +229,22 @@ fn a_damaged_index_is_refused_and_damaged_ram_stops_the_vm() {
     let (img, drives, ram, _) = saved_guest(dir.path());
     let pristine = std::fs::read(&img).unwrap();
 
-    // The index record's CRC (extra data, kind 2 at offset 52): refused before anything runs.
+    // The index record's CRC (extra data, kind 2 at offset 52). The index is not read
+    // before the resume (that would make the restore grow with RAM): the guest resumes, and
+    // the fill reads the index whole and checks it before it installs a page; the mismatch
+    // stops the VM, naming the snapshot.
     damage(&img, b"VSNX\x02\x01\x00\x38", 52);
-    let out = common::vmsnap(&[
-        "run", "--drive", &drives[0], "--memory", "16M", "--serial", "none", "--loadvm", "s1",
-    ]);
-    assert_eq!(out.code, Some(1), "{out:?}");
+    let mut vm = RunVm::start(dir.path(), &drives, 1, Some("s1"), 3);
+    let info = vm.wait_loaded();
     assert!(
-        out.stderr.contains("snapshot 's1'") && out.stderr.contains("page index is damaged"),
-        "{}",
-        out.stderr
+        info.contains("status: failed")
+            && info.contains("snapshot 's1'")
+            && info.contains("page index is damaged"),
+        "{info}"
     );
+    let (_, status) = vm.cmd("info status");
+    assert!(status.starts_with("internal-error"), "{status}");
+    drop(vm);
 
     // A page of RAM far from the devices: the guest resumes, the fill's checksum finds the
     // damage and stops the VM, naming the snapshot; the image is unchanged.

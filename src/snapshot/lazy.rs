@@ -4,13 +4,15 @@
 //! ```text
 //!  loadvm TAG (lazy):  stop → [disks] TAG on every disk, VM state on the first →
 //!     extra data: kind-1 checksum + kind-2 page index record (else: eager loadvm) →
-//!     index body read and CRC-checked → stream [0, setup_end) + [ram_end_section, end)
-//!     parsed as a load would (devices, captured drives; RAM pages there skipped) →
-//!     goto on every disk → captured drives written back → guest RAM dropped and served
-//!     from the snapshot (SnapshotPages) → device states → resume
-//!  background:  the whole stream read once in order: pages installed where not resident
-//!     yet, CRC-32 compared with the kind-1 record at the end; a mismatch or read error
-//!     stops the VM ("failed"), naming the snapshot
+//!     stream [0, setup_end) + [ram_end_section, end) parsed as a load would (devices,
+//!     captured drives; RAM pages there skipped) → goto on every disk → captured drives
+//!     written back → guest RAM dropped and served from the snapshot
+//!     (`lazy_pages::SnapshotPages`, index chunks read as faults need them) → device
+//!     states → resume; none of it grows with RAM
+//!  background:  the index read whole and its CRC-32 compared with the record, then the
+//!     whole stream read once in order: pages installed where not resident yet, CRC-32
+//!     compared with the kind-1 record at the end; a mismatch or read error stops the VM
+//!     ("failed"), naming the snapshot
 //! ```
 //!
 //! Pages come from a second, read-only and lock-free open of the image that holds the VM
@@ -26,13 +28,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::block::{self, BlockDriver, Format, OpenOptions, SnapshotInfo, SnapshotStore};
+use crate::block::{Format, SnapshotInfo, SnapshotStore};
 use crate::interop::integrity::{self, IntegrityError, StateChecksum};
 use crate::interop::page_index_record::PageIndexRecord;
-use crate::migration::page_index::{PageIndex, ZERO};
-use crate::vmm::page_server::{FillStatus, LoadState, PageSink, PageSource, PageSourceError};
+use crate::vmm::page_server::{FillStatus, LoadState};
 use crate::vmm::Vm;
 
+use super::lazy_pages::{IndexAt, SnapshotPages};
 use super::progress::ProgressFn;
 use super::state_io::{self, StateIoError, PAGE_SIZE};
 use super::{capture, disks, Result, SnapshotError};
@@ -187,7 +189,14 @@ fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Re
         let Some(drive) = drives.get(inc[0]) else {
             return Ok(None);
         };
-        let pages = Arc::new(SnapshotPages::open(drive, tag, &plan, index)?);
+        let pages = Arc::new(SnapshotPages::open(
+            drive,
+            tag,
+            &plan.info.id,
+            plan.info.vm_state_size,
+            plan.checksum,
+            index,
+        )?);
         disks::goto(set, &inc, tag)?;
         capture::write_back(set, &specs, &plan.checked.captured)?;
         Ok(Some((plan, pages)))
@@ -205,15 +214,16 @@ fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Re
     Ok(true)
 }
 
-/// Reads and checks everything a lazy load needs from snapshot `info` in `store`: the
-/// records, the index (CRC), the device part of the stream (parsed by `check`).
+/// Reads and checks what a lazy load needs before the resume from snapshot `info` in
+/// `store`: the records, the device part of the stream (parsed by `check`). The index is
+/// only located: the page source reads it (see `lazy_pages`).
 fn plan(
     store: &mut dyn SnapshotStore,
     info: SnapshotInfo,
     tag: &str,
     ram_len: u64,
     check: impl FnOnce(&mut dyn Read) -> std::result::Result<state_io::CheckedState, StateIoError>,
-) -> Result<Option<(Plan, PageIndex)>> {
+) -> Result<Option<(Plan, IndexAt)>> {
     let damaged = |source| SnapshotError::Damaged {
         tag: tag.to_string(),
         source,
@@ -255,22 +265,7 @@ fn plan(
             "page index record does not fit the VM state: {record:?}"
         )));
     }
-    let mut body = vec![0u8; usize::try_from(record.index_len).unwrap_or(0)];
-    store
-        .snapshot_vmstate_read(&info.id, record.index_offset, &mut body)
-        .map_err(|source| SnapshotError::Read {
-            tag: tag.to_string(),
-            source,
-        })?;
-    let crc = crc32fast::hash(&body);
-    if crc != record.index_crc {
-        return Err(bad(format!(
-            "page index is damaged: CRC32 is {crc:#010x}, stored {:#010x}",
-            record.index_crc
-        )));
-    }
-    let index = PageIndex::decode(&body, pages, PAGE_SIZE, len).map_err(|e| bad(e.to_string()))?;
-    drop(body);
+    let index = IndexAt::of(&record, pages);
     let ranges = [(0, record.setup_end), (record.ram_end_section, len)];
     let mut parts = AreaReader {
         store,
@@ -330,169 +325,5 @@ impl Read for AreaReader<'_> {
             return Ok(n);
         }
         Ok(0)
-    }
-}
-
-/// Guest RAM pages from a snapshot's VM state, through a read-only open of its image.
-struct SnapshotPages {
-    tag: String,
-    id: String,
-    image: Mutex<Box<dyn BlockDriver>>,
-    entries: Vec<u64>,
-    state_len: u64,
-    checksum: StateChecksum,
-}
-
-/// Pages per run handed to the page server by the fill (256 KiB).
-const RUN_PAGES: usize = 64;
-/// Bytes of stream read at a time by the fill.
-const FILL_CHUNK: u64 = 4 << 20;
-
-impl SnapshotPages {
-    fn open(drive: &DrivePath, tag: &str, plan: &Plan, index: PageIndex) -> Result<Self> {
-        let opts = OpenOptions {
-            read_only: true,
-            format: drive.format,
-            force_share: true,
-        };
-        let image = block::open_image(&drive.path, opts).map_err(|source| SnapshotError::Read {
-            tag: tag.to_string(),
-            source,
-        })?;
-        Ok(SnapshotPages {
-            tag: tag.to_string(),
-            id: plan.info.id.clone(),
-            image: Mutex::new(image),
-            entries: index.entries,
-            state_len: plan.info.vm_state_size,
-            checksum: plan.checksum,
-        })
-    }
-
-    fn read(&self, pos: u64, buf: &mut [u8]) -> std::result::Result<(), PageSourceError> {
-        let mut image = self.image.lock().unwrap_or_else(|e| e.into_inner());
-        let store = image.snapshots().ok_or_else(|| {
-            PageSourceError(format!("snapshot '{}': image lost its snapshots", self.tag))
-        })?;
-        store
-            .snapshot_vmstate_read(&self.id, pos, buf)
-            .map_err(|e| {
-                PageSourceError(format!(
-                    "snapshot '{}': reading the VM state at {pos:#x}: {e}",
-                    self.tag
-                ))
-            })
-    }
-
-    /// Hands runs of zero (or absent) pages to `sink`.
-    fn fill_zero(&self, sink: &mut PageSink<'_>) -> bool {
-        let mut p = 0;
-        while p < self.entries.len() {
-            if self.entries[p] > ZERO {
-                p += 1;
-                continue;
-            }
-            let start = p;
-            while p < self.entries.len() && self.entries[p] <= ZERO && p - start < 4096 {
-                p += 1;
-            }
-            let n = (p - start) as u64;
-            if !sink(start as u64 * PAGE_SIZE, n * PAGE_SIZE, None) {
-                return false;
-            }
-        }
-        true
-    }
-}
-
-impl PageSource for SnapshotPages {
-    fn fetch(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<bool, PageSourceError> {
-        let page = usize::try_from(offset / PAGE_SIZE).unwrap_or(usize::MAX);
-        match self.entries.get(page) {
-            Some(&pos) if pos > ZERO => self.read(pos, buf).map(|()| true),
-            Some(_) => Ok(false),
-            None => Err(PageSourceError(format!(
-                "snapshot '{}': page {offset:#x} is outside guest RAM",
-                self.tag
-            ))),
-        }
-    }
-
-    /// Zero pages first, then the whole stream once in order: each page's last copy is
-    /// handed on as the pass reaches it, and the CRC-32 of all bytes is compared with the
-    /// snapshot's checksum record at the end.
-    fn fill(&self, sink: &mut PageSink<'_>) -> std::result::Result<(), PageSourceError> {
-        if !self.fill_zero(sink) {
-            return Ok(());
-        }
-        let mut order: Vec<(u64, u32)> = self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, &pos)| pos > ZERO)
-            .map(|(p, &pos)| (pos, u32::try_from(p).unwrap_or(u32::MAX)))
-            .collect();
-        order.sort_unstable();
-        let ps = PAGE_SIZE as usize;
-        let mut crc = crc32fast::Hasher::new();
-        // `window` holds stream bytes [base, base + window.len()).
-        let (mut window, mut base, mut read_to) = (Vec::new(), 0u64, 0u64);
-        let mut run: Vec<u8> = Vec::with_capacity(RUN_PAGES * ps);
-        let mut run_start: Option<u64> = None;
-        let mut next = 0;
-        while read_to < self.state_len || next < order.len() {
-            if read_to < self.state_len {
-                let n = FILL_CHUNK.min(self.state_len - read_to);
-                let old = window.len();
-                window.resize(old + usize::try_from(n).unwrap_or(0), 0);
-                self.read(read_to, &mut window[old..])?;
-                crc.update(&window[old..]);
-                read_to += n;
-            }
-            // Every page whose data is in the window now.
-            while let Some(&(pos, page)) = order.get(next) {
-                if pos + PAGE_SIZE > read_to {
-                    break;
-                }
-                let at = usize::try_from(pos - base).unwrap_or(usize::MAX);
-                let page = u64::from(page);
-                let contiguous = run_start.is_some_and(|s| {
-                    s + (run.len() / ps) as u64 == page && run.len() < RUN_PAGES * ps
-                });
-                if !contiguous {
-                    if let Some(s) = run_start.take() {
-                        if !sink(s * PAGE_SIZE, run.len() as u64, Some(&run)) {
-                            return Ok(());
-                        }
-                    }
-                    run.clear();
-                    run_start = Some(page);
-                }
-                run.extend_from_slice(&window[at..at + ps]);
-                next += 1;
-            }
-            if read_to >= self.state_len && order.get(next).is_some() {
-                return Err(PageSourceError(format!(
-                    "snapshot '{}': page data past the end of the VM state",
-                    self.tag
-                )));
-            }
-            // Keep only what the next page still needs.
-            let keep_from = order
-                .get(next)
-                .map_or(read_to, |&(pos, _)| pos.min(read_to));
-            let drop = usize::try_from(keep_from - base)
-                .unwrap_or(0)
-                .min(window.len());
-            window.drain(..drop);
-            base += drop as u64;
-        }
-        if let Some(s) = run_start {
-            if !sink(s * PAGE_SIZE, run.len() as u64, Some(&run)) {
-                return Ok(());
-            }
-        }
-        integrity::verify(&self.tag, &self.checksum, self.state_len, crc.finalize())
-            .map_err(|e| PageSourceError(e.to_string()))
     }
 }

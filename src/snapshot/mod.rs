@@ -26,6 +26,7 @@ pub mod capture;
 pub mod disks;
 pub mod lazy;
 pub mod lazy_index;
+mod lazy_pages;
 pub mod list;
 pub mod live;
 pub mod progress;

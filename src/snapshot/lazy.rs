@@ -89,6 +89,7 @@ pub fn loadvm(
     if mode == LoadMode::Lazy && !drives.is_empty() {
         let lazy = super::stopped(vm, || load_lazily(vm, tag, drives, started))?;
         if lazy {
+            crate::killpoint::at("loadvm-lazy:resumed");
             set_last(tag, "lazy");
             return Ok(());
         }
@@ -188,8 +189,10 @@ fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Re
             return Ok(None);
         };
         let pages = Arc::new(SnapshotPages::open(drive, tag, &plan, index)?);
+        crate::killpoint::at("loadvm-lazy:checked");
         disks::goto(set, &inc, tag)?;
         capture::write_back(set, &specs, &plan.checked.captured)?;
+        crate::killpoint::at("loadvm-lazy:reverted");
         Ok(Some((plan, pages)))
     })?;
     let Some((plan, pages)) = found else {
@@ -201,6 +204,7 @@ fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Re
         .map_err(|e| incomplete(e.into()))?;
     vm.restore_state(&plan.checked.state)
         .map_err(|e| incomplete(e.into()))?;
+    crate::killpoint::at("loadvm-lazy:restored");
     status.set_resumed();
     Ok(true)
 }
@@ -448,6 +452,7 @@ impl PageSource for SnapshotPages {
                 self.read(read_to, &mut window[old..])?;
                 crc.update(&window[old..]);
                 read_to += n;
+                crate::killpoint::at("loadvm-lazy:fill-read");
             }
             // Every page whose data is in the window now.
             while let Some(&(pos, page)) = order.get(next) {
@@ -493,6 +498,8 @@ impl PageSource for SnapshotPages {
             }
         }
         integrity::verify(&self.tag, &self.checksum, self.state_len, crc.finalize())
-            .map_err(|e| PageSourceError(e.to_string()))
+            .map_err(|e| PageSourceError(e.to_string()))?;
+        crate::killpoint::at("loadvm-lazy:filled");
+        Ok(())
     }
 }

@@ -1,0 +1,272 @@
+//! SIGKILL at every phase of the live operations inside `vmsnap run` (issue 11): live savevm
+//! (`savevm -l`), lazy loadvm (`loadvm` in the running VM and `--loadvm` in a fresh
+//! process) and live migration to a `file:` URI with the disk shared (the source and the
+//! destination killed in turn).
+//!
+//! Each operation is first run to completion with `VMSNAP_TEST_KILL_TRACE` on a copy of
+//! the base image, and the kill points it passes are read from the trace (only the part
+//! written while the operation ran, when it is driven through the monitor). Then, on a
+//! fresh copy each time, the counter guest boots, the operation runs with
+//! `VMSNAP_TEST_KILL_AT` set, and after the kill:
+//!
+//! - the process died of SIGKILL (a kill point that never fires fails the test);
+//! - `qemu-img check` and `vmsnap check` exit 0 or 3 (leaks allowed; the documented
+//!   COPIED-flag difference only if `qemu-img check -r all` then leaves it clean);
+//! - `qemu-img snapshot -l` lists the snapshots before or after the operation (for savevm
+//!   of a tag that exists, also without it: the old one is dropped first, as in QEMU);
+//! - every snapshot's disk layer is its own (old or new, told apart by a marker region),
+//!   the active layer is the old one or the loaded snapshot's, and each listed snapshot
+//!   that matters loads in a fresh `vmsnap run --loadvm`: the guest prints its next tick
+//!   and `CHECK OK`.
+//!
+//! The default run kills at the first, middle and last occurrence of each named step and
+//! at the first and last of a few qcow2 phases; `VMSNAP_KILL_ALL=1` kills at the first,
+//! middle and last occurrence of every traced phase (long).
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::kill_trace::{self, assert_killed, assert_sound, names, Tally, Trace};
+use common::run_vm::{self, assert_check, create_qcow2, kvm_and_qemu_img, RunVm};
+use common::ticks::ticks_of;
+use common::{qemu_io, qemu_layer, s};
+
+/// The tests boot guests whose timing matters: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// `RunVm`'s guest RAM.
+const RAM: usize = 16 << 20;
+/// The disk region (1 MiB + 64 KiB) each layer marks with its own byte; the counter guest
+/// writes sector 1 only.
+const MARK_AT: usize = 1 << 20;
+const MARK_LEN: usize = 64 << 10;
+/// Longest a kill run may take to reach its kill point.
+const KILL_LIMIT: Duration = Duration::from_secs(30);
+/// Ticks the guest runs before the operation starts.
+const WARM: u64 = 8;
+
+/// Metadata and flush phases worth killing at in the default run (when traced).
+const QCOW2: &[&str] = &[
+    "qcow2:write:snapshot-table",
+    "qcow2:write:header",
+    "qcow2:write:inactive-l1",
+    "qcow2:write:active-l1",
+    "qcow2:write:refcount-block",
+    "qcow2:write:l2",
+    "qcow2:flush",
+];
+/// Phases the running guest reaches too, at moments the test does not control (its disk
+/// writes): never killed at.
+const GUEST: &[&str] = &["qcow2:write:data", "qcow2:wrote:data"];
+
+/// A work directory with the base image and a counter for run numbers (monitor sockets and
+/// serial files are per run).
+struct Lab {
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    run: u32,
+    tally: Tally,
+    copied: u32,
+}
+
+impl Lab {
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn next_run(&mut self) -> u32 {
+        self.run += 1;
+        self.run
+    }
+
+    /// A fresh copy of the base image.
+    fn fresh(&self) -> PathBuf {
+        let img = self.dir().join("d.qcow2");
+        std::fs::copy(&self.base, &img).unwrap();
+        img
+    }
+
+    /// `vmsnap run` of the counter guest on `img` with `env` set, as run `run`.
+    fn command(&self, img: &Path, loadvm: Option<&str>, run: u32, env: (&str, &str)) -> Command {
+        let mut cmd = run_vm::command(self.dir(), &drives(img), 1, loadvm, run);
+        cmd.env(env.0, env.1);
+        cmd
+    }
+
+    /// Boots the counter guest on `img` with `env` set and lets it run [`WARM`] ticks.
+    fn boot(&mut self, img: &Path, env: (&str, &str)) -> RunVm {
+        let run = self.next_run();
+        let vm = RunVm::spawn(self.command(img, None, run, env), self.dir(), run);
+        vm.wait_past(WARM);
+        vm
+    }
+
+    /// The checks every kill shares; counts the kill.
+    fn after_kill(&mut self, img: &Path, what: &str, point: &str) {
+        if assert_sound(img, what) {
+            self.copied += 1;
+        }
+        self.tally.add(point);
+    }
+
+    /// Snapshot `tag` of `img` loads in a fresh process: the guest's first tick is the one
+    /// after the snapshot's and it prints `CHECK OK`.
+    fn assert_loads(&mut self, img: &Path, tag: &str, what: &str) {
+        let n = last_tick(img, tag);
+        let run = self.next_run();
+        let vm = RunVm::start(self.dir(), &drives(img), 1, Some(tag), run);
+        let text = vm.wait_check();
+        assert!(
+            text.contains("CHECK OK") && !text.contains("CHECK FAIL"),
+            "{what}: --loadvm {tag}: {text}"
+        );
+        assert_eq!(
+            ticks_of(&text).first(),
+            Some(&(n + 1)),
+            "{what}: --loadvm {tag} does not go on at tick {}: {text}",
+            n + 1
+        );
+        vm.quit();
+    }
+
+    fn report(&self, op: &str, started: Instant) {
+        eprintln!(
+            "{op}: {} kills in {:.1} s, all consistent ({} left only COPIED flags missing): {}",
+            self.tally.total(),
+            started.elapsed().as_secs_f64(),
+            self.copied,
+            self.tally.summary()
+        );
+    }
+}
+
+fn drives(img: &Path) -> Vec<String> {
+    vec![format!("file={}", img.display())]
+}
+
+/// The last tick the guest handled in snapshot `tag`.
+fn last_tick(img: &Path, tag: &str) -> u64 {
+    let ram = run_vm::snapshot_ram_of(img, tag, RAM, 1, 1);
+    run_vm::guest_word(&ram, vmsnap::vmm::guest::counter::LAST_ADDR)
+}
+
+/// Writes the marker byte `b` over the marker region of the active layer.
+fn mark(img: &Path, b: u8) {
+    let cmd = format!("write -P {b:#x} {MARK_AT} {MARK_LEN}");
+    qemu_io("qcow2", img, &[cmd]).ok();
+}
+
+/// The marker byte of a layer (`None`: the active one), which must fill its region.
+fn marker(img: &Path, tag: Option<&str>, tmp: &Path, what: &str) -> u8 {
+    let data = qemu_layer(img, tag, tmp);
+    let region = &data[MARK_AT..MARK_AT + MARK_LEN];
+    assert!(
+        region.iter().all(|&b| b == region[0]),
+        "{what}: layer {tag:?} holds a mixed marker region"
+    );
+    region[0]
+}
+
+/// The base image: snapshot `a` (marker 0x11), snapshot `b` (marker 0x22) taken by two
+/// boots of the counter guest, and the active layer marked 0x33.
+fn lab() -> Lab {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    create_qcow2(&base);
+    let mut lab = Lab {
+        dir,
+        base: base.clone(),
+        run: 0,
+        tally: Tally::default(),
+        copied: 0,
+    };
+    for (tag, m) in [("a", 0x11), ("b", 0x22)] {
+        mark(&base, m);
+        let run = lab.next_run();
+        let mut vm = RunVm::start(lab.dir(), &drives(&base), 1, None, run);
+        vm.wait_past(WARM);
+        vm.stop();
+        vm.ok(&format!("savevm {tag}"));
+        vm.quit();
+    }
+    mark(&base, 0x33);
+    assert_check(&base);
+    lab
+}
+
+/// Traces the operation `op` drives on a booted guest (from just before it to its end)
+/// and returns the kill points to try.
+fn trace_live(lab: &mut Lab, named: &[&str], op: &mut dyn FnMut(&mut RunVm)) -> Vec<String> {
+    let img = lab.fresh();
+    let path = lab.dir().join("trace.txt");
+    let _ = std::fs::remove_file(&path);
+    let mut vm = lab.boot(&img, ("VMSNAP_TEST_KILL_TRACE", s(&path)));
+    let t = Trace::mark(&path);
+    op(&mut vm);
+    let window = t.since();
+    vm.quit();
+    let phases = kill_trace::phases(&window);
+    for n in named {
+        assert!(
+            phases.iter().any(|p| p.name.starts_with(n)),
+            "no {n} phase in the trace:\n{window}"
+        );
+    }
+    kill_trace::pick(&phases, named, QCOW2, GUEST)
+}
+
+/// Boots the guest with the kill point `point` armed, sends `line` and waits for the kill.
+fn kill_live(lab: &mut Lab, img: &Path, point: &str, line: &str) {
+    let mut vm = lab.boot(img, ("VMSNAP_TEST_KILL_AT", point));
+    vm.send(line);
+    let (st, err) = vm.wait_exit(KILL_LIMIT);
+    assert_killed(st, &err, &format!("{line} at {point}"));
+}
+
+#[test]
+fn sigkill_at_every_phase_of_live_savevm() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = lab();
+    let tmp = lab.dir().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let points = trace_live(&mut lab, &["savevm-live:"], &mut |vm| {
+        let (r, st) = vm.cmd("savevm -l b");
+        assert_eq!((r.as_str(), st.as_str()), ("", "running"));
+    });
+    let mut outcomes = [0u32; 3];
+    for p in &points {
+        let img = lab.fresh();
+        kill_live(&mut lab, &img, p, "savevm -l b");
+        let what = format!("savevm -l killed at {p}");
+        lab.after_kill(&img, &what, p);
+        let now = names(&img);
+        assert!(
+            now == ["a", "b"] || now == ["a"],
+            "{what}: snapshots {now:?}"
+        );
+        assert_eq!(marker(&img, Some("a"), &tmp, &what), 0x11, "{what}");
+        assert_eq!(marker(&img, None, &tmp, &what), 0x33, "{what}");
+        lab.assert_loads(&img, "a", &what);
+        if now.len() == 2 {
+            // The old `b` (0x22) or the new one, of the active layer as it was (0x33).
+            let m = marker(&img, Some("b"), &tmp, &what);
+            assert!(m == 0x22 || m == 0x33, "{what}: b's marker {m:#x}");
+            lab.assert_loads(&img, "b", &what);
+            outcomes[usize::from(m == 0x33)] += 1;
+        } else {
+            outcomes[2] += 1;
+        }
+    }
+    lab.report("savevm -l", started);
+    eprintln!(
+        "savevm -l: old b kept {}, new b {}, b dropped {}",
+        outcomes[0], outcomes[1], outcomes[2]
+    );
+}

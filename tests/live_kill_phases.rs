@@ -270,3 +270,208 @@ fn sigkill_at_every_phase_of_live_savevm() {
         outcomes[0], outcomes[1], outcomes[2]
     );
 }
+
+/// The checks after a killed loadvm of `b`: the snapshots are the same, `b`'s layer is its
+/// own, the active layer is the old one or `b`'s, and `b` still loads.
+fn after_loadvm_kill(lab: &mut Lab, img: &Path, tmp: &Path, what: &str) -> u8 {
+    assert_eq!(names(img), ["a", "b"], "{what}");
+    assert_eq!(marker(img, Some("b"), tmp, what), 0x22, "{what}");
+    let m = marker(img, None, tmp, what);
+    assert!(
+        m == 0x33 || m == 0x22,
+        "{what}: the active layer is neither the old one nor b's ({m:#x})"
+    );
+    lab.assert_loads(img, "b", what);
+    m
+}
+
+#[test]
+fn sigkill_at_every_phase_of_lazy_loadvm_in_the_running_vm() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = lab();
+    let tmp = lab.dir().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let points = trace_live(&mut lab, &["loadvm-lazy:"], &mut |vm| {
+        vm.ok("loadvm b");
+        let info = vm.wait_loaded();
+        assert!(
+            info.contains("mode: lazy") && info.contains("status: completed"),
+            "{info}"
+        );
+    });
+    let mut reverted = 0;
+    for p in &points {
+        let img = lab.fresh();
+        kill_live(&mut lab, &img, p, "loadvm b");
+        let what = format!("loadvm killed at {p}");
+        lab.after_kill(&img, &what, p);
+        if after_loadvm_kill(&mut lab, &img, &tmp, &what) == 0x22 {
+            reverted += 1;
+        }
+    }
+    lab.report("loadvm (running VM)", started);
+    eprintln!("loadvm (running VM): active layer reverted to b in {reverted} kills");
+}
+
+#[test]
+fn sigkill_at_every_phase_of_lazy_loadvm_in_a_new_process() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = lab();
+    let tmp = lab.dir().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    // The whole process is the operation: its trace from the start to the fill's end.
+    let img = lab.fresh();
+    let path = lab.dir().join("trace.txt");
+    let _ = std::fs::remove_file(&path);
+    let run = lab.next_run();
+    let cmd = lab.command(&img, Some("b"), run, ("VMSNAP_TEST_KILL_TRACE", s(&path)));
+    let mut vm = RunVm::spawn(cmd, lab.dir(), run);
+    let info = vm.wait_loaded();
+    assert!(
+        info.contains("mode: lazy") && info.contains("status: completed"),
+        "{info}"
+    );
+    let trace = std::fs::read_to_string(&path).unwrap();
+    vm.quit();
+    let named = ["loadvm-lazy:"];
+    let phases = kill_trace::phases(&trace);
+    assert!(
+        phases.iter().any(|p| p.name == "loadvm-lazy:filled"),
+        "{trace}"
+    );
+    let mut reverted = 0;
+    for p in kill_trace::pick(&phases, &named, QCOW2, GUEST) {
+        let img = lab.fresh();
+        let run = lab.next_run();
+        let mut child = lab
+            .command(&img, Some("b"), run, ("VMSNAP_TEST_KILL_AT", &p))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let what = format!("--loadvm killed at {p}");
+        let st = kill_trace::wait_child(&mut child, KILL_LIMIT, &what);
+        assert_killed(st, "", &what);
+        lab.after_kill(&img, &what, &p);
+        if after_loadvm_kill(&mut lab, &img, &tmp, &what) == 0x22 {
+            reverted += 1;
+        }
+    }
+    lab.report("--loadvm (new process)", started);
+    eprintln!("--loadvm (new process): active layer reverted to b in {reverted} kills");
+}
+
+/// The checks after a killed migration source or destination: the image is the source's,
+/// with the snapshot the source took before migrating, which still loads.
+fn after_migrate_kill(lab: &mut Lab, img: &Path, tmp: &Path, what: &str) {
+    assert_eq!(names(img), ["a", "b", "c"], "{what}");
+    for (tag, m) in [(Some("a"), 0x11), (Some("b"), 0x22), (Some("c"), 0x33), (None, 0x33)] {
+        assert_eq!(marker(img, tag, tmp, what), m, "{what}: layer {tag:?}");
+    }
+    lab.assert_loads(img, "c", what);
+}
+
+/// The source's part: a snapshot `c`, a few more ticks, then `migrate`.
+fn before_migrate(vm: &mut RunVm) {
+    vm.ok("savevm c");
+    let t = vm.last_tick().unwrap_or(0);
+    vm.wait_past(t + 2);
+}
+
+#[test]
+fn sigkill_at_every_phase_of_live_migration_on_both_sides() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_and_qemu_img(module_path!()) {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = lab();
+    let tmp = lab.dir().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let stream = lab.dir().join("vm.mig");
+    let migrate = format!("migrate file:{}", stream.display());
+
+    // The source, traced from just before `migrate` to its end; its image and stream are
+    // the destination's input.
+    let img = lab.fresh();
+    let path = lab.dir().join("trace-src.txt");
+    let mut vm = lab.boot(&img, ("VMSNAP_TEST_KILL_TRACE", s(&path)));
+    before_migrate(&mut vm);
+    let t = Trace::mark(&path);
+    let (r, st) = vm.cmd(&migrate);
+    assert_eq!((r.as_str(), st.as_str()), ("", "paused (postmigrate)"));
+    let window = t.since();
+    vm.quit();
+    let migrated = lab.dir().join("migrated.qcow2");
+    std::fs::copy(&img, &migrated).unwrap();
+    let saved_stream = lab.dir().join("saved.mig");
+    std::fs::copy(&stream, &saved_stream).unwrap();
+    let src_points = kill_trace::pick(&kill_trace::phases(&window), &["migrate:"], QCOW2, GUEST);
+    assert!(
+        src_points.iter().any(|p| p.starts_with("migrate:finished")),
+        "{window}"
+    );
+    for p in &src_points {
+        let img = lab.fresh();
+        let mut vm = lab.boot(&img, ("VMSNAP_TEST_KILL_AT", p));
+        before_migrate(&mut vm);
+        vm.send(&migrate);
+        let what = format!("migration source killed at {p}");
+        let (st, err) = vm.wait_exit(KILL_LIMIT);
+        assert_killed(st, &err, &what);
+        lab.after_kill(&img, &what, p);
+        after_migrate_kill(&mut lab, &img, &tmp, &what);
+    }
+    lab.report("migrate (source)", started);
+
+    // The destination, on the same image once the source is done, traced whole.
+    let dst = |lab: &mut Lab, env: (&str, &str)| -> (Command, u32) {
+        let img = lab.dir().join("d.qcow2");
+        std::fs::copy(&migrated, &img).unwrap();
+        std::fs::copy(&saved_stream, &stream).unwrap();
+        let run = lab.next_run();
+        let mut cmd = lab.command(&img, None, run, env);
+        cmd.arg("--incoming").arg(format!("file:{}", stream.display()));
+        (cmd, run)
+    };
+    let path = lab.dir().join("trace-dst.txt");
+    let (cmd, run) = dst(&mut lab, ("VMSNAP_TEST_KILL_TRACE", s(&path)));
+    let vm = RunVm::spawn(cmd, lab.dir(), run);
+    let text = vm.wait_check();
+    assert!(text.contains("CHECK OK"), "{text}");
+    let trace = std::fs::read_to_string(&path).unwrap();
+    vm.quit();
+    let phases = kill_trace::phases(&trace);
+    assert!(
+        phases.iter().any(|p| p.name == "incoming:activated"),
+        "{trace}"
+    );
+    let before = lab.tally.total();
+    for p in kill_trace::pick(&phases, &["incoming:"], QCOW2, GUEST) {
+        let (mut cmd, _) = dst(&mut lab, ("VMSNAP_TEST_KILL_AT", &p));
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let what = format!("migration destination killed at {p}");
+        let st = kill_trace::wait_child(&mut child, KILL_LIMIT, &what);
+        assert_killed(st, "", &what);
+        let img = lab.dir().join("d.qcow2");
+        lab.after_kill(&img, &what, &p);
+        after_migrate_kill(&mut lab, &img, &tmp, &what);
+    }
+    eprintln!(
+        "migrate (destination): {} kills",
+        lab.tally.total() - before
+    );
+    lab.report("migrate (both sides)", started);
+}

@@ -97,20 +97,70 @@ impl Trace {
     }
 }
 
-/// Waits up to `limit` for `child` to end; panics (killing it) when it still runs: a kill
-/// point that never fires fails the test.
-pub fn wait_child(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+/// How a kill run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// The process died (of SIGKILL: asserted).
+    Killed,
+    /// The operation ended having reached the phase only this many times, fewer than the
+    /// kill point's `N`: it took a shorter path than the traced run (fewer pre-copy rounds,
+    /// the guest's disk write elsewhere).
+    Missed(u64),
+}
+
+/// How often `phase` occurs in the trace file `trace`.
+pub fn count(trace: &Path, phase: &str) -> u64 {
+    let text = std::fs::read_to_string(trace).unwrap_or_default();
+    phases(&text)
+        .into_iter()
+        .find(|p| p.name == phase)
+        .map_or(0, |p| p.last)
+}
+
+/// Waits for a run armed with the kill point `point` (`PHASE:N`) and traced into `trace`,
+/// polling `exited` for its end. Once the operation's last phase `done` is in the trace and
+/// a grace period passed without the kill, the run missed it if `PHASE` came fewer than `N`
+/// times; a run that reached `PHASE` `N` times or never got to `done` within `limit` fails.
+pub fn await_kill(
+    exited: &mut dyn FnMut() -> Option<ExitStatus>,
+    trace: &Path,
+    point: &str,
+    done: &str,
+    limit: Duration,
+    what: &str,
+) -> Kill {
+    const GRACE: Duration = Duration::from_secs(3);
+    let (phase, n) = point.rsplit_once(':').unwrap();
+    let n: u64 = n.parse().unwrap();
     let start = Instant::now();
+    let mut ended: Option<Instant> = None;
     loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
+        if let Some(st) = exited() {
+            assert_killed(st, "", what);
+            return Kill::Killed;
         }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: still running after {limit:?} (the kill point never fired)");
+        if ended.is_none() && count(trace, done) > 0 {
+            ended = Some(Instant::now());
         }
+        let seen = count(trace, phase);
+        if ended.is_some_and(|t| t.elapsed() > GRACE) && seen < n {
+            return Kill::Missed(seen);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: still running after {limit:?}, {phase} reached {seen} times (the kill point never fired)"
+        );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -269,6 +269,12 @@ impl RunVm {
         )
     }
 
+    /// The process's exit status, if it ended.
+    #[allow(dead_code)]
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
+    }
+
     /// Quits through the monitor; the process must exit with success.
     pub fn quit(mut self) {
         self.mon.quit();

@@ -167,6 +167,23 @@ impl Lab {
     /// Snapshot `tag` of `img` loads in a fresh process: the guest's first tick is the one
     /// after the snapshot's and it prints `CHECK OK`.
     fn assert_loads(&mut self, img: &Path, tag: &str, what: &str) {
+        self.load(img, tag, what).quit();
+    }
+
+    /// [`Lab::assert_loads`], then a live savevm `again` in that run: the image a kill
+    /// left takes the next snapshot, which is sound and holds a whole state.
+    fn assert_loads_and_saves(&mut self, img: &Path, tag: &str, again: &str, what: &str) {
+        let mut vm = self.load(img, tag, what);
+        vm.ok(&format!("savevm -l {again}"));
+        vm.quit();
+        let what = format!("{what}, then savevm -l {again}");
+        assert_sound(img, &what);
+        assert!(names(img).iter().any(|n| n == again), "{what}");
+        assert!(last_tick(img, again) > last_tick(img, tag), "{what}");
+    }
+
+    /// Starts `--loadvm tag` and checks how the guest goes on; returns the run.
+    fn load(&mut self, img: &Path, tag: &str, what: &str) -> RunVm {
         let n = last_tick(img, tag);
         let run = self.next_run();
         let vm = RunVm::start(self.dir(), &drives(img), 1, Some(tag), run);
@@ -181,7 +198,7 @@ impl Lab {
             "{what}: --loadvm {tag} does not go on at tick {}: {text}",
             n + 1
         );
-        vm.quit();
+        vm
     }
 
     fn report(&self, op: &str, started: Instant) {
@@ -312,7 +329,7 @@ fn sigkill_at_every_phase_of_live_savevm() {
         );
         assert_eq!(marker(&img, Some("a"), &tmp, &what), 0x11, "{what}");
         assert_eq!(marker(&img, None, &tmp, &what), 0x33, "{what}");
-        lab.assert_loads(&img, "a", &what);
+        lab.assert_loads_and_saves(&img, "a", "n", &what);
         if now.len() == 2 {
             // The old `b` (0x22) or the new one, of the active layer as it was (0x33).
             let m = marker(&img, Some("b"), &tmp, &what);
@@ -340,7 +357,7 @@ fn after_loadvm_kill(lab: &mut Lab, img: &Path, tmp: &Path, what: &str) -> u8 {
         m == 0x33 || m == 0x22,
         "{what}: the active layer is neither the old one nor b's ({m:#x})"
     );
-    lab.assert_loads(img, "b", what);
+    lab.assert_loads_and_saves(img, "b", "n", what);
     m
 }
 
@@ -431,7 +448,7 @@ fn after_migrate_kill(lab: &mut Lab, img: &Path, tmp: &Path, what: &str) {
     for (tag, m) in [(Some("a"), 0x11), (Some("b"), 0x22), (Some("c"), 0x33), (None, 0x33)] {
         assert_eq!(marker(img, tag, tmp, what), m, "{what}: layer {tag:?}");
     }
-    lab.assert_loads(img, "c", what);
+    lab.assert_loads_and_saves(img, "c", "n", what);
 }
 
 /// The source's part: a snapshot `c`, a few more ticks, then `migrate`.

@@ -362,7 +362,6 @@ fn trace_live(lab: &mut Lab, named: &[&str], op: &mut dyn FnMut(&mut RunVm)) -> 
     op(&mut vm);
     let window = t.since();
     vm.quit();
-    eprintln!("traced:\n{}", without_data(&window));
     let phases = kill_trace::phases(&window);
     for n in named {
         assert!(

@@ -14,8 +14,8 @@
 //! `active-l1`, `l2`, `refcount-table`, `refcount-block`, `snapshot-table`, `inactive-l1`,
 //! `data`; and `qcow2:write:autoclear`), every flush that reaches storage (`qcow2:flush`,
 //! `qcow2:flushed`), and the named steps of the operations above the block layer
-//! (`savevm:…`, `loadvm:…`, `vmstate-import:…`, `vmstate-export:…`, `migrate:…`,
-//! `incoming:…`).
+//! (`savevm:…`, `loadvm:…`, `savevm-live:…`, `loadvm-lazy:…`, `vmstate-import:…`,
+//! `vmstate-export:…`, `migrate:…`, `incoming:…`).
 //!
 //! When neither variable is set a kill point costs one atomic load.
 

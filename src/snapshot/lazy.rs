@@ -91,6 +91,7 @@ pub fn loadvm(
     if mode == LoadMode::Lazy && !drives.is_empty() {
         let lazy = super::stopped(vm, || load_lazily(vm, tag, drives, started))?;
         if lazy {
+            crate::killpoint::at("loadvm-lazy:resumed");
             set_last(tag, "lazy");
             return Ok(());
         }
@@ -197,8 +198,10 @@ fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Re
             plan.checksum,
             index,
         )?);
+        crate::killpoint::at("loadvm-lazy:checked");
         disks::goto(set, &inc, tag)?;
         capture::write_back(set, &specs, &plan.checked.captured)?;
+        crate::killpoint::at("loadvm-lazy:reverted");
         Ok(Some((plan, pages)))
     })?;
     let Some((plan, pages)) = found else {
@@ -210,6 +213,7 @@ fn load_lazily(vm: &Vm, tag: &str, drives: &[DrivePath], started: Instant) -> Re
         .map_err(|e| incomplete(e.into()))?;
     vm.restore_state(&plan.checked.state)
         .map_err(|e| incomplete(e.into()))?;
+    crate::killpoint::at("loadvm-lazy:restored");
     status.set_resumed();
     Ok(true)
 }

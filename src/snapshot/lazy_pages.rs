@@ -225,6 +225,7 @@ impl PageSource for SnapshotPages {
                 self.read(read_to, &mut window[old..])?;
                 crc.update(&window[old..]);
                 read_to += n;
+                crate::killpoint::at("loadvm-lazy:fill-read");
             }
             // Every page whose data is in the window now.
             while let Some(&(pos, page)) = order.get(next) {
@@ -270,6 +271,8 @@ impl PageSource for SnapshotPages {
             }
         }
         integrity::verify(&self.tag, &self.checksum, self.state_len, crc.finalize())
-            .map_err(|e| PageSourceError(e.to_string()))
+            .map_err(|e| PageSourceError(e.to_string()))?;
+        crate::killpoint::at("loadvm-lazy:filled");
+        Ok(())
     }
 }

@@ -313,6 +313,7 @@ fn live(
     let r = vm
         .with_block_set(|set| -> Result<()> {
             disks::delete(set, &inc, name)?;
+            crate::killpoint::at("savevm-live:old-tag-deleted");
             let (_, store) = disks::store(set, inc[0])?;
             store
                 .vmstate_reserve(state_size_hint(total))
@@ -363,6 +364,7 @@ fn live(
                     .map_err(save_err)
                 })?);
             }
+            crate::killpoint::at("savevm-live:state-complete");
             Ok((size, extra_tail, clock))
         })
         .and_then(|(size, extra_tail, clock)| {
@@ -375,13 +377,16 @@ fn live(
                 icount: None,
                 extra_tail,
             };
-            vm.with_block_set(|set| disks::create(set, &inc, &params))
+            let created = vm.with_block_set(|set| disks::create(set, &inc, &params))?;
+            crate::killpoint::at("savevm-live:created");
+            Ok(created)
         });
     // The guest runs again as soon as the snapshot exists; dirty logging ends and the
     // held-back discards are punched after that.
     if let Some(t) = down {
         vm.resume();
         info.downtime_ms = Some(ms(t.elapsed()));
+        crate::killpoint::at("savevm-live:resumed");
     }
     let _ = vm.set_dirty_logging(false);
     let ended = vm.with_block_set(|set| -> Result<()> {
@@ -478,15 +483,19 @@ fn precopy_and_stop(
         let busy = Instant::now();
         ram.borrow_mut().set_budget(ROUND);
         session.iterate().map_err(save_err)?;
+        crate::killpoint::at("savevm-live:iterated");
         meter.add_busy(busy.elapsed());
     }
 
     // Stop and copy. The page index as of now is written and the disks are flushed first
     // while the guest runs, so that the pause has only the last writes.
     before_pause()?;
+    crate::killpoint::at("savevm-live:index-ahead");
     flush_ahead(vm)?;
+    crate::killpoint::at("savevm-live:flushed-ahead");
     *down = Some(Instant::now());
     vm.pause()?;
+    crate::killpoint::at("savevm-live:paused");
     // No flush here: creating the snapshot flushes each image before it publishes the new
     // table (formats/qcow2.md's crash rule), which makes the guest's last writes, the rest
     // of the state and the page index durable before anything refers to them.
@@ -503,6 +512,7 @@ fn precopy_and_stop(
     }
     let ram_end_section = session.position();
     let len = session.complete().map_err(save_err)?;
+    crate::killpoint::at("savevm-live:stream-complete");
     let layout = StreamLayout {
         setup_end,
         ram_end_section,

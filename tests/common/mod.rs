@@ -2,6 +2,7 @@
 //! (skipping loudly when absent), gunzipping fixtures, hashing and a seeded RNG.
 #![allow(dead_code)]
 
+pub mod kill_trace;
 pub mod monitor;
 pub mod qemu;
 pub mod qmp;

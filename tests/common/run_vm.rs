@@ -160,6 +160,12 @@ impl RunVm {
         (reply, out.status)
     }
 
+    /// Sends `line` without waiting for a reply (a command the process is to die in).
+    #[allow(dead_code)]
+    pub fn send(&mut self, line: &str) {
+        self.mon.send(line);
+    }
+
     /// Sends a command; returns its reply and the VM status after it.
     pub fn cmd(&mut self, line: &str) -> (String, String) {
         self.mon.cmd(line)
@@ -261,6 +267,12 @@ impl RunVm {
             out.status,
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// The process's exit status, if it ended.
+    #[allow(dead_code)]
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
     }
 
     /// Quits through the monitor; the process must exit with success.

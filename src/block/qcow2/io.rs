@@ -373,6 +373,7 @@ impl Qcow2 {
         let bytes = (count * cs) as usize;
         if self.detached.is_some() {
             self.overlap_check(ol::DATA, host, bytes as u64)?;
+            self.cover_run(host, bytes as u64)?;
             self.unflushed
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(runs) = self.detached.as_mut() {
@@ -403,6 +404,25 @@ impl Qcow2 {
             .collect();
         self.l2_set_many(l2, first, &entries)?;
         Ok(bytes)
+    }
+
+    /// Extends the file over `[host, host + len)` unless it already reaches that far, for a
+    /// detached run: the L2 entries written next must not point past the end of the file
+    /// when the caller's data write never comes (the process killed in between), which
+    /// `qemu-img check` reports as corruption. The extension is sparse; until a snapshot
+    /// takes the VM state area its contents do not matter.
+    fn cover_run(&self, host: u64, len: u64) -> Result<()> {
+        let end = host.saturating_add(len);
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| crate::block::Error::io("image size", e))?;
+        if file_len < end {
+            self.storage.set_len(end).map_err(|e| {
+                crate::block::Error::io("extending the image over a detached run", e)
+            })?;
+        }
+        Ok(())
     }
 
     /// Writes within one cluster (standard L2 entries).

@@ -704,6 +704,38 @@ fn reserved_vmstate_area_needs_no_flush_while_the_state_is_written() {
 }
 
 #[test]
+fn a_detached_vmstate_write_never_leaves_entries_past_the_end_of_the_file() {
+    for o in all_opts() {
+        let (mem, mut img) = mem_image(&o);
+        let len = 4usize << 20;
+        img.vmstate_reserve(len as u64).unwrap();
+        let mut runs = Vec::new();
+        for (i, chunk) in vec![0x5a; len].chunks(1 << 20).enumerate() {
+            runs.extend(img.vmstate_write_detached((i << 20) as u64, chunk).unwrap());
+        }
+        // (1 MiB chunks hold whole-cluster runs for clusters up to 512 KiB.)
+        assert!(
+            !runs.is_empty() || o.cluster_size > 512 << 10,
+            "{o:?}: no detached run"
+        );
+        if runs.is_empty() {
+            continue;
+        }
+        // The caller never writes the runs (killed): the file still covers them, and the
+        // image checks without corruption.
+        let end = runs.iter().map(|r| r.host + r.len as u64).max().unwrap();
+        assert!(mem.data().len() as u64 >= end, "{o:?}: a run past the end");
+        let r = img.check(None).unwrap();
+        assert_eq!(
+            (r.corruptions, r.check_errors),
+            (0, 0),
+            "{o:?}: {:?}",
+            r.messages
+        );
+    }
+}
+
+#[test]
 fn a_deleted_snapshots_space_is_reused_and_discarded() {
     for o in all_opts() {
         let (mem, mut img) = mem_image(&o);

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{vmsnap_bin, Harness};
+use crate::harness::{have, vmsnap_bin, Harness};
 use crate::migrate_ctl::{free_port, hmp_field, hmp_ms, spawn, Hmp, Procs, Qmp};
 
-pub const QEMU: &str = "qemu-system-x86_64";
+const QEMU: &str = "qemu-system-x86_64";
 /// How long the guest runs before the migration starts (dirtying reaches its pace).
 const WARMUP: Duration = Duration::from_secs(2);
 /// With postcopy: how long pre-copy runs before `migrate_start_postcopy`.
@@ -72,8 +72,38 @@ pub struct Outcome {
     pub measured_rate: Option<u64>,
 }
 
-pub fn guest_elf() -> PathBuf {
+fn guest_elf() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/guest/dirty.elf")
+}
+
+/// QEMU's guest, or `None` (said) when QEMU or the guest is missing; says so too when
+/// /dev/kvm is (the vmsnap side then skips each run).
+pub fn qemu_guest(h: &Harness) -> Option<PathBuf> {
+    if !Path::new("/dev/kvm").exists() {
+        h.info("SKIPPED (vmsnap side): /dev/kvm missing");
+    }
+    let guest = guest_elf();
+    if have(QEMU) && guest.exists() {
+        return Some(guest);
+    }
+    h.info("SKIPPED (QEMU side): qemu-system-x86_64 or tools/bench/guest/dirty.elf missing");
+    None
+}
+
+/// Outcomes of a run.
+pub type Runs = Vec<Result<Outcome, String>>;
+
+/// `s` run `h.runs` times on each side, alternating (QEMU's only with `guest`): vmsnap's
+/// outcomes and QEMU's.
+pub fn alternate(h: &Harness, guest: Option<&Path>, s: &Setup) -> (Runs, Runs) {
+    let (mut v, mut q) = (Vec::new(), Vec::new());
+    for _ in 0..h.runs {
+        v.push(migrate_vmsnap(h, s));
+        if let Some(g) = guest {
+            q.push(migrate_qemu(h, g, s));
+        }
+    }
+    (v, q)
 }
 
 /// `NAME: N UNIT` from an `info migrate` reply.

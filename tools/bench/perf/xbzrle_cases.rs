@@ -7,11 +7,10 @@
 //! about the changed bytes. The rows give each side's total time; the notes the RAM bytes sent
 //! and what an XBZRLE page cost, from each source's own counters.
 
-use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{have, Harness, Row, Sample};
-use crate::migrate_run::{guest_elf, median, migrate_qemu, migrate_vmsnap, Outcome, Setup, QEMU};
+use crate::harness::{Harness, Row, Sample};
+use crate::migrate_run::{alternate, median, qemu_guest, Outcome, Setup};
 
 const SPAN: u64 = 408;
 
@@ -32,25 +31,10 @@ fn setup(xbzrle: bool) -> Setup {
 
 /// Runs the xbzrle cases.
 pub fn run(h: &mut Harness) {
-    let guest = guest_elf();
-    let qemu_ok = have(QEMU) && guest.exists();
-    if !qemu_ok {
-        h.info("SKIPPED (QEMU side): qemu-system-x86_64 or tools/bench/guest/dirty.elf missing");
-    }
-    if !Path::new("/dev/kvm").exists() {
-        h.info("SKIPPED (vmsnap side): /dev/kvm missing");
-    }
+    let guest = qemu_guest(h);
     let mut sent = [[None; 2]; 2]; // [vmsnap, qemu][off, on]
     for (k, xbzrle) in [false, true].into_iter().enumerate() {
-        let s = setup(xbzrle);
-        let mut v = Vec::new();
-        let mut q = Vec::new();
-        for _ in 0..h.runs {
-            v.push(migrate_vmsnap(h, &s));
-            if qemu_ok {
-                q.push(migrate_qemu(h, &guest, &s));
-            }
-        }
+        let (v, q) = alternate(h, guest.as_deref(), &setup(xbzrle));
         let name = format!(
             "migrate 256M dirty 100 MiB/s, {SPAN} B/page, xbzrle {}",
             if xbzrle { "on" } else { "off" }

@@ -193,6 +193,10 @@ impl Lab {
                 Kill::Killed => return point,
                 Kill::Missed(n) => {
                     eprintln!("{what}: the run passed {phase} {n} times only; once more");
+                    // Both processes of this run end before the next starts on a fresh
+                    // copy of the same image (a live peer still holds its lock).
+                    drop(poll);
+                    self.peer = None;
                     self.missed += 1;
                     lowest = lowest.min(n);
                     if attempt >= 1 && n > 0 {

@@ -7,10 +7,14 @@
 //! nothing; the stream reader seeks over bodies ([`Seek`]). Each window is unmapped when the
 //! reader moves past it, so resident memory stays near two windows whatever the file size.
 //!
-//! Most of the time goes to page faults (one per 64 KiB of file, each mapping 16 pages). So
-//! the window after the current one is mapped ahead and faulted in by a helper thread, one
-//! byte per 64 KiB, while the reader works: 0.124 → 0.080 s for a 1.1 GiB stream on this
-//! 2-core machine (`perf stat -r 15`, alternating builds).
+//! Much of the time goes to the page tables: mapping the file's pages and unmapping them
+//! again. A helper thread (the mapper) maps the window after the current one, faults it in
+//! (one byte per 64 KiB: each fault maps the neighbouring cached pages too, which is faster
+//! than `MAP_POPULATE`'s page-by-page walk) and unmaps the window before, while the reader
+//! works. On a 1.1 GiB stream on this 2-core machine (`perf stat -r 15`): 0.124 s with
+//! neither; 0.044 s with a thread that only faulted the next window in (the reader still
+//! mapped and unmapped, 10 % of its samples in the kernel's unmap); 0.037 s with the mapper
+//! using `MAP_POPULATE`, which made the mapper the bottleneck; 0.033 s as now.
 //!
 //! Reads return at most [`MAX_READ`] bytes, so the stream reader's 64 KiB buffer is never
 //! filled with page bodies it would then skip.
@@ -21,6 +25,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::sync::mpsc;
 
 /// Bytes mapped at a time.
 pub const WINDOW: u64 = 8 << 20;
@@ -44,20 +49,19 @@ fn prefetch(p: *const i8) {
 #[cfg(not(target_arch = "x86_64"))]
 fn prefetch(_p: *const i8) {}
 
-/// Bytes the kernel maps per page fault on a file mapping (its default `fault_around_bytes`):
-/// touching one byte per this many faults the whole window in.
+/// Bytes the kernel maps per page fault on a file mapping (its default `fault_around_bytes`;
+/// more where the page cache holds large folios).
 const FAULT_AROUND: usize = 64 << 10;
 
-/// One mapped window of the file.
+/// One mapped window of the file. The address is kept as an integer so that a window can be
+/// handed to the mapper thread to be unmapped there.
 #[derive(Debug)]
 struct Window {
-    ptr: *mut libc::c_void,
+    addr: usize,
     /// File offset of the first mapped byte (page aligned).
     start: u64,
     /// Mapped length.
     len: usize,
-    /// The helper thread faulting the window in, if any (joined before the unmap).
-    toucher: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Window {
@@ -82,29 +86,25 @@ impl Window {
             return Err(io::Error::last_os_error());
         }
         Ok(Window {
-            ptr,
+            addr: ptr as usize,
             start,
             len,
-            toucher: None,
         })
     }
 
-    /// Faults the window in on a helper thread while the reader works on the one before
-    /// (the page faults, not the reads, are most of the inspector's time). Without a thread
-    /// the reader faults the pages in itself.
-    fn touch_in_background(&mut self) {
-        let (addr, len) = (self.ptr as usize, self.len);
-        self.toucher = std::thread::Builder::new()
-            .name("prefault".into())
-            .spawn(move || {
-                for off in (0..len).step_by(FAULT_AROUND) {
-                    // SAFETY: `addr..addr + len` is a live read-only mapping: the window that
-                    // owns it joins this thread before unmapping it. The byte is read and
-                    // dropped, only for the page fault.
-                    unsafe { std::ptr::read_volatile((addr + off) as *const u8) };
-                }
-            })
-            .ok();
+    /// Faults the window's pages in by reading one byte per [`FAULT_AROUND`] bytes (the
+    /// kernel maps the neighbouring cached pages of each fault in the same call, faster than
+    /// `MAP_POPULATE`'s page-by-page walk).
+    fn touch(&self) {
+        for off in (0..self.len).step_by(FAULT_AROUND) {
+            // SAFETY: `off < len`, inside this live read-only mapping; the byte is read and
+            // dropped, only for the page fault.
+            unsafe { std::ptr::read_volatile(self.ptr().add(off)) };
+        }
+    }
+
+    fn ptr(&self) -> *const u8 {
+        self.addr as *const u8
     }
 
     fn covers(&self, pos: u64) -> bool {
@@ -114,29 +114,98 @@ impl Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
-        if let Some(t) = self.toucher.take() {
-            let _ = t.join();
-        }
-        // SAFETY: ptr/len are exactly what mmap returned for this window, no reference into
-        // the mapping outlives the window (bytes are copied out), and the toucher thread,
-        // the only other reader, has ended.
+        // SAFETY: addr/len are exactly what mmap returned for this window, and no reference
+        // into the mapping outlives the window (bytes are copied out of it).
         unsafe {
-            libc::munmap(self.ptr, self.len);
+            libc::munmap(self.addr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// What the mapper thread is asked to do.
+enum Job {
+    /// Map (and populate) the window at this offset and send it back.
+    Map(u64, usize),
+    /// Unmap this window (dropping it is the unmap).
+    Unmap(Window),
+}
+
+/// The helper thread that maps the next window, with its page table entries filled in, and
+/// unmaps the previous one while the reader works on the current window: both system calls
+/// (and the page table work of a mapping, most of the inspector's system time) leave the
+/// reader's path.
+struct Mapper {
+    jobs: Option<mpsc::Sender<Job>>,
+    ready: mpsc::Receiver<io::Result<Window>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Mapper {
+    fn spawn(file: &File) -> Option<Mapper> {
+        let file = file.try_clone().ok()?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (tx, ready) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("mapper".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        Job::Map(start, len) => {
+                            let w = Window::map(&file, start, len).inspect(Window::touch);
+                            if tx.send(w).is_err() {
+                                return;
+                            }
+                        }
+                        Job::Unmap(w) => drop(w),
+                    }
+                }
+            })
+            .ok()?;
+        Some(Mapper {
+            jobs: Some(jobs),
+            ready,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, job: Job) -> bool {
+        self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())
+    }
+}
+
+impl Drop for Mapper {
+    fn drop(&mut self) {
+        // Closing the job channel ends the thread's loop; a window it mapped and never
+        // handed over is unmapped when the `ready` channel drops after the join.
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
 
 /// A file read through a moving window of a read-only private mapping.
-#[derive(Debug)]
 pub struct MappedFile<'f> {
     file: &'f File,
     len: u64,
     pos: u64,
     window: Option<Window>,
-    /// The window after it, being faulted in.
-    ahead: Option<Window>,
+    /// The offset of the window the mapper is preparing, if any.
+    ahead: Option<u64>,
+    mapper: Option<Mapper>,
     /// Where the previous read started (to see the stride of page records).
     last_read: u64,
+}
+
+impl std::fmt::Debug for MappedFile<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile")
+            .field("len", &self.len)
+            .field("pos", &self.pos)
+            .field("window", &self.window)
+            .field("ahead", &self.ahead)
+            .finish()
+    }
 }
 
 impl<'f> MappedFile<'f> {
@@ -149,25 +218,43 @@ impl<'f> MappedFile<'f> {
             pos: 0,
             window: None,
             ahead: None,
+            mapper: Mapper::spawn(file),
             last_read: 0,
         })
     }
 
-    /// Maps the window holding `self.pos` (which is below `self.len`), and the next one
-    /// ahead, faulted in by a helper thread.
+    /// Maps the window holding `self.pos` (which is below `self.len`), and has the mapper
+    /// prepare the next one.
     fn map_at_pos(&mut self) -> io::Result<&Window> {
         if !self.window.as_ref().is_some_and(|w| w.covers(self.pos)) {
-            // Drop (unmap) the old window first: at most two are resident.
-            self.window = None;
-            self.window = match self.ahead.take() {
-                Some(w) if w.covers(self.pos) => Some(w),
-                _ => Some(self.map_window(self.pos & !(WINDOW - 1))?),
+            let start = self.pos & !(WINDOW - 1);
+            // Retire the old window first: at most three are resident (this one, the next,
+            // the one being unmapped).
+            if let Some(old) = self.window.take() {
+                // Without a mapper, the window is unmapped here, as the job drops.
+                self.mapper_send(Job::Unmap(old));
+            }
+            let prepared = match self.ahead.take() {
+                Some(at) => self
+                    .mapper
+                    .as_ref()
+                    .and_then(|m| m.ready.recv().ok())
+                    .and_then(|w| match w {
+                        Ok(w) if at == start => Some(w),
+                        _ => None,
+                    }),
+                None => None,
             };
-            let next = (self.pos & !(WINDOW - 1)) + WINDOW;
+            self.window = Some(match prepared {
+                Some(w) => w,
+                None => self.map_window(start)?,
+            });
+            let next = start + WINDOW;
             if next < self.len {
-                let mut w = self.map_window(next)?;
-                w.touch_in_background();
-                self.ahead = Some(w);
+                let len = self.window_len(next)?;
+                if self.mapper_send(Job::Map(next, len)) {
+                    self.ahead = Some(next);
+                }
             }
         }
         self.window
@@ -175,10 +262,23 @@ impl<'f> MappedFile<'f> {
             .ok_or_else(|| io::Error::from(io::ErrorKind::Other))
     }
 
+    /// Hands `job` to the mapper; false (the job dropped) when there is no mapper to take
+    /// it. A send fails only when the thread is gone: the file is then read without it.
+    fn mapper_send(&mut self, job: Job) -> bool {
+        let sent = self.mapper.as_ref().is_some_and(|m| m.send(job));
+        if !sent {
+            self.mapper = None;
+        }
+        sent
+    }
+
+    fn window_len(&self, start: u64) -> io::Result<usize> {
+        usize::try_from((self.len - start).min(WINDOW))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    }
+
     fn map_window(&self, start: u64) -> io::Result<Window> {
-        let len = usize::try_from((self.len - start).min(WINDOW))
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        Window::map(self.file, start, len)
+        Window::map(self.file, start, self.window_len(start)?)
     }
 }
 
@@ -196,14 +296,14 @@ impl Read for MappedFile<'_> {
         // SAFETY: `at + n <= w.len`, so the source range lies inside the live mapping; `buf`
         // holds at least `n` bytes and cannot overlap a mapping we just created.
         unsafe {
-            std::ptr::copy_nonoverlapping(w.ptr.cast::<u8>().add(at), buf.as_mut_ptr(), n);
+            std::ptr::copy_nonoverlapping(w.ptr().add(at), buf.as_mut_ptr(), n);
         }
         // Reads that step over page bodies touch one new page each time, and wait for it:
         // ask the CPU for the header a few records ahead (a prefetch never faults).
         if (PREFETCH_MIN_STRIDE..=PREFETCH_MAX_STRIDE).contains(&stride) {
             let ahead = at.saturating_add(PREFETCH_RECORDS * stride as usize);
             if ahead < w.len {
-                prefetch(w.ptr.cast::<i8>().wrapping_add(ahead));
+                prefetch(w.ptr().cast::<i8>().wrapping_add(ahead));
             }
         }
         self.pos += n as u64;

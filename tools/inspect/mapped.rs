@@ -22,6 +22,7 @@
 //! The file must not be truncated while it is mapped (reading a page beyond the new end would
 //! raise SIGBUS); the inspector only reads files at rest.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -29,6 +30,9 @@ use std::sync::mpsc;
 
 /// Bytes mapped at a time.
 pub const WINDOW: u64 = 8 << 20;
+/// Windows the mapper prepares ahead of the reader (two, so that the reader seldom waits for
+/// one when the scheduler puts both threads on one CPU for a while).
+const AHEAD: usize = 2;
 /// Most bytes returned by one `read`.
 pub const MAX_READ: usize = 64;
 
@@ -190,8 +194,8 @@ pub struct MappedFile<'f> {
     len: u64,
     pos: u64,
     window: Option<Window>,
-    /// The offset of the window the mapper is preparing, if any.
-    ahead: Option<u64>,
+    /// The offsets of the windows the mapper is preparing, in order.
+    ahead: VecDeque<u64>,
     mapper: Option<Mapper>,
     /// Where the previous read started (to see the stride of page records).
     last_read: u64,
@@ -217,49 +221,59 @@ impl<'f> MappedFile<'f> {
             len,
             pos: 0,
             window: None,
-            ahead: None,
+            ahead: VecDeque::new(),
             mapper: Mapper::spawn(file),
             last_read: 0,
         })
     }
 
     /// Maps the window holding `self.pos` (which is below `self.len`), and has the mapper
-    /// prepare the next one.
+    /// prepare the next [`AHEAD`] ones.
     fn map_at_pos(&mut self) -> io::Result<&Window> {
         if !self.window.as_ref().is_some_and(|w| w.covers(self.pos)) {
             let start = self.pos & !(WINDOW - 1);
-            // Retire the old window first: at most three are resident (this one, the next,
-            // the one being unmapped).
+            // Retire the old window first: at most AHEAD + 2 are resident (this one, those
+            // ahead, the one being unmapped).
             if let Some(old) = self.window.take() {
                 // Without a mapper, the window is unmapped here, as the job drops.
                 self.mapper_send(Job::Unmap(old));
             }
-            let prepared = match self.ahead.take() {
-                Some(at) => self
-                    .mapper
-                    .as_ref()
-                    .and_then(|m| m.ready.recv().ok())
-                    .and_then(|w| match w {
-                        Ok(w) if at == start => Some(w),
-                        _ => None,
-                    }),
+            let prepared = match self.ahead.front() {
+                Some(&at) if at == start => {
+                    self.ahead.pop_front();
+                    self.receive()
+                }
+                // A seek away from the windows ahead: they are unmapped as they arrive.
+                Some(_) => {
+                    while self.ahead.pop_front().is_some() {
+                        drop(self.receive());
+                    }
+                    None
+                }
                 None => None,
             };
             self.window = Some(match prepared {
                 Some(w) => w,
                 None => self.map_window(start)?,
             });
-            let next = start + WINDOW;
-            if next < self.len {
+            let mut next = self.ahead.back().map_or(start, |&b| b) + WINDOW;
+            while self.ahead.len() < AHEAD && next < self.len {
                 let len = self.window_len(next)?;
-                if self.mapper_send(Job::Map(next, len)) {
-                    self.ahead = Some(next);
+                if !self.mapper_send(Job::Map(next, len)) {
+                    break;
                 }
+                self.ahead.push_back(next);
+                next += WINDOW;
             }
         }
         self.window
             .as_ref()
             .ok_or_else(|| io::Error::from(io::ErrorKind::Other))
+    }
+
+    /// The next window the mapper prepared (None if it failed to map it, or is gone).
+    fn receive(&self) -> Option<Window> {
+        self.mapper.as_ref()?.ready.recv().ok()?.ok()
     }
 
     /// Hands `job` to the mapper; false (the job dropped) when there is no mapper to take

@@ -696,11 +696,17 @@ impl Qcow2 {
     /// write that has passed its checks, so that a refused operation leaves the file's bytes
     /// as they were.
     pub(crate) fn swrite_meta(&self, ign: u8, offset: u64, buf: &[u8]) -> Result<()> {
+        self.swrite_meta_as(ign, ign, offset, buf)
+    }
+
+    /// [`Qcow2::swrite_meta`] for a write that may touch the categories in `ign` but is a
+    /// write of the structure `kind` (one category) for its kill points.
+    pub(crate) fn swrite_meta_as(&self, ign: u8, kind: u8, offset: u64, buf: &[u8]) -> Result<()> {
         self.overlap_check(ign, offset, buf.len() as u64)?;
         if self.autoclear_pending.load(Ordering::Relaxed) {
             self.clear_autoclear()?;
         }
-        let (before, after) = kill_phases(ign);
+        let (before, after) = kill_phases(kind);
         crate::killpoint::at(before);
         self.unflushed.store(true, Ordering::Relaxed);
         self.storage

@@ -22,11 +22,13 @@
 //! operation leaves such flags, and vmsnap counts them with the leaks and fixes them with
 //! `-r leaks`. QEMU counts both kinds as corruptions; see formats/qcow2.md.
 //!
-//! Repairs change stored refcounts and COPIED flags only. When the refcount table itself is
-//! damaged QEMU rebuilds the whole refcount structure; vmsnap does not, and refuses to repair
-//! such an image (a check error) rather than write through a broken table.
+//! Repairs change stored refcounts and COPIED flags. When the refcount table itself is
+//! damaged, `-r all` writes a new refcount structure from the computed counts ([`rebuild`],
+//! as QEMU does) and checks again; `-r leaks` refuses (a check error) rather than write
+//! through a broken table.
 
 mod l2;
+mod rebuild;
 mod refs;
 mod repair;
 mod walk;
@@ -115,6 +117,12 @@ impl Qcow2 {
     /// # Errors
     /// I/O errors, or [`Error::ReadOnly`] when asked to repair a read-only image.
     pub fn check(&mut self, repair: Option<Repair>) -> Result<CheckReport> {
+        self.check_once(repair, true)
+    }
+
+    /// One check; with `may_rebuild`, a damaged refcount table under `-r all` is rebuilt
+    /// and the image checked again.
+    fn check_once(&mut self, repair: Option<Repair>, may_rebuild: bool) -> Result<CheckReport> {
         if repair.is_some() {
             self.writable()?;
         }
@@ -127,12 +135,25 @@ impl Qcow2 {
         let mut refs = Refs::new(file_len, self.layout.cluster_bits);
         self.snapshot_entries_check(&mut r);
         let rebuild = self.compute_refs(&mut refs, &mut r, file_len)?;
+        // A zero refcount table entry whose range holds clusters in use: repairing those
+        // counts one by one would need a new block placed inside that range, over a cluster
+        // in use. A rebuild places everything past the end.
+        let missing_blocks = repair == Some(Repair::All) && self.zero_entries_in_use(&refs);
+        if (rebuild || missing_blocks) && repair == Some(Repair::All) && may_rebuild {
+            // Report what is wrong as QEMU does before its rebuild; the stored counts that
+            // cannot be read are replaced, not check errors.
+            let errors = r.check_errors;
+            self.compare_refs(&refs, &mut r, None)?;
+            r.check_errors = errors;
+            return self.rebuild_and_check(&refs, r);
+        }
         let repair = if rebuild && repair.is_some() {
             r.check_errors += 1;
-            r.messages.push(
-                "ERROR need to rebuild refcount structures (vmsnap does not rebuild them; nothing was repaired)"
-                    .into(),
-            );
+            r.messages.push(if may_rebuild {
+                "ERROR need to rebuild refcount structures".into()
+            } else {
+                "ERROR rebuilt refcount structure is still broken".into()
+            });
             None
         } else {
             repair
@@ -143,6 +164,45 @@ impl Qcow2 {
             self.sflush()?;
         }
         Ok(r)
+    }
+
+    /// True when a refcount table entry is zero while the check counted references to
+    /// clusters of its range.
+    fn zero_entries_in_use(&self, refs: &Refs) -> bool {
+        let per_block = self.layout.refblock_entries() as usize;
+        self.reftable.iter().enumerate().any(|(rt, &e)| {
+            e == 0
+                && refs
+                    .counts
+                    .iter()
+                    .skip(rt * per_block)
+                    .take(per_block)
+                    .any(|&n| n != 0)
+        })
+    }
+
+    /// Rebuilds the refcount structure from `refs` and checks (and repairs) the image again:
+    /// the old structure is leaked then, and those leaks are repaired too. `before` is the
+    /// report of the check that found the damage; its corruptions and leaks count as fixed
+    /// when the second check no longer finds them.
+    fn rebuild_and_check(&mut self, refs: &Refs, before: CheckReport) -> Result<CheckReport> {
+        let mut messages = before.messages;
+        messages.push("Rebuilding refcount structure".into());
+        if let Err(e) = self.rebuild_refcounts(refs) {
+            messages.push(format!("ERROR rebuilding the refcount structure: {e}"));
+            return Ok(CheckReport {
+                messages,
+                check_errors: before.check_errors + 1,
+                ..before
+            });
+        }
+        let mut after = self.check_once(Some(Repair::All), false)?;
+        after.corruptions_fixed += before.corruptions.saturating_sub(after.corruptions);
+        after.leaks_fixed += before.leaks.saturating_sub(after.leaks);
+        after.check_errors += before.check_errors;
+        messages.append(&mut after.messages);
+        after.messages = messages;
+        Ok(after)
     }
 
     /// What QEMU's snapshot table check reports about the entries themselves (the L1

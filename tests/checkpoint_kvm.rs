@@ -298,21 +298,8 @@ fn a_migration_file_and_an_internal_snapshot_convert_to_checkpoints() {
     assert!(bare.contains("\"cpu (1)\""), "{bare:.500}");
     assert_eq!(bare, wrapped);
     // … which is what QEMU's analyze-migration.py prints for the stream file.
-    let oracle = Path::new("/work/oracle/analyze-migration.py");
-    if oracle.exists() {
-        let o = Command::new("python3")
-            .arg(oracle)
-            .arg("-f")
-            .arg(&mig)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(String::from_utf8_lossy(&o.stdout), wrapped);
-    } else {
-        eprintln!(
-            "SKIPPED (analyze-migration part): {} is missing",
-            oracle.display()
-        );
+    if let Some(o) = common::analyze_migration(module_path!(), &["-f", common::s(&mig)]) {
+        assert_eq!(o.ok().stdout, wrapped);
     }
     let human = inspect(&ckpt, "human");
     assert!(

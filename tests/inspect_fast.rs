@@ -92,21 +92,9 @@ fn inspector_on_a_file_matches_the_library_and_the_script() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
     assert!(expected.contains("\"v\": \"0x00001234\""), "{expected}");
 
-    let script = "/work/oracle/analyze-migration.py";
-    if !std::path::Path::new(script).exists() || !common::have("python3") {
-        eprintln!("SKIPPED: comparison with analyze-migration.py (python3 or {script} missing)");
-        return;
+    if let Some(py) = common::analyze_migration(module_path!(), &["-f", p]) {
+        assert_eq!(py.ok().stdout, expected);
     }
-    let py = Command::new("python3")
-        .args([script, "-f", p])
-        .output()
-        .unwrap();
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&py.stdout), expected);
 }
 
 #[test]
@@ -136,13 +124,9 @@ fn truncated_page_body_is_reported_at_its_offset() {
 /// the script unchanged with `ord` accepting an int, the format QEMU's fix prints.
 #[test]
 fn memory_dump_matches_the_script() {
-    let script = "/work/oracle/analyze-migration.py";
-    if !std::path::Path::new(script).exists() || !common::have("python3") {
-        eprintln!(
-            "SKIPPED: --memory against analyze-migration.py -m (python3 or {script} missing)"
-        );
+    let Some(script) = common::analyze_migration_script("--memory against -m") else {
         return;
-    }
+    };
     let bytes = sample_stream();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.bin");
@@ -167,14 +151,6 @@ fn memory_dump_matches_the_script() {
                builtins.ord = lambda c: c if isinstance(c, int) else o(c)\n\
                sys.argv = [sys.argv[1], '-f', sys.argv[2], '-m']\n\
                runpy.run_path(sys.argv[0], run_name='__main__')\n";
-    let py = Command::new("python3")
-        .args(["-c", run, script, p])
-        .output()
-        .unwrap();
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&py.stdout), ours);
+    let py = common::run("python3", &["-c", run, common::s(&script), p]).ok();
+    assert_eq!(py.stdout, ours);
 }

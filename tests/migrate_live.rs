@@ -286,12 +286,8 @@ fn file_and_exec_round_trips_decode_with_the_inspector_and_qemu() {
     .ok();
     assert!(ours.stdout.contains("\"ram (0)\""), "{}", ours.stdout);
     assert!(ours.stdout.contains("\"cpu (1)\""), "{}", ours.stdout);
-    let oracle = Path::new("/work/oracle/analyze-migration.py");
-    if !oracle.exists() || !common::have("python3") {
-        eprintln!("SKIPPED: file_and_exec_round_trips: analyze-migration.py or python3 is missing");
-    } else {
-        let theirs = common::run("python3", &[common::s(oracle), "-f", common::s(&stream)]).ok();
-        assert_eq!(ours.stdout, theirs.stdout);
+    if let Some(theirs) = common::analyze_migration(module_path!(), &["-f", common::s(&stream)]) {
+        assert_eq!(ours.stdout, theirs.ok().stdout);
     }
 
     // exec: from the running destination through `cat` into a second file, then a third

@@ -4,7 +4,6 @@
 //! the same way our inspector does. The loader's checks each give a clear error.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
 use vmsnap::migration::analyze::{analyze, AnalyzeOptions};
@@ -246,18 +245,7 @@ fn our_stream_decodes_identically_by_its_own_vmdesc_and_round_trips() {
 
 #[test]
 fn analyze_migration_py_reads_our_stream_like_we_do() {
-    let script = std::env::var("VMSNAP_ANALYZE_MIGRATION")
-        .unwrap_or_else(|_| "/work/oracle/analyze-migration.py".into());
-    let script = PathBuf::from(script);
-    if !script.exists() {
-        eprintln!(
-            "SKIPPED: analyze-migration.py not found at {}",
-            script.display()
-        );
-        return;
-    }
-    if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: python3 is not installed");
+    if common::analyze_migration_script(module_path!()).is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -269,21 +257,9 @@ fn analyze_migration_py_reads_our_stream_like_we_do() {
         ("state", to_python_json(&a.state)),
         ("desc", to_python_json(a.desc.as_ref().unwrap())),
     ] {
-        let out = Command::new("python3")
-            .arg(&script)
-            .args(["-f", path.to_str().unwrap(), "--dump", dump])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "analyze-migration.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            String::from_utf8(out.stdout).unwrap(),
-            ours + "\n",
-            "--dump {dump}"
-        );
+        let args = ["-f", common::s(&path), "--dump", dump];
+        let out = common::analyze_migration(module_path!(), &args).map(common::Run::ok);
+        assert_eq!(out.map(|o| o.stdout), Some(ours + "\n"), "--dump {dump}");
     }
 }
 

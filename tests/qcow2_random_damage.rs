@@ -14,7 +14,9 @@
 //!    `info` succeed exactly when qemu-img's do, and list as many snapshots;
 //! 3. a refused write leaves the file's bytes as they were;
 //! 4. an accepted write leaves `qemu-img check` no worse: no more corruptions than before,
-//!    and an image that was clean or only leaking stays so.
+//!    and an image that was clean or only leaking stays so;
+//! 5. `check -r all` of the damaged image (a fresh copy) that exits 0 leaves no corruption
+//!    that `qemu-img check` finds.
 //!
 //! Rules 3 and 4 on an image that `qemu-img check` already calls corrupt (or cannot check)
 //! are the write side
@@ -313,6 +315,21 @@ fn run_case(c: &Case, tally: &Mutex<Tally>) {
                 write_cmd.join(" "),
                 q2_msgs.trim()
             ));
+        }
+    }
+    // Rule 5: `check -r all` on the damaged image (a fresh copy): when it says it repaired
+    // everything (exit 0), qemu-img finds no corruption left.
+    std::fs::write(&img, &data).unwrap();
+    let rep = vm(&["check", "-r", "all", p]);
+    sane("check -r all", &rep, &mut errs);
+    if rep.0.code == Some(0) {
+        if let Some((code, corrupt, msgs)) = qemu_check(&img) {
+            if corrupt > 0 || !matches!(code, Some(0 | 3)) {
+                errs.push(format!(
+                    "check -r all exited 0 but qemu-img check exits {code:?} with {corrupt} corruptions:\n  {}",
+                    msgs.trim()
+                ));
+            }
         }
     }
     let strict = std::env::var("DAMAGE_STRICT_WRITES").is_ok_and(|v| v == "1");

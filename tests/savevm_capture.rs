@@ -91,30 +91,10 @@ fn captured_raw_contents_return_on_loadvm() {
         section["size"].as_str().unwrap().ends_with("100000"),
         "{section:.200}"
     );
-    let oracle = Path::new("/work/oracle/analyze-migration.py");
-    if oracle.exists() {
-        let mig = dir.path().join("s1.mig");
-        std::fs::write(&mig, &stream).unwrap();
-        let out = Command::new("python3")
-            .arg(oracle)
-            .arg("-f")
-            .arg(&mig)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            ours.trim_end(),
-            String::from_utf8_lossy(&out.stdout).trim_end()
-        );
-    } else {
-        eprintln!(
-            "SKIPPED (analyze-migration part): {} is missing",
-            oracle.display()
-        );
+    let mig = dir.path().join("s1.mig");
+    std::fs::write(&mig, &stream).unwrap();
+    if let Some(out) = common::analyze_migration(module_path!(), &["-f", common::s(&mig)]) {
+        assert_eq!(ours.trim_end(), out.ok().stdout.trim_end());
     }
 
     // --loadvm in a new process writes them back before the guest runs.

@@ -246,26 +246,14 @@ fn snapshots_decode_with_the_inspector_and_analyze_migration() {
     );
     assert!(json["serial (8)"].get("divider").is_some());
 
-    let oracle = Path::new("/work/oracle/analyze-migration.py");
-    if !oracle.exists() {
-        eprintln!("SKIPPED: {} is missing", oracle.display());
+    if common::analyze_migration_script(module_path!()).is_none() {
         return;
     }
     let stream = dir.path().join("s1.mig");
     extract_stream(&img, "s1", &stream);
-    let out = Command::new("python3")
-        .arg(oracle)
-        .arg("-f")
-        .arg(&stream)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let theirs = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(ours.trim_end(), theirs.trim_end());
+    if let Some(out) = common::analyze_migration(module_path!(), &["-f", common::s(&stream)]) {
+        assert_eq!(ours.trim_end(), out.ok().stdout.trim_end());
+    }
 }
 
 fn snapshot_list(img: &Path) -> String {

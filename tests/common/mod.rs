@@ -338,3 +338,28 @@ pub fn only_missing_copied(qemu_msgs: &str) -> bool {
             l.starts_with("ERROR OFLAG_COPIED") && l.ends_with(" refcount=1") && flag_clear(l)
         })
 }
+
+/// QEMU's `scripts/analyze-migration.py`, the tests' live oracle: `$VMSNAP_ANALYZE_MIGRATION`,
+/// else `oracle/analyze-migration.py` beside the project's folder. `None`, after a loud
+/// SKIPPED line naming `what`, when it or python3 is missing.
+pub fn analyze_migration_script(what: &str) -> Option<PathBuf> {
+    let script = std::env::var_os("VMSNAP_ANALYZE_MIGRATION")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../oracle/analyze-migration.py")
+        });
+    if !script.exists() || !have("python3") {
+        eprintln!(
+            "SKIPPED: {what}: analyze-migration.py ({}) or python3 is missing",
+            script.display()
+        );
+        return None;
+    }
+    Some(script)
+}
+
+/// Runs the oracle with `args` (`-f FILE`, `--dump desc`, …); `None` when it is missing.
+pub fn analyze_migration(what: &str, args: &[&str]) -> Option<Run> {
+    let script = analyze_migration_script(what)?;
+    Some(run_command(Command::new("python3").arg(script).args(args)))
+}

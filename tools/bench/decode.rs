@@ -1,7 +1,7 @@
 //! Benchmark (not a test): writes a migration stream with `VMSNAP_BENCH_MIB` MiB of RAM
 //! (default 1280, giving a stream of about 1.1 GiB) through `save_state`, then decodes it with the inspector's analysis and prints
 //! the throughput. With QEMU's analyze-migration.py present (`VMSNAP_ANALYZE_MIGRATION`, default
-//! `/work/oracle/analyze-migration.py`) it times that script on the same file too.
+//! `oracle/analyze-migration.py` beside the project) it times that script on the same file too.
 //!
 //! Run: `cargo bench --bench decode`.
 //!

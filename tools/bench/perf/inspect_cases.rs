@@ -6,7 +6,7 @@
 //!    `save_state` into the scratch directory; then `vmsnap-inspect FILE --dump state` against
 //!    `python3 analyze-migration.py -f FILE` (whose default is `--dump state`), wall time and
 //!    peak RSS of each child. Target: ratio ≤ 0.033 (30× faster), vmsnap RSS ≤ 64 MiB. The
-//!    script is `VMSNAP_ANALYZE_MIGRATION` (default `/work/oracle/analyze-migration.py`).
+//!    script is `VMSNAP_ANALYZE_MIGRATION` (default `oracle/analyze-migration.py` beside the project).
 //! 2. `lz4`: `save_state` into memory and `load_state` back, with and without LZ4 pages
 //!    (`x-vmsnap-lz4`), on `VMSNAP_BENCH_LZ4_MIB` MiB (default 256) of typical RAM (half zero
 //!    pages, the rest English-like text and x86-like code) and of random RAM. Library level,

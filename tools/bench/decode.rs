@@ -114,8 +114,13 @@ fn main() {
             println!("peak RSS: {}", l.trim_start_matches("VmHWM:").trim());
         }
     }
-    let script = std::env::var("VMSNAP_ANALYZE_MIGRATION")
-        .unwrap_or_else(|_| "/work/oracle/analyze-migration.py".into());
+    let script = std::env::var("VMSNAP_ANALYZE_MIGRATION").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../oracle/analyze-migration.py"
+        )
+        .into()
+    });
     if std::path::Path::new(&script).exists() {
         let t = Instant::now();
         let out = Command::new("python3")

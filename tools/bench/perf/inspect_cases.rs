@@ -89,8 +89,13 @@ fn inspector_vs_script(h: &mut Harness) {
             &rss_file,
         )
     };
-    let script = std::env::var("VMSNAP_ANALYZE_MIGRATION")
-        .unwrap_or_else(|_| "/work/oracle/analyze-migration.py".into());
+    let script = std::env::var("VMSNAP_ANALYZE_MIGRATION").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../oracle/analyze-migration.py"
+        )
+        .into()
+    });
     let note = "target ratio <= 0.033 (30x), vmsnap rss <= 64 MiB";
     if Path::new(&script).exists() {
         let mut qemu = || {

@@ -58,7 +58,10 @@ replay_tests!(
     vmdesc,
     nbd_uri,
     monitor_args,
-    snapshot_extra
+    snapshot_extra,
+    checkpoint,
+    qmp,
+    nbd_reply
 );
 
 #[test]
@@ -72,6 +75,9 @@ fn every_target_is_replayed() {
         "nbd_uri",
         "monitor_args",
         "snapshot_extra",
+        "checkpoint",
+        "qmp",
+        "nbd_reply",
     ];
     assert_eq!(listed, here);
 }

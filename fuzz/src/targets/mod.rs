@@ -2,18 +2,23 @@
 //!
 //! Shared by the libFuzzer wrappers (`fuzz/fuzz_targets/`) and by the main crate's
 //! `tests/fuzz_corpus.rs`, which replays `fuzz/corpus/` and `testdata/fuzz/` through them.
-//! They use only `vmsnap`'s public API and `std`.
+//! They use only `vmsnap`'s public API, `std`, and `serde_json` (to read back the replies
+//! `qmp` checks).
 //!
-//! Parsers of untrusted bytes that are not here yet: checkpoint files and QMP input (being
-//! built in parallel; their targets go here as `checkpoint.rs` and `qmp.rs`), NBD replies
-//! (parsed by the `nbd` crate behind a socket; `tests/nbd_bad_server.rs` plays a hostile
-//! server instead), and the monitor's command line, whose dispatch needs a running VM (its
-//! argument parsers are in [`monitor_args`]).
+//! Parsers of untrusted bytes that are not here: the monitor's command line as a whole, whose
+//! dispatch needs a running VM (its argument parsers are in [`monitor_args`]), and QMP
+//! commands past their envelope and argument accessors (the same reason; [`qmp`] stops where a
+//! command would touch the VM). NBD replies are in [`nbd_reply`] through vmsnap's wire layer
+//! over an in-memory stream; `tests/nbd_bad_server.rs` still plays a hostile server over a
+//! socket.
 
+pub mod checkpoint;
 pub mod monitor_args;
+pub mod nbd_reply;
 pub mod nbd_uri;
 pub mod qcow2_read;
 pub mod qcow2_write;
+pub mod qmp;
 pub mod snapshot_extra;
 pub mod stream;
 pub mod vmdesc;
@@ -30,4 +35,7 @@ pub const ALL: &[(&str, Target)] = &[
     ("nbd_uri", nbd_uri::run),
     ("monitor_args", monitor_args::run),
     ("snapshot_extra", snapshot_extra::run),
+    ("checkpoint", checkpoint::run),
+    ("qmp", qmp::run),
+    ("nbd_reply", nbd_reply::run),
 ];

@@ -308,3 +308,81 @@ impl Storage for NbdStorage {
         self.link.wire.trim(offset, end)
     }
 }
+
+/// One request as a drive's connection sends it, for [`run_over`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdRequest {
+    /// NBD_CMD_READ of `len` bytes at `offset` (split at 32 MiB).
+    Read {
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// NBD_CMD_WRITE of `len` zero bytes at `offset` (split at 32 MiB).
+    Write {
+        /// First byte.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// NBD_CMD_FLUSH.
+    Flush,
+    /// NBD_CMD_TRIM of `[offset, end)` (split at 1 GiB).
+    Trim {
+        /// First byte.
+        offset: u64,
+        /// First byte after.
+        end: u64,
+    },
+}
+
+/// What the server's handshake said about the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// NBD_FLAG_READ_ONLY.
+    pub readonly: bool,
+    /// NBD_FLAG_SEND_FLUSH.
+    pub can_flush: bool,
+    /// NBD_FLAG_SEND_TRIM.
+    pub can_trim: bool,
+}
+
+/// Runs a drive's connection code over `stream` instead of a socket: the handshake for
+/// `export`, then `requests` one at a time, with the same splitting and the same rule that
+/// a connection on which a request failed stays lost. The server is whatever answers on
+/// `stream`; the `nbd_reply` fuzz target plays it from memory. Returns what the handshake
+/// said and each request's outcome (read data is dropped).
+///
+/// # Errors
+/// [`NbdError::Handshake`] (named `name`) when the negotiation fails.
+pub fn run_over<S: io::Read + io::Write>(
+    name: &str,
+    stream: S,
+    export: &str,
+    requests: &[NbdRequest],
+) -> Result<(NbdExportInfo, Vec<io::Result<()>>), NbdError> {
+    let (wire, e) =
+        Wire::negotiate(name, stream, export.as_bytes()).map_err(|source| NbdError::Handshake {
+            uri: name.to_string(),
+            source,
+        })?;
+    let info = NbdExportInfo {
+        size: e.size,
+        readonly: e.readonly,
+        can_flush: e.send_flush,
+        can_trim: e.send_trim,
+    };
+    let results = requests
+        .iter()
+        .map(|r| match *r {
+            NbdRequest::Read { offset, len } => wire.read(offset, &mut vec![0u8; len]),
+            NbdRequest::Write { offset, len } => wire.write(offset, &vec![0u8; len]),
+            NbdRequest::Flush => wire.flush(),
+            NbdRequest::Trim { offset, end } => wire.trim(offset, end),
+        })
+        .collect();
+    Ok((info, results))
+}

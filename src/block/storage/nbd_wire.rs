@@ -95,7 +95,7 @@ impl Write for Sock {
 /// Buffered both ways, so that a request header goes out in one send and a reply header
 /// comes in with one receive (the crate writes and reads field by field).
 #[derive(Debug)]
-struct Duplex {
+pub(crate) struct Duplex {
     r: BufReader<Sock>,
     w: BufWriter<Sock>,
 }
@@ -116,12 +116,12 @@ impl Write for Duplex {
 }
 
 /// The connection: usable, or lost with the first error that left it in an unknown state.
-enum Conn {
-    Up(Box<NbdClient<Duplex>>),
+enum Conn<S: Read + Write> {
+    Up(Box<NbdClient<S>>),
     Lost(String),
 }
 
-impl std::fmt::Debug for Conn {
+impl<S: Read + Write> std::fmt::Debug for Conn<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Conn::Up(_) => f.write_str("Up"),
@@ -130,11 +130,12 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// A connection and the URI it was opened with (for messages).
+/// A connection and the URI it was opened with (for messages). `S` is the socket's
+/// [`Duplex`], or any stream for [`super::nbd::run_over`].
 #[derive(Debug)]
-pub(crate) struct Wire {
+pub(crate) struct Wire<S: Read + Write = Duplex> {
     name: String,
-    conn: Mutex<Conn>,
+    conn: Mutex<Conn<S>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,11 +157,11 @@ impl Wire {
             uri: uri.to_string(),
             source,
         };
-        let mut duplex = Duplex {
+        let duplex = Duplex {
             r: BufReader::with_capacity(64 << 10, sock.try_clone().map_err(hs)?),
             w: BufWriter::with_capacity(64 << 10, sock),
         };
-        let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(|e| {
+        Wire::negotiate(uri, duplex, parsed.export.as_bytes()).map_err(|e| {
             if matches!(
                 e.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
@@ -169,10 +170,22 @@ impl Wire {
             } else {
                 hs(e)
             }
-        })?;
-        let client = NbdClient::new(duplex, &export);
+        })
+    }
+}
+
+impl<S: Read + Write> Wire<S> {
+    /// Negotiates the export `export` on `stream` (fixed newstyle, NBD_OPT_EXPORT_NAME);
+    /// `name` names the connection in errors.
+    pub(crate) fn negotiate(
+        name: &str,
+        mut stream: S,
+        export: &[u8],
+    ) -> io::Result<(Self, Export)> {
+        let export = handshake(&mut stream, export)?;
+        let client = NbdClient::new(stream, &export);
         let wire = Wire {
-            name: uri.to_string(),
+            name: name.to_string(),
             conn: Mutex::new(Conn::Up(Box::new(client))),
         };
         Ok((wire, export))
@@ -189,7 +202,7 @@ impl Wire {
         what: &str,
         offset: u64,
         len: u64,
-        f: impl FnOnce(&mut NbdClient<Duplex>) -> io::Result<T>,
+        f: impl FnOnce(&mut NbdClient<S>) -> io::Result<T>,
     ) -> io::Result<T> {
         let mut g = lock(&self.conn);
         let client = match &mut *g {

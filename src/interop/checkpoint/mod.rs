@@ -25,7 +25,7 @@ mod write;
 
 pub use config::{CheckpointConfig, DriveConfig};
 pub use header::{Header, Trailer, FLAG_DISK_SNAPSHOT, HEADER_LEN, TRAILER_LEN};
-pub use read::{is_checkpoint, Checkpoint, StreamWindow};
+pub use read::{is_checkpoint, Checkpoint, CheckpointInfo, StreamWindow};
 pub use write::{temp_path, CheckpointWriter};
 
 /// First 8 bytes of a checkpoint file.

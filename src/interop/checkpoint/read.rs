@@ -39,84 +39,16 @@ impl Checkpoint {
     /// parse is reported as [`CheckpointError::Damaged`] when the checksum says so.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let name = path.display().to_string();
-        let io = |what| {
-            let path = name.clone();
-            move |source| CheckpointError::Io { path, what, source }
-        };
-        let mut file = File::open(path).map_err(io("opening"))?;
-        let actual = file.metadata().map_err(io("reading its size"))?.len();
-        let mut head = [0u8; HEADER_LEN];
-        let got = read_up_to(&mut file, &mut head).map_err(io("reading the header"))?;
-        if got < MAGIC.len() || head[..8] != MAGIC {
-            return Err(CheckpointError::Magic(name));
-        }
-        if got < HEADER_LEN {
-            return Err(CheckpointError::Length {
-                path: name,
-                expected: HEADER_LEN as u64,
-                actual,
-            });
-        }
-        let header = Header::decode(&head);
-        let versions = supported_versions();
-        if !versions.contains(&header.version) {
-            return Err(CheckpointError::Version {
-                path: name,
-                version: header.version,
-                min: *versions.start(),
-                max: *versions.end(),
-            });
-        }
-        if header.flags & !KNOWN_FLAGS != 0 {
-            return Err(CheckpointError::Flags {
-                path: name,
-                flags: header.flags & !KNOWN_FLAGS,
-            });
-        }
-        if header.config_len > MAX_CONFIG_LEN {
-            return Err(CheckpointError::TooLarge {
-                path: name,
-                what: "configuration record",
-                value: u64::from(header.config_len),
-                limit: u64::from(MAX_CONFIG_LEN),
-            });
-        }
-        if header.file_len() != actual {
-            return Err(CheckpointError::Length {
-                path: name,
-                expected: header.file_len(),
-                actual,
-            });
-        }
-        let mut tail = [0u8; TRAILER_LEN];
-        file.seek(SeekFrom::Start(header.covered_len()))
-            .and_then(|_| file.read_exact(&mut tail))
-            .map_err(io("reading the integrity record"))?;
-        let trailer = Trailer::decode(&tail)
-            .filter(|t| t.covered_len == header.covered_len())
-            .ok_or_else(|| CheckpointError::Trailer {
-                path: name.clone(),
-                offset: header.covered_len(),
-            })?;
-        // Bounded by MAX_CONFIG_LEN above.
-        let mut json = vec![0u8; header.config_len as usize];
-        file.seek(SeekFrom::Start(HEADER_LEN as u64))
-            .and_then(|_| file.read_exact(&mut json))
-            .map_err(io("reading the configuration"))?;
-        let config = match serde_json::from_slice(&json) {
-            Ok(c) => c,
-            Err(source) => {
-                let mut cp = Checkpoint {
-                    path: name.clone(),
-                    file,
-                    header,
-                    trailer,
-                    config: placeholder(),
-                };
-                cp.verify(&mut |_| {})?;
-                return Err(CheckpointError::Config { path: name, source });
-            }
-        };
+        let mut file = File::open(path).map_err(|source| CheckpointError::Io {
+            path: name.clone(),
+            what: "opening",
+            source,
+        })?;
+        let CheckpointInfo {
+            header,
+            trailer,
+            config,
+        } = CheckpointInfo::read_from(&mut file, &name)?;
         Ok(Checkpoint {
             path: name,
             file,
@@ -137,29 +69,13 @@ impl Checkpoint {
     /// # Errors
     /// [`CheckpointError::Damaged`] on a mismatch; [`CheckpointError::Io`].
     pub fn verify(&mut self, progress: &mut dyn FnMut(u64)) -> Result<()> {
-        let io = |source| CheckpointError::Io {
-            path: self.path.clone(),
-            what: "reading",
-            source,
-        };
-        self.file.seek(SeekFrom::Start(0)).map_err(io)?;
-        let r = (&self.file).take(self.header.covered_len());
-        let (len, crc) =
-            crate::interop::integrity::crc_of_with_progress(r, progress).map_err(|source| {
-                CheckpointError::Io {
-                    path: self.path.clone(),
-                    what: "reading",
-                    source,
-                }
-            })?;
-        if len != self.header.covered_len() || crc != self.trailer.crc32 {
-            return Err(CheckpointError::Damaged {
-                path: self.path.clone(),
-                actual: crc,
-                stored: self.trailer.crc32,
-            });
-        }
-        Ok(())
+        verify_crc(
+            &mut self.file,
+            &self.header,
+            &self.trailer,
+            &self.path,
+            progress,
+        )
     }
 
     /// The migration stream, read in place.
@@ -184,22 +100,149 @@ impl Checkpoint {
     }
 }
 
-fn placeholder() -> CheckpointConfig {
-    CheckpointConfig {
-        guest: String::new(),
-        memory: 0,
-        vcpus: 0,
-        dirty_rate: 0,
-        drives: Vec::new(),
-        disk_snapshot: None,
-        date_sec: 0,
-        vm_clock_nsec: 0,
-        writer: String::new(),
+/// What [`Checkpoint::open`] reads and checks, from any `Read + Seek` (a file, or bytes in
+/// memory: `vmsnap-inspect` and the `checkpoint` fuzz target read through this).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// The header.
+    pub header: Header,
+    /// The integrity record.
+    pub trailer: Trailer,
+    /// The configuration record.
+    pub config: CheckpointConfig,
+}
+
+impl CheckpointInfo {
+    /// Reads a checkpoint from `r` (its length is where `r` ends) with every check of
+    /// [`Checkpoint::open`]; `name` names it in errors.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::open`].
+    pub fn read_from<R: Read + Seek>(r: &mut R, name: &str) -> Result<CheckpointInfo> {
+        let io = |what| {
+            let path = name.to_string();
+            move |source| CheckpointError::Io { path, what, source }
+        };
+        let actual = r
+            .seek(SeekFrom::End(0))
+            .and_then(|n| r.seek(SeekFrom::Start(0)).map(|_| n))
+            .map_err(io("reading its size"))?;
+        let mut head = [0u8; HEADER_LEN];
+        let got = read_up_to(r, &mut head).map_err(io("reading the header"))?;
+        if got < MAGIC.len() || head[..8] != MAGIC {
+            return Err(CheckpointError::Magic(name.to_string()));
+        }
+        let path = name.to_string();
+        if got < HEADER_LEN {
+            return Err(CheckpointError::Length {
+                path,
+                expected: HEADER_LEN as u64,
+                actual,
+            });
+        }
+        let header = Header::decode(&head);
+        let versions = supported_versions();
+        if !versions.contains(&header.version) {
+            return Err(CheckpointError::Version {
+                path,
+                version: header.version,
+                min: *versions.start(),
+                max: *versions.end(),
+            });
+        }
+        if header.flags & !KNOWN_FLAGS != 0 {
+            return Err(CheckpointError::Flags {
+                path,
+                flags: header.flags & !KNOWN_FLAGS,
+            });
+        }
+        if header.config_len > MAX_CONFIG_LEN {
+            return Err(CheckpointError::TooLarge {
+                path,
+                what: "configuration record",
+                value: u64::from(header.config_len),
+                limit: u64::from(MAX_CONFIG_LEN),
+            });
+        }
+        if header.file_len() != actual {
+            return Err(CheckpointError::Length {
+                path,
+                expected: header.file_len(),
+                actual,
+            });
+        }
+        let mut tail = [0u8; TRAILER_LEN];
+        r.seek(SeekFrom::Start(header.covered_len()))
+            .and_then(|_| r.read_exact(&mut tail))
+            .map_err(io("reading the integrity record"))?;
+        let trailer = Trailer::decode(&tail)
+            .filter(|t| t.covered_len == header.covered_len())
+            .ok_or_else(|| CheckpointError::Trailer {
+                path: path.clone(),
+                offset: header.covered_len(),
+            })?;
+        // Bounded by MAX_CONFIG_LEN above, and by the input's length checked against it.
+        let mut json = vec![0u8; header.config_len as usize];
+        r.seek(SeekFrom::Start(HEADER_LEN as u64))
+            .and_then(|_| r.read_exact(&mut json))
+            .map_err(io("reading the configuration"))?;
+        match serde_json::from_slice(&json) {
+            Ok(config) => Ok(CheckpointInfo {
+                header,
+                trailer,
+                config,
+            }),
+            Err(source) => {
+                // A damaged file is reported as such, not as a bad configuration.
+                verify_crc(r, &header, &trailer, name, &mut |_| {})?;
+                Err(CheckpointError::Config { path, source })
+            }
+        }
+    }
+
+    /// Checks the CRC32 of the bytes of `r` the integrity record covers, as
+    /// [`Checkpoint::verify`] does.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::verify`].
+    pub fn verify<R: Read + Seek>(
+        &self,
+        r: &mut R,
+        name: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        verify_crc(r, &self.header, &self.trailer, name, progress)
     }
 }
 
+fn verify_crc<R: Read + Seek>(
+    r: &mut R,
+    header: &Header,
+    trailer: &Trailer,
+    name: &str,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let io = |source| CheckpointError::Io {
+        path: name.to_string(),
+        what: "reading",
+        source,
+    };
+    r.seek(SeekFrom::Start(0)).map_err(io)?;
+    let covered = r.take(header.covered_len());
+    let (len, crc) =
+        crate::interop::integrity::crc_of_with_progress(covered, progress).map_err(io)?;
+    if len != header.covered_len() || crc != trailer.crc32 {
+        return Err(CheckpointError::Damaged {
+            path: name.to_string(),
+            actual: crc,
+            stored: trailer.crc32,
+        });
+    }
+    Ok(())
+}
+
 /// Reads until `buf` is full or the file ends; returns the bytes read.
-fn read_up_to(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+fn read_up_to<R: Read>(f: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..]) {

@@ -12,6 +12,7 @@
 pub mod args;
 pub mod block_info;
 pub mod commands;
+pub mod input;
 pub mod migrate_cmds;
 mod session;
 

@@ -16,11 +16,9 @@ use serde_json::{json, Map, Value};
 
 use super::args::Args;
 use super::commands::{self, COMMANDS};
+use super::input::{self, take_messages, MAX_INPUT};
 use super::{JobWork, QmpCx, QmpError, Reply, TICK};
 use crate::monitor::{events, fd_recv, Cx};
-
-/// Largest message accepted (bytes of one JSON object).
-pub const MAX_INPUT: usize = 1 << 20;
 
 /// Most descriptors one client may have pending before `getfd` takes them.
 const MAX_PENDING_FDS: usize = 16;
@@ -83,26 +81,13 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn reply(&self, id: Option<&Value>, body: Result<Value, QmpError>) -> bool {
-        let mut msg = match body {
-            Ok(v) => json!({"return": v}),
-            Err(e) => json!({"error": e.to_json()}),
-        };
-        if let Some(id) = id {
-            msg["id"] = id.clone();
-        }
-        events::send(&self.out, &msg)
+        events::send(&self.out, &input::reply(id, body))
     }
 
     /// Handles one message; false ends the session.
     fn handle(&mut self, msg: Value) -> bool {
-        let Value::Object(obj) = msg else {
-            return self.reply(
-                None,
-                Err(QmpError::generic("QMP input must be a JSON object")),
-            );
-        };
-        let id = obj.get("id");
-        match self.command(&obj) {
+        let id = input::id_of(&msg);
+        match self.command(&msg) {
             Ok(Reply::Value(v)) => self.reply(id, Ok(v)),
             Ok(Reply::Quit) => {
                 self.reply(id, Ok(json!({})));
@@ -112,34 +97,10 @@ impl Session<'_> {
         }
     }
 
-    fn command(&mut self, obj: &Map<String, Value>) -> Result<Reply, QmpError> {
-        if let Some(k) = obj
-            .keys()
-            .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
-        {
-            return Err(QmpError::generic(format!(
-                "QMP input member '{k}' is unexpected"
-            )));
-        }
-        let name = match obj.get("execute") {
-            None => return Err(QmpError::generic("QMP input lacks member 'execute'")),
-            Some(Value::String(s)) => s.as_str(),
-            Some(_) => {
-                return Err(QmpError::generic(
-                    "QMP input member 'execute' must be a string",
-                ))
-            }
-        };
+    fn command(&mut self, msg: &Value) -> Result<Reply, QmpError> {
+        let (name, map) = input::request(msg)?;
         let empty = Map::new();
-        let map = match obj.get("arguments") {
-            None => &empty,
-            Some(Value::Object(m)) => m,
-            Some(_) => {
-                return Err(QmpError::generic(
-                    "QMP input member 'arguments' must be an object",
-                ))
-            }
-        };
+        let map = map.unwrap_or(&empty);
         let a = Args::new(map);
         if name == "qmp_capabilities" {
             if self.negotiated.is_some() {
@@ -148,13 +109,7 @@ impl Session<'_> {
                     desc: "Capabilities negotiation is already complete, command ignored".into(),
                 });
             }
-            if let Some(first) = a.opt_any("enable").and_then(|v| v.as_array()?.first()) {
-                return Err(QmpError::generic(format!(
-                    "Capability '{}' not available",
-                    first.as_str().unwrap_or_default()
-                )));
-            }
-            a.finish()?;
+            input::capabilities(&a)?;
             self.negotiated = Some(events::subscribe(Arc::clone(&self.out)));
             return Ok(Reply::Value(json!({})));
         }
@@ -185,35 +140,6 @@ fn quit(cx: Cx<'_>) -> bool {
         }
     };
     std::process::exit(code)
-}
-
-/// Cuts complete JSON values off the front of `buf`, in order with the syntax errors met
-/// on the way. After an error parsing starts again at the next `{` (the start of the next
-/// message, as QEMU's streamer resets after an error); an incomplete value stays in `buf`.
-fn take_messages(buf: &mut Vec<u8>) -> Vec<Result<Value, String>> {
-    let mut out = Vec::new();
-    loop {
-        let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<Value>();
-        let mut failed = false;
-        let consumed = loop {
-            match stream.next() {
-                None => break stream.byte_offset(),
-                Some(Ok(v)) => out.push(Ok(v)),
-                Some(Err(e)) if e.is_eof() => break stream.byte_offset(),
-                Some(Err(e)) => {
-                    out.push(Err(format!("JSON parse error, {e}")));
-                    failed = true;
-                    let at = stream.byte_offset();
-                    let next = buf[at + 1..].iter().position(|&b| b == b'{');
-                    break next.map_or(buf.len(), |k| at + 1 + k);
-                }
-            }
-        };
-        buf.drain(..consumed);
-        if !failed {
-            return out;
-        }
-    }
 }
 
 /// Serves one client until it disconnects or `done` is set.
@@ -272,31 +198,4 @@ pub fn run<'a>(cx: Cx<'a>, mut conn: Conn, jobs: mpsc::Sender<JobWork<'a>>, done
         events::unsubscribe(id);
     }
     // Descriptors received but never named by getfd are closed as `s` drops.
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_are_cut_from_a_stream() {
-        let mut buf = br#"{"execute": "a"}{"execute": "b"} {"exe"#.to_vec();
-        let m = take_messages(&mut buf);
-        assert_eq!(m.len(), 2);
-        assert!(m.iter().all(Result::is_ok));
-        assert_eq!(buf, b"{\"exe");
-        buf.extend_from_slice(b"cute\": \"c\"}\n");
-        let m = take_messages(&mut buf);
-        assert_eq!(m[0].as_ref().unwrap()["execute"], "c");
-        let mut bad = b"{\"execute\": }".to_vec();
-        let m = take_messages(&mut bad);
-        assert!(m[0].as_ref().unwrap_err().starts_with("JSON parse error"));
-        assert!(bad.is_empty());
-        // The rest of a broken message is skipped up to the next one.
-        let mut tail = b"xx\"}{\"execute\": \"d\"}".to_vec();
-        let m = take_messages(&mut tail);
-        assert_eq!(m.len(), 2, "{m:?}");
-        assert!(m[0].is_err());
-        assert_eq!(m[1].as_ref().unwrap()["execute"], "d");
-    }
 }

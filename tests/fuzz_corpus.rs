@@ -82,6 +82,19 @@ fn every_target_is_replayed() {
     assert_eq!(listed, here);
 }
 
+/// `qcow2_write` findings on images already corrupt that were fixed
+/// (testdata/fuzz/strict-fixed/): the rules hold on them in strict mode.
+#[test]
+fn fixed_strict_findings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/fuzz/strict-fixed/qcow2_write");
+    let found = inputs(&dir);
+    assert!(!found.is_empty(), "no inputs in {}", dir.display());
+    for p in found {
+        let data = std::fs::read(&p).unwrap();
+        targets::qcow2_write::run_strict(&data);
+    }
+}
+
 /// The open `qcow2_write` findings on images already corrupt (testdata/fuzz/strict/): each
 /// breaks "refused ⇒ unchanged" or "accepted ⇒ no more corruptions" in strict mode. Fails
 /// while any of them is open; run alone, as it sets `VMSNAP_FUZZ_STRICT` for the process.

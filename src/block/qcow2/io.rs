@@ -278,6 +278,9 @@ impl Qcow2 {
         }
         let l1_off = self.header.l1_table_offset + i1 * 8;
         self.overlap_check(ol::ACTIVE_L1, l1_off, 8)?;
+        if e.l2_offset() != 0 {
+            self.check_referenced(e.l2_offset(), cs)?;
+        }
         let new = self.alloc_clusters(1)?;
         let content = if e.l2_offset() == 0 {
             vec![0u8; cs as usize]
@@ -310,6 +313,42 @@ impl Qcow2 {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Refuses, before anything is written, a write whose last step would drop the reference
+    /// `e` holds (see [`Qcow2::release`]) from a cluster whose stored refcount is already 0:
+    /// the refcounts are damaged, and failing at that step would leave the write half done.
+    fn check_releasable(&mut self, e: L2Entry) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let (start, len) = match e.kind(self.layout.extended_l2) {
+            ClusterKind::Compressed => {
+                let (s, end) = e.compressed_range(self.layout.csize_shift());
+                (s & !511, end - (s & !511))
+            }
+            ClusterKind::Normal | ClusterKind::ZeroAlloc => (e.offset(), cs),
+            _ if e.offset() != 0 && !e.compressed() => (e.offset(), cs),
+            _ => return Ok(()),
+        };
+        self.check_referenced(start, len)
+    }
+
+    /// Refuses when a cluster touching `[start, start + len)` has stored refcount 0.
+    fn check_referenced(&mut self, start: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = self.layout.cluster_index(start);
+        let last = self.layout.cluster_index(start + len - 1);
+        for c in first..=last {
+            if self.get_refcount(c)? == 0 {
+                return Err(corrupt(format!(
+                    "refcount of cluster {:#x} would drop below zero; nothing was written \
+                     (run 'vmsnap check -r all')",
+                    c << self.layout.cluster_bits
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Writes guest data to the active layer.
@@ -447,6 +486,9 @@ impl Qcow2 {
             c[in_cluster..in_cluster + data.len()].copy_from_slice(data);
             c
         };
+        if !in_place && !(e.copied() && e.kind(false) == ClusterKind::ZeroAlloc) {
+            self.check_releasable(e)?;
+        }
         let l2 = self.writable_l2(guest)?;
         let idx = self.layout.l2_index(guest);
         let looked_up = e;
@@ -499,6 +541,10 @@ impl Qcow2 {
         } else {
             None
         };
+        let (looked_up, _) = self.lookup(None, guest)?;
+        if !(looked_up.copied() && !looked_up.compressed() && looked_up.offset() != 0) {
+            self.check_releasable(looked_up)?;
+        }
         let l2 = self.writable_l2(guest)?;
         let idx = self.layout.l2_index(guest);
         let (e, bm) = self.l2_get(l2, idx)?;

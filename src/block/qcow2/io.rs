@@ -486,7 +486,9 @@ impl Qcow2 {
             c[in_cluster..in_cluster + data.len()].copy_from_slice(data);
             c
         };
-        if !in_place && !(e.copied() && e.kind(false) == ClusterKind::ZeroAlloc) {
+        // The cluster is released at the end unless written in place or reused.
+        let reused = e.copied() && e.kind(false) == ClusterKind::ZeroAlloc;
+        if !(in_place || reused) {
             self.check_releasable(e)?;
         }
         let l2 = self.writable_l2(guest)?;

@@ -333,7 +333,7 @@ impl Qcow2 {
     }
 
     /// Refuses when a cluster touching `[start, start + len)` has stored refcount 0.
-    fn check_referenced(&mut self, start: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_referenced(&mut self, start: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }

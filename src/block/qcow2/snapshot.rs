@@ -440,6 +440,20 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Refuses, before an operation writes anything, when what it frees at its end (the
+    /// snapshot table it replaces, and the ranges in `also`) has a cluster whose stored
+    /// refcount is already 0: freeing it would fail after the operation's other writes.
+    fn check_freed_later(&mut self, also: &[(u64, u64)]) -> Result<()> {
+        let old_len: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
+        let table = (self.header.snapshots_offset, old_len);
+        for &(off, len) in std::iter::once(&table).chain(also) {
+            if off != 0 && len > 0 {
+                self.check_referenced(off, len)?;
+            }
+        }
+        Ok(())
+    }
+
     fn next_snapshot_id(&self) -> String {
         let max = self
             .snapshots
@@ -473,6 +487,7 @@ impl Qcow2 {
         }
         // Nothing is written unless the active tables and their counts can take the +1.
         self.preflight_repairing(Walked::Create)?;
+        self.check_freed_later(&[])?;
         let id = self.next_snapshot_id();
         // 1. Copy the active L1 table into fresh clusters.
         let l1_bytes = self.l1.len() as u64 * 8;
@@ -626,6 +641,7 @@ impl Qcow2 {
         // Validate the snapshot's tables and the counts before the entry is dropped.
         let sn_l1 = self.read_snapshot_l1(&sn)?;
         self.preflight_repairing(Walked::Delete(idx, &sn_l1))?;
+        self.check_freed_later(&[(sn.l1_table_offset, u64::from(sn.l1_size) * 8)])?;
         // 1. Publish the table without the entry: from here on only leaks are possible.
         let mut list = self.snapshots.clone();
         list.remove(idx);

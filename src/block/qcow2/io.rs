@@ -354,6 +354,7 @@ impl Qcow2 {
     /// Writes guest data to the active layer.
     pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.layout.cluster_size();
+        self.probe_partial_tail(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let guest = offset + done as u64;
@@ -375,6 +376,27 @@ impl Qcow2 {
             done += n;
         }
         Ok(())
+    }
+
+    /// A write over several clusters that ends inside a cluster keeps that cluster's other
+    /// bytes, read just before its part is written: read them first, so that a cluster that
+    /// cannot be read (compressed data that does not inflate, a backing file error) refuses
+    /// the whole write before its first clusters are written. (The first cluster's own read
+    /// comes before anything is written anyway.)
+    fn probe_partial_tail(&mut self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let end = offset.saturating_add(len);
+        let tail = self.layout.cluster_start(end);
+        if len == 0 || end == tail || tail <= self.layout.cluster_start(offset) {
+            return Ok(());
+        }
+        let (e, _) = self.lookup(None, tail)?;
+        if e.copied() && !e.compressed() && e.offset() != 0 {
+            // Written in place: nothing is read.
+            return Ok(());
+        }
+        let mut old = vec![0u8; cs as usize];
+        self.read_guest(None, tail, &mut old)
     }
 
     /// Writes whole clusters starting at `guest` whose entries are unallocated or plain zero,

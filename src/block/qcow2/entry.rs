@@ -10,6 +10,9 @@ pub const OFLAG_COMPRESSED: u64 = 1 << 62;
 pub const OFLAG_ZERO: u64 = 1;
 /// Reserved bits of an L1 entry.
 pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Bits of a standard (not compressed) L2 entry that must be zero (QEMU's
+/// `L2E_STD_RESERVED_MASK`).
+pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Extended L2 bitmap: every subcluster allocated.
 pub const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 /// Extended L2 bitmap: every subcluster reads as zero.

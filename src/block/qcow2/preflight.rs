@@ -24,7 +24,7 @@
 //! indexed by cluster ([`super::tally`]), and the stored refcounts of the walked clusters
 //! are read in cluster order, one refcount block at a time.
 
-use super::entry::{ClusterKind, L1Entry, L2Entry, L1_RESERVED};
+use super::entry::{ClusterKind, L1Entry, L2Entry, L1_RESERVED, L2_STD_RESERVED};
 use super::header::INCOMPAT_DIRTY;
 use super::overlap::{category_name, ol, MetaMap};
 use super::refcount::get_in_block;
@@ -302,6 +302,11 @@ impl Qcow2 {
             let e = L2Entry(u64::from_be_bytes(
                 table[p..p + 8].try_into().unwrap_or_default(),
             ));
+            // Reserved bits: `check` reports the entry once per table that reaches it, so
+            // sharing the table would add reports of the same damage.
+            if walked && e.kind(ext) != ClusterKind::Compressed && e.0 & L2_STD_RESERVED != 0 {
+                return Err(entry_err(j, format!("reserved bits set ({:#x})", e.0)));
+            }
             match e.kind(ext) {
                 ClusterKind::Normal | ClusterKind::ZeroAlloc => {
                     if walked {

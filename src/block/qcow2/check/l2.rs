@@ -2,14 +2,11 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::super::entry::{ClusterKind, L2Entry, BITMAP_ALL_ALLOC, OFLAG_ZERO};
+use super::super::entry::{ClusterKind, L2Entry, BITMAP_ALL_ALLOC, L2_STD_RESERVED, OFLAG_ZERO};
 use super::super::Qcow2;
 use super::refs::Refs;
 use super::CheckReport;
 use crate::block::Result;
-
-/// Reserved bits of a standard (not compressed) L2 entry.
-const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// Messages kept per L2 table (a "table" read over guest data can have an error in every
 /// entry, and is replayed for every L1 entry that reaches it).

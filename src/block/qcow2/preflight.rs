@@ -98,14 +98,23 @@ impl Qcow2 {
                         &mut t,
                     )
                 }),
-            Walked::Delete(_, sn) => self.walk_l1_entries(
-                sn,
-                "the snapshot's L1 table",
-                Role::Walked,
-                &meta,
-                file_len,
-                &mut t,
-            ),
+            // The active table is not walked, but its COPIED flags are rewritten at the end:
+            // its entries must name sound L2 tables too.
+            Walked::Delete(_, sn) => self
+                .walk_l1_entries(
+                    sn,
+                    "the snapshot's L1 table",
+                    Role::Walked,
+                    &meta,
+                    file_len,
+                    &mut t,
+                )
+                .and_then(|()| {
+                    active.iter().enumerate().try_for_each(|(i, &raw)| {
+                        self.check_l1_entry(i, raw, "the active L1 table", &meta, file_len)
+                            .map(drop)
+                    })
+                }),
         };
         // 2. The references every table holds (damaged other tables count what can be
         // read), one L1 table in memory at a time. Not on a dirty image.
@@ -247,20 +256,36 @@ impl Qcow2 {
     ) -> Result<()> {
         let cs = self.layout.cluster_size();
         for (i, &raw) in l1.iter().enumerate() {
-            if raw & L1_RESERVED != 0 {
-                return Err(refused(format!(
-                    "entry {i} of {table} has reserved bits set ({raw:#x})"
-                )));
+            if let Some(l2) = self.check_l1_entry(i, raw, table, meta, file_len)? {
+                t.walked_table(l2 / cs, role, table);
             }
-            let l2 = L1Entry(raw).l2_offset();
-            if l2 == 0 {
-                continue;
-            }
-            check_cluster(meta, l2, cs, ol::ACTIVE_L2 | ol::INACTIVE_L2, file_len)
-                .map_err(|why| refused(format!("entry {i} of {table}: L2 table {why}")))?;
-            t.walked_table(l2 / cs, role, table);
         }
         Ok(())
+    }
+
+    /// One L1 entry of `table`: no reserved bits, and its L2 table (returned, if any) cluster
+    /// aligned, inside the file and over no other metadata.
+    fn check_l1_entry(
+        &self,
+        i: usize,
+        raw: u64,
+        table: &'static str,
+        meta: &MetaMap,
+        file_len: u64,
+    ) -> Result<Option<u64>> {
+        if raw & L1_RESERVED != 0 {
+            return Err(refused(format!(
+                "entry {i} of {table} has reserved bits set ({raw:#x})"
+            )));
+        }
+        let l2 = L1Entry(raw).l2_offset();
+        if l2 == 0 {
+            return Ok(None);
+        }
+        let cs = self.layout.cluster_size();
+        check_cluster(meta, l2, cs, ol::ACTIVE_L2 | ol::INACTIVE_L2, file_len)
+            .map_err(|why| refused(format!("entry {i} of {table}: L2 table {why}")))?;
+        Ok(Some(l2))
     }
 
     /// Records the L2 tables an L1 table names, as `qemu-img check` counts them (one

@@ -281,6 +281,8 @@ impl Qcow2 {
         if e.l2_offset() != 0 {
             self.check_referenced(e.l2_offset(), cs)?;
         }
+        // The table, then the data cluster: refuse now rather than after the table is made.
+        self.check_next_allocations(2)?;
         let new = self.alloc_clusters(1)?;
         let content = if e.l2_offset() == 0 {
             vec![0u8; cs as usize]
@@ -355,6 +357,16 @@ impl Qcow2 {
     pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.layout.cluster_size();
         self.probe_partial_tail(offset, buf.len() as u64)?;
+        // A write over several clusters allocates cluster by cluster: when one of the
+        // clusters the allocator would hand out holds metadata (damaged refcounts), refuse
+        // before the first is written. (One L2 table and every cluster, at most.)
+        let first = self.layout.cluster_start(offset);
+        let span = (offset + buf.len() as u64)
+            .saturating_sub(first)
+            .div_ceil(cs);
+        if span > 1 {
+            self.check_next_allocations(span + 1)?;
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let guest = offset + done as u64;

@@ -454,6 +454,28 @@ impl Qcow2 {
         Ok(start)
     }
 
+    /// Refuses, before an operation writes anything, when one of the next `n` clusters the
+    /// allocator would hand out (stored refcount 0, from the lowest free one on) holds
+    /// metadata: the allocation would be refused there, after the operation's earlier
+    /// writes. (The allocator's run search may pass over some of them; this covers the
+    /// clusters it tries first.)
+    pub(crate) fn check_next_allocations(&mut self, n: u64) -> Result<()> {
+        let cb = self.layout.cluster_bits;
+        let cs = self.layout.cluster_size();
+        let mut c = self.free_hint;
+        let mut found = 0;
+        // Past the end of the file too: a damaged refcount table entry can name a block there.
+        while found < n {
+            if self.get_refcount(c)? == 0 {
+                found += 1;
+                // The allocator's own refusal, before the operation's first write.
+                self.overlap_check(ol::DATA, c << cb, cs)?;
+            }
+            c += 1;
+        }
+        Ok(())
+    }
+
     /// Allocates `n` contiguous clusters with refcount 1; returns the host offset.
     ///
     /// Single clusters fill holes from the lowest free cluster on; runs are searched from the

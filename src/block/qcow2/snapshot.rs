@@ -488,6 +488,12 @@ impl Qcow2 {
         // Nothing is written unless the active tables and their counts can take the +1.
         self.preflight_repairing(Walked::Create)?;
         self.check_freed_later(&[])?;
+        // The L1 copy and the new table (one entry more, at most a cluster).
+        let table: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
+        let cs = self.layout.cluster_size();
+        let n = self.layout.clusters_for(self.l1.len() as u64 * 8)
+            + self.layout.clusters_for(table + cs);
+        self.check_next_allocations(n)?;
         let id = self.next_snapshot_id();
         // 1. Copy the active L1 table into fresh clusters.
         let l1_bytes = self.l1.len() as u64 * 8;

@@ -467,6 +467,10 @@ impl Qcow2 {
         // Past the end of the file too: a damaged refcount table entry can name a block there.
         while found < n {
             if self.get_refcount(c)? == 0 {
+                if found == 0 {
+                    // Every cluster before this one is in use: later searches start here.
+                    self.free_hint = c;
+                }
                 found += 1;
                 // The allocator's own refusal, before the operation's first write.
                 self.overlap_check(ol::DATA, c << cb, cs)?;

@@ -49,12 +49,26 @@ fn damage(src: &Path, dst: &Path, idx: u64, value: impl Fn(u64) -> u64) {
 }
 
 /// What a user sees of the image: both layers and the snapshot table.
-fn seen(img: &Path, tmp: &Path) -> (Vec<u8>, Vec<u8>, Vec<(String, String)>) {
+fn seen(img: &Path, tmp: &Path) -> Layers {
     (
         qemu_layer(img, None, tmp),
         qemu_layer(img, Some("s1"), tmp),
         qemu_snapshot_ids(img),
     )
+}
+
+type Layers = (Vec<u8>, Vec<u8>, Vec<(String, String)>);
+
+/// A scratch folder with the image made and what it shows; `None` (skipped loudly) without
+/// QEMU's tools.
+fn setup() -> Option<(tempfile::TempDir, PathBuf, Layers)> {
+    if !common::require(module_path!(), &["qemu-img", "qemu-io"]) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = make_image(dir.path());
+    let good = seen(&base, dir.path());
+    Some((dir, base, good))
 }
 
 type Damage = (&'static str, u64, fn(u64) -> u64);
@@ -69,12 +83,9 @@ const CASES: &[Damage] = &[
 
 #[test]
 fn check_repair_all_rebuilds_a_damaged_refcount_table() {
-    if !common::require(module_path!(), &["qemu-img", "qemu-io"]) {
+    let Some((dir, base, good)) = setup() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let base = make_image(dir.path());
-    let good = seen(&base, dir.path());
+    };
     for (name, idx, value) in CASES {
         let img = dir.path().join("d.qcow2");
         damage(&base, &img, *idx, value);
@@ -101,12 +112,9 @@ fn check_repair_all_rebuilds_a_damaged_refcount_table() {
 
 #[test]
 fn a_kill_at_any_write_of_the_rebuild_leaves_the_image_no_worse() {
-    if !common::require(module_path!(), &["qemu-img", "qemu-io"]) {
+    let Some((dir, base, good)) = setup() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let base = make_image(dir.path());
-    let good = seen(&base, dir.path());
+    };
     let damaged = dir.path().join("damaged.qcow2");
     damage(&base, &damaged, 0, |e| e | 0x100);
     let class = qemu_img(&["check", s(&damaged)]).code;

@@ -299,21 +299,26 @@ impl Qcow2 {
         Ok(new)
     }
 
-    /// Drops the reference an old L2 entry held (after the entry no longer holds it).
-    fn release(&mut self, e: L2Entry) -> Result<()> {
+    /// The host range whose clusters hold the reference an L2 entry makes, if any.
+    fn referenced_range(&self, e: L2Entry) -> Option<(u64, u64)> {
+        let cs = self.layout.cluster_size();
         match e.kind(self.layout.extended_l2) {
             ClusterKind::Compressed => {
                 let (s, end) = e.compressed_range(self.layout.csize_shift());
-                self.update_refcount(s & !511, end - (s & !511), -1)
+                Some((s & !511, end - (s & !511)))
             }
-            ClusterKind::Normal | ClusterKind::ZeroAlloc => {
-                self.update_refcount(e.offset(), self.layout.cluster_size(), -1)
-            }
+            ClusterKind::Normal | ClusterKind::ZeroAlloc => Some((e.offset(), cs)),
             // Extended L2 entries may keep a host cluster with no allocated subclusters.
-            _ if e.offset() != 0 && !e.compressed() => {
-                self.update_refcount(e.offset(), self.layout.cluster_size(), -1)
-            }
-            _ => Ok(()),
+            _ if e.offset() != 0 && !e.compressed() => Some((e.offset(), cs)),
+            _ => None,
+        }
+    }
+
+    /// Drops the reference an old L2 entry held (after the entry no longer holds it).
+    fn release(&mut self, e: L2Entry) -> Result<()> {
+        match self.referenced_range(e) {
+            Some((start, len)) => self.update_refcount(start, len, -1),
+            None => Ok(()),
         }
     }
 
@@ -321,17 +326,10 @@ impl Qcow2 {
     /// `e` holds (see [`Qcow2::release`]) from a cluster whose stored refcount is already 0:
     /// the refcounts are damaged, and failing at that step would leave the write half done.
     fn check_releasable(&mut self, e: L2Entry) -> Result<()> {
-        let cs = self.layout.cluster_size();
-        let (start, len) = match e.kind(self.layout.extended_l2) {
-            ClusterKind::Compressed => {
-                let (s, end) = e.compressed_range(self.layout.csize_shift());
-                (s & !511, end - (s & !511))
-            }
-            ClusterKind::Normal | ClusterKind::ZeroAlloc => (e.offset(), cs),
-            _ if e.offset() != 0 && !e.compressed() => (e.offset(), cs),
-            _ => return Ok(()),
-        };
-        self.check_referenced(start, len)
+        match self.referenced_range(e) {
+            Some((start, len)) => self.check_referenced(start, len),
+            None => Ok(()),
+        }
     }
 
     /// Refuses when a cluster touching `[start, start + len)` has stored refcount 0.

@@ -73,7 +73,9 @@ pub(super) fn lay_out(counts: &[u64], start: u64, refblock_bits: u32, cluster_si
         let mut blocks = used.clone();
         // The new structure's own clusters need counts too.
         let own_first = start >> refblock_bits;
-        let own_last = (start + blocks_len_guess(&layout)).saturating_sub(1) >> refblock_bits;
+        // The previous round's size (at least one cluster, in the first round).
+        let own_len = (layout.end() - start).max(1);
+        let own_last = (start + own_len - 1) >> refblock_bits;
         for rt in own_first..=own_last {
             if blocks.last().map_or(true, |&l| l < rt) {
                 blocks.push(rt);
@@ -91,11 +93,6 @@ pub(super) fn lay_out(counts: &[u64], start: u64, refblock_bits: u32, cluster_si
         }
         layout = next;
     }
-}
-
-/// Clusters the structure of `l` occupies (at least one, for the first round).
-fn blocks_len_guess(l: &Layout) -> u64 {
-    (l.blocks.len() as u64 + l.table_clusters).max(1)
 }
 
 impl Qcow2 {

@@ -33,6 +33,9 @@ pub struct QemuNbd {
     transport: Transport,
     sock: PathBuf,
     port: u16,
+    /// `--shared=N`: clients served at once (qemu-nbd's default: 1); above 1, the server
+    /// advertises multi-conn.
+    shared: Option<u32>,
 }
 
 /// A TCP port that was free a moment ago.
@@ -48,6 +51,11 @@ impl QemuNbd {
     /// Serves `file` (raw, persistent: the server outlives each client). The socket goes in
     /// the file's directory.
     pub fn start(file: &Path, transport: Transport) -> Self {
+        Self::start_shared(file, transport, None)
+    }
+
+    /// As [`QemuNbd::start`], serving up to `shared` clients at once (0: any number).
+    pub fn start_shared(file: &Path, transport: Transport, shared: Option<u32>) -> Self {
         let sock = file.with_extension("nbd.sock");
         let port = match transport {
             Transport::Unix => 0,
@@ -60,6 +68,7 @@ impl QemuNbd {
             transport,
             sock,
             port,
+            shared,
         };
         s.spawn();
         s
@@ -69,6 +78,9 @@ impl QemuNbd {
         let _ = std::fs::remove_file(&self.sock);
         let mut c = Command::new("qemu-nbd");
         c.args(["-f", "raw", "-t", "--cache=writeback"]);
+        if let Some(n) = self.shared {
+            c.arg(format!("--shared={n}"));
+        }
         match self.transport {
             Transport::Unix => {
                 c.arg("-k").arg(&self.sock);

@@ -9,6 +9,8 @@ mod file;
 mod memory;
 pub mod nbd;
 mod nbd_behind;
+mod nbd_pool;
+mod nbd_prefetch;
 mod nbd_readahead;
 mod nbd_shared;
 pub mod nbd_uri;

@@ -17,17 +17,15 @@
 //! ([`super::nbd_wire`]: bounded timeouts on connect and every socket read and write,
 //! requests split at 32 MiB, QEMU's server limit, and a connection that, once an error or
 //! timeout left it in an unknown state, refuses everything after; a new open, when the server
-//! is back, starts afresh); one connection per export and process ([`super::nbd_shared`]);
-//! read-ahead for sequential reads ([`super::nbd_readahead`]) and write-behind
-//! ([`super::nbd_behind`]), which make up for the single request in flight where it costs
-//! most (VM state); here: a refusal of writable use when the server cannot flush or exports
-//! read-only, and an "export full" error before a write past the export's end. WRITE_ZEROES
-//! is not in the crate: zero writes go out as ordinary writes of zeroes.
-//!
-//! Several requests in flight on more connections (NBD's multi-conn) were not taken: the
-//! crate does not report `NBD_FLAG_CAN_MULTI_CONN`, and a second connection to a server that
-//! serves one client (qemu-nbd's default, what keeps a second writer out) waits until the
-//! first goes away.
+//! is back, starts afresh); one link per export and process ([`super::nbd_shared`]);
+//! several requests in flight over up to four connections when the server advertises
+//! multi-conn ([`super::nbd_pool`]); read-ahead for sequential reads
+//! ([`super::nbd_readahead`]) with the next window fetched in the background
+//! ([`super::nbd_prefetch`]), and write-behind ([`super::nbd_behind`]), which make up for the
+//! round trips where they cost most (VM state); here: a refusal of writable use when the
+//! server cannot flush or exports read-only, and an "export full" error before a write past
+//! the export's end. WRITE_ZEROES is not in the crate: zero writes go out as ordinary writes
+//! of zeroes.
 //!
 //! # Single writer
 //! NBD has no locks. One writer per export is the user's rule; what enforces it is the
@@ -39,6 +37,8 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::nbd_behind::WriteBehind;
+use super::nbd_pool::Pool;
+use super::nbd_prefetch::Prefetch;
 use super::nbd_readahead::ReadAhead;
 use super::nbd_uri::{NbdUri, UriError};
 use super::nbd_wire::{lock, Wire};
@@ -92,9 +92,11 @@ pub(crate) struct Link {
     /// The export is writable and can flush (checked at the handshake).
     can_write: bool,
     read_only_export: bool,
-    wire: Arc<Wire>,
+    pool: Arc<Pool>,
     /// Sequential reads are served from one large request (see [`super::nbd_readahead`]).
     ra: Mutex<ReadAhead>,
+    /// The window after `ra`'s, fetched in the background (see [`super::nbd_prefetch`]).
+    prefetch: Prefetch,
     /// Writes go out from a worker thread (see [`super::nbd_behind`]); started by the first
     /// write.
     behind: Mutex<Option<Arc<WriteBehind>>>,
@@ -103,7 +105,12 @@ pub(crate) struct Link {
 impl Link {
     /// Whether the connection still works (no request failed on it).
     pub(crate) fn is_up(&self) -> bool {
-        self.wire.is_up()
+        self.pool.is_up()
+    }
+
+    /// How many connections the link has open.
+    pub(crate) fn connections(&self) -> usize {
+        self.pool.connections()
     }
 
     /// The write-behind queue, started on first use (None if no thread could be started:
@@ -111,12 +118,25 @@ impl Link {
     fn behind(&self) -> Option<Arc<WriteBehind>> {
         let mut g = lock(&self.behind);
         if g.is_none() {
-            let wire = self.wire.clone();
-            *g = WriteBehind::start(Box::new(move |off, data: &[u8]| wire.write(off, data)))
+            let pool = self.pool.clone();
+            *g = WriteBehind::start(Box::new(move |off, data: &[u8]| pool.write(off, data)))
                 .ok()
                 .map(Arc::new);
         }
         g.clone()
+    }
+
+    /// Starts fetching the window after `ra`'s when a sequential run reads through it and
+    /// the server has every write so far (nothing queued behind).
+    fn read_ahead_next(&self, ra: &ReadAhead, size: u64) {
+        let Some((start, len)) = ra.next_window() else {
+            return;
+        };
+        let len = size.saturating_sub(start).min(len as u64) as usize;
+        let idle = lock(&self.behind).as_ref().map_or(true, |b| b.is_idle());
+        if len > 0 && idle {
+            self.prefetch.ask(&self.pool, start, len);
+        }
     }
 
     /// Waits for every write queued so far.
@@ -149,17 +169,20 @@ impl NbdStorage {
                 // Another open of this process may have read before a peer wrote (a
                 // migration's inactive destination): this one starts without cached bytes.
                 lock(&link.ra).forget();
+                link.prefetch.invalidate();
                 link
             }
             None => {
-                let (wire, export) = Wire::connect(uri, &parsed)?;
+                let (wire, n) = Wire::connect(uri, &parsed)?;
+                let export = n.export;
                 let link = Arc::new(Link {
                     size: export.size,
                     can_trim: export.send_trim,
                     can_write: !export.readonly && export.send_flush,
                     read_only_export: export.readonly,
-                    wire: Arc::new(wire),
+                    pool: Arc::new(Pool::new(uri, parsed, export.size, wire, n.multi_conn)),
                     ra: Mutex::new(ReadAhead::default()),
+                    prefetch: Prefetch::default(),
                     behind: Mutex::new(None),
                 });
                 super::nbd_shared::add(uri, &link);
@@ -184,6 +207,12 @@ impl NbdStorage {
     /// The export's fixed size in bytes.
     pub fn export_size(&self) -> u64 {
         self.size
+    }
+
+    /// How many connections to the export this process has open now: one, and more while
+    /// large requests run on a server that advertises multi-conn (`formats/nbd.md`).
+    pub fn connections(&self) -> usize {
+        self.link.connections()
     }
 
     fn read_ahead(&self) -> MutexGuard<'_, ReadAhead> {
@@ -220,22 +249,39 @@ impl Storage for NbdStorage {
         buf[inside..].fill(0);
         let buf = &mut buf[..inside];
         let mut ra = self.read_ahead();
+        let link = &self.link;
         // What the window holds is up to date (writes patch it when they are queued); what
         // comes from the server must not be older than the writes queued before it.
         let served = if ra.serve(offset, buf) {
             Ok(())
-        } else if let Err(e) = self.link.drain() {
+        } else if let Some(fetched) = link.prefetch.take(offset) {
+            // The background job fetched the window that starts here.
+            match fetched {
+                Ok(window) => {
+                    link.prefetch.give_back(ra.replace(offset, window));
+                    if ra.serve(offset, buf) {
+                        Ok(())
+                    } else {
+                        link.drain().and_then(|()| link.pool.read(offset, buf))
+                    }
+                }
+                Err(e) => {
+                    ra.forget();
+                    Err(e)
+                }
+            }
+        } else if let Err(e) = link.drain() {
             Err(e)
         } else if ra.wants_window(offset, inside) {
             let n = self.size.saturating_sub(offset).min(ra.window_len() as u64) as usize;
             let mut window = ra.take_buffer(n);
-            match self.link.wire.read(offset, &mut window) {
+            match link.pool.read(offset, &mut window) {
                 Ok(()) => {
                     ra.fill(offset, window);
                     if ra.serve(offset, buf) {
                         Ok(())
                     } else {
-                        self.link.wire.read(offset, buf)
+                        link.pool.read(offset, buf)
                     }
                 }
                 Err(e) => {
@@ -244,9 +290,13 @@ impl Storage for NbdStorage {
                 }
             }
         } else {
-            self.link.wire.read(offset, buf)
+            link.pool.read(offset, buf)
         };
         ra.note_read(offset, inside);
+        match &served {
+            Ok(()) => link.read_ahead_next(&ra, self.size),
+            Err(_) => link.prefetch.invalidate(),
+        }
         served
     }
 
@@ -262,15 +312,17 @@ impl Storage for NbdStorage {
         let mut ra = self.read_ahead();
         let r = match self.link.behind() {
             Some(b) => b.push(offset, buf.to_vec()),
-            None => self.link.wire.write(offset, buf),
+            None => self.link.pool.write(offset, buf),
         };
         match r {
             Ok(()) => {
                 ra.patch(offset, buf);
+                self.link.prefetch.invalidate();
                 Ok(())
             }
             Err(e) => {
                 ra.forget();
+                self.link.prefetch.invalidate();
                 Err(e)
             }
         }
@@ -294,7 +346,7 @@ impl Storage for NbdStorage {
             return Ok(());
         }
         self.link.drain()?;
-        self.link.wire.flush()
+        self.link.pool.first().flush()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -303,9 +355,10 @@ impl Storage for NbdStorage {
         }
         let mut ra = self.read_ahead();
         ra.forget();
+        self.link.prefetch.invalidate();
         self.link.drain()?;
         let end = offset.saturating_add(len).min(self.size);
-        self.link.wire.trim(offset, end)
+        self.link.pool.first().trim(offset, end)
     }
 }
 

@@ -125,6 +125,12 @@ impl WriteBehind {
         Ok(())
     }
 
+    /// Whether nothing is queued or on its way (the server has every write so far).
+    pub(crate) fn is_idle(&self) -> bool {
+        let g = self.shared.lock();
+        !g.busy && g.queue.is_empty()
+    }
+
     /// Waits until every queued write was sent.
     ///
     /// # Errors

@@ -79,6 +79,24 @@ impl ReadAhead {
         self.data = data;
     }
 
+    /// Installs `data` as [`ReadAhead::fill`] does and returns the old window's buffer.
+    pub(crate) fn replace(&mut self, start: u64, data: Vec<u8>) -> Vec<u8> {
+        self.start = start;
+        std::mem::replace(&mut self.data, data)
+    }
+
+    /// The window after this one, `(start, len)`, while a sequential run is reading through
+    /// this one (its last read ended inside it): what to fetch ahead.
+    pub(crate) fn next_window(&self) -> Option<(u64, usize)> {
+        let end = self.start + self.data.len() as u64;
+        match self.next {
+            Some(n) if !self.data.is_empty() && n > self.start && n <= end && self.run > 0 => {
+                Some((end, self.window_len()))
+            }
+            _ => None,
+        }
+    }
+
     /// Records a read of `len` bytes at `offset` (after it was served).
     pub(crate) fn note_read(&mut self, offset: u64, len: usize) {
         let window_end = self.start + self.data.len() as u64;

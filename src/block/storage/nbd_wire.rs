@@ -50,17 +50,21 @@ impl Sock {
             }
             NbdAddr::Unix(p) => Sock::Unix(UnixStream::connect(p)?),
         };
-        match &s {
-            Sock::Tcp(t) => {
-                t.set_read_timeout(Some(timeout))?;
-                t.set_write_timeout(Some(timeout))?;
+        s.set_timeouts(timeout)?;
+        Ok(s)
+    }
+
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
             }
-            Sock::Unix(u) => {
-                u.set_read_timeout(Some(timeout))?;
-                u.set_write_timeout(Some(timeout))?;
+            Sock::Unix(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
             }
         }
-        Ok(s)
     }
 
     fn try_clone(&self) -> io::Result<Self> {
@@ -98,12 +102,36 @@ impl Write for Sock {
 pub(crate) struct Duplex {
     r: BufReader<Sock>,
     w: BufWriter<Sock>,
+    /// The first bytes the server sent, kept during the handshake (see [`TAP_LEN`]).
+    tap: Option<Vec<u8>>,
 }
+
+/// How much of the handshake [`Duplex`] keeps: the greeting and the export's size and
+/// transmission flags (the crate reads the flags but keeps only some of them).
+const TAP_LEN: usize = 28;
+
+/// NBD_FLAG_CAN_MULTI_CONN: the server keeps several connections to the export coherent (a
+/// flush on one covers the writes completed on all).
+const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 impl Read for Duplex {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.r.read(buf)
+        let n = self.r.read(buf)?;
+        if let Some(t) = &mut self.tap {
+            let keep = n.min(TAP_LEN.saturating_sub(t.len()));
+            t.extend_from_slice(&buf[..keep]);
+        }
+        Ok(n)
     }
+}
+
+/// The transmission flags of a fixed-newstyle handshake answered to NBD_OPT_EXPORT_NAME:
+/// "NBDMAGIC", "IHAVEOPT", 2 bytes of handshake flags, then the export's size (8) and flags.
+fn transmission_flags(tap: &[u8]) -> Option<u16> {
+    if tap.len() < TAP_LEN || &tap[8..16] != b"IHAVEOPT" {
+        return None;
+    }
+    Some(u16::from_be_bytes([tap[26], tap[27]]))
 }
 
 impl Write for Duplex {
@@ -145,11 +173,29 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// What the handshake said about the export.
+#[derive(Debug)]
+pub(crate) struct Negotiated {
+    /// Size and the flags the crate reports.
+    pub(crate) export: Export,
+    /// The server advertised NBD_FLAG_CAN_MULTI_CONN.
+    pub(crate) multi_conn: bool,
+}
+
 impl Wire {
     /// Connects to `parsed` (named `uri` in errors) and negotiates the export.
-    pub(crate) fn connect(uri: &str, parsed: &NbdUri) -> Result<(Self, Export), NbdError> {
-        let t = timeout();
-        let sock = Sock::connect(&parsed.addr, t).map_err(|source| NbdError::Connect {
+    pub(crate) fn connect(uri: &str, parsed: &NbdUri) -> Result<(Self, Negotiated), NbdError> {
+        Wire::connect_within(uri, parsed, timeout())
+    }
+
+    /// As [`Wire::connect`], but the connect and the handshake must be done within
+    /// `within` (the requests after it get the usual timeout).
+    pub(crate) fn connect_within(
+        uri: &str,
+        parsed: &NbdUri,
+        within: Duration,
+    ) -> Result<(Self, Negotiated), NbdError> {
+        let sock = Sock::connect(&parsed.addr, within).map_err(|source| NbdError::Connect {
             uri: uri.to_string(),
             source,
         })?;
@@ -157,11 +203,13 @@ impl Wire {
             uri: uri.to_string(),
             source,
         };
-        let duplex = Duplex {
+        let control = sock.try_clone().map_err(hs)?;
+        let mut duplex = Duplex {
             r: BufReader::with_capacity(64 << 10, sock.try_clone().map_err(hs)?),
             w: BufWriter::with_capacity(64 << 10, sock),
+            tap: Some(Vec::with_capacity(TAP_LEN)),
         };
-        Wire::negotiate(uri, duplex, parsed.export.as_bytes()).map_err(|e| {
+        let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(|e| {
             if matches!(
                 e.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
@@ -170,7 +218,12 @@ impl Wire {
             } else {
                 hs(e)
             }
-        })
+        })?;
+        let tap = duplex.tap.take().unwrap_or_default();
+        let multi_conn = transmission_flags(&tap).is_some_and(|f| f & FLAG_CAN_MULTI_CONN != 0);
+        control.set_timeouts(timeout()).map_err(hs)?;
+        let wire = Wire::over(uri, duplex, &export);
+        Ok((wire, Negotiated { export, multi_conn }))
     }
 }
 
@@ -183,17 +236,28 @@ impl<S: Read + Write> Wire<S> {
         export: &[u8],
     ) -> io::Result<(Self, Export)> {
         let export = handshake(&mut stream, export)?;
-        let client = NbdClient::new(stream, &export);
-        let wire = Wire {
+        Ok((Wire::over(name, stream, &export), export))
+    }
+
+    /// The transmission phase on `stream`, whose handshake negotiated `export`.
+    fn over(name: &str, stream: S, export: &Export) -> Self {
+        Wire {
             name: name.to_string(),
-            conn: Mutex::new(Conn::Up(Box::new(client))),
-        };
-        Ok((wire, export))
+            conn: Mutex::new(Conn::Up(Box::new(NbdClient::new(stream, export)))),
+        }
     }
 
     /// Whether the connection still works (no request failed on it).
     pub(crate) fn is_up(&self) -> bool {
         matches!(*lock(&self.conn), Conn::Up(_))
+    }
+
+    /// Marks the connection lost for `why` (a request it was part of failed elsewhere).
+    pub(crate) fn poison(&self, why: &str) {
+        let mut g = lock(&self.conn);
+        if matches!(*g, Conn::Up(_)) {
+            *g = Conn::Lost(why.to_string());
+        }
     }
 
     /// Runs one request; any failure marks the connection lost (a reply may be half read).

@@ -1,6 +1,6 @@
 //! Benchmark cases: nbd — savevm, loadvm and offline `snapshot -c` with the qcow2 image on an
-//! NBD export (`qemu-nbd -f raw` serving the qcow2 file, over a Unix socket and over tcp on
-//! loopback) next to the same work on the local file. Target: each NBD figure at least 0.8×
+//! NBD export (`qemu-nbd -f raw --shared=8` serving the qcow2 file, over a Unix socket and
+//! over tcp on loopback) next to the same work on the local file. Target: each NBD figure at least 0.8×
 //! the local one (local time / NBD time ≥ 0.8).
 //!
 //! ```text
@@ -96,7 +96,9 @@ fn prepare(t: Target, s: &Setup) -> Result<(String, Option<Server>), String> {
         .and_then(|f| f.set_len(export))
         .map_err(|e| format!("sizing the export: {e}"))?;
     let mut c = Command::new("qemu-nbd");
-    c.args(["-f", "raw", "-t", "--shared=2"]);
+    // Eight clients at once, as a store serving several hosts would: qemu-nbd then
+    // advertises multi-conn, and vmsnap uses up to four connections (formats/nbd.md).
+    c.args(["-f", "raw", "-t", "--shared=8"]);
     let (uri, probe): (String, Box<dyn Fn() -> bool>) = match t {
         Target::File => return Ok((s.image.display().to_string(), None)),
         Target::Unix => {

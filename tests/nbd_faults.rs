@@ -30,10 +30,17 @@ fn server_gone_or_hung_mid_write_fails_cleanly_and_the_image_checks_clean() {
     ) {
         return;
     }
-    for cut in [Cut::Close, Cut::Stall] {
+    // One connection (qemu-nbd's default), and four (multi-conn: `--shared=4`), where the
+    // cut hits whichever connections carry the bytes past it.
+    for (cut, shared) in [
+        (Cut::Close, None),
+        (Cut::Stall, None),
+        (Cut::Close, Some(4)),
+        (Cut::Stall, Some(4)),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
-        let mut srv = QemuNbd::start(&img, Transport::Unix);
+        let mut srv = QemuNbd::start_shared(&img, Transport::Unix, shared);
         let direct = srv.uri().to_string();
         vmsnap(&["io", &direct, "-c", "write -P 0x11 0 4M"]).ok();
         vmsnap(&["snapshot", "-c", "committed", &direct]).ok();
@@ -48,10 +55,10 @@ fn server_gone_or_hung_mid_write_fails_cleanly_and_the_image_checks_clean() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             matches!(out.status.code(), Some(c) if c != 0 && c != 101),
-            "{cut:?}: {out:?}"
+            "{cut:?} {shared:?}: {out:?}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
-        assert!(stderr.contains("NBD write"), "{cut:?}: {stderr}");
+        assert!(stderr.contains("NBD write"), "{cut:?} {shared:?}: {stderr}");
         if cut == Cut::Stall {
             assert!(stderr.contains("no answer within the timeout"), "{stderr}");
         }

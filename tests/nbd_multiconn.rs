@@ -239,3 +239,28 @@ fn reads_see_every_write_while_reading_ahead() {
         "the file after the flush"
     );
 }
+
+#[test]
+fn a_long_write_lands_whole_with_flushes_sent_behind_it() {
+    if !tools("a_long_write_lands_whole_with_flushes_sent_behind_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (file, mut model) = export_file(dir.path(), 160 * MIB, 11);
+    let srv = QemuNbd::start_shared(&file, Transport::Tcp, Some(4));
+    let st = NbdStorage::open(srv.uri(), true).unwrap();
+    // As savevm writes VM state: 8 MiB pieces, past the 64 MiB after which a flush goes out
+    // behind the writer on another connection.
+    let mut rng = Rng(12);
+    for at in (0..150 * MIB).step_by(8 * MIB) {
+        let data = rng.bytes(8 * MIB);
+        st.write_at(at as u64 + 3, &data).unwrap();
+        model[at + 3..at + 3 + data.len()].copy_from_slice(&data);
+    }
+    st.flush().unwrap();
+    assert!(st.connections() > 1);
+    assert!(
+        std::fs::read(&file).unwrap() == model,
+        "the file after the flush"
+    );
+}

@@ -161,7 +161,8 @@ pub enum Cut {
     Stall,
 }
 
-/// A Unix-socket proxy in front of a server's Unix socket, for one client at a time.
+/// A Unix-socket proxy in front of a server's Unix socket; the cut counts the bytes of all
+/// its clients together.
 #[derive(Debug)]
 pub struct Proxy {
     sock: PathBuf,
@@ -192,10 +193,15 @@ impl Proxy {
                     return;
                 };
                 let (c2, u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
-                // server -> client, unmetered
-                let back = std::thread::spawn(move || copy_plain(u2, c2));
-                copy_metered(client, up, &limit2, cut, &sent2);
-                let _ = back.join();
+                let (limit3, sent3) = (limit2.clone(), sent2.clone());
+                // Each client on threads of its own (a multi-conn client has several at
+                // once); the meter counts them all.
+                std::thread::spawn(move || {
+                    // server -> client, unmetered
+                    let back = std::thread::spawn(move || copy_plain(u2, c2));
+                    copy_metered(client, up, &limit3, cut, &sent3);
+                    let _ = back.join();
+                });
             }
         });
         Proxy {

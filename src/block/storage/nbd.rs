@@ -346,7 +346,7 @@ impl Storage for NbdStorage {
             return Ok(());
         }
         self.link.drain()?;
-        self.link.pool.first().flush()
+        self.link.pool.flush()
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -67,10 +67,24 @@ struct Extras {
 /// What the keeper thread shares with the pool.
 #[derive(Debug)]
 struct Shared {
+    /// The pool's first connection (the keeper carries a closed extra's loss over to it).
+    first: Weak<Wire>,
     uri: String,
     parsed: NbdUri,
     size: u64,
     extras: Mutex<Extras>,
+}
+
+/// Bytes written between two flushes sent behind the writer.
+const FLUSH_BEHIND: u64 = 64 << 20;
+
+/// The flush sent behind the writer (see [`Pool::write`]).
+#[derive(Debug, Default)]
+struct FlushBehind {
+    /// Bytes written since the last one was sent.
+    written: u64,
+    /// One is on its way.
+    running: bool,
 }
 
 /// The connections to one export.
@@ -80,15 +94,18 @@ pub(crate) struct Pool {
     /// The server advertised NBD_FLAG_CAN_MULTI_CONN.
     multi_conn: bool,
     shared: Arc<Shared>,
+    flush_behind: Arc<Mutex<FlushBehind>>,
 }
 
 impl Pool {
     /// The pool around the first connection, `first`, to the export `uri` of `size` bytes.
     pub(crate) fn new(uri: &str, parsed: NbdUri, size: u64, first: Wire, multi_conn: bool) -> Self {
+        let first = Arc::new(first);
         Pool {
-            first: Arc::new(first),
             multi_conn,
+            flush_behind: Arc::default(),
             shared: Arc::new(Shared {
+                first: Arc::downgrade(&first),
                 uri: uri.to_string(),
                 parsed,
                 size,
@@ -99,6 +116,7 @@ impl Pool {
                     last_use: Instant::now(),
                 }),
             }),
+            first,
         }
     }
 
@@ -110,6 +128,16 @@ impl Pool {
     /// Whether every connection still works.
     pub(crate) fn is_up(&self) -> bool {
         self.first.is_up() && lock(&self.shared.extras).open.iter().all(|w| w.is_up())
+    }
+
+    /// NBD_CMD_FLUSH on the first connection (multi-conn makes it cover the others), after
+    /// carrying any loss on the others over to it: a flush sent behind the writer that
+    /// failed must fail this one too.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        for w in &lock(&self.shared.extras).open {
+            carry_loss(w, &self.first);
+        }
+        self.first.flush()
     }
 
     /// How many connections the pool has open now.
@@ -155,8 +183,16 @@ impl Pool {
 
     /// Writes `buf` at `offset`, split over the connections when it is large; returns when
     /// every piece is acknowledged.
+    ///
+    /// Every [`FLUSH_BEHIND`] bytes, a flush goes out on the last extra connection without
+    /// waiting for it, so the server writes back to its disk while the next bytes arrive
+    /// (savevm: the final flush then has little left, instead of the whole state). An extra
+    /// flush only makes data durable earlier; crash ordering rests on the caller's flushes.
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let wires = self.wires(buf.len());
+        if wires.len() > 1 {
+            self.flush_behind(&wires, buf.len());
+        }
         if wires.len() == 1 {
             return self.first.write(offset, buf);
         }
@@ -166,6 +202,33 @@ impl Pool {
             lanes[i % wires.len()].push((offset + (i * piece) as u64, chunk));
         }
         run_lanes(&wires, lanes, |w, (off, chunk)| w.write(off, chunk))
+    }
+}
+
+impl Pool {
+    /// Counts `len` written bytes; past [`FLUSH_BEHIND`], sends a flush on the last of
+    /// `wires` from a thread of its own unless one is still on its way.
+    fn flush_behind(&self, wires: &[Arc<Wire>], len: usize) {
+        let mut g = lock(&self.flush_behind);
+        g.written = g.written.saturating_add(len as u64);
+        if g.written < FLUSH_BEHIND || g.running {
+            return;
+        }
+        let Some(w) = wires.last().cloned() else {
+            return;
+        };
+        let state = self.flush_behind.clone();
+        let sent = std::thread::Builder::new()
+            .name("nbd-flush-behind".into())
+            .spawn(move || {
+                // A failure leaves the connection lost: the next request reports it.
+                let _ = w.flush();
+                lock(&state).running = false;
+            });
+        if sent.is_ok() {
+            g.written = 0;
+            g.running = true;
+        }
     }
 }
 
@@ -196,10 +259,20 @@ fn keep(shared: &Weak<Shared>) {
         let Some(s) = shared.upgrade() else { return };
         let mut g = lock(&s.extras);
         if g.last_use.elapsed() >= IDLE {
+            if let Some(first) = s.first.upgrade() {
+                g.open.iter().for_each(|w| carry_loss(w, &first));
+            }
             g.open.clear();
             g.keeper = false;
             return;
         }
+    }
+}
+
+/// Marks `first` lost when `other` is.
+fn carry_loss(other: &Wire, first: &Wire) {
+    if let Some(why) = other.lost() {
+        first.poison(&why);
     }
 }
 

@@ -252,6 +252,14 @@ impl<S: Read + Write> Wire<S> {
         matches!(*lock(&self.conn), Conn::Up(_))
     }
 
+    /// Why the connection was lost, if it was.
+    pub(crate) fn lost(&self) -> Option<String> {
+        match &*lock(&self.conn) {
+            Conn::Up(_) => None,
+            Conn::Lost(why) => Some(why.clone()),
+        }
+    }
+
     /// Marks the connection lost for `why` (a request it was part of failed elsewhere).
     pub(crate) fn poison(&self, why: &str) {
         let mut g = lock(&self.conn);

@@ -311,7 +311,7 @@ impl Storage for NbdStorage {
         // The window is held while the write is queued, so no read sees it between the two.
         let mut ra = self.read_ahead();
         let r = match self.link.behind() {
-            Some(b) => b.push(offset, buf.to_vec()),
+            Some(b) => b.push(offset, buf),
             None => self.link.pool.write(offset, buf),
         };
         match r {

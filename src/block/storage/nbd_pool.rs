@@ -75,18 +75,6 @@ struct Shared {
     extras: Mutex<Extras>,
 }
 
-/// Bytes written between two flushes sent behind the writer.
-const FLUSH_BEHIND: u64 = 64 << 20;
-
-/// The flush sent behind the writer (see [`Pool::write`]).
-#[derive(Debug, Default)]
-struct FlushBehind {
-    /// Bytes written since the last one was sent.
-    written: u64,
-    /// One is on its way.
-    running: bool,
-}
-
 /// The connections to one export.
 #[derive(Debug)]
 pub(crate) struct Pool {
@@ -94,7 +82,6 @@ pub(crate) struct Pool {
     /// The server advertised NBD_FLAG_CAN_MULTI_CONN.
     multi_conn: bool,
     shared: Arc<Shared>,
-    flush_behind: Arc<Mutex<FlushBehind>>,
 }
 
 impl Pool {
@@ -103,7 +90,6 @@ impl Pool {
         let first = Arc::new(first);
         Pool {
             multi_conn,
-            flush_behind: Arc::default(),
             shared: Arc::new(Shared {
                 first: Arc::downgrade(&first),
                 uri: uri.to_string(),
@@ -131,8 +117,7 @@ impl Pool {
     }
 
     /// NBD_CMD_FLUSH on the first connection (multi-conn makes it cover the others), after
-    /// carrying any loss on the others over to it: a flush sent behind the writer that
-    /// failed must fail this one too.
+    /// carrying any loss on the others over to it: a failed request anywhere fails it.
     pub(crate) fn flush(&self) -> io::Result<()> {
         for w in &lock(&self.shared.extras).open {
             carry_loss(w, &self.first);
@@ -183,16 +168,8 @@ impl Pool {
 
     /// Writes `buf` at `offset`, split over the connections when it is large; returns when
     /// every piece is acknowledged.
-    ///
-    /// Every [`FLUSH_BEHIND`] bytes, a flush goes out on the last extra connection without
-    /// waiting for it, so the server writes back to its disk while the next bytes arrive
-    /// (savevm: the final flush then has little left, instead of the whole state). An extra
-    /// flush only makes data durable earlier; crash ordering rests on the caller's flushes.
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let wires = self.wires(buf.len());
-        if wires.len() > 1 {
-            self.flush_behind(&wires, buf.len());
-        }
         if wires.len() == 1 {
             return self.first.write(offset, buf);
         }
@@ -202,33 +179,6 @@ impl Pool {
             lanes[i % wires.len()].push((offset + (i * piece) as u64, chunk));
         }
         run_lanes(&wires, lanes, |w, (off, chunk)| w.write(off, chunk))
-    }
-}
-
-impl Pool {
-    /// Counts `len` written bytes; past [`FLUSH_BEHIND`], sends a flush on the last of
-    /// `wires` from a thread of its own unless one is still on its way.
-    fn flush_behind(&self, wires: &[Arc<Wire>], len: usize) {
-        let mut g = lock(&self.flush_behind);
-        g.written = g.written.saturating_add(len as u64);
-        if g.written < FLUSH_BEHIND || g.running {
-            return;
-        }
-        let Some(w) = wires.last().cloned() else {
-            return;
-        };
-        let state = self.flush_behind.clone();
-        let sent = std::thread::Builder::new()
-            .name("nbd-flush-behind".into())
-            .spawn(move || {
-                // A failure leaves the connection lost: the next request reports it.
-                let _ = w.flush();
-                lock(&state).running = false;
-            });
-        if sent.is_ok() {
-            g.written = 0;
-            g.running = true;
-        }
     }
 }
 

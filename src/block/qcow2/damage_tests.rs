@@ -129,6 +129,32 @@ fn snapshot_create_refuses_an_l2_entry_past_the_end_of_the_file() {
     img.write_at(4 << 20, &[7; 512]).unwrap();
 }
 
+/// `check`'s corruption count of the image on `mem`.
+fn corruptions(mem: &MemStorage) -> u64 {
+    let mut img = Qcow2::open_storage(Box::new(mem.clone()), true).unwrap();
+    img.check(None).unwrap().corruptions
+}
+
+#[test]
+fn snapshot_create_clears_copied_on_a_compressed_entry_as_qemu_does() {
+    let (mem, mut img) = image_with_data();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let (e0, _) = img.l2_get(l2, 0).unwrap();
+    drop(img);
+    // The first data cluster's entry made compressed (one sector of it), with the COPIED flag
+    // `check` reports once per table reaching it.
+    let bad = entry::OFLAG_COPIED | entry::OFLAG_COMPRESSED | e0.offset();
+    poke64(&mem, l2, bad);
+    assert_eq!(corruptions(&mem), 1);
+    let mut img = reopen(&mem);
+    img.snapshot_create(&params("s1")).unwrap();
+    drop(img);
+    assert_eq!(corruptions(&mem), 0);
+    let mut b = [0u8; 8];
+    mem.read_at(l2, &mut b).unwrap();
+    assert_eq!(u64::from_be_bytes(b), bad & !entry::OFLAG_COPIED);
+}
+
 #[test]
 fn overlap_map_follows_tables_as_they_move() {
     // L1 growth, refcount table growth (512-byte clusters), snapshot table rewrites and

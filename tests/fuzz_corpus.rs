@@ -112,6 +112,10 @@ fn strict_findings() {
             open.push(p.file_name().unwrap().to_string_lossy().into_owned());
         }
     }
-    eprintln!("{} open strict-mode findings in {}", found.len(), dir.display());
+    eprintln!(
+        "{} open strict-mode findings in {}",
+        found.len(),
+        dir.display()
+    );
     assert!(open.is_empty(), "still open: {open:?}");
 }

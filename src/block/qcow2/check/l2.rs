@@ -82,11 +82,19 @@ impl Qcow2 {
             } else {
                 0
             };
-            check_l2_entry(self.layout, i, e, bm, refs, times, &mut f, &mut next_contiguous);
+            check_l2_entry(
+                self.layout,
+                i,
+                e,
+                bm,
+                refs,
+                times,
+                &mut f,
+                &mut next_contiguous,
+            );
         }
         Ok(f)
     }
-
 }
 
 /// What `check` reports about L2 entry `i` of a table, judged on its own (the first message,

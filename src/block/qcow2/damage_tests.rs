@@ -234,6 +234,76 @@ fn snapshot_create_clears_copied_on_a_compressed_entry_as_qemu_does() {
 }
 
 #[test]
+fn allocation_counted_by_a_refcount_block_past_the_end_of_the_file_is_refused_first() {
+    // 512-byte clusters, 16-bit refcounts: refcount block 1 counts clusters 256-511.
+    let mem = MemStorage::new();
+    let opts = CreateOptions {
+        size: 16 << 20,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+    let mut img = reopen(&mem);
+    img.write_at(0, &[0x11; 4096]).unwrap();
+    // Block 0 full (leaked clusters past the data), block 1 not made yet.
+    let end = mem.data().len() as u64 / 512;
+    assert!(end < 256);
+    for c in end..256 {
+        img.set_refcount(c, 1).unwrap();
+    }
+    img.flush().unwrap();
+    assert_eq!(img.reftable.get(1).copied().unwrap_or(0), 0);
+    let rt = img.header.refcount_table_offset;
+    drop(img);
+    // Fuzz finding strict-fixed/qcow2_write/refused-multicluster-write-changed-bytes-refblock-past-eof.
+    poke64(&mem, rt + 8, 1 << 45);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    // A write over several clusters (and a new L2 table) would take clusters from 256 on.
+    let e = img.write_at(4 << 20, &[7; 4096]).unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "refcount block 1 at 0x200000000000, which counts clusters from 0x20000 on where \
+             the allocation may go, lies beyond the end of the file"
+        ),
+        "{e}"
+    );
+    assert_eq!(before, mem.data());
+    let e = img.snapshot_create(&params("s1")).unwrap_err();
+    assert!(e.to_string().contains("refcount block 1 at"), "{e}");
+    assert_eq!(before, mem.data());
+}
+
+#[test]
+fn zeroing_and_writing_several_clusters_check_every_release_first() {
+    // Three data clusters shared with a snapshot; the last one's stored refcount is 0.
+    let (mem, mut img) = image_with_data();
+    img.write_at(0, &[0x11; 3 * 65536]).unwrap();
+    img.snapshot_create(&params("s1")).unwrap();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let (e2, _) = img.l2_get(l2, 2).unwrap();
+    let c2 = img.layout.cluster_index(e2.offset());
+    img.set_refcount(c2, 0).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    let want = format!(
+        "refcount of cluster {:#x} would drop below zero",
+        e2.offset()
+    );
+    for r in [
+        img.discard(0, 3 * 65536),
+        img.write_zeroes(0, 3 * 65536),
+        img.write_at(100, &[0x22; 2 * 65536]),
+    ] {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains(&want), "{e}");
+        assert_eq!(before, mem.data());
+    }
+}
+
+#[test]
 fn overlap_map_follows_tables_as_they_move() {
     // L1 growth, refcount table growth (512-byte clusters), snapshot table rewrites and
     // goto/delete each move metadata; freed clusters are reused by later writes, which

@@ -380,8 +380,9 @@ impl Qcow2 {
             // Anything else `check` reports about the entry (compressed data reaching a
             // cluster or more past the end of the file, a bad subcluster bitmap), it reports
             // once per table that reaches it too. Not a COPIED flag on a compressed entry:
-            // the walk clears it, as QEMU's does.
-            if walked {
+            // the walk clears it, as QEMU's does. (Of a standard entry that is not
+            // compressed, `check` reports only what the checks above refuse.)
+            if walked && (ext || e.kind(ext) == ClusterKind::Compressed) {
                 let bm = if ext {
                     u64::from_be_bytes(table[p + 8..p + 16].try_into().unwrap_or_default())
                 } else {

@@ -129,6 +129,180 @@ fn snapshot_create_refuses_an_l2_entry_past_the_end_of_the_file() {
     img.write_at(4 << 20, &[7; 512]).unwrap();
 }
 
+/// `check`'s corruption count of the image on `mem`.
+fn corruptions(mem: &MemStorage) -> u64 {
+    let mut img = Qcow2::open_storage(Box::new(mem.clone()), true).unwrap();
+    img.check(None).unwrap().corruptions
+}
+
+#[test]
+fn snapshot_operations_refuse_an_l1_entry_with_the_copied_flag_and_no_offset() {
+    // Reads take such an entry as unallocated; `check` (QEMU's too) reads the header as its
+    // L2 table and reports its entries once per table reaching it. A snapshot copying the
+    // table would add those reports again (fuzz finding
+    // strict-fixed/qcow2_write/accepted-op-raised-count-region-past-eof; QEMU aborts).
+    let mem = MemStorage::new();
+    let opts = CreateOptions {
+        size: 16 << 20,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+    let mut img = reopen(&mem);
+    img.write_at(0, &[0x11; 4096]).unwrap();
+    img.snapshot_create(&params("s1")).unwrap();
+    assert!(img.l1.len() > 5);
+    let l1 = img.header.l1_table_offset;
+    let sn_l1 = img.snapshots[0].l1_table_offset;
+    drop(img);
+    // In the active table; in the snapshot's table (walked by goto and delete); in another
+    // snapshot's table (create rewrites the header, and with it what `check` finds there).
+    for (at, table) in [
+        (l1, "the active L1 table"),
+        (sn_l1, "the snapshot's L1 table"),
+        (sn_l1, "the L1 table of snapshot 's1'"),
+    ] {
+        let orig = mem.data();
+        poke64(&mem, at + 5 * 8, entry::OFLAG_COPIED);
+        assert!(corruptions(&mem) > 0);
+        let before = mem.data();
+        let mut img = reopen(&mem);
+        let r = match table {
+            "the active L1 table" => img.snapshot_create(&params("s2")).map(drop),
+            "the snapshot's L1 table" => img.snapshot_goto("s1"),
+            _ => img.snapshot_create(&params("s2")).map(drop),
+        };
+        let e = r.unwrap_err().to_string();
+        let want = format!("entry 5 of {table} (0x8000000000000000) has no offset");
+        assert!(e.contains(&want), "{e}");
+        assert_eq!(before, mem.data());
+        let r = img.snapshot_delete("s1");
+        assert!(r.unwrap_err().to_string().contains("has no offset"));
+        assert_eq!(before, mem.data());
+        drop(img);
+        mem.write_at(0, &orig).unwrap();
+    }
+}
+
+#[test]
+fn snapshot_create_refuses_compressed_data_reaching_a_cluster_past_the_end_of_the_file() {
+    // The data starts inside the file, so reads work (past the end they read zeroes), but
+    // `check` reports the range once per table reaching it.
+    let (mem, img) = image_with_data();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let shift = img.layout.csize_shift();
+    drop(img);
+    let len = mem.data().len() as u64;
+    poke64(
+        &mem,
+        l2 + 8,
+        entry::OFLAG_COMPRESSED | (255 << shift) | (len - 512),
+    );
+    assert_eq!(corruptions(&mem), 1);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    let e = img.snapshot_create(&params("x")).unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "entry 1 of the L2 table at 0x40000 (reached from the active L1 table): `check` \
+             reports it once per table reaching it: ERROR: counting reference for region \
+             exceeding the end of the file"
+        ),
+        "{e}"
+    );
+    assert_eq!(before, mem.data());
+}
+
+#[test]
+fn snapshot_create_clears_copied_on_a_compressed_entry_as_qemu_does() {
+    let (mem, mut img) = image_with_data();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let (e0, _) = img.l2_get(l2, 0).unwrap();
+    drop(img);
+    // The first data cluster's entry made compressed (one sector of it), with the COPIED flag
+    // `check` reports once per table reaching it.
+    let bad = entry::OFLAG_COPIED | entry::OFLAG_COMPRESSED | e0.offset();
+    poke64(&mem, l2, bad);
+    assert_eq!(corruptions(&mem), 1);
+    let mut img = reopen(&mem);
+    img.snapshot_create(&params("s1")).unwrap();
+    drop(img);
+    assert_eq!(corruptions(&mem), 0);
+    let mut b = [0u8; 8];
+    mem.read_at(l2, &mut b).unwrap();
+    assert_eq!(u64::from_be_bytes(b), bad & !entry::OFLAG_COPIED);
+}
+
+#[test]
+fn allocation_counted_by_a_refcount_block_past_the_end_of_the_file_is_refused_first() {
+    // 512-byte clusters, 16-bit refcounts: refcount block 1 counts clusters 256-511.
+    let mem = MemStorage::new();
+    let opts = CreateOptions {
+        size: 16 << 20,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+    let mut img = reopen(&mem);
+    img.write_at(0, &[0x11; 4096]).unwrap();
+    // Block 0 full (leaked clusters past the data), block 1 not made yet.
+    let end = mem.data().len() as u64 / 512;
+    assert!(end < 256);
+    for c in end..256 {
+        img.set_refcount(c, 1).unwrap();
+    }
+    img.flush().unwrap();
+    assert_eq!(img.reftable.get(1).copied().unwrap_or(0), 0);
+    let rt = img.header.refcount_table_offset;
+    drop(img);
+    // Fuzz finding strict-fixed/qcow2_write/refused-multicluster-write-changed-bytes-refblock-past-eof.
+    poke64(&mem, rt + 8, 1 << 45);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    // A write over several clusters (and a new L2 table) would take clusters from 256 on.
+    let e = img.write_at(4 << 20, &[7; 4096]).unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "refcount block 1 at 0x200000000000, which counts clusters from 0x20000 on where \
+             the allocation may go, lies beyond the end of the file"
+        ),
+        "{e}"
+    );
+    assert_eq!(before, mem.data());
+    let e = img.snapshot_create(&params("s1")).unwrap_err();
+    assert!(e.to_string().contains("refcount block 1 at"), "{e}");
+    assert_eq!(before, mem.data());
+}
+
+#[test]
+fn zeroing_and_writing_several_clusters_check_every_release_first() {
+    // Three data clusters shared with a snapshot; the last one's stored refcount is 0.
+    let (mem, mut img) = image_with_data();
+    img.write_at(0, &[0x11; 3 * 65536]).unwrap();
+    img.snapshot_create(&params("s1")).unwrap();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let (e2, _) = img.l2_get(l2, 2).unwrap();
+    let c2 = img.layout.cluster_index(e2.offset());
+    img.set_refcount(c2, 0).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut img = reopen(&mem);
+    let before = mem.data();
+    let want = format!(
+        "refcount of cluster {:#x} would drop below zero",
+        e2.offset()
+    );
+    for r in [
+        img.discard(0, 3 * 65536),
+        img.write_zeroes(0, 3 * 65536),
+        img.write_at(100, &[0x22; 2 * 65536]),
+    ] {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains(&want), "{e}");
+        assert_eq!(before, mem.data());
+    }
+}
+
 #[test]
 fn overlap_map_follows_tables_as_they_move() {
     // L1 growth, refcount table growth (512-byte clusters), snapshot table rewrites and

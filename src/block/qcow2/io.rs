@@ -355,15 +355,49 @@ impl Qcow2 {
     pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.layout.cluster_size();
         self.probe_partial_tail(offset, buf.len() as u64)?;
-        // A write over several clusters allocates cluster by cluster: when one of the
-        // clusters the allocator would hand out holds metadata (damaged refcounts), refuse
-        // before the first is written. (One L2 table and every cluster, at most.)
+        // A write over several clusters allocates cluster by cluster, and a write past the
+        // L1 table (VM state) grows it first: when one of the clusters the allocator would
+        // hand out holds metadata or is counted by a refcount block outside the file
+        // (damaged refcounts), refuse before the first is written. (Every cluster, an L2
+        // table per L1 entry spanned, and each growth of the L1 table, at most.)
         let first = self.layout.cluster_start(offset);
         let span = (offset + buf.len() as u64)
             .saturating_sub(first)
             .div_ceil(cs);
+        let (i1_first, i1_last) = (
+            self.layout.l1_index(offset),
+            self.layout.l1_index(offset + (buf.len() as u64).max(1) - 1),
+        );
+        let cur = self.l1.len() as u64;
+        let growths = (i1_last + 1).saturating_sub(i1_first.max(cur));
+        if span > 1 || growths > 0 {
+            let grown = self.l1_grown_size(i1_last + 1, false);
+            let l1_clusters = self.layout.clusters_for(grown.saturating_mul(8));
+            self.check_next_allocations(
+                span + (i1_last - i1_first + 1) + growths.saturating_mul(l1_clusters),
+            )?;
+        }
+        // Each cluster's write that is not in place drops the old cluster's reference at its
+        // end: over several clusters, one whose stored refcount is already 0 refuses the
+        // write before the first cluster is written.
         if span > 1 {
-            self.check_next_allocations(span + 1)?;
+            let ext = self.layout.extended_l2;
+            for k in 0..span {
+                let guest = first + k * cs;
+                if self.layout.l1_index(guest) >= cur {
+                    break;
+                }
+                let (e, _) = self.lookup(None, guest)?;
+                let in_place = e.copied()
+                    && if ext {
+                        !e.compressed() && e.offset() != 0
+                    } else {
+                        e.kind(false) == ClusterKind::Normal
+                    };
+                if !in_place {
+                    self.check_releasable(e)?;
+                }
+            }
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -674,6 +708,9 @@ impl Qcow2 {
             };
             if new_e != e.0 || new_bm != bm {
                 changes.push((k, L2Entry(new_e), new_bm));
+                // The references the entries lose go last, in one batch: a cluster whose
+                // stored refcount is already 0 refuses the whole table's change first.
+                self.check_releasable(e)?;
             }
         }
         let (Some(&(lo, ..)), Some(&(hi, ..))) = (changes.first(), changes.last()) else {

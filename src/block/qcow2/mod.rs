@@ -785,6 +785,20 @@ impl Qcow2 {
         self.swrite_meta(overlap::ol::ACTIVE_L1, off, &b)
     }
 
+    /// Entries of the active L1 table once [`Qcow2::grow_l1`] has grown it to at least
+    /// `min_size` (by half its size at a time unless `exact`, as QEMU grows it).
+    pub(crate) fn l1_grown_size(&self, min_size: u64, exact: bool) -> u64 {
+        let cur = self.l1.len() as u64;
+        if min_size <= cur {
+            return cur;
+        }
+        let mut new_size = if exact { min_size } else { cur.max(1) };
+        while new_size < min_size {
+            new_size = (new_size * 3).div_ceil(2);
+        }
+        new_size
+    }
+
     /// Grows the active L1 table to at least `min_size` entries (QEMU `qcow2_grow_l1_table`):
     /// new table in fresh clusters, flush, one header write, then free the old table.
     pub(crate) fn grow_l1(&mut self, min_size: u64, exact: bool) -> Result<()> {
@@ -792,10 +806,7 @@ impl Qcow2 {
         if min_size <= cur {
             return Ok(());
         }
-        let mut new_size = if exact { min_size } else { cur.max(1) };
-        while new_size < min_size {
-            new_size = (new_size * 3).div_ceil(2);
-        }
+        let new_size = self.l1_grown_size(min_size, exact);
         if new_size * 8 > MAX_L1_BYTES {
             return Err(Qcow2Error::InvalidTable {
                 what: "Active L1 table",

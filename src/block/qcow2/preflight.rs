@@ -24,7 +24,8 @@
 //! indexed by cluster ([`super::tally`]), and the stored refcounts of the walked clusters
 //! are read in cluster order, one refcount block at a time.
 
-use super::entry::{ClusterKind, L1Entry, L2Entry, L1_RESERVED, L2_STD_RESERVED};
+use super::check::l2_entry_corruption;
+use super::entry::{ClusterKind, L1Entry, L2Entry, L1_RESERVED, L2_STD_RESERVED, OFLAG_COPIED};
 use super::header::INCOMPAT_DIRTY;
 use super::overlap::{category_name, ol, MetaMap};
 use super::refcount::get_in_block;
@@ -126,6 +127,16 @@ impl Qcow2 {
         if !dirty {
             for i in 0..self.snapshots.len() {
                 if let Ok(l1) = self.read_snapshot_l1(&self.snapshots[i]) {
+                    // An entry of any table that leads `check` into the header: the
+                    // operation rewrites the header, and with it what `check` finds there.
+                    if let Some(j) = l1.iter().position(|&raw| reads_header(raw)) {
+                        return Err(refused(format!(
+                            "entry {j} of the L1 table of snapshot '{}' ({:#x}) has no offset \
+                             but is not zero: `check` reads the header as its L2 table, and \
+                             the operation rewrites the header",
+                            self.snapshots[i].name, l1[j]
+                        )));
+                    }
                     self.count_l1_entries(&l1, file_len, &mut t);
                 }
             }
@@ -279,8 +290,14 @@ impl Qcow2 {
             )));
         }
         let l2 = L1Entry(raw).l2_offset();
-        if l2 == 0 {
+        if raw == 0 {
             return Ok(None);
+        }
+        if reads_header(raw) {
+            return Err(refused(format!(
+                "entry {i} of {table} ({raw:#x}) has no offset but is not zero: `check` \
+                 reads the header as its L2 table"
+            )));
         }
         let cs = self.layout.cluster_size();
         check_cluster(meta, l2, cs, ol::ACTIVE_L2 | ol::INACTIVE_L2, file_len)
@@ -315,6 +332,7 @@ impl Qcow2 {
         let es = self.layout.l2_entry_size() as usize;
         let ext = self.layout.extended_l2;
         let shift = self.layout.csize_shift();
+        let layout = self.layout;
         let table = self.load_l2(l2)?;
         let walked = refs.from.is_some();
         let from = refs.from.unwrap_or_default();
@@ -359,9 +377,38 @@ impl Qcow2 {
                 }
                 _ => {}
             }
+            // Anything else `check` reports about the entry (compressed data reaching a
+            // cluster or more past the end of the file, a bad subcluster bitmap), it reports
+            // once per table that reaches it too. Not a COPIED flag on a compressed entry:
+            // the walk clears it, as QEMU's does. (Of a standard entry that is not
+            // compressed, `check` reports only what the checks above refuse.)
+            if walked && (ext || e.kind(ext) == ClusterKind::Compressed) {
+                let bm = if ext {
+                    u64::from_be_bytes(table[p + 8..p + 16].try_into().unwrap_or_default())
+                } else {
+                    0
+                };
+                let e = L2Entry(e.0 & !OFLAG_COPIED);
+                if let Some(m) = l2_entry_corruption(layout, j, e, bm, file_len) {
+                    return Err(entry_err(
+                        j,
+                        format!("`check` reports it once per table reaching it: {m}"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// An L1 entry with flags (COPIED, or reserved bits) and no offset. Reads and writes take its
+/// range as unallocated (as QEMU's do), but `check` (QEMU's too) reads the header as its L2
+/// table and reports every entry there that is not valid (the magic is a compressed cluster
+/// far past the end of the file) once per table that reaches it: a copy of the L1 table adds
+/// those reports again, and a rewrite of the header changes them (QEMU's snapshot code aborts
+/// on such an entry).
+fn reads_header(raw: u64) -> bool {
+    raw != 0 && L1Entry(raw).l2_offset() == 0
 }
 
 /// Why a cluster at `off` cannot be what a table says it is, if it cannot.

@@ -458,12 +458,23 @@ impl Qcow2 {
     /// allocator would hand out (stored refcount 0, from the lowest free one on) holds
     /// metadata: the allocation would be refused there, after the operation's earlier
     /// writes. (The allocator's run search may pass over some of them; this covers the
-    /// clusters it tries first.)
+    /// clusters it tries first.) The refcount blocks that count the clusters the allocator
+    /// may take must lie inside the file: a damaged refcount table entry can name one far
+    /// past its end, where counts read as 0 and the allocation's refcount write fails (on a
+    /// file, or creates one of terabytes) after the operation's earlier writes; `check`
+    /// calls it "outside image".
     pub(crate) fn check_next_allocations(&mut self, n: u64) -> Result<()> {
         let cb = self.layout.cluster_bits;
         let cs = self.layout.cluster_size();
+        let rb = self.layout.refblock_bits();
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| crate::block::Error::io("image size", e))?;
+        let file_clusters = file_len.div_ceil(cs);
         let mut c = self.free_hint;
         let mut found = 0;
+        let mut last_block = None;
         // Past the end of the file too: a damaged refcount table entry can name a block there.
         while found < n {
             if self.get_refcount(c)? == 0 {
@@ -474,8 +485,35 @@ impl Qcow2 {
                 found += 1;
                 // The allocator's own refusal, before the operation's first write.
                 self.overlap_check(ol::DATA, c << cb, cs)?;
+                if last_block != Some(c >> rb) {
+                    last_block = Some(c >> rb);
+                    self.check_refblock_inside(c >> rb, file_clusters, file_len)?;
+                }
             }
             c += 1;
+        }
+        // A run the allocator does not find among those is found at the end of the file, at
+        // the latest: the blocks counting the clusters there too.
+        let last = c.max(file_clusters).saturating_add(n);
+        for rt in (file_clusters >> rb)..=(last >> rb) {
+            self.check_refblock_inside(rt, file_clusters, file_len)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses when refcount block `rt` (if any) lies outside a file of `file_clusters`
+    /// clusters, as `check` counts it ("refcount block … is outside image").
+    fn check_refblock_inside(&self, rt: u64, file_clusters: u64, file_len: u64) -> Result<()> {
+        let cb = self.layout.cluster_bits;
+        let raw = self.reftable.get(rt as usize).copied().unwrap_or(0);
+        let block = raw & super::entry::OFFSET_MASK;
+        if block != 0 && block >> cb >= file_clusters {
+            return Err(Qcow2Error::Refused(format!(
+                "refcount block {rt} at {block:#x}, which counts clusters from {:#x} on \
+                 where the allocation may go, lies beyond the end of the file ({file_len:#x})",
+                (rt << self.layout.refblock_bits()) << cb
+            ))
+            .into());
         }
         Ok(())
     }

@@ -270,11 +270,15 @@ impl Qcow2 {
             let mut changed = false;
             for p in (0..table.len()).step_by(es) {
                 let e = L2Entry(BigEndian::read_u64(&table[p..]));
-                let mut new = e;
-                match e.kind(ext) {
-                    ClusterKind::Compressed if delta != 0 => {
-                        let (s, end) = e.compressed_range(self.layout.csize_shift());
-                        self.update_refcount(s & !511, end - (s & !511), delta)?;
+                let new = match e.kind(ext) {
+                    ClusterKind::Compressed => {
+                        if delta != 0 {
+                            let (s, end) = e.compressed_range(self.layout.csize_shift());
+                            self.update_refcount(s & !511, end - (s & !511), delta)?;
+                        }
+                        // Never COPIED (never written in place); QEMU clears a stray flag
+                        // here too, as on every entry that is not a standard cluster.
+                        L2Entry(e.0 & !OFLAG_COPIED)
                     }
                     ClusterKind::Normal | ClusterKind::ZeroAlloc => {
                         let c = self.layout.cluster_index(e.offset());
@@ -283,14 +287,14 @@ impl Qcow2 {
                         } else {
                             self.get_refcount(c)?
                         };
-                        new = if rc == 1 {
+                        if rc == 1 {
                             L2Entry(e.0 | OFLAG_COPIED)
                         } else {
                             L2Entry(e.0 & !OFLAG_COPIED)
-                        };
+                        }
                     }
-                    _ => {}
-                }
+                    _ => L2Entry(e.0 & !OFLAG_COPIED),
+                };
                 if new != e {
                     BigEndian::write_u64(&mut table[p..], new.0);
                     changed = true;

@@ -3,6 +3,7 @@
 use byteorder::{BigEndian, ByteOrder};
 
 use super::super::entry::{ClusterKind, L2Entry, BITMAP_ALL_ALLOC, L2_STD_RESERVED, OFLAG_ZERO};
+use super::super::layout::Layout;
 use super::super::Qcow2;
 use super::refs::Refs;
 use super::CheckReport;
@@ -81,88 +82,117 @@ impl Qcow2 {
             } else {
                 0
             };
-            self.check_l2_entry(i, e, bm, refs, times, &mut f, &mut next_contiguous);
+            check_l2_entry(
+                self.layout,
+                i,
+                e,
+                bm,
+                refs,
+                times,
+                &mut f,
+                &mut next_contiguous,
+            );
         }
         Ok(f)
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn check_l2_entry(
-        &self,
-        i: usize,
-        e: L2Entry,
-        bm: u64,
-        refs: &mut Refs,
-        times: u64,
-        f: &mut L2Findings,
-        next_contiguous: &mut u64,
-    ) {
-        let cs = self.layout.cluster_size();
-        let ext = self.layout.extended_l2;
-        let kind = e.kind(ext);
-        if kind != ClusterKind::Compressed && e.0 & L2_STD_RESERVED != 0 {
-            f.corruption(format!(
-                "ERROR found l2 entry with reserved bits set: {:x}",
-                e.0
-            ));
+/// What `check` reports about L2 entry `i` of a table, judged on its own (the first message,
+/// if any). `check` reports it once per L1 entry that reaches the table, so an operation that
+/// makes one more table reach it would raise the count: the snapshot operations' pre-write
+/// checks refuse such entries in the tables they walk.
+pub(crate) fn l2_entry_corruption(
+    layout: Layout,
+    i: usize,
+    e: L2Entry,
+    bm: u64,
+    file_len: u64,
+) -> Option<String> {
+    let mut refs = Refs::bounds_only(file_len, layout.cluster_bits);
+    let mut f = L2Findings::default();
+    check_l2_entry(layout, i, e, bm, &mut refs, 1, &mut f, &mut 0);
+    if f.corruptions == 0 {
+        return None;
+    }
+    f.messages.into_iter().next()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_l2_entry(
+    layout: Layout,
+    i: usize,
+    e: L2Entry,
+    bm: u64,
+    refs: &mut Refs,
+    times: u64,
+    f: &mut L2Findings,
+    next_contiguous: &mut u64,
+) {
+    let cs = layout.cluster_size();
+    let ext = layout.extended_l2;
+    let kind = e.kind(ext);
+    if kind != ClusterKind::Compressed && e.0 & L2_STD_RESERVED != 0 {
+        f.corruption(format!(
+            "ERROR found l2 entry with reserved bits set: {:x}",
+            e.0
+        ));
+    }
+    match kind {
+        ClusterKind::Compressed => {
+            let shift = layout.csize_shift();
+            if e.copied() {
+                f.corruption(format!(
+                    "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                    e.0 & ((1u64 << shift) - 1)
+                ));
+            }
+            if bm != 0 {
+                f.corruption(format!(
+                    "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={:#x}",
+                    e.0
+                ));
+                return;
+            }
+            let (s, end) = e.compressed_range(shift);
+            if let Err(m) = refs.inc_by(s, end - s, times) {
+                f.corruption(m);
+            }
+            f.allocated += 1;
+            f.compressed += 1;
+            f.fragmented += 1;
         }
-        match kind {
-            ClusterKind::Compressed => {
-                let shift = self.layout.csize_shift();
-                if e.copied() {
-                    f.corruption(format!(
-                        "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
-                        e.0 & ((1u64 << shift) - 1)
-                    ));
-                }
-                if bm != 0 {
-                    f.corruption(format!(
-                        "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={:#x}",
-                        e.0
-                    ));
-                    return;
-                }
-                let (s, end) = e.compressed_range(shift);
-                if let Err(m) = refs.inc_by(s, end - s, times) {
-                    f.corruption(m);
-                }
-                f.allocated += 1;
-                f.compressed += 1;
+        ClusterKind::Normal | ClusterKind::ZeroAlloc => {
+            let off = e.offset();
+            if (bm >> 32) & bm != 0 {
+                f.corruption(format!(
+                    "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                ));
+            }
+            if off % cs != 0 {
+                let data = if ext {
+                    bm & BITMAP_ALL_ALLOC != 0
+                } else {
+                    e.0 & OFLAG_ZERO == 0
+                };
+                f.corruption(format!(
+                    "ERROR offset={off:x}: {} cluster is not properly aligned; L2 entry corrupted.",
+                    if data { "Data" } else { "Preallocated" }
+                ));
+            }
+            f.allocated += 1;
+            if *next_contiguous != 0 && off != *next_contiguous {
                 f.fragmented += 1;
             }
-            ClusterKind::Normal | ClusterKind::ZeroAlloc => {
-                let off = e.offset();
-                if (bm >> 32) & bm != 0 {
-                    f.corruption(format!(
-                        "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
-                    ));
-                }
-                if off % cs != 0 {
-                    let data = if ext {
-                        bm & BITMAP_ALL_ALLOC != 0
-                    } else {
-                        e.0 & OFLAG_ZERO == 0
-                    };
-                    f.corruption(format!(
-                        "ERROR offset={off:x}: {} cluster is not properly aligned; L2 entry corrupted.",
-                        if data { "Data" } else { "Preallocated" }
-                    ));
-                }
-                f.allocated += 1;
-                if *next_contiguous != 0 && off != *next_contiguous {
-                    f.fragmented += 1;
-                }
-                *next_contiguous = off + cs;
-                if let Err(m) = refs.inc_by(off, cs, times) {
-                    f.corruption(m);
-                }
+            *next_contiguous = off + cs;
+            if let Err(m) = refs.inc_by(off, cs, times) {
+                f.corruption(m);
             }
-            ClusterKind::Unallocated if bm & BITMAP_ALL_ALLOC != 0 => {
-                f.corruption(
-                    "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
-                );
-            }
-            _ => {}
         }
+        ClusterKind::Unallocated if bm & BITMAP_ALL_ALLOC != 0 => {
+            f.corruption(
+                "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
+            );
+        }
+        _ => {}
     }
 }

@@ -33,6 +33,7 @@ mod refs;
 mod repair;
 mod walk;
 
+pub(crate) use l2::l2_entry_corruption;
 use refs::Refs;
 
 use super::Qcow2;

@@ -25,6 +25,16 @@ impl Refs {
         }
     }
 
+    /// No counts, only the file's bounds: [`Refs::inc`] reports what it would report and
+    /// counts nothing (checking single entries before a write).
+    pub(super) fn bounds_only(file_len: u64, cluster_bits: u32) -> Self {
+        Refs {
+            counts: Vec::new(),
+            cluster_bits,
+            file_len,
+        }
+    }
+
     /// Adds one reference to every cluster of `[off, off + len)`.
     ///
     /// # Errors

@@ -142,15 +142,16 @@ fn field_from_json(f: &Json, path: &str) -> Result<Field> {
         .get("name")
         .and_then(Json::as_str)
         .ok_or_else(|| malformed(&format!("{path}: field name")))?;
-    let path = format!("{path}.{name}");
+    // The field's path, for errors and nested structs only (not built for every field).
+    let here = || format!("{path}.{name}");
     let ty = f
         .get("type")
         .and_then(Json::as_str)
-        .ok_or_else(|| malformed(&format!("{path}.type")))?;
+        .ok_or_else(|| malformed(&format!("{}.type", here())))?;
     let size = f
         .get("size")
         .and_then(Json::as_u64)
-        .ok_or_else(|| malformed(&format!("{path}.size")))?;
+        .ok_or_else(|| malformed(&format!("{}.size", here())))?;
     let int_size = u8::try_from(size).ok().filter(|s| (1..=8).contains(s));
     let opaque = || FieldType::Opaque {
         type_name: ty.to_string(),
@@ -180,16 +181,16 @@ fn field_from_json(f: &Json, path: &str) -> Result<Field> {
         ("timer", Some(8)) => FieldType::Timer,
         ("struct", _) => match f.get("struct") {
             Some(s) if s.get("fields").is_some() => {
-                FieldType::Struct(Arc::new(description_from_json(s, &path)?))
+                FieldType::Struct(Arc::new(description_from_json(s, &here())?))
             }
             _ => opaque(),
         },
         _ => opaque(),
     };
     let count = if let Some(n) = f.get("array_len").and_then(Json::as_u64) {
-        Count::Fixed(u32::try_from(n).map_err(|_| malformed(&format!("{path}.array_len")))?)
+        Count::Fixed(u32::try_from(n).map_err(|_| malformed(&format!("{}.array_len", here())))?)
     } else if let Some(i) = f.get("index").and_then(Json::as_u64) {
-        Count::Element(u32::try_from(i).map_err(|_| malformed(&format!("{path}.index")))?)
+        Count::Element(u32::try_from(i).map_err(|_| malformed(&format!("{}.index", here())))?)
     } else {
         Count::One
     };
@@ -263,16 +264,21 @@ impl Formatter for PythonFormatter<'_> {
         self.0.end_object_value(w)
     }
     fn write_string_fragment<W: ?Sized + Write>(&mut self, w: &mut W, s: &str) -> io::Result<()> {
-        for c in s.chars() {
-            if c.is_ascii() {
-                let mut b = [0u8; 1];
-                w.write_all(c.encode_utf8(&mut b).as_bytes())?;
-            } else {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    write!(w, "\\u{u:04x}")?;
-                }
+        // Runs of ASCII in one write; everything else as \uXXXX (UTF-16 units).
+        let mut rest = s;
+        while !rest.is_empty() {
+            let ascii = rest
+                .bytes()
+                .position(|b| !b.is_ascii())
+                .unwrap_or(rest.len());
+            w.write_all(&rest.as_bytes()[..ascii])?;
+            rest = &rest[ascii..];
+            let Some(c) = rest.chars().next() else { break };
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                write!(w, "\\u{u:04x}")?;
             }
+            rest = &rest[c.len_utf8()..];
         }
         Ok(())
     }
@@ -303,6 +309,13 @@ mod tests {
             to_python_json(&v),
             "{\n    \"a\": 1,\n    \"b\": [\n        1,\n        {\n            \"c\": \"\\u00e9\"\n        }\n    ],\n    \"d\": {},\n    \"e\": []\n}"
         );
+    }
+
+    #[test]
+    fn python_escapes_every_non_ascii_character_between_ascii_runs() {
+        let v = Json::from("ab\u{e9}\u{20ac}cd\u{1f600}\n\"e");
+        assert_eq!(to_python_json(&v), r#""ab\u00e9\u20accd\ud83d\ude00\n\"e""#);
+        assert_eq!(to_python_json(&Json::from("\u{e9}")), r#""\u00e9""#);
     }
 
     #[test]

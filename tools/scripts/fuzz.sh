@@ -33,11 +33,15 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # 4 MiB inputs at most; no allocation over 256 MiB (the largest table QEMU accepts, an L1 of
 # 32 MiB, fits easily); 10 s per input is a hang.
-status=0
+# The fuzzer's own exit status (non-zero on a crash, hang or OOM), not the filter's: with
+# pipefail, `|| true` after the pipeline would replace PIPESTATUS with true's.
+set +e
 nice -n "${FUZZ_NICE:-19}" cargo fuzz run "${build[@]}" "$target" "$work" "$PWD/fuzz/corpus/$target" -- \
     -max_total_time="$secs" -max_len=4194304 -rss_limit_mb=1024 -malloc_limit_mb=256 \
-    -timeout=10 -print_final_stats=1 "$@" 2>&1 | tee "$log" | grep -E '^#[0-9]+.*(INITED|pulse|DONE)|^==|^(SUMMARY|Done)|panicked|artifact' || true
-status=${PIPESTATUS[0]}
+    -timeout=10 -print_final_stats=1 "$@" 2>&1 | tee "$log" | grep -E '^#[0-9]+.*(INITED|pulse|DONE)|^==|^(SUMMARY|Done)|panicked|artifact'
+pipe=("${PIPESTATUS[@]}")
+set -e
+status=${pipe[0]}
 execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
 cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1)
 corp=$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' "$log" | tail -1)

@@ -2,8 +2,10 @@
 //! arbitrary bytes held in memory: open, list (table and JSON), header facts, check, and a
 //! bounded read of guest data and of each snapshot's VM state.
 
+use std::collections::HashSet;
+
 use vmsnap::block::qcow2::Qcow2;
-use vmsnap::block::{BlockDriver, MemStorage, SnapshotStore};
+use vmsnap::block::{BlockDriver, MemStorage, SnapshotInfo, SnapshotStore};
 use vmsnap::cli::table::{snapshot_table, snapshots_json};
 
 /// Guest bytes read from the active layer and from each snapshot.
@@ -16,8 +18,17 @@ pub fn run(data: &[u8]) {
         return;
     };
     let list = img.snapshot_list();
-    let _ = snapshot_table(&list);
-    let _ = snapshots_json(&list);
+    // The table and the JSON format each entry on its own. A table past the end of the file
+    // lists tens of thousands of identical entries (zeroes): runs of equal entries are cut to
+    // two, so every distinct entry, and a repeated one, is still formatted.
+    let shown: Vec<SnapshotInfo> = list
+        .iter()
+        .enumerate()
+        .filter(|&(i, sn)| i < 2 || *sn != list[i - 1] || *sn != list[i - 2])
+        .map(|(_, sn)| sn.clone())
+        .collect();
+    let _ = snapshot_table(&shown);
+    let _ = snapshots_json(&shown);
     let _ = img.info();
     if let Ok(report) = img.check(None) {
         assert!(
@@ -29,7 +40,14 @@ pub fn run(data: &[u8]) {
     let len = img.size().min(READ_LEN as u64) as usize;
     let mut buf = vec![0u8; len];
     let _ = img.read_at(0, &mut buf);
+    // Snapshots are found by id (the first one with it): a table of tens of thousands of
+    // entries past the end of the file (zeroes, all with the id "") would repeat the same
+    // reads of the same snapshot for each entry, thousands of times per execution.
+    let mut done = HashSet::new();
     for sn in &list {
+        if !done.insert(sn.id.as_str()) {
+            continue;
+        }
         let _ = img.read_snapshot(&sn.id, 0, &mut buf);
         let n = sn.vm_state_size.min(READ_LEN as u64) as usize;
         let mut state = vec![0u8; n];

@@ -832,3 +832,23 @@ fn a_discard_scope_punches_only_what_stays_free() {
         assert_clean(&mut img);
     }
 }
+
+#[test]
+fn a_table_past_the_end_of_the_file_reads_as_zeroes() {
+    // 3 entries and 4 bytes of a fourth inside the file; the table goes on past its end.
+    let mut d = vec![0xeeu8; 16];
+    for i in 1..=3u64 {
+        d.extend_from_slice(&(i << 9).to_be_bytes());
+    }
+    d.extend_from_slice(&[0, 0, 0, 7]);
+    let mem = MemStorage::from_vec(d);
+    let t = read_table(&mem, 16, 6).unwrap();
+    assert_eq!(t, vec![1 << 9, 2 << 9, 3 << 9, 7 << 32, 0, 0]);
+    // Wholly past the end, and empty.
+    assert_eq!(read_table(&mem, 1 << 20, 4).unwrap(), vec![0; 4]);
+    assert!(read_table(&mem, 8, 0).unwrap().is_empty());
+    // A dead storage still fails the read.
+    mem.set_fault(crate::block::storage::Fault::Write(1));
+    let _ = crate::block::Storage::write_at(&mem, 0, b"x");
+    assert!(read_table(&mem, 1 << 20, 4).is_err());
+}

@@ -145,8 +145,15 @@ impl Qcow2 {
         if unreadable {
             return None;
         }
-        // Within 32 MiB (checked above); storage reads past the end as zeroes.
-        super::super::read_table(&*self.storage, sn.l1_table_offset, u64::from(sn.l1_size)).ok()
+        // Within 32 MiB (checked above). Past the end of the file the table reads as zeroes,
+        // and both walks (`count_l2_references`, `check_l1`) skip zero entries: only the
+        // entries inside the file are read and walked.
+        let file_len = self.storage.len().ok()?;
+        let inside = file_len
+            .saturating_sub(sn.l1_table_offset)
+            .div_ceil(8)
+            .min(u64::from(sn.l1_size));
+        super::super::read_table(&*self.storage, sn.l1_table_offset, inside).ok()
     }
 
     /// The L2 table an L1 entry leads the check into, if any (cluster aligned, and less

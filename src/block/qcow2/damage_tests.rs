@@ -129,6 +129,21 @@ fn snapshot_create_refuses_an_l2_entry_past_the_end_of_the_file() {
     img.write_at(4 << 20, &[7; 512]).unwrap();
 }
 
+/// A 16 MiB image with 512-byte clusters (many metadata clusters for little data) and
+/// 4 KiB of guest data at 0.
+fn small_cluster_image() -> (MemStorage, Qcow2) {
+    let mem = MemStorage::new();
+    let opts = CreateOptions {
+        size: 16 << 20,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+    let mut img = reopen(&mem);
+    img.write_at(0, &[0x11; 4096]).unwrap();
+    (mem, img)
+}
+
 /// `check`'s corruption count of the image on `mem`.
 fn corruptions(mem: &MemStorage) -> u64 {
     let mut img = Qcow2::open_storage(Box::new(mem.clone()), true).unwrap();
@@ -141,15 +156,7 @@ fn snapshot_operations_refuse_an_l1_entry_with_the_copied_flag_and_no_offset() {
     // L2 table and reports its entries once per table reaching it. A snapshot copying the
     // table would add those reports again (fuzz finding
     // strict-fixed/qcow2_write/accepted-op-raised-count-region-past-eof; QEMU aborts).
-    let mem = MemStorage::new();
-    let opts = CreateOptions {
-        size: 16 << 20,
-        cluster_size: 512,
-        ..Default::default()
-    };
-    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
-    let mut img = reopen(&mem);
-    img.write_at(0, &[0x11; 4096]).unwrap();
+    let (mem, mut img) = small_cluster_image();
     img.snapshot_create(&params("s1")).unwrap();
     assert!(img.l1.len() > 5);
     let l1 = img.header.l1_table_offset;
@@ -236,15 +243,7 @@ fn snapshot_create_clears_copied_on_a_compressed_entry_as_qemu_does() {
 #[test]
 fn allocation_counted_by_a_refcount_block_past_the_end_of_the_file_is_refused_first() {
     // 512-byte clusters, 16-bit refcounts: refcount block 1 counts clusters 256-511.
-    let mem = MemStorage::new();
-    let opts = CreateOptions {
-        size: 16 << 20,
-        cluster_size: 512,
-        ..Default::default()
-    };
-    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
-    let mut img = reopen(&mem);
-    img.write_at(0, &[0x11; 4096]).unwrap();
+    let (mem, mut img) = small_cluster_image();
     // Block 0 full (leaked clusters past the data), block 1 not made yet.
     let end = mem.data().len() as u64 / 512;
     assert!(end < 256);

@@ -1,6 +1,6 @@
 //! SIGKILL at every phase of the live operations inside `vmsnap run` (issue 11): live savevm
 //! (`savevm -l`), lazy loadvm (`loadvm` in the running VM and `--loadvm` in a fresh
-//! process) and live pre-copy migration with the disk shared (the same image), to a `file:`
+//! process), eager loadvm in the running VM (`loadvm -e`) and live pre-copy migration with the disk shared (the same image), to a `file:`
 //! URI (the destination started from the file afterwards) and over a unix socket (both sides
 //! running), the source and the destination killed in turn.
 //!
@@ -472,6 +472,17 @@ fn after_loadvm_kill(lab: &mut Lab, img: &Path, tmp: &Path, what: &str) -> u8 {
 
 #[test]
 fn sigkill_at_every_phase_of_lazy_loadvm_in_the_running_vm() {
+    loadvm_in_the_running_vm_campaign("loadvm b", "lazy", "loadvm-lazy:", "loadvm-lazy:filled");
+}
+
+#[test]
+fn sigkill_at_every_phase_of_eager_loadvm_in_the_running_vm() {
+    loadvm_in_the_running_vm_campaign("loadvm -e b", "eager", "loadvm:", "loadvm:reverted");
+}
+
+/// Kills `line` (a loadvm of `b` in `mode`) in a running VM at every phase named `named`
+/// and the qcow2 phases on its way; `done`: its last traced phase.
+fn loadvm_in_the_running_vm_campaign(line: &str, mode: &str, named: &str, done: &str) {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !kvm_and_qemu_img(module_path!()) {
         return;
@@ -480,26 +491,27 @@ fn sigkill_at_every_phase_of_lazy_loadvm_in_the_running_vm() {
     let mut lab = lab();
     let tmp = lab.dir().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let points = trace_live(&mut lab, &["loadvm-lazy:"], &mut |vm| {
-        vm.ok("loadvm b");
+    let points = trace_live(&mut lab, &[named], &mut |vm| {
+        vm.ok(line);
         let info = vm.wait_loaded();
         assert!(
-            info.contains("mode: lazy") && info.contains("status: completed"),
+            info.contains(&format!("mode: {mode}")) && info.contains("status: completed"),
             "{info}"
         );
     });
     let mut reverted = 0;
     for p in &points {
-        let p = &kill_live(&mut lab, p, "loadvm-lazy:filled", "loadvm b", |_| {});
+        let p = &kill_live(&mut lab, p, done, line, |_| {});
         let img = lab.img();
-        let what = format!("loadvm killed at {p}");
+        let what = format!("{line} killed at {p}");
         lab.after_kill(&img, &what, p);
         if after_loadvm_kill(&mut lab, &img, &tmp, &what) == 0x22 {
             reverted += 1;
         }
     }
-    lab.report("loadvm (running VM)", started);
-    eprintln!("loadvm (running VM): active layer reverted to b in {reverted} kills");
+    let op = format!("loadvm {mode} (running VM)");
+    lab.report(&op, started);
+    eprintln!("{op}: active layer reverted to b in {reverted} kills");
 }
 
 #[test]

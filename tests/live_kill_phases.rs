@@ -1,8 +1,9 @@
 //! SIGKILL at every phase of the live operations inside `vmsnap run` (issue 11): live savevm
 //! (`savevm -l`), lazy loadvm (`loadvm` in the running VM and `--loadvm` in a fresh
-//! process), eager loadvm in the running VM (`loadvm -e`) and live pre-copy migration with the disk shared (the same image), to a `file:`
-//! URI (the destination started from the file afterwards) and over a unix socket (both sides
-//! running), the source and the destination killed in turn.
+//! process), eager loadvm in the running VM (`loadvm -e`) and live pre-copy migration with
+//! the disk shared (the same image), to a `file:` URI (the destination started from the
+//! file afterwards) and over a unix socket and tcp on loopback (both sides running), the
+//! source and the destination killed in turn.
 //!
 //! Each operation is first run to completion with `VMSNAP_TEST_KILL_TRACE` on a copy of
 //! the base image, and the kill points it passes are read from the trace (only the part
@@ -716,6 +717,32 @@ fn survivor(mut vm: RunVm, source: bool, what: &str) {
 
 #[test]
 fn sigkill_at_every_phase_of_live_migration_over_a_unix_socket() {
+    socket_migration_campaign("unix");
+}
+
+#[test]
+fn sigkill_at_every_phase_of_live_migration_over_tcp() {
+    socket_migration_campaign("tcp");
+}
+
+/// A fresh address of `transport` for a destination to listen on: the lab's unix socket
+/// (its old file removed), or a tcp port on loopback that was free a moment ago.
+fn listen_uri(lab: &Lab, transport: &str) -> String {
+    if transport == "tcp" {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        format!("tcp:127.0.0.1:{port}")
+    } else {
+        let sock = lab.dir().join("mig.sock");
+        let _ = std::fs::remove_file(&sock);
+        format!("unix:{}", sock.display())
+    }
+}
+
+/// Kills each side of a live migration over a `transport` socket at every phase it passes.
+fn socket_migration_campaign(transport: &str) {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !kvm_and_qemu_img(module_path!()) {
         return;
@@ -724,8 +751,7 @@ fn sigkill_at_every_phase_of_live_migration_over_a_unix_socket() {
     let mut lab = lab();
     let tmp = lab.dir().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let sock = lab.dir().join("mig.sock");
-    let uri = format!("unix:{}", sock.display());
+    let uri = listen_uri(&lab, transport);
     let migrate = format!("migrate {uri}");
 
     // Both sides traced: the source from just before `migrate`, the destination whole.
@@ -774,12 +800,11 @@ fn sigkill_at_every_phase_of_live_migration_over_a_unix_socket() {
             ("destination", "incoming:activated")
         };
         for p in points {
-            let what = format!("unix migration, {side} killed at {p}");
-            let migrate = migrate.clone();
-            let uri = uri.clone();
+            let what = format!("{transport} migration, {side} killed at {p}");
             let p = lab.kill_at(&p, done, &what, &mut |lab, env| {
                 let img = lab.fresh();
-                let _ = std::fs::remove_file(lab.dir().join("mig.sock"));
+                let uri = listen_uri(lab, transport);
+                let migrate = format!("migrate {uri}");
                 let (src_env, dst_env): (&Env<'_>, &Env<'_>) =
                     if source { (env, &[]) } else { (&[], env) };
                 let mut src = lab.boot(&img, src_env);
@@ -797,5 +822,5 @@ fn sigkill_at_every_phase_of_live_migration_over_a_unix_socket() {
             after_migrate_kill(&mut lab, &img, &tmp, &what);
         }
     }
-    lab.report("migrate over unix (both sides)", started);
+    lab.report(&format!("migrate over {transport} (both sides)"), started);
 }

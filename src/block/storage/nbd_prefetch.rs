@@ -111,19 +111,14 @@ impl Prefetch {
         let current = |j: &Option<Job>, generation: u64| {
             j.is_some_and(|j| j.start == start && j.generation == generation)
         };
-        if !current(&g.wanted, g.generation)
-            && !current(&g.running, g.generation)
-            && !current(&g.done.as_ref().map(|(j, _)| *j), g.generation)
-        {
-            return None;
-        }
         loop {
             let generation = g.generation;
             if current(&g.done.as_ref().map(|(j, _)| *j), generation) {
                 return g.done.take().map(|(_, r)| r);
             }
             if !current(&g.wanted, generation) && !current(&g.running, generation) {
-                // Dropped while waiting (a write came in between): read it directly.
+                // None for this window, or dropped while waiting (a write came in between):
+                // the caller reads it directly.
                 return None;
             }
             g = self.shared.wait(g);

@@ -8,6 +8,10 @@
 //! - `VMSNAP_TEST_KILL_TRACE=FILE`: every phase reached is appended to `FILE` as a line
 //!   `PHASE N` (its `N`th occurrence), so a test first traces an operation and then kills it
 //!   at each phase the trace lists.
+//! - `VMSNAP_TEST_KILL_FROM=PHASE`: nothing is counted, traced or killed before the process
+//!   first reaches `PHASE`, and the counts start there. A test of a running VM arms at the
+//!   operation's first step, so that the guest's own writes before it (whose number depends
+//!   on timing) do not shift the counts.
 //!
 //! The phases (listed in `formats/kill-points.md`): every qcow2 write before and after it goes
 //! out (`qcow2:write:CATEGORY`, `qcow2:wrote:CATEGORY` with CATEGORY one of `header`,
@@ -21,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// What the environment asked for.
@@ -29,6 +34,10 @@ struct Config {
     kill: Option<(String, u64)>,
     /// Trace file.
     trace: Option<std::fs::File>,
+    /// The phase whose first occurrence starts the counts, when one was named.
+    from: Option<String>,
+    /// Whether the counts have started.
+    armed: AtomicBool,
     /// Occurrences per phase so far.
     seen: Mutex<HashMap<String, u64>>,
 }
@@ -53,9 +62,12 @@ fn config() -> Option<&'static Config> {
                     .open(p)
                     .ok()
             });
+            let from = std::env::var("VMSNAP_TEST_KILL_FROM").ok();
             (kill.is_some() || trace.is_some()).then(|| Config {
                 kill,
                 trace,
+                armed: AtomicBool::new(from.is_none()),
+                from,
                 seen: Mutex::new(HashMap::new()),
             })
         })
@@ -70,6 +82,13 @@ pub fn at(phase: &str) {
     };
     let n = {
         let mut seen = c.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock, so that no thread counts a phase before the arming one.
+        if !c.armed.load(Ordering::Relaxed) {
+            if c.from.as_deref() != Some(phase) {
+                return;
+            }
+            c.armed.store(true, Ordering::Relaxed);
+        }
         let n = seen.entry(phase.to_owned()).or_default();
         *n += 1;
         *n

@@ -106,6 +106,8 @@ struct Lab {
     missed: u32,
     /// The other side of a migration during a kill run.
     peer: Option<RunVm>,
+    /// The phase the counts of traced and kill runs start at (`VMSNAP_TEST_KILL_FROM`).
+    arm: Option<&'static str>,
 }
 
 /// Env pairs for a run.
@@ -145,6 +147,9 @@ impl Lab {
         }
         cmd.args(["--dirty-rate", g.dirty_rate])
             .envs(env.iter().copied());
+        if let Some(from) = self.arm {
+            cmd.env("VMSNAP_TEST_KILL_FROM", from);
+        }
         cmd
     }
 
@@ -341,6 +346,7 @@ fn lab() -> Lab {
         copied: 0,
         missed: 0,
         peer: None,
+        arm: None,
     };
     for (tag, m) in [("a", 0x11), ("b", 0x22)] {
         mark(&base, m);
@@ -603,8 +609,10 @@ fn sigkill_at_every_phase_of_live_migration_on_both_sides() {
     let stream = lab.dir().join("vm.mig");
     let migrate = format!("migrate file:{}", stream.display());
 
-    // The source, traced from just before `migrate` to its end; its image and stream are
-    // the destination's input.
+    // The source, traced from the start of `migrate` to its end (counted from there: the
+    // guest's copy-on-write after `savevm c` falls before or after the command by timing);
+    // its image and stream are the destination's input.
+    lab.arm = Some("migrate:started");
     let img = lab.fresh();
     let path = lab.dir().join("trace-src.txt");
     let mut vm = lab.boot(&img, &[("VMSNAP_TEST_KILL_TRACE", s(&path))]);
@@ -631,6 +639,7 @@ fn sigkill_at_every_phase_of_live_migration_on_both_sides() {
         after_migrate_kill(&mut lab, &img, &tmp, &what);
     }
     lab.report("migrate (source)", started);
+    lab.arm = None;
 
     // The destination, on the same image once the source is done, traced whole.
     let dst = |lab: &mut Lab, env: &Env<'_>| -> (Command, u32) {

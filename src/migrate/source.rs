@@ -195,6 +195,7 @@ pub(super) fn connect(uri: &MigrateUri, obs: &dyn Observer) -> Result<Outgoing, 
 /// with its disks released (QEMU's postmigrate); on error everything is put back.
 pub fn migrate(vm: &Vm, job: &Job, obs: &dyn Observer) -> Result<Completed, MigrateError> {
     let start = Instant::now();
+    crate::killpoint::at("migrate:started");
     let mut undo = Undo {
         was_running: vm.status() == VmStatus::Running,
         ..Undo::default()

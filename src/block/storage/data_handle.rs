@@ -167,7 +167,16 @@ mod tests {
             .write(true)
             .open(&p)
             .unwrap();
-        let lock = crate::block::lock::lock_image(&again, &name, true);
+        // Another test thread's fork holds a copy of every descriptor until its exec
+        // (close-on-exec), the driver's too: a lock may stay held for that instant.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let lock = loop {
+            let lock = crate::block::lock::lock_image(&again, &name, true);
+            if lock.is_ok() || std::time::Instant::now() > deadline {
+                break lock;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         assert!(lock.is_ok(), "{lock:?}");
         drop(h);
     }

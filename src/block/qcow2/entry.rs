@@ -2,6 +2,10 @@
 
 /// Host offset mask of L1 and standard L2 entries: bits 9..=55.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Host offset mask of refcount table entries: bits 9..=63 (QEMU's `REFT_OFFSET_MASK`; the
+/// top bits that L1 and L2 entries reserve are part of the offset here, so a damaged entry
+/// with one set points far past the end of the file, as QEMU and `check` read it).
+pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// Bit 63: refcount is exactly one (only meaningful in the active tables).
 pub const OFLAG_COPIED: u64 = 1 << 63;
 /// Bit 62 of an L2 entry: the cluster is compressed.

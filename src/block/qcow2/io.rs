@@ -273,6 +273,7 @@ impl Qcow2 {
         // The table (or entry) this write will change is checked before anything is
         // allocated, so that a refusal leaves the file as it was.
         if e.l2_offset() != 0 && e.copied() {
+            self.check_l2_inside(i1, e.l2_offset())?;
             self.overlap_check(ol::ACTIVE_L2, e.l2_offset(), cs)?;
             return Ok(e.l2_offset());
         }
@@ -299,6 +300,19 @@ impl Qcow2 {
         Ok(new)
     }
 
+    /// Refuses an active L2 table (of L1 entry `i1`) to be written in place that lies past
+    /// the end of the file as it was opened and has grown since: it reads as zeroes, and
+    /// writing an entry there would fail (a device's end) or grow the file to reach it.
+    fn check_l2_inside(&self, i1: u64, l2: u64) -> Result<()> {
+        if l2 >> self.layout.cluster_bits < self.end_cluster {
+            return Ok(());
+        }
+        Err(corrupt(format!(
+            "the L2 table of L1 entry {i1} ({l2:#x}) lies past the end of the image file; \
+             nothing was written (run 'vmsnap check -r all')"
+        )))
+    }
+
     /// The host range whose clusters hold the reference an L2 entry makes, if any.
     fn referenced_range(&self, e: L2Entry) -> Option<(u64, u64)> {
         let cs = self.layout.cluster_size();
@@ -322,25 +336,41 @@ impl Qcow2 {
         }
     }
 
-    /// Refuses, before anything is written, a write whose last step would drop the reference
-    /// `e` holds (see [`Qcow2::release`]) from a cluster whose stored refcount is already 0:
-    /// the refcounts are damaged, and failing at that step would leave the write half done.
-    fn check_releasable(&mut self, e: L2Entry) -> Result<()> {
-        match self.referenced_range(e) {
-            Some((start, len)) => self.check_referenced(start, len),
-            None => Ok(()),
-        }
-    }
-
     /// Refuses when a cluster touching `[start, start + len)` has stored refcount 0.
     pub(crate) fn check_referenced(&mut self, start: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
+        self.check_releases(&[(start, len)])
+    }
+
+    /// Refuses when dropping one reference per range in `ranges` (a cluster touched by two
+    /// ranges loses two) would take a cluster's stored refcount below zero, or rewrite a
+    /// refcount block that lies over other metadata: the ranges an operation releases at
+    /// its end, checked before its first write.
+    pub(crate) fn check_releases(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut count: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+        for &(start, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            let first = self.layout.cluster_index(start);
+            let last = self.layout.cluster_index(start + len - 1);
+            for c in first..=last {
+                *count.entry(c).or_default() += 1;
+            }
         }
-        let first = self.layout.cluster_index(start);
-        let last = self.layout.cluster_index(start + len - 1);
-        for c in first..=last {
-            if self.get_refcount(c)? == 0 {
+        let rbits = self.layout.refblock_bits();
+        let mut block = None;
+        for (c, n) in count {
+            // The refcount block the release rewrites must lie over no other structure.
+            let rt = c >> rbits;
+            if block != Some(rt) {
+                block = Some(rt);
+                let raw = self.reftable.get(rt as usize).copied().unwrap_or(0);
+                let off = raw & super::entry::REFT_OFFSET_MASK;
+                if off != 0 {
+                    self.overlap_check(ol::REFCOUNT_BLOCK, off, self.layout.cluster_size())?;
+                }
+            }
+            if self.get_refcount(c)? < n {
                 return Err(corrupt(format!(
                     "refcount of cluster {:#x} would drop below zero; nothing was written \
                      (run 'vmsnap check -r all')",
@@ -349,6 +379,14 @@ impl Qcow2 {
             }
         }
         Ok(())
+    }
+
+    /// The L2 table that making the table for `guest` writable frees (a table shared with a
+    /// snapshot is copied, and the old one loses the active layer's reference).
+    fn l2_copy_release(&self, guest: u64) -> Option<(u64, u64)> {
+        let e = L1Entry(*self.l1.get(self.layout.l1_index(guest) as usize)?);
+        (e.0 & L1_RESERVED == 0 && e.l2_offset() != 0 && !e.copied())
+            .then(|| (e.l2_offset(), self.layout.cluster_size()))
     }
 
     /// Writes guest data to the active layer.
@@ -377,27 +415,8 @@ impl Qcow2 {
                 span + (i1_last - i1_first + 1) + growths.saturating_mul(l1_clusters),
             )?;
         }
-        // Each cluster's write that is not in place drops the old cluster's reference at its
-        // end: over several clusters, one whose stored refcount is already 0 refuses the
-        // write before the first cluster is written.
         if span > 1 {
-            let ext = self.layout.extended_l2;
-            for k in 0..span {
-                let guest = first + k * cs;
-                if self.layout.l1_index(guest) >= cur {
-                    break;
-                }
-                let (e, _) = self.lookup(None, guest)?;
-                let in_place = e.copied()
-                    && if ext {
-                        !e.compressed() && e.offset() != 0
-                    } else {
-                        e.kind(false) == ClusterKind::Normal
-                    };
-                if !in_place {
-                    self.check_releasable(e)?;
-                }
-            }
+            self.precheck_span(offset, buf.len() as u64, None)?;
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -418,6 +437,98 @@ impl Qcow2 {
                 self.write_cluster(guest, &buf[done..done + n])?;
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Refuses, before the first byte goes out, a guest write (`zeroing` None) or a zeroing
+    /// (`Some(discard)`) over several clusters that would fail at a later cluster, so that
+    /// a refusal leaves the file as it was:
+    ///
+    /// - an L1 entry of the range with reserved bits, or whose L2 table (or the L1 entry,
+    ///   when the table is copied first) lies over other metadata;
+    /// - a cluster written in place over other metadata (overlap categories of
+    ///   [`super::overlap`]);
+    /// - clusters whose old references the write drops (old data clusters, L2 tables copied
+    ///   from a snapshot's) with a stored refcount below the references dropped.
+    ///
+    /// A cluster written in place past the end of the file (an entry pointing there; QEMU
+    /// writes through it, growing the file) has the file extended over it first, so that a
+    /// device too small for it fails before anything is written.
+    fn precheck_span(&mut self, offset: u64, len: u64, zeroing: Option<bool>) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let end = offset.saturating_add(len);
+        let cur = self.l1.len() as u64;
+        let i1_last = self
+            .layout
+            .l1_index(end.max(1) - 1)
+            .min(cur.saturating_sub(1));
+        let mut releases = Vec::new();
+        for i1 in self.layout.l1_index(offset)..=i1_last {
+            if i1 >= cur {
+                break;
+            }
+            let e = L1Entry(self.l1[i1 as usize]);
+            if e.0 & L1_RESERVED != 0 {
+                return Err(corrupt(format!(
+                    "L1 entry {i1} has reserved bits set ({:#x}); nothing was written \
+                     (run 'vmsnap check -r all')",
+                    e.0
+                )));
+            }
+            if e.l2_offset() != 0 && e.copied() {
+                self.check_l2_inside(i1, e.l2_offset())?;
+                self.overlap_check(ol::ACTIVE_L2, e.l2_offset(), cs)?;
+            } else {
+                self.overlap_check(ol::ACTIVE_L1, self.header.l1_table_offset + i1 * 8, 8)?;
+                if e.l2_offset() != 0 {
+                    releases.push((e.l2_offset(), cs));
+                }
+            }
+        }
+        let ext = self.layout.extended_l2;
+        // Zeroing whole clusters changes entries, not data, but for version 2 with a backing
+        // file (no zero flag: zeroes are written).
+        let entries_only = ext || self.header.version >= 3 || self.backing.is_none();
+        let mut far_end = 0u64;
+        let mut pos = offset;
+        while pos < end {
+            let cstart = self.layout.cluster_start(pos);
+            let n = (cstart + cs).min(end) - pos;
+            if self.layout.l1_index(pos) >= cur {
+                break;
+            }
+            let whole = n == cs;
+            pos += n;
+            let (e, _) = self.lookup(None, cstart)?;
+            match zeroing {
+                Some(true) if !whole => continue,
+                Some(_) if whole && entries_only => {
+                    releases.extend(self.referenced_range(e));
+                    continue;
+                }
+                _ => {}
+            }
+            let in_place = e.copied()
+                && if ext {
+                    !e.compressed() && e.offset() != 0
+                } else {
+                    e.kind(false) == ClusterKind::Normal
+                };
+            if in_place {
+                let host = e.offset() + (pos - n - cstart);
+                self.overlap_check(ol::DATA, host, n)?;
+                far_end = far_end.max(host + n);
+            } else {
+                releases.extend(self.referenced_range(e));
+            }
+        }
+        self.check_releases(&releases)?;
+        if far_end > 0 {
+            self.cover(
+                far_end,
+                "extending the image over clusters written in place",
+            )?;
         }
         Ok(())
     }
@@ -478,7 +589,10 @@ impl Qcow2 {
         let bytes = (count * cs) as usize;
         if self.detached.is_some() {
             self.overlap_check(ol::DATA, host, bytes as u64)?;
-            self.cover_run(host, bytes as u64)?;
+            self.cover(
+                host + bytes as u64,
+                "extending the image over a detached run",
+            )?;
             self.unflushed
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(runs) = self.detached.as_mut() {
@@ -511,21 +625,20 @@ impl Qcow2 {
         Ok(bytes)
     }
 
-    /// Extends the file over `[host, host + len)` unless it already reaches that far, for a
-    /// detached run: the L2 entries written next must not point past the end of the file
-    /// when the caller's data write never comes (the process killed in between), which
-    /// `qemu-img check` reports as corruption. The extension is sparse; until a snapshot
-    /// takes the VM state area its contents do not matter.
-    fn cover_run(&self, host: u64, len: u64) -> Result<()> {
-        let end = host.saturating_add(len);
+    /// Extends the file to `end` unless it already reaches that far (`what`: the error's
+    /// context). For a detached run: the L2 entries written next must not point past the
+    /// end of the file when the caller's data write never comes (the process killed in
+    /// between), which `qemu-img check` reports as corruption. The extension is sparse;
+    /// until a snapshot takes the VM state area its contents do not matter.
+    fn cover(&self, end: u64, what: &str) -> Result<()> {
         let file_len = self
             .storage
             .len()
             .map_err(|e| crate::block::Error::io("image size", e))?;
         if file_len < end {
-            self.storage.set_len(end).map_err(|e| {
-                crate::block::Error::io("extending the image over a detached run", e)
-            })?;
+            self.storage
+                .set_len(end)
+                .map_err(|e| crate::block::Error::io(what, e))?;
         }
         Ok(())
     }
@@ -554,9 +667,11 @@ impl Qcow2 {
         };
         // The cluster is released at the end unless written in place or reused.
         let reused = e.copied() && e.kind(false) == ClusterKind::ZeroAlloc;
+        let mut releases: Vec<(u64, u64)> = self.l2_copy_release(guest).into_iter().collect();
         if !(in_place || reused) {
-            self.check_releasable(e)?;
+            releases.extend(self.referenced_range(e));
         }
+        self.check_releases(&releases)?;
         let l2 = self.writable_l2(guest)?;
         let idx = self.layout.l2_index(guest);
         let looked_up = e;
@@ -610,9 +725,11 @@ impl Qcow2 {
             None
         };
         let (looked_up, _) = self.lookup(None, guest)?;
+        let mut releases: Vec<(u64, u64)> = self.l2_copy_release(guest).into_iter().collect();
         if !(looked_up.copied() && !looked_up.compressed() && looked_up.offset() != 0) {
-            self.check_releasable(looked_up)?;
+            releases.extend(self.referenced_range(looked_up));
         }
+        self.check_releases(&releases)?;
         let l2 = self.writable_l2(guest)?;
         let idx = self.layout.l2_index(guest);
         let (e, bm) = self.l2_get(l2, idx)?;
@@ -651,6 +768,9 @@ impl Qcow2 {
     pub(crate) fn zero_guest(&mut self, offset: u64, len: u64, discard: bool) -> Result<()> {
         let cs = self.layout.cluster_size();
         let end = offset + len;
+        if self.layout.cluster_start(end.max(1) - 1) > self.layout.cluster_start(offset) {
+            self.precheck_span(offset, len, Some(discard))?;
+        }
         let mut pos = offset;
         while pos < end {
             let cstart = self.layout.cluster_start(pos);
@@ -687,6 +807,7 @@ impl Qcow2 {
             return Ok(());
         }
         let mut changes: Vec<(u64, L2Entry, u64)> = Vec::new();
+        let mut releases: Vec<(u64, u64)> = self.l2_copy_release(guest).into_iter().collect();
         for k in 0..count {
             let (e, bm) = self.lookup(None, guest + k * cs)?;
             let allocated = e.offset() != 0 || e.compressed();
@@ -708,14 +829,15 @@ impl Qcow2 {
             };
             if new_e != e.0 || new_bm != bm {
                 changes.push((k, L2Entry(new_e), new_bm));
-                // The references the entries lose go last, in one batch: a cluster whose
-                // stored refcount is already 0 refuses the whole table's change first.
-                self.check_releasable(e)?;
+                releases.extend(self.referenced_range(e));
             }
         }
         let (Some(&(lo, ..)), Some(&(hi, ..))) = (changes.first(), changes.last()) else {
             return Ok(());
         };
+        // The references the entries lose go last, in one batch: a cluster whose stored
+        // refcount is below the references dropped refuses the whole table's change first.
+        self.check_releases(&releases)?;
         let l2 = self.writable_l2(guest)?;
         let first = self.layout.l2_index(guest);
         // Re-read: making the L2 table writable does not change entries.

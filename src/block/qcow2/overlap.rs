@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::entry::{L1Entry, OFFSET_MASK};
+use super::entry::{L1Entry, REFT_OFFSET_MASK};
 use super::layout::MAX_L1_BYTES;
 use super::{Qcow2, Qcow2Error};
 use crate::block::Result;
@@ -235,7 +235,7 @@ impl Qcow2 {
             ol::REFCOUNT_TABLE,
         );
         for &e in &self.reftable {
-            let rb = e & OFFSET_MASK;
+            let rb = e & REFT_OFFSET_MASK;
             if rb != 0 {
                 m.add(rb >> cb, 1, ol::REFCOUNT_BLOCK);
             }
@@ -248,10 +248,17 @@ impl Qcow2 {
                 ol::SNAPSHOT_TABLE,
             );
         }
+        // As QEMU counts them: a table at offset 0 (over the header) too, and an unaligned
+        // one over every cluster its bytes touch.
         for sn in &self.snapshots {
             let bytes = u64::from(sn.l1_size) * 8;
-            if sn.l1_table_offset != 0 && bytes > 0 && bytes <= MAX_L1_BYTES {
-                m.add(sn.l1_table_offset >> cb, clusters(bytes), ol::INACTIVE_L1);
+            if bytes > 0 && bytes <= MAX_L1_BYTES {
+                let off = sn.l1_table_offset;
+                m.add(
+                    off >> cb,
+                    clusters(bytes + (off & (cs - 1))),
+                    ol::INACTIVE_L1,
+                );
             }
         }
         m

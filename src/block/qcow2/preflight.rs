@@ -152,6 +152,7 @@ impl Qcow2 {
         }
         // 4. Stored counts against references, and room for the increments.
         self.compare_walked(w, &t)?;
+        self.check_fixed_writes(w)?;
         if let Walked::Delete(idx, _) = w {
             let sn = self.snapshots[idx].clone();
             let first = sn.l1_table_offset >> cb;
@@ -216,14 +217,32 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The writes an operation makes at fixed places, whatever the tables hold: the header's
+    /// snapshot fields (create and delete publish a new table there) and the active L1 table
+    /// (COPIED flags; goto's new table, when it fits where the old one is). Each must touch
+    /// no other structure, checked before the first write rather than at its own.
+    fn check_fixed_writes(&self, w: Walked<'_>) -> Result<()> {
+        if matches!(w, Walked::Create | Walked::Delete(..)) {
+            self.overlap_check(ol::MAIN_HEADER, super::header::OFF_SNAPSHOTS, 12)?;
+        }
+        let active = self.l1.len() as u64;
+        let written = match w {
+            Walked::Goto(sn) if sn.len() as u64 > active => 0,
+            _ => active,
+        };
+        self.overlap_check(ol::ACTIVE_L1, self.header.l1_table_offset, written * 8)
+    }
+
     /// A copy of the refcount block covering cluster `c` (`None`: no block, counts are 0),
-    /// read as [`Qcow2::get_refcount`] reads it.
+    /// read as [`Qcow2::get_refcount`] reads it. The block, which the operation rewrites,
+    /// must not lie over other metadata.
     fn refblock_for(&mut self, c: u64) -> Result<Option<Vec<u8>>> {
         let rt = (c >> self.layout.refblock_bits()) as usize;
-        let off = self.reftable.get(rt).copied().unwrap_or(0) & super::entry::OFFSET_MASK;
+        let off = self.reftable.get(rt).copied().unwrap_or(0) & super::entry::REFT_OFFSET_MASK;
         if off == 0 {
             return Ok(None);
         }
+        self.overlap_check(ol::REFCOUNT_BLOCK, off, self.layout.cluster_size())?;
         self.get_refcount(c)?;
         Ok(self.refblock_copy(off))
     }
@@ -239,7 +258,7 @@ impl Qcow2 {
             if e == 0 {
                 continue;
             }
-            let off = e & super::entry::OFFSET_MASK;
+            let off = e & super::entry::REFT_OFFSET_MASK;
             let why = if off != e || off % cs != 0 {
                 Some(format!("offset {e:#x} is not cluster aligned"))
             } else {

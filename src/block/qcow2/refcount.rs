@@ -177,7 +177,7 @@ impl Qcow2 {
         let Some(&block_off) = self.reftable.get(rt) else {
             return Ok(0);
         };
-        let block_off = block_off & super::entry::OFFSET_MASK;
+        let block_off = block_off & super::entry::REFT_OFFSET_MASK;
         if block_off == 0 {
             return Ok(0);
         }
@@ -191,7 +191,7 @@ impl Qcow2 {
     pub(crate) fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
         let rt = cluster >> self.layout.refblock_bits();
         self.ensure_refblock(rt)?;
-        let block_off = self.reftable[rt as usize] & super::entry::OFFSET_MASK;
+        let block_off = self.reftable[rt as usize] & super::entry::REFT_OFFSET_MASK;
         let idx = (cluster & (self.layout.refblock_entries() - 1)) as usize;
         let order = self.layout.refcount_order;
         if self.rb_dirty.is_some() {
@@ -276,7 +276,7 @@ impl Qcow2 {
             self.grow_reftable(rt + 1)?;
             grew = true;
         }
-        if self.reftable[rt as usize] & super::entry::OFFSET_MASK != 0 {
+        if self.reftable[rt as usize] & super::entry::REFT_OFFSET_MASK != 0 {
             return Ok(grew);
         }
         let entries = self.layout.refblock_entries();
@@ -345,7 +345,7 @@ impl Qcow2 {
                     .filter(|&i| {
                         self.reftable
                             .get(i as usize)
-                            .map_or(true, |e| e & super::entry::OFFSET_MASK == 0)
+                            .map_or(true, |e| e & super::entry::REFT_OFFSET_MASK == 0)
                     })
                     .collect();
                 if blocks.len() as u64 == m {
@@ -386,7 +386,7 @@ impl Qcow2 {
             if !new_blocks.contains(&rt) {
                 let old_len = self.reftable.len();
                 debug_assert!((rt as usize) < old_len);
-                let block_off = self.reftable[rt as usize] & super::entry::OFFSET_MASK;
+                let block_off = self.reftable[rt as usize] & super::entry::REFT_OFFSET_MASK;
                 let order = self.layout.refcount_order;
                 let block = self.load_refblock(block_off)?;
                 let (a, b) = set_in_block(block, (c % per_block) as usize, order, 1);
@@ -428,7 +428,8 @@ impl Qcow2 {
         while run < n {
             let rt = (c >> rb) as usize;
             let block_end = ((rt as u64) + 1) << rb;
-            let block_off = self.reftable.get(rt).copied().unwrap_or(0) & super::entry::OFFSET_MASK;
+            let block_off =
+                self.reftable.get(rt).copied().unwrap_or(0) & super::entry::REFT_OFFSET_MASK;
             if block_off == 0 {
                 if run == 0 {
                     start = c;
@@ -506,7 +507,7 @@ impl Qcow2 {
     fn check_refblock_inside(&self, rt: u64, file_clusters: u64, file_len: u64) -> Result<()> {
         let cb = self.layout.cluster_bits;
         let raw = self.reftable.get(rt as usize).copied().unwrap_or(0);
-        let block = raw & super::entry::OFFSET_MASK;
+        let block = raw & super::entry::REFT_OFFSET_MASK;
         if block != 0 && block >> cb >= file_clusters {
             return Err(Qcow2Error::Refused(format!(
                 "refcount block {rt} at {block:#x}, which counts clusters from {:#x} on \

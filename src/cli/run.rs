@@ -60,7 +60,7 @@ pub enum RunError {
     Restore(Box<super::checkpoint::restore::RestoreError>),
 }
 
-/// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on]`.
+/// One `--drive file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on][,reconnect-delay=SECS]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveSpec {
     /// Image path.
@@ -77,6 +77,9 @@ pub struct DriveSpec {
     /// An incoming migration that carries this drive (`migrate -b`) may replace the
     /// existing non-empty image (`overwrite=on`).
     pub overwrite: bool,
+    /// For an NBD export: how long a lost connection is dialed again (QEMU's
+    /// `reconnect-delay`, seconds; `formats/nbd.md`).
+    pub reconnect_delay: Option<std::time::Duration>,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -96,6 +99,7 @@ impl FromStr for DriveSpec {
         let mut capture = false;
         let mut node_name = None;
         let mut overwrite = false;
+        let mut reconnect_delay = None;
         for opt in s.split(',') {
             let (k, v) = opt
                 .split_once('=')
@@ -107,10 +111,23 @@ impl FromStr for DriveSpec {
                 "capture" => capture = on_off(k, v)?,
                 "node-name" => node_name = Some(v.to_string()),
                 "overwrite" => overwrite = on_off(k, v)?,
+                "reconnect-delay" => {
+                    let secs = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|s| *s <= 3600)
+                        .ok_or_else(|| {
+                            format!("reconnect-delay='{v}': expected whole seconds, 0 to 3600")
+                        })?;
+                    reconnect_delay = Some(std::time::Duration::from_secs(secs.into()));
+                }
                 other => return Err(format!("unknown drive option '{other}'")),
             }
         }
-        let file = file.ok_or("drive needs file=IMAGE")?;
+        let file: PathBuf = file.ok_or("drive needs file=IMAGE")?;
+        if reconnect_delay.is_some() && !crate::block::storage::is_nbd(&file) {
+            return Err("reconnect-delay is for NBD exports (file=nbd://… or nbd+unix://…)".into());
+        }
         if capture && format.is_some_and(|f| f != Format::Raw) {
             return Err("capture=on needs format=raw".to_string());
         }
@@ -121,6 +138,7 @@ impl FromStr for DriveSpec {
             capture,
             node_name,
             overwrite,
+            reconnect_delay,
         })
     }
 }
@@ -218,10 +236,12 @@ impl FromStr for IncomingSpec {
 /// Arguments of `vmsnap run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on][,node-name=NAME]`
-    /// (NAME is the QMP node name, `drive<i>` by default). Repeat for more
-    /// disks. `capture=on` (raw, at most 64 MiB): savevm keeps the drive's contents in the VM
-    /// state and loadvm writes them back.
+    /// A disk: `file=IMAGE[,format=raw|qcow2][,readonly=on][,capture=on][,node-name=NAME]
+    /// [,reconnect-delay=SECS]` (NAME is the QMP node name, `drive<i>` by default). Repeat for
+    /// more disks. `capture=on` (raw, at most 64 MiB): savevm keeps the drive's contents in
+    /// the VM state and loadvm writes them back. `reconnect-delay` (NBD exports): a lost
+    /// connection is dialed again for that long; writes go on only if everything written
+    /// before the loss had been flushed (formats/nbd.md).
     #[arg(long = "drive", value_name = "SPEC")]
     pub drives: Vec<DriveSpec>,
     /// Built-in guest to boot.
@@ -299,6 +319,11 @@ impl std::fmt::Debug for Prepare<'_> {
 
 /// [`run_command`] with `prepare`'s load step before the guest starts.
 pub fn run_prepared(args: RunArgs, prepare: Prepare<'_>) -> Result<i32, RunError> {
+    for d in &args.drives {
+        if let (Some(delay), Some(uri)) = (d.reconnect_delay, d.file.to_str()) {
+            crate::block::storage::set_reconnect_delay(uri, delay);
+        }
+    }
     let mut drives = Vec::with_capacity(args.drives.len());
     let mut captured = Vec::new();
     let incoming = args.incoming.is_some();
@@ -525,6 +550,18 @@ mod tests {
             .unwrap_err()
             .contains("maybe"));
         assert!("file=x,format=vmdk".parse::<DriveSpec>().is_err());
+        let d: DriveSpec = "file=nbd+unix:///?socket=/run/s,reconnect-delay=5"
+            .parse()
+            .unwrap();
+        assert_eq!(d.reconnect_delay, Some(std::time::Duration::from_secs(5)));
+        assert!("file=x.qcow2,reconnect-delay=5"
+            .parse::<DriveSpec>()
+            .unwrap_err()
+            .contains("for NBD exports"));
+        assert!("file=nbd://h/e,reconnect-delay=soon"
+            .parse::<DriveSpec>()
+            .unwrap_err()
+            .contains("whole seconds"));
     }
 
     #[test]

@@ -256,6 +256,7 @@ fn export_checkpoint(
             capture: false,
             node_name: None,
             overwrite: false,
+            reconnect_delay: None,
         };
         super::checkpoint::convert::wrap_stream(&stream, output, &[drive], Default::default())
             .map(|_| ())

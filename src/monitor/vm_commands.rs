@@ -57,7 +57,16 @@ pub fn execute(vm: &Vm, line: &str) -> Outcome {
         ["info", "snapshots"] => "info snapshots is not available here".to_string(),
         ["info", what] => format!("info: unknown item '{what}' (try: info status)"),
         ["stop"] => match vm.pause() {
-            Ok(()) => String::new(),
+            // As QEMU's vm_stop: the disks are flushed once the guest is paused (what it
+            // wrote is then on storage; an NBD export can be restarted underneath, see
+            // formats/nbd.md). The VM stays paused if that fails, as in QEMU.
+            Ok(()) => match vm.flush_drives() {
+                Ok(()) => String::new(),
+                Err(e) => {
+                    eprintln!("vmsnap: stop: flushing the drives failed: {e}");
+                    String::new()
+                }
+            },
             Err(e) => format!("stop failed: {e}"),
         },
         ["cont"] | ["c"] => {

@@ -139,6 +139,11 @@ impl QemuNbd {
         }
     }
 
+    /// Starts it again on the same address after [`QemuNbd::kill`] or [`QemuNbd::stop`].
+    pub fn respawn(&mut self) {
+        self.spawn();
+    }
+
     /// Starts it again on the same address.
     pub fn restart(&mut self) {
         self.stop();

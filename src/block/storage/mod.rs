@@ -12,8 +12,10 @@ mod nbd_behind;
 mod nbd_pool;
 mod nbd_prefetch;
 mod nbd_readahead;
+mod nbd_redial;
 mod nbd_shared;
 pub mod nbd_uri;
+pub use nbd_redial::set_reconnect_delay;
 mod nbd_wire;
 
 pub use data_handle::{DataHandle, WriteBehind};

@@ -17,7 +17,8 @@
 //! ([`super::nbd_wire`]: bounded timeouts on connect and every socket read and write,
 //! requests split at 32 MiB, QEMU's server limit, and a connection that, once an error or
 //! timeout left it in an unknown state, refuses everything after; a new open, when the server
-//! is back, starts afresh); one link per export and process ([`super::nbd_shared`]);
+//! is back, starts afresh; with a reconnect delay it is dialed again, [`super::nbd_redial`]);
+//! one link per export and process ([`super::nbd_shared`]);
 //! several requests in flight over up to four connections when the server advertises
 //! multi-conn ([`super::nbd_pool`]); read-ahead for sequential reads
 //! ([`super::nbd_readahead`]) with the next window fetched in the background

@@ -20,7 +20,9 @@
 //! Ordering is unchanged: a request split over connections returns when every piece is
 //! answered, so the pieces of one request never overlap each other and two requests never
 //! overlap in time. Flushes and trims stay on the first connection (multi-conn makes that
-//! flush cover the others). A failure on any connection marks the whole link lost.
+//! flush cover the others). A failure on any connection marks the whole link lost; when the
+//! first connection dials again after a loss ([`super::nbd_redial`]), the extras are dropped
+//! and a split request that failed is sent again whole on the first.
 
 use std::io;
 use std::sync::{Arc, Mutex, Weak};
@@ -148,8 +150,24 @@ impl Pool {
                 .is_ok();
             g.refused = !g.keeper;
         }
-        v.extend(g.open.iter().cloned());
+        v.extend(g.open.iter().filter(|w| w.is_up()).cloned());
         v
+    }
+
+    /// After a split request failed on a link whose first connection dials again: drops the
+    /// extras (they went with the server) and sends the request again on the first alone.
+    fn again<T>(
+        &self,
+        r: io::Result<T>,
+        whole: impl FnOnce(&Wire) -> io::Result<T>,
+    ) -> io::Result<T> {
+        match r {
+            Err(_) if self.first.redials() => {
+                lock(&self.shared.extras).open.clear();
+                whole(&self.first)
+            }
+            r => r,
+        }
     }
 
     /// Reads `buf` at `offset`, split over the connections when it is large.
@@ -163,7 +181,8 @@ impl Pool {
         for (i, chunk) in buf.chunks_mut(piece).enumerate() {
             lanes[i % wires.len()].push((offset + (i * piece) as u64, chunk));
         }
-        run_lanes(&wires, lanes, |w, (off, chunk)| w.read(off, chunk))
+        let r = run_lanes(&wires, lanes, |w, (off, chunk)| w.read(off, chunk));
+        self.again(r, |w| w.read(offset, buf))
     }
 
     /// Writes `buf` at `offset`, split over the connections when it is large; returns when
@@ -178,7 +197,12 @@ impl Pool {
         for (i, chunk) in buf.chunks(piece).enumerate() {
             lanes[i % wires.len()].push((offset + (i * piece) as u64, chunk));
         }
-        run_lanes(&wires, lanes, |w, (off, chunk)| w.write(off, chunk))
+        let r = run_lanes(&wires, lanes, |w, (off, chunk)| w.write(off, chunk));
+        // The first connection's flush covers the pieces the others wrote.
+        if r.is_ok() {
+            self.first.acked_elsewhere();
+        }
+        self.again(r, |w| w.write(offset, buf))
     }
 }
 

@@ -1,18 +1,20 @@
 //! One connection to an NBD export: the socket (tcp or unix, with timeouts), the `nbd` crate's
-//! client on it, and the rule that a connection on which a request failed stays lost.
+//! client on it, and the rule that a connection on which a request failed stays lost (unless
+//! a reconnect delay is set: [`super::nbd_redial`]).
 //!
 //! Requests go out one at a time (the crate has one in flight); [`Wire::request`] holds the
-//! connection's lock for exactly one request.
+//! connection's lock for exactly one request (and its one retry after a reconnect).
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nbd::client::{handshake, Export, NbdClient, NbdExt};
 
 use super::nbd::NbdError;
+use super::nbd_redial::{redial, FlushState, Redial};
 use super::nbd_uri::{NbdAddr, NbdUri};
 
 /// Largest single request: QEMU's NBD server refuses anything past 32 MiB.
@@ -143,19 +145,37 @@ impl Write for Duplex {
     }
 }
 
-/// The connection: usable, or lost with the first error that left it in an unknown state.
+/// The connection: usable, or lost (when) with the first error that left it in an unknown
+/// state.
 enum Conn<S: Read + Write> {
     Up(Box<NbdClient<S>>),
-    Lost(String),
+    Lost { why: String, at: Instant },
 }
 
 impl<S: Read + Write> std::fmt::Debug for Conn<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Conn::Up(_) => f.write_str("Up"),
-            Conn::Lost(why) => write!(f, "Lost({why})"),
+            Conn::Lost { why, .. } => write!(f, "Lost({why})"),
         }
     }
+}
+
+/// How a lost connection is dialed again, when a reconnect delay is set.
+struct Redialer<S: Read + Write>(Box<dyn Redial<S>>);
+
+impl<S: Read + Write> std::fmt::Debug for Redialer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redialer(delay {:?})", self.0.delay())
+    }
+}
+
+/// What a request does to the export, for the reconnect rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
 }
 
 /// A connection and the URI it was opened with (for messages). `S` is the socket's
@@ -164,6 +184,12 @@ impl<S: Read + Write> std::fmt::Debug for Conn<S> {
 pub(crate) struct Wire<S: Read + Write = Duplex> {
     name: String,
     conn: Mutex<Conn<S>>,
+    /// Set when a reconnect delay is (see [`super::nbd_redial`]).
+    redial: Option<Redialer<S>>,
+    flushes: FlushState,
+    /// Why writes are refused: a reconnect came after writes that were acknowledged and not
+    /// flushed.
+    stale: Mutex<Option<String>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -183,48 +209,92 @@ pub(crate) struct Negotiated {
 }
 
 impl Wire {
-    /// Connects to `parsed` (named `uri` in errors) and negotiates the export.
+    /// Connects to `parsed` (named `uri` in errors) and negotiates the export; with a
+    /// reconnect delay set for `uri`, a lost connection is dialed again.
     pub(crate) fn connect(uri: &str, parsed: &NbdUri) -> Result<(Self, Negotiated), NbdError> {
-        Wire::connect_within(uri, parsed, timeout())
+        let (mut wire, n) = Wire::connect_within(uri, parsed, timeout())?;
+        let delay = super::nbd_redial::delay_for(uri);
+        if !delay.is_zero() {
+            wire.redial = Some(Redialer(Box::new(Dialer {
+                uri: uri.to_string(),
+                parsed: parsed.clone(),
+                size: n.export.size,
+                delay,
+            })));
+        }
+        Ok((wire, n))
     }
 
     /// As [`Wire::connect`], but the connect and the handshake must be done within
-    /// `within` (the requests after it get the usual timeout).
+    /// `within` (the requests after it get the usual timeout), and never dialed again.
     pub(crate) fn connect_within(
         uri: &str,
         parsed: &NbdUri,
         within: Duration,
     ) -> Result<(Self, Negotiated), NbdError> {
-        let sock = Sock::connect(&parsed.addr, within).map_err(|source| NbdError::Connect {
-            uri: uri.to_string(),
-            source,
-        })?;
-        let hs = |source| NbdError::Handshake {
-            uri: uri.to_string(),
-            source,
-        };
-        let control = sock.try_clone().map_err(hs)?;
-        let mut duplex = Duplex {
-            r: BufReader::with_capacity(64 << 10, sock.try_clone().map_err(hs)?),
-            w: BufWriter::with_capacity(64 << 10, sock),
-            tap: Some(Vec::with_capacity(TAP_LEN)),
-        };
-        let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(|e| {
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) {
-                NbdError::Busy(uri.to_string())
-            } else {
-                hs(e)
-            }
-        })?;
-        let tap = duplex.tap.take().unwrap_or_default();
-        let multi_conn = transmission_flags(&tap).is_some_and(|f| f & FLAG_CAN_MULTI_CONN != 0);
-        control.set_timeouts(timeout()).map_err(hs)?;
+        let (duplex, export, multi_conn) = dial(uri, parsed, within)?;
         let wire = Wire::over(uri, duplex, &export);
         Ok((wire, Negotiated { export, multi_conn }))
     }
+}
+
+/// The parameters of a connection, to dial it again.
+struct Dialer {
+    uri: String,
+    parsed: NbdUri,
+    size: u64,
+    delay: Duration,
+}
+
+impl Redial<Duplex> for Dialer {
+    fn dial(&self, within: Duration) -> io::Result<NbdClient<Duplex>> {
+        let (duplex, export, _) =
+            dial(&self.uri, &self.parsed, within).map_err(io::Error::other)?;
+        if export.size != self.size {
+            return Err(io::Error::other(format!(
+                "the export came back with {} bytes instead of {}",
+                export.size, self.size
+            )));
+        }
+        Ok(NbdClient::new(duplex, &export))
+    }
+
+    fn delay(&self) -> Duration {
+        self.delay
+    }
+}
+
+/// Connects and negotiates within `within`: the stream, the export, and whether the server
+/// advertised multi-conn.
+fn dial(uri: &str, parsed: &NbdUri, within: Duration) -> Result<(Duplex, Export, bool), NbdError> {
+    let sock = Sock::connect(&parsed.addr, within).map_err(|source| NbdError::Connect {
+        uri: uri.to_string(),
+        source,
+    })?;
+    let hs = |source| NbdError::Handshake {
+        uri: uri.to_string(),
+        source,
+    };
+    let control = sock.try_clone().map_err(hs)?;
+    let mut duplex = Duplex {
+        r: BufReader::with_capacity(64 << 10, sock.try_clone().map_err(hs)?),
+        w: BufWriter::with_capacity(64 << 10, sock),
+        tap: Some(Vec::with_capacity(TAP_LEN)),
+    };
+    let export = handshake(&mut duplex, parsed.export.as_bytes()).map_err(|e| {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            NbdError::Busy(uri.to_string())
+        } else {
+            hs(e)
+        }
+    })?;
+    let tap = duplex.tap.take().unwrap_or_default();
+    let multi_conn = transmission_flags(&tap).is_some_and(|f| f & FLAG_CAN_MULTI_CONN != 0);
+    control.set_timeouts(timeout()).map_err(hs)?;
+    Ok((duplex, export, multi_conn))
 }
 
 impl<S: Read + Write> Wire<S> {
@@ -244,6 +314,9 @@ impl<S: Read + Write> Wire<S> {
         Wire {
             name: name.to_string(),
             conn: Mutex::new(Conn::Up(Box::new(NbdClient::new(stream, export)))),
+            redial: None,
+            flushes: FlushState::default(),
+            stale: Mutex::new(None),
         }
     }
 
@@ -256,59 +329,118 @@ impl<S: Read + Write> Wire<S> {
     pub(crate) fn lost(&self) -> Option<String> {
         match &*lock(&self.conn) {
             Conn::Up(_) => None,
-            Conn::Lost(why) => Some(why.clone()),
+            Conn::Lost { why, .. } => Some(why.clone()),
         }
+    }
+
+    /// Whether a lost connection is dialed again (a reconnect delay is set).
+    pub(crate) fn redials(&self) -> bool {
+        self.redial.is_some()
     }
 
     /// Marks the connection lost for `why` (a request it was part of failed elsewhere).
     pub(crate) fn poison(&self, why: &str) {
         let mut g = lock(&self.conn);
         if matches!(*g, Conn::Up(_)) {
-            *g = Conn::Lost(why.to_string());
+            *g = Conn::Lost {
+                why: why.to_string(),
+                at: Instant::now(),
+            };
         }
     }
 
+    /// Counts a write acknowledged on another connection of the same export (multi-conn):
+    /// this connection's flush covers it.
+    pub(crate) fn acked_elsewhere(&self) {
+        self.flushes.acked();
+    }
+
     /// Runs one request; any failure marks the connection lost (a reply may be half read).
+    /// With a reconnect delay, a lost connection is dialed again first, and a request that
+    /// failed is sent once more on the new one (see [`super::nbd_redial`] for the rule on
+    /// writes).
     fn request<T>(
         &self,
         what: &str,
+        kind: Kind,
         offset: u64,
         len: u64,
-        f: impl FnOnce(&mut NbdClient<S>) -> io::Result<T>,
+        mut f: impl FnMut(&mut NbdClient<S>) -> io::Result<T>,
     ) -> io::Result<T> {
         let mut g = lock(&self.conn);
-        let client = match &mut *g {
-            Conn::Up(c) => c,
-            Conn::Lost(why) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    format!(
-                        "NBD connection to '{}' was lost earlier ({why}); reopen the image once \
-                         the server is back",
-                        self.name
-                    ),
-                ))
-            }
-        };
-        match f(client) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                let kind = match e.kind() {
-                    io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut,
-                    k => k,
+        let mut retried = false;
+        loop {
+            if let Conn::Lost { why, at } = &*g {
+                let lost = |why: &str| {
+                    io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        format!(
+                            "NBD connection to '{}' was lost earlier ({why}); reopen the image \
+                             once the server is back",
+                            self.name
+                        ),
+                    )
                 };
-                let msg = format!(
-                    "NBD {what} of {len:#x} bytes at {offset:#x} on '{}' failed: {}",
-                    self.name,
-                    if kind == io::ErrorKind::TimedOut {
-                        "no answer within the timeout".to_string()
-                    } else {
-                        e.to_string()
+                let Some(r) = &self.redial else {
+                    return Err(lost(why));
+                };
+                match redial(&*r.0, *at, timeout()) {
+                    Ok(client) => {
+                        if self.flushes.unflushed() {
+                            *lock(&self.stale) = Some(why.clone());
+                        }
+                        *g = Conn::Up(Box::new(client));
                     }
-                );
-                *g = Conn::Lost(msg.clone());
-                Err(io::Error::new(kind, msg))
+                    Err(e) => return Err(lost(&format!("{why}; reconnecting failed: {e}"))),
+                }
             }
+            if kind != Kind::Read {
+                if let Some(why) = lock(&self.stale).as_ref() {
+                    return Err(io::Error::other(format!(
+                        "NBD connection to '{}' was lost ({why}) while writes the server had \
+                         acknowledged were not yet flushed, so it may not have them; writes \
+                         are refused until the image is opened again (then run 'vmsnap \
+                         check')",
+                        self.name
+                    )));
+                }
+            }
+            let Conn::Up(client) = &mut *g else {
+                continue;
+            };
+            let mark = self.flushes.mark();
+            let e = match f(client) {
+                Ok(v) => {
+                    match kind {
+                        Kind::Read => {}
+                        Kind::Write => self.flushes.acked(),
+                        Kind::Flush => self.flushes.flushed(mark),
+                    }
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            let ekind = match e.kind() {
+                io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut,
+                k => k,
+            };
+            let msg = format!(
+                "NBD {what} of {len:#x} bytes at {offset:#x} on '{}' failed: {}",
+                self.name,
+                if ekind == io::ErrorKind::TimedOut {
+                    "no answer within the timeout".to_string()
+                } else {
+                    e.to_string()
+                }
+            );
+            *g = Conn::Lost {
+                why: msg.clone(),
+                at: Instant::now(),
+            };
+            if self.redial.is_none() || retried {
+                return Err(io::Error::new(ekind, msg));
+            }
+            retried = true;
         }
     }
 
@@ -316,7 +448,7 @@ impl<S: Read + Write> Wire<S> {
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         for (i, chunk) in buf.chunks_mut(MAX_REQUEST).enumerate() {
             let off = offset + (i * MAX_REQUEST) as u64;
-            self.request("read", off, chunk.len() as u64, |c| {
+            self.request("read", Kind::Read, off, chunk.len() as u64, |c| {
                 use io::Seek;
                 c.seek(io::SeekFrom::Start(off))?;
                 c.read_exact(chunk)
@@ -329,7 +461,7 @@ impl<S: Read + Write> Wire<S> {
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
             let off = offset + (i * MAX_REQUEST) as u64;
-            self.request("write", off, chunk.len() as u64, |c| {
+            self.request("write", Kind::Write, off, chunk.len() as u64, |c| {
                 use io::Seek;
                 c.seek(io::SeekFrom::Start(off))?;
                 c.write_all(chunk)
@@ -340,7 +472,7 @@ impl<S: Read + Write> Wire<S> {
 
     /// NBD_CMD_FLUSH.
     pub(crate) fn flush(&self) -> io::Result<()> {
-        self.request("flush", 0, 0, |c| c.flush())
+        self.request("flush", Kind::Flush, 0, 0, |c| c.flush())
     }
 
     /// NBD_CMD_TRIM of `[offset, end)`, in requests of at most 1 GiB.
@@ -348,7 +480,7 @@ impl<S: Read + Write> Wire<S> {
         let mut pos = offset;
         while pos < end {
             let n = (end - pos).min(1 << 30);
-            self.request("trim", pos, n, |c| {
+            self.request("trim", Kind::Write, pos, n, |c| {
                 use io::Seek;
                 c.seek(io::SeekFrom::Start(pos))?;
                 c.trim(n as usize)

@@ -219,6 +219,7 @@ fn run_args(
             capture: d.capture,
             node_name: None,
             overwrite: false,
+            reconnect_delay: None,
         });
     }
     Ok(RunArgs {

@@ -14,7 +14,10 @@
 //!
 //! Guest RAM: `VMSNAP_BENCH_NBD_MIB` MiB of random bytes (default 512), read in with
 //! `--mem-path` as the vm cases do. Both sides flush: vmsnap's flush is `fdatasync` on the
-//! file and NBD_CMD_FLUSH over NBD (qemu-nbd then syncs the file).
+//! file and NBD_CMD_FLUSH over NBD (the server then syncs the file).
+//!
+//! `VMSNAP_BENCH_NBD_SERVER=nbdkit` serves the file with nbdkit's file plugin instead
+//! (several threads per export, multi-conn), for a comparison of servers.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -95,15 +98,21 @@ fn prepare(t: Target, s: &Setup) -> Result<(String, Option<Server>), String> {
         .open(&s.image)
         .and_then(|f| f.set_len(export))
         .map_err(|e| format!("sizing the export: {e}"))?;
-    let mut c = Command::new("qemu-nbd");
-    // Eight clients at once, as a store serving several hosts would: qemu-nbd then
-    // advertises multi-conn, and vmsnap uses up to four connections (formats/nbd.md).
-    c.args(["-f", "raw", "-t", "--shared=8"]);
+    let nbdkit = server_name() == "nbdkit";
+    let mut c = Command::new(server_name());
+    if nbdkit {
+        // Its file plugin serves requests from a pool of threads and advertises multi-conn.
+        c.args(["--foreground", "--exit-with-parent"]);
+    } else {
+        // Eight clients at once, as a store serving several hosts would: qemu-nbd then
+        // advertises multi-conn, and vmsnap uses up to four connections (formats/nbd.md).
+        c.args(["-f", "raw", "-t", "--shared=8"]);
+    }
     let (uri, probe): (String, Box<dyn Fn() -> bool>) = match t {
         Target::File => return Ok((s.image.display().to_string(), None)),
         Target::Unix => {
             let _ = std::fs::remove_file(&s.nbd_sock);
-            c.arg("-k").arg(&s.nbd_sock);
+            c.arg(if nbdkit { "-U" } else { "-k" }).arg(&s.nbd_sock);
             let sock = s.nbd_sock.clone();
             (
                 format!("nbd+unix:///?socket={}", s.nbd_sock.display()),
@@ -112,29 +121,41 @@ fn prepare(t: Target, s: &Setup) -> Result<(String, Option<Server>), String> {
         }
         Target::Tcp => {
             let port = free_port();
-            c.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
+            let addr = if nbdkit { "-i" } else { "-b" };
+            c.args([addr, "127.0.0.1", "-p", &port.to_string()]);
             (
                 format!("nbd://127.0.0.1:{port}/"),
                 Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
             )
         }
     };
+    if nbdkit {
+        c.arg("file");
+    }
     let child = c
         .arg(&s.image)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("qemu-nbd: {e}"))?;
+        .map_err(|e| format!("{}: {e}", server_name()))?;
     let server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !probe() {
         if Instant::now() > deadline {
-            return Err("qemu-nbd did not come up".into());
+            return Err(format!("{} did not come up", server_name()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok((uri, Some(server)))
+}
+
+/// The NBD server the cases start: `qemu-nbd`, or `nbdkit` when asked for.
+fn server_name() -> &'static str {
+    match std::env::var("VMSNAP_BENCH_NBD_SERVER").as_deref() {
+        Ok("nbdkit") => "nbdkit",
+        _ => "qemu-nbd",
+    }
 }
 
 fn one_run(t: Target, s: &Setup) -> Result<Times, String> {
@@ -230,8 +251,11 @@ pub fn run(h: &mut Harness) {
         h.info("SKIPPED: no /dev/kvm");
         return;
     }
-    if !harness::have("qemu-img") || !harness::have("qemu-nbd") {
-        h.info("SKIPPED: qemu-img / qemu-nbd not installed");
+    if !harness::have("qemu-img") || !harness::have(server_name()) {
+        h.info(&format!(
+            "SKIPPED: qemu-img / {} not installed",
+            server_name()
+        ));
         return;
     }
     let mib: u64 = std::env::var("VMSNAP_BENCH_NBD_MIB")
@@ -251,8 +275,9 @@ pub fn run(h: &mut Harness) {
         return;
     }
     h.info(&format!(
-        "guest RAM {mib} MiB of random bytes; qcow2 in a {} MiB export",
-        2 * mib + 256
+        "guest RAM {mib} MiB of random bytes; qcow2 in a {} MiB export served by {}",
+        2 * mib + 256,
+        server_name()
     ));
     let targets = [Target::File, Target::Unix, Target::Tcp];
     let mut times: Vec<Vec<Times>> = vec![Vec::new(); targets.len()];
@@ -287,8 +312,12 @@ pub fn run(h: &mut Harness) {
                     local.as_secs_f64() / m.as_secs_f64().max(1e-9)
                 )
             };
+            let server = match (t, server_name()) {
+                (Target::File, _) | (_, "qemu-nbd") => String::new(),
+                (_, other) => format!(" ({other})"),
+            };
             h.record(Row {
-                name: format!("nbd: {what} {mib} MiB, {}", t.label()),
+                name: format!("nbd: {what} {mib} MiB, {}{server}", t.label()),
                 vmsnap: Sample::from(m),
                 qemu: None,
                 note,

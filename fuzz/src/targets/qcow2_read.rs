@@ -44,8 +44,10 @@ pub fn run(data: &[u8]) {
     // entries past the end of the file (zeroes, all with the id "") would repeat the same
     // reads of the same snapshot for each entry, thousands of times per execution.
     let mut done = HashSet::new();
-    for sn in &list {
-        if !done.insert(sn.id.as_str()) {
+    for (i, sn) in list.iter().enumerate() {
+        // The id of the entry before is in `done` already (the runs of equal entries are
+        // long): no hashing for it.
+        if (i > 0 && sn.id == list[i - 1].id) || !done.insert(sn.id.as_str()) {
             continue;
         }
         let _ = img.read_snapshot(&sn.id, 0, &mut buf);
@@ -54,5 +56,8 @@ pub fn run(data: &[u8]) {
         let _ = img.snapshot_vmstate_read(&sn.id, 0, &mut state);
         let _ = img.snapshot_extra_tail(&sn.id);
     }
-    assert_eq!(mem.data(), data, "a read-only open changed the bytes");
+    assert!(
+        mem.with_data(|d| d == data),
+        "a read-only open changed the bytes"
+    );
 }

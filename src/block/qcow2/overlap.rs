@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::entry::{L1Entry, OFFSET_MASK};
+use super::entry::{entries_skipping_zero_blocks, L1Entry, OFFSET_MASK};
 use super::layout::MAX_L1_BYTES;
 use super::{Qcow2, Qcow2Error};
 use crate::block::Result;
@@ -232,7 +232,7 @@ impl Qcow2 {
                 ol::ACTIVE_L1,
             );
         }
-        for &e in &self.l1 {
+        for (_, e) in entries_skipping_zero_blocks(&self.l1) {
             let l2 = L1Entry(e).l2_offset();
             if l2 != 0 {
                 m.add(l2 >> cb, 1, ol::ACTIVE_L2);
@@ -243,7 +243,7 @@ impl Qcow2 {
             u64::from(h.refcount_table_clusters),
             ol::REFCOUNT_TABLE,
         );
-        for &e in &self.reftable {
+        for (_, e) in entries_skipping_zero_blocks(&self.reftable) {
             let rb = e & OFFSET_MASK;
             if rb != 0 {
                 m.add(rb >> cb, 1, ol::REFCOUNT_BLOCK);
@@ -285,7 +285,7 @@ impl Qcow2 {
             let Ok(l1) = self.read_snapshot_l1(sn) else {
                 continue;
             };
-            for e in l1 {
+            for (_, e) in entries_skipping_zero_blocks(&l1) {
                 let l2 = L1Entry(e).l2_offset();
                 if l2 != 0 {
                     m.add(l2 >> cb, 1, ol::INACTIVE_L2);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::super::entry::{ClusterKind, L1Entry, L2Entry, OFLAG_COPIED};
+use super::super::entry::{skip_zero_block, ClusterKind, L1Entry, L2Entry, OFLAG_COPIED};
 use super::super::Qcow2;
 use super::refs::{stored_refcount, Refs, StoredCounts};
 use super::{bump, bump_fixed, CheckReport, Repair};
@@ -91,8 +91,15 @@ impl Qcow2 {
         let cs = self.layout.cluster_size();
         let bits = self.layout.cluster_bits;
         let mut walked: HashMap<u64, CheckReport> = HashMap::new();
-        for i in 0..self.l1.len() {
-            let e = L1Entry(self.l1[i]);
+        let mut next = 0;
+        while next < self.l1.len() {
+            // Zero entries are skipped below; blocks of them at once.
+            let i = skip_zero_block(&self.l1, next);
+            let Some(&raw) = self.l1.get(i) else {
+                break;
+            };
+            next = i + 1;
+            let e = L1Entry(raw);
             let l2 = e.l2_offset();
             if l2 == 0 || l2 % cs != 0 {
                 continue;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::super::entry::{L1Entry, L1_RESERVED, OFFSET_MASK};
+use super::super::entry::{entries_skipping_zero_blocks, L1Entry, L1_RESERVED, OFFSET_MASK};
 use super::super::snapshot::Snapshot;
 use super::super::snaptable::table_size;
 use super::super::Qcow2;
@@ -193,7 +193,7 @@ impl Qcow2 {
         let bits = self.layout.cluster_bits;
         let mut reach = vec![0u64; refs.counts.len()];
         let count = |reach: &mut Vec<u64>, l1: &[u64], refs: &Refs| {
-            for &raw in l1 {
+            for (_, raw) in entries_skipping_zero_blocks(l1) {
                 if let Some(l2) = self.walkable_l2(raw, refs) {
                     // A walkable table starts inside the file: always in range.
                     if let Some(n) = reach.get_mut((l2 >> bits) as usize) {
@@ -221,7 +221,7 @@ impl Qcow2 {
         stats: bool,
     ) -> Result<()> {
         let cs = self.layout.cluster_size();
-        for &raw in l1 {
+        for (_, raw) in entries_skipping_zero_blocks(l1) {
             if raw == 0 {
                 continue;
             }

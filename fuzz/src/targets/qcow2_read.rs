@@ -21,10 +21,15 @@ pub fn run(data: &[u8]) {
     // The table and the JSON format each entry on its own. A table past the end of the file
     // lists tens of thousands of identical entries (zeroes): runs of equal entries are cut to
     // two, so every distinct entry, and a repeated one, is still formatted.
+    // `same[i]`: entry i equals entry i - 1 (one comparison per entry; equality is
+    // transitive, so entry i equals both entries before it when `same[i] && same[i - 1]`).
+    let same: Vec<bool> = (0..list.len())
+        .map(|i| i > 0 && list[i] == list[i - 1])
+        .collect();
     let shown: Vec<SnapshotInfo> = list
         .iter()
         .enumerate()
-        .filter(|&(i, sn)| i < 2 || *sn != list[i - 1] || *sn != list[i - 2])
+        .filter(|&(i, _)| i < 2 || !(same[i] && same[i - 1]))
         .map(|(_, sn)| sn.clone())
         .collect();
     let _ = snapshot_table(&shown);
@@ -44,8 +49,10 @@ pub fn run(data: &[u8]) {
     // entries past the end of the file (zeroes, all with the id "") would repeat the same
     // reads of the same snapshot for each entry, thousands of times per execution.
     let mut done = HashSet::new();
-    for sn in &list {
-        if !done.insert(sn.id.as_str()) {
+    for (i, sn) in list.iter().enumerate() {
+        // The id of the entry before is in `done` already (the runs of equal entries are
+        // long): no hashing for it.
+        if (i > 0 && sn.id == list[i - 1].id) || !done.insert(sn.id.as_str()) {
             continue;
         }
         let _ = img.read_snapshot(&sn.id, 0, &mut buf);
@@ -54,5 +61,8 @@ pub fn run(data: &[u8]) {
         let _ = img.snapshot_vmstate_read(&sn.id, 0, &mut state);
         let _ = img.snapshot_extra_tail(&sn.id);
     }
-    assert_eq!(mem.data(), data, "a read-only open changed the bytes");
+    assert!(
+        mem.with_data(|d| d == data),
+        "a read-only open changed the bytes"
+    );
 }

@@ -374,3 +374,80 @@ fn a_snapshot_l1_table_over_the_header_refuses_snapshot_writes_before_the_first(
     );
     assert_eq!(before, mem.data());
 }
+
+/// Two active L1 entries reaching one L2 table whose data entries lost their COPIED flags:
+/// `check` reports the table's flags once per L1 entry (as QEMU does), whether the table is
+/// walked twice or its findings replayed; `-r leaks` repairs them once (the second walk finds
+/// them repaired).
+#[test]
+fn check_reports_copied_flags_of_a_shared_l2_table_once_per_l1_entry() {
+    // 1 GiB: two L1 entries of 512 MiB; data in the first.
+    let mem = MemStorage::new();
+    let opts = CreateOptions {
+        size: 1 << 30,
+        ..Default::default()
+    };
+    Qcow2::create_on(Box::new(mem.clone()), &opts).unwrap();
+    let mut img = reopen(&mem);
+    img.write_at(0, &[0x11; 65536]).unwrap();
+    img.flush().unwrap();
+    let l2 = entry::L1Entry(img.l1[0]).l2_offset();
+    let l1_off = img.header.l1_table_offset;
+    assert_eq!(img.l1[1], 0);
+    drop(img);
+    // The first data entry loses COPIED; the second L1 entry names the same table.
+    let mut e = [0u8; 8];
+    mem.read_at(l2, &mut e).unwrap();
+    let data = u64::from_be_bytes(e);
+    assert!(data & entry::OFLAG_COPIED != 0);
+    poke64(&mem, l2, data & !entry::OFLAG_COPIED);
+    poke64(&mem, l1_off + 8, entry::OFLAG_COPIED | l2);
+    let copied_msgs = |r: &CheckReport, word: &str| {
+        r.messages
+            .iter()
+            .filter(|m| m.starts_with(&format!("{word} OFLAG_COPIED data cluster")))
+            .count()
+    };
+    let mut img = reopen(&mem);
+    let a = img.check(None).unwrap();
+    let b = img.check(None).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(copied_msgs(&a, "ERROR"), 2, "{:#?}", a.messages);
+    // The L2 table (stored 1, referenced twice) and the data cluster are corruptions.
+    assert_eq!(a.corruptions, 2, "{:#?}", a.messages);
+    assert_eq!(a.leaks, 2, "{:#?}", a.messages);
+    let before = mem.data();
+    let fixed = img.check(Some(Repair::Leaks)).unwrap();
+    assert_eq!(copied_msgs(&fixed, "Repairing"), 1, "{:#?}", fixed.messages);
+    assert_eq!(fixed.leaks_fixed, 1);
+    assert_ne!(before, mem.data());
+    let after = img.check(None).unwrap();
+    assert_eq!(copied_msgs(&after, "ERROR"), 0, "{:#?}", after.messages);
+}
+
+/// A snapshot table entry with an unaligned L1 table is reported once, with its message,
+/// and its table is not read.
+#[test]
+fn check_reports_an_unaligned_snapshot_l1_table_once() {
+    let (mem, mut img) = image_with_data();
+    img.snapshot_create(&params("a")).unwrap();
+    let at = img.snapshots[0].entry_offset;
+    drop(img);
+    let mut e = [0u8; 8];
+    mem.read_at(at, &mut e).unwrap();
+    poke64(&mem, at, u64::from_be_bytes(e) + 8);
+    let mut img = reopen(&mem);
+    assert!(img.snapshots[0].has_l1_problem(img.layout.cluster_size()));
+    let r = img.check(None).unwrap();
+    let msgs: Vec<_> = r
+        .messages
+        .iter()
+        .filter(|m| m.contains("L1 table is not cluster aligned"))
+        .collect();
+    assert_eq!(msgs.len(), 1, "{:#?}", r.messages);
+    assert!(
+        msgs[0].starts_with("ERROR snapshot 1 (a) l1_offset="),
+        "{}",
+        msgs[0]
+    );
+}

@@ -22,6 +22,47 @@ pub const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 /// Extended L2 bitmap: every subcluster reads as zero.
 pub const BITMAP_ALL_ZEROES: u64 = 0xffff_ffff << 32;
 
+/// Entries compared at once by [`skip_zero_block`].
+const ZERO_BLOCK: usize = 64;
+
+/// The index of the first entry of `table` at or after `i` that may be non-zero: when entry
+/// `i` is zero, whole blocks of zero entries from `i` on are skipped, each tested with one
+/// comparison (the entries are OR-ed together, which the coverage instrumentation does not
+/// trace; a `memcmp` would be traced, and fed to the fuzzer's dictionary, at every call).
+/// A table that lies mostly past the end of the file (read as zeroes) has hundreds of
+/// thousands of zero entries, which every walk skips; comparing them one at a time costs
+/// most of a check in the fuzz build.
+pub(crate) fn skip_zero_block(table: &[u64], mut i: usize) -> usize {
+    // A non-zero entry first: dense tables pay one comparison per entry, as before.
+    if table.get(i) != Some(&0) {
+        return i;
+    }
+    while let Some(block) = table.get(i..i.saturating_add(ZERO_BLOCK)) {
+        let Ok(block) = <&[u64; ZERO_BLOCK]>::try_from(block) else {
+            break;
+        };
+        if block.iter().fold(0, |acc, &e| acc | e) != 0 {
+            break;
+        }
+        i += ZERO_BLOCK;
+    }
+    i
+}
+
+/// The entries of `table` with their indexes, in order, less blocks of zero entries (see
+/// [`skip_zero_block`]): every non-zero entry is yielded, and some zero ones.
+pub(crate) fn entries_skipping_zero_blocks(
+    table: &[u64],
+) -> impl Iterator<Item = (usize, u64)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        i = skip_zero_block(table, i);
+        let e = *table.get(i)?;
+        i += 1;
+        Some((i - 1, e))
+    })
+}
+
 /// An L1 entry.
 ///
 /// ```text
@@ -157,5 +198,54 @@ mod tests {
         // 64 KiB clusters: csize_shift = 54; 2 extra sectors at byte offset 0x1234.
         let e = L2Entry(OFLAG_COMPRESSED | (2 << 54) | 0x1234);
         assert_eq!(e.compressed_range(54), (0x1234, 0x1200 + 3 * 512));
+    }
+}
+
+#[cfg(test)]
+mod zero_block_tests {
+    use super::*;
+
+    #[test]
+    fn skipping_zero_blocks_yields_every_non_zero_entry_in_order() {
+        for len in [0usize, 1, 63, 64, 65, 200, 1000] {
+            for nonzero in [
+                vec![],
+                vec![0],
+                vec![len / 2],
+                vec![0, 63, 64, 130],
+                vec![len.saturating_sub(1)],
+            ] {
+                let mut t = vec![0u64; len];
+                for &i in &nonzero {
+                    if i < len {
+                        t[i] = i as u64 + 1;
+                    }
+                }
+                let got: Vec<(usize, u64)> = entries_skipping_zero_blocks(&t)
+                    .filter(|&(_, e)| e != 0)
+                    .collect();
+                let want: Vec<(usize, u64)> = t
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|&(_, e)| e != 0)
+                    .collect();
+                assert_eq!(got, want, "len {len}, non-zero at {nonzero:?}");
+                for (i, e) in entries_skipping_zero_blocks(&t) {
+                    assert_eq!(t[i], e);
+                }
+                assert_eq!(skip_zero_block(&t, len), len);
+                if let Some(&first) = want.first() {
+                    assert!(skip_zero_block(&t, 0) <= first.0);
+                } else {
+                    // Whole blocks skipped; the rest is left to the caller.
+                    let i = skip_zero_block(&t, 0);
+                    assert!(
+                        i <= len && len - i < ZERO_BLOCK,
+                        "len {len}: stopped at {i}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::entry::{L1Entry, REFT_OFFSET_MASK};
+use super::entry::{entries_skipping_zero_blocks, L1Entry, REFT_OFFSET_MASK};
 use super::layout::MAX_L1_BYTES;
 use super::{Qcow2, Qcow2Error};
 use crate::block::Result;
@@ -99,10 +99,13 @@ impl MetaMap {
     }
 }
 
-/// The two parts of the map; `None` means "rebuild before the next check".
+/// The three parts of the map; `None` means "rebuild before the next check".
 #[derive(Debug, Default)]
 pub(crate) struct OverlapState {
     active: Option<MetaMap>,
+    /// The snapshot table and the snapshots' L1 tables: they change only with the snapshot
+    /// table, not with every active table the way `active` does.
+    snapshots: Option<MetaMap>,
     inactive_l2: Option<MetaMap>,
     /// Set by a refusal: the open image takes no more writes.
     refused: Option<String>,
@@ -115,12 +118,14 @@ impl Qcow2 {
         self.overlap.lock().unwrap_or_else(|p| {
             let mut g = p.into_inner();
             g.active = None;
+            g.snapshots = None;
             g.inactive_l2 = None;
             g
         })
     }
 
-    /// The tables in memory changed (active L1, refcount table, header, snapshot list).
+    /// The tables in memory changed (active L1, refcount table, header). A change of the
+    /// snapshot list or of the snapshot table's place is [`Qcow2::snapshots_changed`].
     pub(crate) fn tables_changed(&self) {
         self.overlap_state().active = None;
     }
@@ -129,6 +134,7 @@ impl Qcow2 {
     pub(crate) fn snapshots_changed(&self) {
         let mut s = self.overlap_state();
         s.active = None;
+        s.snapshots = None;
         s.inactive_l2 = None;
     }
 
@@ -175,20 +181,23 @@ impl Qcow2 {
         let first = offset >> cb;
         let n = (offset.saturating_add(len - 1) >> cb) - first + 1;
         let s = self.built_state();
-        s.active
-            .as_ref()
-            .and_then(|m| m.hit(first, n, ign))
+        // A cluster in several parts holds each part's categories: the lowest category of
+        // the first cluster hit is the lowest of the parts' first hits at that cluster.
+        [&s.active, &s.snapshots, &s.inactive_l2]
             .into_iter()
-            .chain(s.inactive_l2.as_ref().and_then(|m| m.hit(first, n, ign)))
+            .filter_map(|m| m.as_ref().and_then(|m| m.hit(first, n, ign)))
             .min_by_key(|&(c, b)| (c, b.trailing_zeros()))
             .map(|(c, b)| (c << cb, category_name(b)))
     }
 
-    /// The state with both parts of the map built.
+    /// The state with every part of the map built.
     fn built_state(&self) -> MutexGuard<'_, OverlapState> {
         let mut s = self.overlap_state();
         if s.active.is_none() {
             s.active = Some(self.build_active_map());
+        }
+        if s.snapshots.is_none() {
+            s.snapshots = Some(self.build_snapshots_map());
         }
         if s.inactive_l2.is_none() {
             s.inactive_l2 = Some(self.build_inactive_l2_map());
@@ -196,19 +205,19 @@ impl Qcow2 {
         s
     }
 
-    /// The whole map as it stands (both parts in one), for many checks in a row without
+    /// The whole map as it stands (every part in one), for many checks in a row without
     /// taking the lock for each.
     pub(crate) fn metadata_map(&self) -> MetaMap {
         let s = self.built_state();
         let mut m = s.active.clone().unwrap_or_default();
-        for (&c, &b) in s.inactive_l2.iter().flat_map(|m| m.0.iter()) {
+        let rest = [&s.snapshots, &s.inactive_l2];
+        for (&c, &b) in rest.into_iter().flatten().flat_map(|m| m.0.iter()) {
             *m.0.entry(c).or_default() |= b;
         }
         m
     }
 
-    /// Header, active L1 and L2, refcount table and blocks, snapshot table, inactive L1:
-    /// all from the tables in memory.
+    /// Header, active L1 and L2, refcount table and blocks: from the tables in memory.
     fn build_active_map(&self) -> MetaMap {
         let cs = self.layout.cluster_size();
         let cb = self.layout.cluster_bits;
@@ -223,7 +232,7 @@ impl Qcow2 {
                 ol::ACTIVE_L1,
             );
         }
-        for &e in &self.l1 {
+        for (_, e) in entries_skipping_zero_blocks(&self.l1) {
             let l2 = L1Entry(e).l2_offset();
             if l2 != 0 {
                 m.add(l2 >> cb, 1, ol::ACTIVE_L2);
@@ -234,12 +243,22 @@ impl Qcow2 {
             u64::from(h.refcount_table_clusters),
             ol::REFCOUNT_TABLE,
         );
-        for &e in &self.reftable {
+        for (_, e) in entries_skipping_zero_blocks(&self.reftable) {
             let rb = e & REFT_OFFSET_MASK;
             if rb != 0 {
                 m.add(rb >> cb, 1, ol::REFCOUNT_BLOCK);
             }
         }
+        m
+    }
+
+    /// The snapshot table and the snapshots' L1 tables: from the snapshot list in memory.
+    fn build_snapshots_map(&self) -> MetaMap {
+        let cs = self.layout.cluster_size();
+        let cb = self.layout.cluster_bits;
+        let h = &self.header;
+        let clusters = |bytes: u64| bytes.div_ceil(cs);
+        let mut m = MetaMap::default();
         let table_len: u64 = self.snapshots.iter().map(|s| s.entry_len).sum();
         if h.snapshots_offset != 0 && table_len > 0 {
             m.add(
@@ -273,7 +292,7 @@ impl Qcow2 {
             let Ok(l1) = self.read_snapshot_l1(sn) else {
                 continue;
             };
-            for e in l1 {
+            for (_, e) in entries_skipping_zero_blocks(&l1) {
                 let l2 = L1Entry(e).l2_offset();
                 if l2 != 0 {
                     m.add(l2 >> cb, 1, ol::INACTIVE_L2);

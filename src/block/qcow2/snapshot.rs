@@ -97,7 +97,9 @@ impl Snapshot {
     /// when it is cluster aligned and within QEMU's size limit. Entries like these are
     /// listed (QEMU opens such images) but cannot be applied, read or deleted safely.
     pub fn l1_problem(&self, cluster_size: u64) -> Option<String> {
-        if self.l1_table_offset % cluster_size != 0 {
+        if !self.has_l1_problem(cluster_size) {
+            None
+        } else if self.l1_table_offset % cluster_size != 0 {
             Some(format!(
                 "snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
                 self.id, self.name, self.l1_table_offset
@@ -110,6 +112,11 @@ impl Snapshot {
         } else {
             None
         }
+    }
+
+    /// Whether [`Snapshot::l1_problem`] finds a problem, without formatting its message.
+    pub fn has_l1_problem(&self, cluster_size: u64) -> bool {
+        self.l1_table_offset % cluster_size != 0 || u64::from(self.l1_size) * 8 > MAX_L1_BYTES
     }
 
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {

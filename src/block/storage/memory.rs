@@ -102,6 +102,12 @@ impl MemStorage {
         self.lock().data.clone()
     }
 
+    /// Runs `f` on every completed write, without copying the bytes (a caller comparing
+    /// or copying them into its own buffer, many times per second).
+    pub fn with_data<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&self.lock().data)
+    }
+
     /// The state at the last successful flush.
     pub fn durable(&self) -> Vec<u8> {
         self.lock().durable.clone()
@@ -180,7 +186,9 @@ impl Storage for MemStorage {
             g.dead = true;
             return Err(injected());
         }
-        g.durable = g.data.clone();
+        // Into the old buffer: no new allocation of the image's size per flush.
+        let MemInner { data, durable, .. } = &mut *g;
+        durable.clone_from(data);
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::super::entry::{L1Entry, L1_RESERVED, OFFSET_MASK};
+use super::super::entry::{entries_skipping_zero_blocks, L1Entry, L1_RESERVED, OFFSET_MASK};
 use super::super::snapshot::Snapshot;
 use super::super::snaptable::table_size;
 use super::super::Qcow2;
@@ -21,8 +21,26 @@ const REFT_RESERVED: u64 = 0x1ff;
 
 /// State of the L2 part of a check: references per table, and tables already walked.
 pub(super) struct L2Walk {
-    reach: HashMap<u64, u64>,
+    /// L1 entries reaching the L2 table at each cluster of the file (only tables the walk
+    /// enters are counted: cluster aligned and inside the file, so the index is in range).
+    reach: Vec<u64>,
+    /// Findings of the tables reached more than once, by offset.
     seen: HashMap<u64, L2Findings>,
+}
+
+impl L2Walk {
+    /// How many L1 entries reach the table at `l2` (at least 1: the one asking).
+    fn times(&self, l2: u64, cluster_bits: u32) -> u64 {
+        if l2 % (1u64 << cluster_bits) != 0 {
+            return 1;
+        }
+        let n = usize::try_from(l2 >> cluster_bits)
+            .ok()
+            .and_then(|i| self.reach.get(i))
+            .copied()
+            .unwrap_or(0);
+        n.max(1)
+    }
 }
 
 impl Qcow2 {
@@ -39,7 +57,7 @@ impl Qcow2 {
             r.corruption(m);
         }
         let mut walk = L2Walk {
-            reach: self.count_l2_references(refs),
+            reach: self.count_l2_references(refs, file_len),
             seen: HashMap::new(),
         };
         // Active layer, with allocation statistics.
@@ -49,8 +67,9 @@ impl Qcow2 {
         let active = self.l1.clone();
         self.check_l1(&active, refs, r, &mut walk, true)?;
         // Snapshots.
-        for sn in self.snapshots.clone() {
-            let Some(l1) = self.snapshot_l1_for_check(&sn, refs, Some(r)) else {
+        for i in 0..self.snapshots.len() {
+            let Some(l1) = self.snapshot_l1_for_check(&self.snapshots[i], refs, Some(r), file_len)
+            else {
                 continue;
             };
             self.check_l1(&l1, refs, r, &mut walk, false)?;
@@ -112,14 +131,15 @@ impl Qcow2 {
     /// reported and the table's own clusters get their reference (QEMU's order: the table is
     /// counted, then read; past the end of the file it reads as zeroes).
     fn snapshot_l1_for_check(
-        &mut self,
+        &self,
         sn: &Snapshot,
         refs: &mut Refs,
         r: Option<&mut CheckReport>,
+        file_len: u64,
     ) -> Option<Vec<u64>> {
         let cs = self.layout.cluster_size();
-        if let Some(msg) = sn.l1_problem(cs) {
-            if let Some(r) = r {
+        if sn.has_l1_problem(cs) {
+            if let (Some(r), Some(msg)) = (r, sn.l1_problem(cs)) {
                 r.corruption(format!("ERROR {msg}"));
             }
             return None;
@@ -148,11 +168,14 @@ impl Qcow2 {
         // Within 32 MiB (checked above). Past the end of the file the table reads as zeroes,
         // and both walks (`count_l2_references`, `check_l1`) skip zero entries: only the
         // entries inside the file are read and walked.
-        let file_len = self.storage.len().ok()?;
         let inside = file_len
             .saturating_sub(sn.l1_table_offset)
             .div_ceil(8)
             .min(u64::from(sn.l1_size));
+        if inside == 0 {
+            // Nothing to read (an empty table, or one wholly past the end of the file).
+            return Some(Vec::new());
+        }
         super::super::read_table(&*self.storage, sn.l1_table_offset, inside).ok()
     }
 
@@ -165,20 +188,24 @@ impl Qcow2 {
     }
 
     /// How many L1 entries (active and of every snapshot the check will walk) reach each L2
-    /// table. A pre-pass over the L1 tables only.
-    fn count_l2_references(&mut self, refs: &mut Refs) -> HashMap<u64, u64> {
-        let mut reach: HashMap<u64, u64> = HashMap::new();
-        let mut count = |q: &Qcow2, l1: &[u64], refs: &Refs| {
-            for &raw in l1 {
-                if let Some(l2) = q.walkable_l2(raw, refs) {
-                    *reach.entry(l2).or_insert(0) += 1;
+    /// table, by cluster (see [`L2Walk::reach`]). A pre-pass over the L1 tables only.
+    fn count_l2_references(&self, refs: &mut Refs, file_len: u64) -> Vec<u64> {
+        let bits = self.layout.cluster_bits;
+        let mut reach = vec![0u64; refs.counts.len()];
+        let count = |reach: &mut Vec<u64>, l1: &[u64], refs: &Refs| {
+            for (_, raw) in entries_skipping_zero_blocks(l1) {
+                if let Some(l2) = self.walkable_l2(raw, refs) {
+                    // A walkable table starts inside the file: always in range.
+                    if let Some(n) = reach.get_mut((l2 >> bits) as usize) {
+                        *n += 1;
+                    }
                 }
             }
         };
-        count(self, &self.l1, refs);
-        for sn in self.snapshots.clone() {
-            if let Some(l1) = self.snapshot_l1_for_check(&sn, refs, None) {
-                count(self, &l1, refs);
+        count(&mut reach, &self.l1, refs);
+        for sn in &self.snapshots {
+            if let Some(l1) = self.snapshot_l1_for_check(sn, refs, None, file_len) {
+                count(&mut reach, &l1, refs);
             }
         }
         reach
@@ -194,7 +221,7 @@ impl Qcow2 {
         stats: bool,
     ) -> Result<()> {
         let cs = self.layout.cluster_size();
-        for &raw in l1 {
+        for (_, raw) in entries_skipping_zero_blocks(l1) {
             if raw == 0 {
                 continue;
             }
@@ -216,12 +243,15 @@ impl Qcow2 {
             if !refs.fits(l2, cs) {
                 continue;
             }
-            if let Some(f) = walk.seen.get(&l2) {
-                f.apply(r, stats);
-                continue;
+            // Only tables reached more than once are kept in `seen`.
+            let times = walk.times(l2, self.layout.cluster_bits);
+            if times > 1 {
+                if let Some(f) = walk.seen.get(&l2) {
+                    f.apply(r, stats);
+                    continue;
+                }
             }
             // First visit: every reference to this table counts its clusters now.
-            let times = walk.reach.get(&l2).copied().unwrap_or(1).max(1);
             let f = self.check_l2(l2, refs, times)?;
             f.apply(r, stats);
             if times > 1 {

@@ -271,6 +271,13 @@ pub struct OpenOptions {
 /// Probes the format of an image (a file or an NBD export): qcow2 if it starts with the
 /// magic, raw otherwise.
 pub fn probe_format(path: &Path) -> Result<Format> {
+    probe(path).map(|(f, _)| f)
+}
+
+/// [`probe_format`], and the storage it read (kept open by [`open_image`] until the driver
+/// has opened the image: on NBD the driver then shares its connection instead of making a
+/// second one).
+pub(crate) fn probe(path: &Path) -> Result<(Format, Box<dyn storage::Storage>)> {
     let s = storage::open(path, false)
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
     let len = s
@@ -279,18 +286,19 @@ pub fn probe_format(path: &Path) -> Result<Format> {
     let mut magic = [0u8; 4];
     s.read_at(0, &mut magic)
         .map_err(|e| Error::io(format!("Could not read '{}'", path.display()), e))?;
-    Ok(if len >= 4 && magic == qcow2::QCOW_MAGIC.to_be_bytes() {
+    let format = if len >= 4 && magic == qcow2::QCOW_MAGIC.to_be_bytes() {
         Format::Qcow2
     } else {
         Format::Raw
-    })
+    };
+    Ok((format, s))
 }
 
 /// Opens an image file with the requested or probed driver.
 pub fn open_image(path: &Path, opts: OpenOptions) -> Result<Box<dyn BlockDriver>> {
-    let format = match opts.format {
-        Some(f) => f,
-        None => probe_format(path)?,
+    let (format, _probed) = match opts.format {
+        Some(f) => (f, None),
+        None => probe(path).map(|(f, s)| (f, Some(s)))?,
     };
     match format {
         Format::Raw => Ok(Box::new(raw::Raw::open(path, opts)?)),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::block::qcow2::Qcow2;
 use crate::block::raw::Raw;
-use crate::block::{probe_format, BlockDriver, Format, OpenOptions, Result};
+use crate::block::{BlockDriver, Format, OpenOptions, Result};
 
 /// An open image of a known format.
 #[derive(Debug)]
@@ -22,9 +22,11 @@ impl Image {
     /// # Errors
     /// The driver's open error (bad header, lock conflict, I/O).
     pub fn open(path: &Path, format: Option<Format>, opts: OpenOptions) -> Result<Self> {
-        let format = match format {
-            Some(f) => f,
-            None => probe_format(path)?,
+        // The probe's storage stays open until the driver has opened its own (on NBD it
+        // then shares the probe's connection).
+        let (format, _probed) = match format {
+            Some(f) => (f, None),
+            None => crate::block::probe(path).map(|(f, s)| (f, Some(s)))?,
         };
         let opts = OpenOptions {
             format: Some(format),

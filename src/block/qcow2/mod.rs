@@ -495,9 +495,7 @@ impl Qcow2 {
         let file_len = storage
             .len()
             .map_err(|e| Error::io("Could not get the image size", e))?;
-        let mut buf = vec![0u8; file_len.min(2 << 20) as usize];
-        storage
-            .read_at(0, &mut buf)
+        let buf = read_first_cluster(&*storage, file_len)
             .map_err(|e| Error::io("Could not read qcow2 header", e))?;
         let header = Header::parse(&buf)?;
         let layout = header.layout();
@@ -903,6 +901,30 @@ pub(crate) fn validate_table(
         file_len,
         false,
     )
+}
+
+/// The image's first cluster (or the whole file, if shorter), where the header and its
+/// extensions lie: 64 KiB first, then the rest once the header's cluster size (at most
+/// 2 MiB) is known. Over NBD every byte costs a transfer: reading 2 MiB at every open cost
+/// more than a whole offline `snapshot -c` on a local file.
+fn read_first_cluster(storage: &dyn Storage, file_len: u64) -> std::io::Result<Vec<u8>> {
+    const FIRST: u64 = 64 << 10;
+    let mut buf = vec![0u8; file_len.min(FIRST) as usize];
+    storage.read_at(0, &mut buf)?;
+    if let Some(bits) = buf
+        .get(20..24)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    {
+        if (layout::MIN_CLUSTER_BITS..=layout::MAX_CLUSTER_BITS).contains(&bits) {
+            let want = file_len.min(1 << bits) as usize;
+            let have = buf.len();
+            if want > have {
+                buf.resize(want, 0);
+                storage.read_at(have as u64, &mut buf[have..])?;
+            }
+        }
+    }
+    Ok(buf)
 }
 
 /// [`validate_table`], or with `lenient` only what QEMU's `qcow2_validate_table` checks

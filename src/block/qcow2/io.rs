@@ -524,7 +524,9 @@ impl Qcow2 {
             }
         }
         self.check_releases(&releases)?;
-        if far_end > 0 {
+        // Clusters below the end the image had at open or has allocated since are inside
+        // the file: only a target past that costs a look at the file's length.
+        if far_end > self.end_cluster << self.layout.cluster_bits {
             self.cover(
                 far_end,
                 "extending the image over clusters written in place",
